@@ -1,0 +1,126 @@
+"""Convert instruction datasets you have already downloaded into this project's JSONL shapes:
+python data/prepare.py alpaca  alpaca_data.json                       out.jsonl  -> {"instruction", "input", "output"}
+python data/prepare.py oasst   2023-04-12_oasst_ready.trees.jsonl     out.jsonl  -> {"messages": [...]}  [--lang en]
+python data/prepare.py guanaco openassistant_best_replies_train.jsonl out.jsonl  -> {"text": "### Human: ..."}
+"""
+import json, os, re, sys
+from collections import Counter
+
+class DataError(Exception):
+    pass  # one line, "file:line: what is wrong", shown to the user instead of a traceback
+
+def read_records(path):
+    # (line number, object) pairs from a JSONL file, or from one JSON array like the Alpaca release
+    try:
+        text = open(path, encoding="utf-8-sig").read()  # -sig: tolerate a byte-order mark
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})")
+    if not text.strip():
+        raise DataError(f"{path}:1: file is empty")
+    records, array = [], text.lstrip().startswith("[")
+    try:
+        if array:
+            # decode the array item by item so that a bad item can still be reported by its line
+            skip, dec, pos, last, line = re.compile(r"[\s,]*"), json.JSONDecoder(), text.index("[") + 1, 0, 1
+            while not text.startswith("]", pos := skip.match(text, pos).end()):
+                line, last = line + text.count("\n", last, pos), pos
+                obj, pos = dec.raw_decode(text, pos)
+                records.append((line, obj))
+        else:
+            for line, s in enumerate(text.split("\n"), 1):  # not splitlines(): JSON may hold U+2028
+                if s.strip():
+                    records.append((line, json.loads(s)))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno if array else line}: malformed JSON ({e.msg})")
+    return records
+
+def field(where, obj, key, default=None, choices=None):
+    # every record is checked before use, so bad data fails with its location rather than a KeyError
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object")
+    val = obj.get(key, default)
+    if not isinstance(val, str) or (choices and val not in choices):
+        raise DataError(f"{where}: missing or invalid field '{key}'")
+    return val
+
+def best_path(path, line, node):
+    # follow the best-ranked reply at each level (rank 0 first, missing rank last), as Guanaco did
+    messages = []
+    while node is not None:
+        where = f"{path}:{node.get('line', line)}"  # messages from the flat table carry their own line
+        role = field(where, node, "role", choices=("prompter", "assistant"))
+        messages.append({"role": "user" if role == "prompter" else "assistant", "content": field(where, node, "text")})
+        replies = [r for r in node.get("replies") or [] if isinstance(r, dict) and not r.get("deleted")]
+        node = min(replies, key=lambda r: r["rank"] if isinstance(r.get("rank"), (int, float)) else 1e9, default=None)
+    while messages and messages[-1]["role"] == "user":
+        messages.pop()  # a conversation must end with an answer to learn from
+    return messages
+
+def convert(kind, path, lang=None, skipped=None):
+    skipped = Counter() if skipped is None else skipped  # reason -> count, for the summary line
+    if kind not in ("alpaca", "oasst", "guanaco"):
+        raise DataError(f"unknown format '{kind}' (expected alpaca, oasst or guanaco)")
+    out, records = [], read_records(path)
+    if kind == "alpaca":
+        for line, r in records:
+            ex = {k: field(f"{path}:{line}", r, k, "" if k == "input" else None)
+                  for k in ("instruction", "input", "output")}
+            if ex["instruction"].strip() and ex["output"].strip():
+                out.append(ex)
+            else:
+                skipped["with an empty instruction or output"] += 1
+    elif kind == "guanaco":
+        for line, r in records:
+            text = field(f"{path}:{line}", r, "text")
+            if not text.startswith("### Human:") or "### Assistant:" not in text:
+                raise DataError(f"{path}:{line}: field 'text' is not '### Human: ... ### Assistant: ...'")
+            out.append({"text": text})
+    else:
+        if isinstance(records[0][1], dict) and "message_id" in records[0][1]:
+            # the flat message table: rebuild the trees from parent_id links, roots in file order
+            nodes = {field(f"{path}:{line}", m, "message_id"): dict(m, replies=[], line=line) for line, m in records}
+            for n in nodes.values():
+                if n.get("parent_id") in nodes:
+                    nodes[n["parent_id"]]["replies"].append(n)
+            records = [(n["line"], {"prompt": n}) for n in nodes.values() if n.get("parent_id") is None]
+        for line, tree in records:
+            prompt = tree.get("prompt") if isinstance(tree, dict) else None
+            if not isinstance(prompt, dict):
+                raise DataError(f"{path}:{line}: missing or invalid field 'prompt'")
+            if lang and prompt.get("lang") != lang:
+                skipped[f"not in language '{lang}'"] += 1
+            elif messages := best_path(path, line, prompt):
+                out.append({"messages": messages})
+            else:
+                skipped["without an assistant reply"] += 1
+    if not out:
+        raise DataError(f"{path}: no examples left to write")
+    return out
+
+def main(args):
+    lang = None
+    if "--lang" in args:
+        i = args.index("--lang")
+        lang, args = (args[i + 1:i + 2] or [""])[0], args[:i] + args[i + 2:]
+    if len(args) != 3 or lang == "":
+        print("usage: python data/prepare.py {alpaca,oasst,guanaco} SRC OUT.jsonl [--lang en]", file=sys.stderr)
+        return 2
+    kind, src, dst = args
+    skipped, tmp = Counter(), dst + ".tmp"
+    try:
+        examples = convert(kind, src, lang, skipped)
+        # write beside the target and rename, so a failure never leaves a half-written file
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples)
+        os.replace(tmp, dst)
+    except (DataError, OSError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        print(f"prepare.py: {e}", file=sys.stderr)
+        return 2
+    why = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
+    print(f"wrote {len(examples)} examples to {dst}, skipped {sum(skipped.values())}" + (f" ({why})" if why else ""))
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,418 @@
+"""
+LLaMA 1 and 2, loaded from Meta's raw checkpoints (consolidated.NN.pth + params.json + tokenizer.model)
+and quantized to NF4 block by block while loading, with LoRA on every linear layer of every block.
+
+References: Touvron et al. 2023 (LLaMA, Llama 2); Meta's llama/model.py for the checkpoint layout.
+"""
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from qlora import LoRALinear, NF4Weight, dequantize_nf4, merge_lora, quantize_nf4
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+@dataclass
+class LLaMAConfig:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = None  # None: = n_heads (no grouped-query attention)
+    vocab_size: int = 32000
+    multiple_of: int = 256
+    ffn_dim_multiplier: float = None
+    norm_eps: float = 1e-5
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    lora_r: int = 64
+    lora_alpha: float = 16
+    lora_dropout: float = 0.1
+
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self):
+        # SwiGLU keeps the parameter count of a 4·d MLP: 2/3 · 4d, scaled, rounded up to multiple_of
+        h = int(2 * 4 * self.dim / 3)
+        if self.ffn_dim_multiplier is not None:
+            h = int(self.ffn_dim_multiplier * h)
+        return self.multiple_of * ((h + self.multiple_of - 1) // self.multiple_of)
+
+
+# the published architectures, so `--init random` needs no files (params.json of each release)
+CONFIGS = {
+    "7B": dict(dim=4096, n_layers=32, n_heads=32, norm_eps=1e-6),
+    "13B": dict(dim=5120, n_layers=40, n_heads=40, norm_eps=1e-6),
+    "33B": dict(dim=6656, n_layers=60, n_heads=52, norm_eps=1e-6),
+    "65B": dict(dim=8192, n_layers=80, n_heads=64, norm_eps=1e-5),
+    "2-7B": dict(dim=4096, n_layers=32, n_heads=32, max_seq_len=4096),
+    "2-13B": dict(dim=5120, n_layers=40, n_heads=40, max_seq_len=4096),
+    "2-70B": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096, max_seq_len=4096),
+    "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=256, lora_r=16),
+}
+
+
+class Tokenizer:
+    def __init__(self, path):
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: tokenizer not found")
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.path, self.n_words = path, self.sp.vocab_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()  # from the model file (LLaMA: 1, 2)
+
+    def encode(self, s, bos=False, eos=False):
+        return [self.bos_id] * bos + self.sp.encode(s) + [self.eos_id] * eos
+
+    def decode(self, ids):
+        return self.sp.decode([i for i in ids if 0 <= i < self.n_words])
+
+
+# -----------------------------------------------------------------------------------------------
+# the network
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight, eps):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", weight)  # frozen (QLoRA trains only the adapters)
+
+    def forward(self, x):
+        # x / rms(x) · g, the statistic in fp32 as in Meta's code
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(head_dim, n_pos, theta, device):
+    # rotation angle of pair i at position t: t · θ^(-2i/d)
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(n_pos, device=device, dtype=torch.float32), freqs)  # (n_pos, head_dim/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    # Meta's rotary form rotates interleaved pairs (x0, x1), (x2, x3), ... — raw checkpoints are laid
+    # out for this (HF's are permuted for a rotate-half form). x (B, T, H, hd), cos/sin (T, hd/2).
+    x2 = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
+    a, b = x2[..., 0], x2[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, linear, prefix):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = linear(prefix + "wq.weight", (cfg.n_heads * cfg.head_dim, cfg.dim))
+        self.wk = linear(prefix + "wk.weight", (cfg.n_kv_heads * cfg.head_dim, cfg.dim))
+        self.wv = linear(prefix + "wv.weight", (cfg.n_kv_heads * cfg.head_dim, cfg.dim))
+        self.wo = linear(prefix + "wo.weight", (cfg.dim, cfg.n_heads * cfg.head_dim))
+        self.cache = None  # (k, v) each (B, max_len, n_kv_heads, head_dim) while generating
+
+    def forward(self, x, cos, sin, start_pos=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_head, head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_head, head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask, causal = None, T > 1
+        if start_pos is not None:  # generation: append to the cache, attend over everything so far
+            ck, cv = self.cache
+            ck[:B, start_pos : start_pos + T], cv[:B, start_pos : start_pos + T] = k, v
+            k, v = ck[:B, : start_pos + T], cv[:B, : start_pos + T]
+            if start_pos > 0 and T > 1:  # query i sees keys up to start_pos + i
+                mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
+                causal = False
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        # flash attention on the GPU; grouped-query attention shares each k/v head among n_head/n_kv_head queries
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg, linear, prefix):
+        super().__init__()
+        h = cfg.hidden_dim
+        self.w1 = linear(prefix + "w1.weight", (h, cfg.dim))  # gate
+        self.w2 = linear(prefix + "w2.weight", (cfg.dim, h))  # down
+        self.w3 = linear(prefix + "w3.weight", (h, cfg.dim))  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, i, load, linear):
+        super().__init__()
+        p = f"layers.{i}."
+        self.attention = Attention(cfg, linear, p + "attention.")
+        self.feed_forward = FeedForward(cfg, linear, p + "feed_forward.")
+        self.attention_norm = RMSNorm(load(p + "attention_norm.weight", (cfg.dim,)), cfg.norm_eps)
+        self.ffn_norm = RMSNorm(load(p + "ffn_norm.weight", (cfg.dim,)), cfg.norm_eps)
+
+    def forward(self, x, cos, sin, start_pos=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+def _chunk_ce(x, w, targets):
+    # summed cross-entropy of one chunk of rows; its fp32 logits (rows, vocab) live only inside here
+    return F.cross_entropy(F.linear(x, w).float(), targets, ignore_index=-100, reduction="sum")
+
+
+class LLaMA(nn.Module):
+    # `load(name, shape)` hands over each tensor in checkpoint order; the linear weights are quantized
+    # (and the 16-bit copy dropped) the moment they arrive, so the 16-bit model never exists whole.
+    def __init__(self, cfg, load, quantize=True):
+        super().__init__()
+        self.config, self.quantize = cfg, quantize
+        self.grad_checkpoint, self.ce_chunk = False, 2048
+
+        def linear(name, shape):
+            w = load(name, shape)
+            return LoRALinear(quantize_nf4(w) if quantize else w, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+
+        emb = load("tok_embeddings.weight", (cfg.vocab_size, cfg.dim))
+        self.tok_embeddings = nn.Embedding.from_pretrained(emb, freeze=True)
+        self.layers = nn.ModuleList(Block(cfg, i, load, linear) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(load("norm.weight", (cfg.dim,)), cfg.norm_eps)
+        self.register_buffer("output", load("output.weight", (cfg.vocab_size, cfg.dim)))  # untied head, frozen
+        cos, sin = rope_tables(cfg.head_dim, 2 * cfg.max_seq_len, cfg.rope_theta, emb.device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, idx, targets=None, start_pos=None):
+        # idx (B, T) -> logits (B, T, vocab), or with targets (B, T): (None, mean cross-entropy)
+        B, T = idx.shape
+        p0 = start_pos or 0
+        cos, sin = self.rope_cos[p0 : p0 + T], self.rope_sin[p0 : p0 + T]
+        x = self.tok_embeddings(idx)  # (B, T, dim)
+        for layer in self.layers:
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, start_pos)
+        x = self.norm(x)
+        if targets is None:
+            return F.linear(x, self.output.to(x.dtype)).float(), None
+        # chunked cross-entropy: (B·T, vocab) fp32 logits for the whole batch would be the largest
+        # tensor of the step (2×2048×32000×4 B = 0.5 GB), so each chunk's logits are recomputed in backward
+        x, targets = x.reshape(B * T, -1), targets.reshape(B * T)
+        w = self.output.to(x.dtype)
+        total = sum(checkpoint(_chunk_ce, x[i : i + self.ce_chunk], w, targets[i : i + self.ce_chunk], use_reentrant=False)
+                    for i in range(0, B * T, self.ce_chunk))
+        return None, total / (targets != -100).sum().clamp(min=1)
+
+    def lora_state_dict(self):
+        return {k: v.detach().cpu() for k, v in self.state_dict().items() if ".lora_" in k}
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None):
+        # idx (B, T) prompt -> (B, T + new). A KV cache keeps each step O(T) instead of O(T²).
+        B, T = idx.shape
+        total = min(T + max_new_tokens, 2 * self.config.max_seq_len)
+        kv = (B, total, self.config.n_kv_heads, self.config.head_dim)
+        dtype = self.output.dtype if not torch.is_autocast_enabled(idx.device.type) else torch.get_autocast_dtype(idx.device.type)
+        for layer in self.layers:
+            layer.attention.cache = (torch.zeros(kv, dtype=dtype, device=idx.device), torch.zeros(kv, dtype=dtype, device=idx.device))
+        try:
+            logits, _ = self(idx, start_pos=0)
+            done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+            for pos in range(T, total):
+                nxt = sample(logits[:, -1], temperature, top_k, top_p)  # (B,)
+                if eos_id is not None:
+                    nxt = torch.where(done, eos_id, nxt)
+                    done |= nxt == eos_id
+                idx = torch.cat([idx, nxt[:, None]], dim=1)
+                if eos_id is not None and done.all() or pos == total - 1:
+                    break
+                logits, _ = self(nxt[:, None], start_pos=pos)
+        finally:
+            for layer in self.layers:
+                layer.attention.cache = None
+        return idx
+
+    # --- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, cfg, quantize=True, device=None, dtype=torch.bfloat16, seed=0):
+        # random weights (benchmarks, dry runs), generated on the target device one tensor at a time
+        gen = torch.Generator(device=device or "cpu").manual_seed(seed)
+
+        def load(name, shape):
+            if name.endswith("norm.weight"):
+                return torch.ones(shape, device=device, dtype=dtype)
+            return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(dtype)
+
+        return cls(cfg, load, quantize)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir, quantize=True, device=None, dtype=torch.bfloat16, tokenizer=None, **lora):
+        ckpt_dir = Path(ckpt_dir)
+        pj = ckpt_dir / "params.json"
+        if not pj.is_file():
+            raise CheckpointError(f"{pj}: not found (expected Meta's layout: params.json + consolidated.NN.pth)")
+        try:
+            params = json.loads(pj.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{pj}:{e.lineno}: invalid JSON ({e.msg})") from None
+        shards = sorted(ckpt_dir.glob("consolidated.*.pth"))
+        if not shards:
+            raise CheckpointError(f"{ckpt_dir}: no consolidated.NN.pth checkpoint shards")
+        for i, s in enumerate(shards):
+            if s.name != f"consolidated.{i:02d}.pth":
+                raise CheckpointError(f"{ckpt_dir / f'consolidated.{i:02d}.pth'}: shard missing ({len(shards)} shards found)")
+        known = set(LLaMAConfig.__dataclass_fields__)
+        cfg = LLaMAConfig(**{k: v for k, v in params.items() if k in known and v is not None}, **lora)
+        sds = [torch.load(s, map_location="cpu", mmap=True, weights_only=True) for s in shards]
+        if cfg.vocab_size <= 0:  # LLaMA-1 params.json says -1: the embedding knows
+            cfg.vocab_size = sds[0]["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in sds[0] else 0
+        tok = tokenizer if tokenizer is not None else find_tokenizer(ckpt_dir)
+        if tok is not None and Tokenizer(tok).n_words != cfg.vocab_size:
+            raise CheckpointError(f"{tok}: tokenizer has {Tokenizer(tok).n_words} tokens, the checkpoint's embedding has {cfg.vocab_size}")
+        expected = _expected_keys(cfg)
+        for s, sd in zip(shards, sds):
+            for k in sd:
+                if k not in expected and k != "rope.freqs":  # rope.freqs is recomputed
+                    raise CheckpointError(f"{s}: unexpected tensor {k!r}")
+            for k in expected:
+                if k not in sd:
+                    raise CheckpointError(f"{s}: missing tensor {k!r}")
+
+        def load(name, shape):
+            parts = [sd.pop(name) for sd in sds]  # pop: drop our reference as soon as it is used
+            dim = _shard_dim(name)
+            t = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim)
+            if tuple(t.shape) != tuple(shape):
+                raise CheckpointError(f"{ckpt_dir}/consolidated.*.pth: {name} has shape {tuple(t.shape)}, params.json implies "
+                                      f"{tuple(shape)} (missing shard or wrong params.json?)")
+            return t.to(device=device, dtype=dtype)
+
+        return cls(cfg, load, quantize)
+
+
+def _expected_keys(cfg):
+    per_layer = ["attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
+                 "feed_forward.w2", "feed_forward.w3", "attention_norm", "ffn_norm"]
+    return {"tok_embeddings.weight", "norm.weight", "output.weight"} | {
+        f"layers.{i}.{n}.weight" for i in range(cfg.n_layers) for n in per_layer}
+
+
+def _shard_dim(name):
+    # Meta's model parallelism: column-parallel (output rows split) wq wk wv w1 w3 output; row-parallel
+    # (input columns split) wo w2; the embedding is split along its feature dim; norms are replicated
+    if name.endswith("norm.weight"):
+        return None
+    if name == "tok_embeddings.weight" or name.endswith(("wo.weight", "w2.weight")):
+        return 1
+    return 0
+
+
+def find_tokenizer(ckpt_dir):
+    # Meta's download puts tokenizer.model beside the size folders (llama/tokenizer.model, llama/7B/...)
+    for p in (Path(ckpt_dir) / "tokenizer.model", Path(ckpt_dir).parent / "tokenizer.model"):
+        if p.is_file():
+            return p
+    return None
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None):
+    # logits (B, vocab) -> (B,) token ids; temperature 0 is greedy
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p is not None:  # nucleus: the smallest set of tokens whose probability reaches top_p
+        sorted_logits, order = logits.sort(descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the token that crosses top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -float("inf")))
+    return torch.multinomial(logits.softmax(-1), 1)[:, 0]
+
+
+# -----------------------------------------------------------------------------------------------
+# export: a merged 16-bit checkpoint in Meta's layout, and the adapter in peft's format
+
+HF_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+            "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+            "feed_forward.w3": "mlp.up_proj"}
+
+
+def export_merged(model, out_dir, dtype=torch.float16):
+    # W = Ŵ + (α/r)·B A for every adapted layer; the rest as loaded. One shard (consolidated.00.pth).
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sd = {"tok_embeddings.weight": model.tok_embeddings.weight, "norm.weight": model.norm.weight, "output.weight": model.output}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            sd[name + ".weight"] = merge_lora(m, dtype)
+        elif isinstance(m, RMSNorm):
+            sd[name + ".weight"] = m.weight
+    sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sd.items()}
+    cfg = model.config
+    params = dict(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size,
+                  multiple_of=cfg.multiple_of, ffn_dim_multiplier=cfg.ffn_dim_multiplier, norm_eps=cfg.norm_eps)
+    atomic_save(sd, out_dir / "consolidated.00.pth")
+    atomic_write(out_dir / "params.json", json.dumps(params, indent=2))
+
+
+def hf_permute(w, n_heads):
+    # HF's LLaMA rotates halves (rotate_half) instead of interleaved pairs, so its q/k rows are
+    # permuted per head: row (h, i, j) of Meta's (h, hd/2, 2) layout goes to (h, j, i). For LoRA
+    # only B's rows move: W + s·B A permuted = W_perm + s·(B permuted) A.
+    rows = w.shape[0]
+    return w.view(n_heads, rows // n_heads // 2, 2, -1).transpose(1, 2).reshape(rows, -1)
+
+
+def export_peft(model, out_dir):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg, sd = model.config, {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear) and m.r > 0:
+            i, sub = name.split(".", 2)[1], name.split(".", 2)[2]
+            key = f"base_model.model.model.layers.{i}.{HF_NAMES[sub]}"
+            b = m.lora_B.detach()
+            if sub in ("attention.wq", "attention.wk"):
+                b = hf_permute(b, cfg.n_heads if sub == "attention.wq" else cfg.n_kv_heads)
+            sd[key + ".lora_A.weight"] = m.lora_A.detach().cpu().contiguous()
+            sd[key + ".lora_B.weight"] = b.cpu().contiguous()
+    conf = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
+            "lora_dropout": cfg.lora_dropout, "target_modules": sorted(v.split(".")[1] for v in HF_NAMES.values()),
+            "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": None}
+    atomic_save(sd, out_dir / "adapter_model.bin")
+    atomic_write(out_dir / "adapter_config.json", json.dumps(conf, indent=2))
+
+
+def atomic_save(obj, path):
+    # write beside, then rename: an interrupted save never leaves a half-written file under the real name
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def atomic_write(path, text):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
