@@ -83,6 +83,18 @@ class Tokenizer:
         return self.sp.decode([i for i in ids if 0 <= i < self.n_words])
 
 
+def train_tokenizer(texts, path, vocab_size):
+    # a small BPE model with LLaMA's special ids (unk 0, bos 1, eos 2), for models that come without one
+    import io
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   split_by_whitespace=True, minloglevel=2, num_threads=1)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 # -----------------------------------------------------------------------------------------------
 # the network
 
@@ -259,7 +271,8 @@ class LLaMA(nn.Module):
         def load(name, shape):
             if name.endswith("norm.weight"):
                 return torch.ones(shape, device=device, dtype=dtype)
-            return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(dtype)
+            # std 1/√fan_in keeps activations and logits O(1) at any width (≈ 0.02 at 4096)
+            return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * shape[-1] ** -0.5).to(dtype)
 
         return cls(cfg, load, quantize)
 
@@ -412,7 +425,11 @@ def atomic_save(obj, path):
 
 
 def atomic_write(path, text):
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path, data):
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     tmp.replace(path)

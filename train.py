@@ -1,0 +1,394 @@
+"""
+QLoRA instruction finetuning of LLaMA, with the paper's recipe (Dettmers et al. 2023, §4-5, Guanaco).
+
+  python train.py                                  # tiny random LLaMA on data/sample.jsonl, CPU, ~2 min
+  python train.py --model 7B --data my.jsonl       # Meta weights in checkpoints/7B (or --ckpt_dir DIR)
+  python train.py --model 65B --init random --max_iters 1      # does it fit? (no download needed)
+  torchrun --standalone --nproc_per_node=2 train.py --model 13B # data parallel over 2 GPUs
+
+Every name in the config block below is a flag: --name=value or --name value (--resume alone means True).
+"""
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------------------------
+# config
+model = "tiny"  # checkpoints/NAME (Meta layout), or a named architecture with --init random
+ckpt_dir = ""  # a Meta checkpoint folder, overrides --model's folder
+init = ""  # "checkpoint" or "random" ("": random for tiny, checkpoint otherwise)
+data = "data/sample.jsonl"  # JSONL: Alpaca {instruction,input,output}, {text} (### Human/### Assistant), {messages}
+out_dir = "out"
+max_iters = 1875  # optimizer steps (Guanaco 7B: 1875)
+batch_size = 16  # examples per optimizer step, reached by gradient accumulation
+micro_batch = 1  # examples per forward pass (per GPU)
+learning_rate = 0.0  # 0: 2e-4, or 1e-4 for 33B/65B (paper)
+warmup_iters = -1  # -1: 3% of max_iters; then constant
+weight_decay = 0.0
+beta1, beta2 = 0.9, 0.999
+max_grad_norm = 0.3
+lora_r, lora_alpha = 64, 16
+lora_dropout = -1.0  # -1: 0.1 up to 13B, 0.05 above (paper)
+source_max_len, target_max_len = 1024, 256  # tokens of prompt and of response kept per example
+train_on_source = False  # False: loss on response tokens only
+group_by_length = True  # batch similar lengths together: less padding
+val_fraction = 0.05
+eval_interval, eval_iters = 200, 20
+log_interval = 1
+grad_checkpoint = True
+compile = False  # torch.compile each block
+seed = 0
+resume = False  # continue from out_dir/ckpt.pt exactly where it stopped
+export = ""  # after training: "merged" (16-bit Meta checkpoint), "peft" (HF adapter), or "merged,peft"
+sample_tokens = 64
+TINY = dict(max_iters=400, batch_size=8, micro_batch=8, learning_rate=2e-3, warmup_iters=10, source_max_len=96,
+            target_max_len=48, eval_interval=100, eval_iters=4, log_interval=10, grad_checkpoint=False, val_fraction=0.08)
+# -----------------------------------------------------------------------------------------------
+
+ALPACA = {  # the Alpaca template, as in the paper's code
+    True: "Below is an instruction that describes a task, paired with an input that provides further context. "
+          "Write a response that appropriately completes the request.\n\n"
+          "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response: ",
+    False: "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+           "### Instruction:\n{instruction}\n\n### Response: ",
+}
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv, cfg):
+    # nanoGPT-style: --key=value or --key value, typed like the default; --flag alone is True
+    name = cfg["model"]
+    for j, a in enumerate(argv):
+        name = a[8:] if a.startswith("--model=") else argv[j + 1] if a == "--model" and j + 1 < len(argv) else name
+    if name == "tiny":
+        cfg.update(TINY)  # the demo's own defaults; flags still override them
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg[2:].split("=")[0] not in cfg:
+            fail(f"unknown flag {arg} (flags: {', '.join('--' + k for k in cfg)})")
+        key, _, val = arg[2:].partition("=")
+        if not _:
+            if isinstance(cfg[key], bool) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+                val = "True"
+            elif i + 1 < len(argv):
+                i, val = i + 1, argv[i + 1]
+            else:
+                fail(f"flag --{key} needs a value")
+        try:
+            default = cfg[key]
+            cfg[key] = val.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(val)
+            if isinstance(default, bool) and val.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise ValueError
+        except ValueError:
+            fail(f"--{key}: expected {type(default).__name__}, got {val!r}")
+        i += 1
+
+
+# -----------------------------------------------------------------------------------------------
+# data: each example becomes segments (text, is_response); the loss sees only response tokens
+
+
+def segments(obj, where):
+    def text(o, key, w=where):
+        v = o.get(key) if isinstance(o, dict) else None
+        if not isinstance(v, str) or (key != "input" and not v.strip()):
+            fail(f"{w}: field '{key}' must be a non-empty string")
+        return v
+
+    if not isinstance(obj, dict):
+        fail(f"{where}: expected a JSON object")
+    if "messages" in obj:
+        msgs, out = obj["messages"], []
+        if not isinstance(msgs, list) or not msgs:
+            fail(f"{where}: field 'messages' must be a non-empty list")
+        for j, m in enumerate(msgs):
+            role = m.get("role") if isinstance(m, dict) else None
+            if role not in ("system", "user", "assistant"):
+                fail(f"{where}: messages[{j}].role must be system, user or assistant")
+            c = text(m, "content", f"{where}: messages[{j}]")
+            out.append((c + "\n", False) if role == "system" else (f"### Human: {c}### Assistant: ", False) if role == "user" else (c, True))
+        return out
+    if "text" in obj:  # OASST/Guanaco: "### Human: ...### Assistant: ..." turns
+        parts = re.split(r"(### Human:|### Assistant:)", text(obj, "text"))
+        out = [(parts[0], False)] if parts[0].strip() else []
+        for marker, body in zip(parts[1::2], parts[2::2]):
+            out += [(f"{marker} {body.strip()}", False)] if marker == "### Human:" else [("### Assistant: ", False), (body.strip(), True)]
+        return out
+    if "output" not in obj and "instruction" not in obj:
+        fail(f"{where}: expected fields instruction/input/output, text, or messages")
+    inp = text(obj, "input") if "input" in obj else ""
+    prompt = ALPACA[bool(inp.strip())].format(instruction=text(obj, "instruction"), input=inp)
+    return [(prompt, False), (text(obj, "output"), True)]
+
+
+def read_data(path):
+    # -> [(file:line, segments)], every line checked before any work is done
+    path = Path(path)
+    if not path.is_file():
+        fail(f"--data: {path} not found")
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                items.append((f"{path}:{n}", segments(json.loads(line), f"{path}:{n}")))
+            except json.JSONDecodeError as e:
+                fail(f"{path}:{n}: malformed JSON ({e.msg})")
+    if not items:
+        fail(f"{path}: empty (no JSON lines)")
+    return items
+
+
+def tokenize(items, tok):
+    # bos + prompt (at most source_max_len tokens) + response + eos (at most target_max_len); labels -100 off the response
+    examples, truncated, dropped = [], 0, 0
+    for where, segs in items:
+        ids, labels, budget = [tok.bos_id], [-100], {False: source_max_len, True: target_max_len}
+        for text, is_resp in segs:
+            t = tok.encode(text) + [tok.eos_id] * is_resp  # eos ends every response: the model learns to stop
+            keep = min(len(t), budget[is_resp])
+            truncated, budget[is_resp] = truncated + (keep < len(t)), budget[is_resp] - keep
+            ids += t[:keep]
+            labels += t[:keep] if is_resp or train_on_source else [-100] * keep
+        if all(l == -100 for l in labels):
+            dropped += 1  # nothing of the response survived truncation: nothing to learn from
+        else:
+            examples.append((ids, labels))
+    if truncated or dropped:
+        print(f"{data}: {truncated} segments cut to --source_max_len={source_max_len} / --target_max_len={target_max_len}; "
+              f"{dropped} examples dropped (no response tokens left)")
+    if not examples:
+        fail(f"{data}: no usable examples")
+    return examples
+
+
+def batch_order(n, epoch):
+    # a permutation of example indices for one epoch, a function of (seed, epoch) only: exact resume
+    g = random.Random(seed * 1000003 + epoch)
+    order = list(range(n))
+    g.shuffle(order)
+    if group_by_length:  # sort within windows of 64 micro-batches, then shuffle the micro-batches
+        w = 64 * micro_batch
+        order = [i for s in range(0, n, w) for i in sorted(order[s : s + w], key=lambda i: len(train_set[i][0]))]
+        mbs = [order[i : i + micro_batch] for i in range(0, n, micro_batch)]
+        g.shuffle(mbs)
+        order = [i for mb in mbs for i in mb]
+    return order
+
+
+def get_batch(examples, indices):
+    T = max(len(examples[i][0]) for i in indices)
+    x = torch.full((len(indices), T), 0, dtype=torch.long)
+    y = torch.full((len(indices), T), -100, dtype=torch.long)
+    for r, i in enumerate(indices):
+        ids, labels = examples[i]
+        x[r, : len(ids)] = torch.tensor(ids)
+        y[r, : len(ids) - 1] = torch.tensor(labels[1:])  # position t predicts token t+1
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def micro_batch_indices(k):
+    # k-th micro-batch of the whole run (all ranks together); rank r takes every world-th one
+    per_epoch = len(train_set) // micro_batch
+    epoch, j = divmod(k, per_epoch)
+    if epoch not in _orders:
+        _orders[epoch] = batch_order(len(train_set), epoch)
+    return _orders[epoch][j * micro_batch : (j + 1) * micro_batch]
+
+
+_orders = {}
+
+
+@torch.no_grad()
+def evaluate():
+    raw.eval()
+    losses = []
+    for s in range(0, min(len(val_set), eval_iters * micro_batch), micro_batch):
+        x, y = get_batch(val_set, range(s, min(s + micro_batch, len(val_set))))
+        with ctx:
+            losses.append(raw(x, y)[1].item())
+    raw.train()
+    return sum(losses) / max(len(losses), 1)
+
+
+def save_checkpoint(it, path):
+    atomic_save({"lora": raw.lora_state_dict(), "optimizer": optimizer.state_dict(), "iter_num": it, "config": run_config,
+                 "model_config": vars(raw.config), "rng": {"torch": torch.get_rng_state(),
+                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}, path)
+    atomic_save({"lora": raw.lora_state_dict(), "model_config": vars(raw.config), "config": run_config}, Path(out_dir) / "adapter.pt")
+
+
+if __name__ == "__main__":
+    cfg = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+    parse_args(sys.argv[1:], cfg)
+    globals().update(cfg)
+    run_config = cfg
+    from model import (CONFIGS, CheckpointError, LLaMA, LLaMAConfig, Tokenizer, atomic_save, export_merged, export_peft,
+                       find_tokenizer, train_tokenizer)
+    from qlora import PagedAdamW
+
+    # distributed (torchrun sets RANK), as in nanoGPT
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    if torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    else:
+        device = "cpu"
+    if ddp:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    master = rank == 0
+    if batch_size % (micro_batch * world):
+        fail(f"--batch_size {batch_size} must be a multiple of --micro_batch {micro_batch} × {world} processes")
+    grad_accum = batch_size // (micro_batch * world)
+    torch.manual_seed(seed + rank)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+
+    # model: named size → folder; its tokenizer beside it or one level up (Meta's download layout)
+    init = init or ("random" if model == "tiny" else "checkpoint")
+    big = model.split("-")[-1] in ("33B", "65B", "70B")
+    lora = dict(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout if lora_dropout >= 0 else (0.05 if big else 0.1))
+    learning_rate = learning_rate or (1e-4 if big else 2e-4)
+    warmup_iters = warmup_iters if warmup_iters >= 0 else int(0.03 * max_iters)
+    items = read_data(data)
+    t0 = time.time()
+    try:
+        if init == "random":
+            if model not in CONFIGS:
+                fail(f"--model {model}: unknown architecture for --init random (known: {', '.join(CONFIGS)})")
+            tok_path = find_tokenizer(ckpt_dir or f"checkpoints/{model}")
+            if tok_path is None:  # no tokenizer with the weights: train a small one on the data (cached)
+                tok_path = Path(out_dir) / "tokenizer.model"
+                if master and not tok_path.exists():
+                    train_tokenizer([t for _, segs in items for t, _ in segs], tok_path, CONFIGS["tiny"]["vocab_size"])
+                if ddp:
+                    dist.barrier()
+            tok = Tokenizer(tok_path)
+            mcfg = LLaMAConfig(**{**CONFIGS[model], **lora})
+            mcfg.vocab_size = tok.n_words if model == "tiny" else max(mcfg.vocab_size, tok.n_words)
+            net = LLaMA.from_config(mcfg, device=device, dtype=dtype, seed=seed)
+        elif init == "checkpoint":
+            path = Path(ckpt_dir or f"checkpoints/{model}")
+            if not ckpt_dir and model not in CONFIGS and not path.is_dir():
+                fail(f"--model {model}: no folder {path} and not a known name ({', '.join(CONFIGS)})")
+            net = LLaMA.from_checkpoint(path, device=device, dtype=dtype, **lora)
+            tok = Tokenizer(find_tokenizer(path) or path / "tokenizer.model")
+        else:
+            fail(f"--init must be 'checkpoint' or 'random', got {init!r}")
+    except CheckpointError as e:
+        fail(str(e))
+    net.grad_checkpoint = grad_checkpoint
+    raw = net
+    n_base = sum(m.in_features * m.out_features for m in net.modules() if hasattr(m, "lora_A"))  # block linears
+    if master:
+        print(f"model {model} ({init}): {n_base / 1e6:.1f}M params in {'NF4' if net.quantize else dtype} linears, "
+              f"{sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6:.2f}M LoRA params, "
+              f"loaded in {time.time() - t0:.1f}s on {device}")
+    if compile:
+        for layer in net.layers:
+            layer.compile()
+    if ddp:  # only the LoRA weights are parameters; never broadcast the 4-bit buffers
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[int(device[5:])] if device.startswith("cuda") else None,
+                                                        broadcast_buffers=False)
+
+    examples = tokenize(items, tok)
+    random.Random(seed).shuffle(examples)
+    n_val = int(len(examples) * val_fraction) if len(examples) > 1 else 0
+    val_set, train_set = examples[:n_val], examples[n_val:]
+    if len(train_set) < micro_batch:
+        fail(f"{data}: {len(train_set)} training examples, fewer than --micro_batch {micro_batch}")
+
+    params = [p for p in raw.parameters() if p.requires_grad]
+    optimizer = PagedAdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
+    iter_num, ckpt_path = 0, Path(out_dir) / "ckpt.pt"
+    if resume:
+        if not ckpt_path.is_file():
+            fail(f"--resume: {ckpt_path} not found")
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        missing = raw.load_state_dict(ck["lora"], strict=False)
+        if missing.unexpected_keys or any(".lora_" in k for k in missing.missing_keys):
+            fail(f"--resume: {ckpt_path} does not match this model (different --model or --lora_r?)")
+        optimizer.load_state_dict(ck["optimizer"])
+        iter_num = ck["iter_num"]
+        torch.set_rng_state(ck["rng"]["torch"])
+        if ck["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        if master:
+            print(f"resumed from {ckpt_path} at iter {iter_num}")
+    os.makedirs(out_dir, exist_ok=True)
+
+    # FLOPs per token, for MFU: forward 2N, backward 2N (input grads only: the base is frozen), recompute 2N
+    flops_per_token = (6 if grad_checkpoint else 4) * n_base
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else ""
+    peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12}.items() if k in name), None)
+
+    raw.train()
+    t_start, dt_avg, val0 = time.time(), None, None
+    for it in range(iter_num, max_iters):
+        if it % eval_interval == 0 and val_set and master:
+            val = evaluate()
+            val0 = val if val0 is None else val0
+            print(f"iter {it}: val loss {val:.4f}")
+        lr = learning_rate * min(1.0, (it + 1) / (warmup_iters + 1))  # linear warmup, then constant
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t = time.time()
+        loss_sum, n_tok = 0.0, 0
+        for micro in range(grad_accum):
+            idx = micro_batch_indices((it * grad_accum + micro) * world + rank)
+            x, y = get_batch(train_set, idx)
+            if ddp:
+                net.require_backward_grad_sync = micro == grad_accum - 1  # all-reduce once per step
+            with ctx:
+                _, loss = net(x, y)
+            (loss / grad_accum).backward()
+            loss_sum, n_tok = loss_sum + loss.item() / grad_accum, n_tok + sum(len(train_set[i][0]) for i in idx)
+        if not math.isfinite(loss_sum):
+            fail(f"iter {it}: loss is {loss_sum}; stopping (last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none'})")
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.time() - t
+        dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
+        if master and (it % log_interval == 0 or it == max_iters - 1):
+            tok_s = n_tok * world / dt  # tokens (padding not counted) per second, all processes
+            mfu = f"{100 * flops_per_token * tok_s / peak:.1f}%" if peak else "-"
+            mem = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else __import__("resource").getrusage(0).ru_maxrss / 1e6
+            eta = dt_avg * (max_iters - it - 1)
+            print(f"iter {it}: loss {loss_sum:.4f}, lr {lr:.2e}, {dt * 1000:.0f}ms, {tok_s:.0f} tok/s, mfu {mfu}, "
+                  f"mem {mem:.2f}GB, eta {eta // 60:.0f}m{eta % 60:02.0f}s")
+        if master and ((it + 1) % eval_interval == 0 or it == max_iters - 1):
+            save_checkpoint(it + 1, ckpt_path)
+    if master:
+        if val_set:
+            val = evaluate()
+            print(f"iter {max_iters}: val loss {val:.4f}" + (f" ({100 * (val / val0 - 1):+.0f}% since iter {iter_num})" if val0 else ""))
+        print(f"trained {max_iters - iter_num} iters in {time.time() - t_start:.1f}s; adapter in {Path(out_dir) / 'adapter.pt'}")
+        if sample_tokens and (val_set or train_set):
+            ids, labels = (val_set or train_set)[0]
+            prompt = ids[: next(i for i, l in enumerate(labels) if l != -100)]
+            raw.eval()
+            with ctx:
+                out = raw.generate(torch.tensor([prompt], device=device), sample_tokens, temperature=0.7, top_k=40, eos_id=tok.eos_id)
+            print(f"--- sample ---\n{tok.decode(prompt)}{tok.decode(out[0, len(prompt):].tolist())}")
+        for kind in filter(None, export.split(",")):
+            if kind not in ("merged", "peft"):
+                fail(f"--export: unknown format {kind!r} (merged, peft)")
+            (export_merged if kind == "merged" else export_peft)(raw, Path(out_dir) / kind)
+            print(f"exported {kind} to {Path(out_dir) / kind}")
+    if ddp:
+        dist.destroy_process_group()
