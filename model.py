@@ -294,7 +294,12 @@ class LLaMA(nn.Module):
                 raise CheckpointError(f"{ckpt_dir / f'consolidated.{i:02d}.pth'}: shard missing ({len(shards)} shards found)")
         known = set(LLaMAConfig.__dataclass_fields__)
         cfg = LLaMAConfig(**{k: v for k, v in params.items() if k in known and v is not None}, **lora)
-        sds = [torch.load(s, map_location="cpu", mmap=True, weights_only=True) for s in shards]
+        sds = []
+        for s in shards:
+            try:  # weights_only: a checkpoint is data, never code to run
+                sds.append(torch.load(s, map_location="cpu", mmap=True, weights_only=True))
+            except Exception as e:
+                raise CheckpointError(f"{s}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
         if cfg.vocab_size <= 0:  # LLaMA-1 params.json says -1: the embedding knows
             cfg.vocab_size = sds[0]["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in sds[0] else 0
         tok = tokenizer if tokenizer is not None else find_tokenizer(ckpt_dir)

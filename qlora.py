@@ -182,7 +182,7 @@ def _dequantize_triton(q, out):
 @triton.jit
 def _fused_matmul_kernel(x, packed, absmax, qabsmax, absmax2, offset, code, code2, y, M, N, K,
                          sxm, sxk, sym, syn, swn, swk, blocksize,
-                         DOUBLE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                         DOUBLE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
     # y[m, n] = Σ_k x[m, k] · W'[n, k]  with  W'[n, k] = Ŵ.flat[n·swn + k·swk]
     # forward  y = x Ŵᵀ : (swn, swk) = (K, 1);   backward dx = dy Ŵ : (swn, swk) = (1, in_features)
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -202,7 +202,7 @@ def _fused_matmul_kernel(x, packed, absmax, qabsmax, absmax2, offset, code, code
         else:
             c = tl.load(absmax + blk, mask=wmask, other=0.0)
         w = (tl.load(code + nib) * c).to(a.dtype)  # (BK, BN) dequantized in registers, never in memory
-        acc += tl.dot(a, w)
+        acc += tl.dot(a, w, input_precision=PRECISION)
     tl.store(y + rm[:, None] * sym + rn[None, :] * syn, acc.to(y.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
@@ -219,7 +219,8 @@ def _fused_matmul(x2, q, transpose):
         q.absmax2 if q.double_quant else dummy, q.offset if q.double_quant else dummy,
         _table(NF4, x2.device), _table(DYN8, x2.device), y, M, N, K,
         x2.stride(0), x2.stride(1), y.stride(0), y.stride(1), swn, swk, q.blocksize,
-        DOUBLE=q.double_quant, BM=BM, BN=BN, BK=BK)
+        DOUBLE=q.double_quant, BM=BM, BN=BN, BK=BK,
+        PRECISION="ieee" if x2.dtype == torch.float32 else "tf32")  # fp32 stays fp32 (Triton's default dot is TF32)
     return y
 
 

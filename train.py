@@ -259,7 +259,7 @@ if __name__ == "__main__":
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
 
     # model: named size → folder; its tokenizer beside it or one level up (Meta's download layout)
-    init = init or ("random" if model == "tiny" else "checkpoint")
+    init = init or ("random" if model == "tiny" and not ckpt_dir else "checkpoint")
     big = model.split("-")[-1] in ("33B", "65B", "70B")
     lora = dict(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout if lora_dropout >= 0 else (0.05 if big else 0.1))
     learning_rate = learning_rate or (1e-4 if big else 2e-4)

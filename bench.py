@@ -1,0 +1,132 @@
+"""
+Benchmarks, on one GPU.
+
+  python bench.py kernels                       # NF4 dequant GB/s; NF4 linear vs bf16 cuBLAS per shape and M
+  python bench.py e2e --model 7B --batch 2 --seq 2048 [--steps 10]   # QLoRA training steps: tok/s, MFU, memory
+
+Memory is reported two ways: the caching allocator's peak (torch.cuda.max_memory_allocated) and the
+device-level peak (total minus free, from cudaMemGetInfo), which also counts the paged optimizer state
+that lives in unified memory while it is resident on the GPU.
+"""
+import argparse
+import sys
+import time
+
+import torch
+import triton
+from triton.testing import do_bench
+
+import qlora
+from model import CONFIGS, LLaMA, LLaMAConfig
+
+SHAPES_7B = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in): wq/wk/wv/wo, w1/w3, w2
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def header():
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"# {name} | torch {torch.__version__} | triton {triton.__version__} | {time.strftime('%Y-%m-%d')}")
+    return name
+
+
+def ms(fn):
+    return do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def kernels():
+    header()
+    print("\n## NF4 dequantize (double-quant), bf16 out: effective bandwidth = bytes read + written")
+    print("| shape | ms | GB/s |")
+    print("|---|---|---|")
+    for n, k in SHAPES_7B + [(8192, 28672)]:
+        q = qlora.quantize_nf4(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+        out = torch.empty(n, k, device="cuda", dtype=torch.bfloat16)
+        t = ms(lambda: qlora.dequantize_nf4(q, out=out))
+        nbytes = sum(b.numel() * b.element_size() for b in q.buffers()) + out.numel() * 2
+        print(f"| {n}x{k} | {t:.3f} | {nbytes / t / 1e6:.0f} |")
+
+    print("\n## NF4 linear vs bf16 cuBLAS (ratio < 1: faster than bf16)")
+    print("| out x in | M | bf16 fwd ms | nf4 fwd ms | ratio | fused ms | dequant+mm ms | bf16 fwd+bwd ms | nf4 fwd+bwd ms | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for n, k in SHAPES_7B:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        q = qlora.quantize_nf4(w)
+        for m in (1, 16, 64, 256, 4096, 8192):
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(4)]
+            dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+            i = [0]
+
+            def x():  # rotate inputs so small cases are not timed out of L2
+                i[0] = (i[0] + 1) % 4
+                return xs[i[0]]
+
+            dense = ms(lambda: x() @ w.t())
+            ours = ms(lambda: qlora.nf4_matmul(x(), q))
+            fused = ms(lambda: qlora._fused_matmul(x().detach(), q, False)) if m <= 256 else float("nan")
+            route = ms(lambda: x().detach() @ qlora._dequant_scratch(q, torch.bfloat16).t())
+            dense_fb = ms(lambda: torch.autograd.grad(x() @ w.t(), xs, dy, allow_unused=True))
+            ours_fb = ms(lambda: torch.autograd.grad(qlora.nf4_matmul(x(), q), xs, dy, allow_unused=True))
+            print(f"| {n}x{k} | {m} | {dense:.4f} | {ours:.4f} | {ours / dense:.2f} | {fused:.4f} | {route:.4f} | "
+                  f"{dense_fb:.4f} | {ours_fb:.4f} | {ours_fb / dense_fb:.2f} |")
+
+
+def e2e(model, batch, seq, steps, r, quantize):
+    name = header()
+    cfg = LLaMAConfig(**{**CONFIGS[model], "lora_r": r, "lora_alpha": 16, "lora_dropout": 0.1 if model.split("-")[-1] in ("7B", "13B") else 0.05})
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    total = torch.cuda.mem_get_info()[1] if cuda else 0
+    used0 = total - torch.cuda.mem_get_info()[0] if cuda else 0  # context etc., before the model
+    t0 = time.time()
+    net = LLaMA.from_config(cfg, quantize=quantize, device=dev, dtype=dtype)
+    net.grad_checkpoint = True
+    net.train()
+    load_s = time.time() - t0
+    load_alloc = torch.cuda.max_memory_allocated() / 1e9 if cuda else 0
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = qlora.PagedAdamW(params, lr=2e-4)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    x = torch.randint(cfg.vocab_size, (batch, seq + 1), device=dev)
+    device_peak, times = 0, []
+    for step in range(steps):
+        t = time.time()
+        with ctx:
+            _, loss = net(x[:, :-1], x[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+            device_peak = max(device_peak, total - torch.cuda.mem_get_info()[0] - used0)
+        times.append(time.time() - t)
+    dt = sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median, first step (warm-up) excluded
+    n_lin = sum(m.in_features * m.out_features for m in net.modules() if isinstance(m, qlora.LoRALinear))
+    tok_s = batch * seq / dt
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    mfu = f"{100 * 6 * n_lin * tok_s / peak:.1f}%" if peak else "-"  # 6N: fwd, recompute, input-grad backward
+    alloc = torch.cuda.max_memory_allocated() / 1e9 if cuda else 0
+    print(f"| model | batch x seq | tok/s | MFU | peak allocated GB | device-level peak GB | build s | build peak GB |")
+    print(f"|---|---|---|---|---|---|---|---|")
+    print(f"| {model} {'NF4' if quantize else 'bf16'} r={r} | {batch} x {seq} | {tok_s:.0f} | {mfu} | {alloc:.2f} | "
+          f"{device_peak / 1e9:.2f} | {load_s:.1f} | {load_alloc:.2f} |")
+    print(f"loss {loss.item():.3f}, step times ms: {', '.join(f'{1000 * t:.0f}' for t in times)}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["kernels", "e2e"])
+    ap.add_argument("--model", default="7B", choices=list(CONFIGS))
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--lora_r", type=int, default=64)
+    ap.add_argument("--no_quant", action="store_true", help="16-bit base (plain LoRA) for comparison")
+    a = ap.parse_args()
+    if a.what == "kernels":
+        if not torch.cuda.is_available():
+            sys.exit("error: bench.py kernels needs a CUDA GPU")
+        kernels()
+    else:
+        e2e(a.model, a.batch, a.seq, a.steps, a.lora_r, not a.no_quant)
