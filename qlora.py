@@ -76,14 +76,13 @@ class NF4Weight(nn.Module):
         return 8 * nbytes / self.numel()
 
     def _apply(self, fn, recurse=True):
-        # .to(device) moves every buffer; .to(dtype) only changes the dtype we dequantize to: the
-        # fp32 statistics keep full precision, the packed bytes stay bytes.
+        # .to(device) moves every buffer; .to(dtype)/.half() only change the dtype we dequantize to
+        # (read off an empty probe tensor): the fp32 statistics keep full precision, bytes stay bytes.
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
         for name, t in self._buffers.items():
             if t is not None:
                 out = fn(t)
-                if t.is_floating_point() and out.dtype != t.dtype:
-                    self.dtype, out = out.dtype, t.to(out.device)
-                self._buffers[name] = out
+                self._buffers[name] = t.to(out.device) if t.is_floating_point() else out
         return self
 
     def extra_repr(self):
@@ -96,8 +95,10 @@ def _blockwise(x, blocksize, mids):
     x = F.pad(x, (0, n_blocks * blocksize - x.numel())).view(n_blocks, blocksize)  # ragged tail: zeros
     absmax = x.abs().amax(dim=1)
     # multiply by the fp32 reciprocal, as bitsandbytes does (x / c can round differently). An
-    # all-zero block gives 0 * inf = NaN, which bitsandbytes' comparisons send to index 0.
-    xn = (x * (1.0 / absmax)[:, None]).nan_to_num(nan=-2.0)
+    # all-zero block gives 0 * inf = NaN: we send it to the code of 0 so it dequantizes to exact zeros
+    # whatever its (double-quantized, hence only approximately 0) absmax. bitsandbytes writes index 0
+    # there, the one place where our bytes differ from its; both decode with the same format.
+    xn = (x * (1.0 / absmax)[:, None]).nan_to_num(nan=0.0)
     # nearest value; right=False puts a value exactly on a midpoint in the lower bin, like `x > mid`
     return torch.bucketize(xn, mids.to(x.device)).to(torch.uint8), absmax
 
@@ -225,7 +226,7 @@ def _fused_matmul(x2, q, transpose):
 
 
 def _use_triton(t):
-    return t.is_cuda or INTERPRET
+    return t.is_cuda or (INTERPRET and t.dtype != torch.bfloat16)  # the interpreter mishandles bf16
 
 
 def dequantize_nf4(q, dtype=None, out=None):
@@ -430,13 +431,21 @@ class PagedAdamW(torch.optim.Optimizer):
                     st["exp_avg"].copy_(m, non_blocking=True), st["exp_avg_sq"].copy_(v, non_blocking=True)
         return loss
 
+    def state_dict(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # pinned state is copied back asynchronously
+        return super().state_dict()
+
     def load_state_dict(self, state_dict):
-        # torch's loader puts the state in ordinary tensors on the parameter's device; move it back
-        # into paged memory, or a resumed run would lose paging (and OOM where the first run did not)
-        super().load_state_dict(state_dict)
-        for p, st in self.state.items():
+        # torch's loader would cast the moments to the parameter's dtype (bf16 rounding) in ordinary GPU
+        # memory (a spike a full GPU may not have). Let it load only the steps and hyperparameters, and
+        # copy the fp32 moments straight into paged memory.
+        saved = state_dict["state"]
+        steps = {i: {k: v for k, v in s.items() if k == "step"} for i, s in saved.items()}
+        super().load_state_dict({**state_dict, "state": steps})
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        for i, p in zip(ids, [p for g in self.param_groups for p in g["params"]]):
             for k in ("exp_avg", "exp_avg_sq"):
-                if k in st:
-                    t = self._alloc(p)
-                    t.copy_(st[k])
-                    st[k] = t
+                if k in saved.get(i, {}):
+                    self.state[p][k] = self._alloc(p)
+                    self.state[p][k].copy_(saved[i][k])

@@ -1,0 +1,1399 @@
+import os
+import torch  # only to ask about CUDA
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # run the Triton kernels on the CPU
+
+import ctypes
+import io
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch.nn.functional as F
+
+import model as M
+import qlora
+import train as T
+from data.prepare import DataError, convert
+from nf4_table import dynamic_map, midpoints, nf4_values
+
+# Tests for qlora.py, model.py, train.py and data/. Every check compares against math written here (a float64 or bit-exact float32
+# reimplementation of the bitsandbytes NF4 format), never against the function under test itself.
+# The same tests run on a CUDA machine (16-bit activations there, real Triton kernels) and on a CPU
+# (float32, Triton kernels under the interpreter).
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+DT = torch.float16 if CUDA else torch.float32  # activation dtype of the device tests
+D16 = torch.float16 if CUDA else torch.bfloat16  # a 16-bit dtype the device's dense matmul supports
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative Frobenius error
+GRAD_TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+# The Triton CPU interpreter (triton 3.x) cannot do bf16: loads of bf16 tensors read garbage and
+# fp32 -> bf16 stores truncate instead of rounding. bf16 kernel checks therefore only run on CUDA.
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+bf16_kernels = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not CUDA, reason="the Triton CPU interpreter mishandles bf16"))
+
+# bitsandbytes' NF4 values (csrc/kernels.cu, dDequantizeNF4), written out literally
+BNB_NF4 = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0], dtype=torch.float32)
+# the thresholds of bitsandbytes' NF4 decision tree (dQuantizeNF4: `x > t` goes to the upper side)
+BNB_NF4_MIDS = torch.tensor(sorted([
+    0.03979014977812767, 0.3893125355243683, 0.6427869200706482, 0.8614784181118011,
+    0.5016634166240692, 0.2035212516784668, 0.2920137718319893, 0.1202552504837513,
+    -0.33967943489551544, -0.13791173323988914, -0.045525018125772476, -0.23460740596055984,
+    -0.6106329262256622, -0.4599952697753906, -0.8480964004993439]), dtype=torch.float32)
+
+
+def ref_dyn8():
+    # the signed 8-bit dynamic map from its definition: for exponent i in 0..6 the means of
+    # linspace(0.1, 1, 2**i + 1) scaled by 10**(i - 6), both signs, plus 0 and 1.0
+    vals = [0.0, 1.0]
+    for i in range(7):
+        b = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
+        m = (b[:-1] + b[1:]) / 2 * 10.0 ** (i - 6)
+        vals += m.tolist() + (-m).tolist()
+    return torch.tensor(sorted(vals), dtype=torch.float32)
+
+
+REF_DYN8 = ref_dyn8()
+REF_DYN8_MIDS = (REF_DYN8[:-1] + REF_DYN8[1:]) * 0.5  # float32, as bitsandbytes' kernel computes them
+
+
+def ref_codes(x, blocksize, mids=BNB_NF4_MIDS):
+    # Blockwise quantization, written independently: pad with zeros, scale each block by the float32
+    # reciprocal of its absmax, and count the thresholds the value is strictly above (so a value on a
+    # threshold takes the lower code; NaN from an all-zero block is above nothing: code 0).
+    x = x.detach().reshape(-1).float().cpu()
+    n_blocks = -(-x.numel() // blocksize)
+    xp = torch.zeros(n_blocks * blocksize)
+    xp[: x.numel()] = x
+    xp = xp.view(n_blocks, blocksize)
+    absmax = xp.abs().max(dim=1).values
+    scale = (1.0 / absmax.double()).float()  # correctly rounded float32 reciprocal
+    xn = (xp.double() * scale.double()[:, None]).float()  # exact product, rounded once to float32
+    return (xn[..., None] > mids).sum(-1).view(-1), absmax  # (n_blocks * blocksize,), (n_blocks,)
+
+
+def ref_unpack(packed, numel):
+    b = packed.cpu().long()
+    codes = torch.empty(2 * b.numel(), dtype=torch.long)
+    codes[0::2], codes[1::2] = b // 16, b % 16  # element 2j in the high nibble of byte j
+    return codes[:numel]
+
+
+def ref_absmax(q):
+    # float32 block constants; with double quantization c = DYN8[qc] * c2[block // 256] + offset
+    if q.qabsmax is None:
+        return q.absmax.cpu()
+    qc = q.qabsmax.cpu().long()
+    return REF_DYN8[qc] * q.absmax2.cpu()[torch.arange(qc.numel()) // 256] + q.offset.cpu()
+
+
+def ref_dequant(q, dtype=torch.float64):
+    # float64: the exact value of NF4[code] * c. Other dtypes: the float32 product rounded once.
+    codes = ref_unpack(q.packed, q.numel())
+    c = ref_absmax(q)[torch.arange(q.numel()) // q.blocksize]
+    if dtype == torch.float64:
+        return (BNB_NF4.double()[codes] * c.double()).view(q.shape)
+    return (BNB_NF4[codes] * c).to(dtype).view(q.shape)
+
+
+def assert_dequant_equal(wh, q):
+    # bit for bit; on a GPU the double-quant constant c2 * DYN8[qc] + offset may be one FMA (1 ulp)
+    ref = ref_dequant(q, wh.dtype)
+    if CUDA and q.double_quant:
+        torch.testing.assert_close(wh.cpu(), ref, rtol=torch.finfo(wh.dtype).eps, atol=0)
+    else:
+        assert torch.equal(wh.cpu(), ref)
+
+
+def rel_err(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def weight(shape, std=0.02, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * std).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Tables
+
+
+def test_nf4_table_is_bitsandbytes():
+    # guards the code values themselves: any drift breaks compatibility with bitsandbytes checkpoints
+    assert torch.equal(nf4_values(), BNB_NF4)
+    assert torch.equal(qlora.NF4, BNB_NF4)
+
+
+def test_nf4_midpoints_are_bitsandbytes_thresholds():
+    # the quantizer's decision boundaries must be exactly the float32 constants of bnb's decision tree
+    assert torch.equal(midpoints(BNB_NF4), BNB_NF4_MIDS)
+    assert torch.equal(qlora.NF4_MID, BNB_NF4_MIDS)
+
+
+def test_dynamic_map():
+    d = dynamic_map()
+    assert d.dtype == torch.float32 and d.shape == (256,)
+    assert torch.equal(d, d.sort().values)  # sorted
+    assert (d == 0).sum() == 1 and d[-1] == 1.0
+    pos, neg = d[d > 0][:-1], d[d < 0]  # positives apart from 1.0
+    assert torch.equal(-neg.flip(0), pos)  # symmetric apart from 1.0
+    # the smallest magnitude: exponent 10^-6 times the mean of (0.1, 1) = 5.5e-7
+    assert d[d > 0].min().item() == pytest.approx(5.5e-7, rel=1e-6)
+    assert d[d > 0][1].item() == pytest.approx(1e-5 * (0.1 + 0.55) / 2, rel=1e-6)
+    assert d[-2].item() == pytest.approx(1 - 0.9 / 128, rel=1e-6)  # last mean of 65 points, 10^0
+    # every entry from the definition: exact in float32, and within float32 rounding of float64 math
+    assert torch.equal(d, REF_DYN8)
+    f64 = [0.0, 1.0]
+    for i in range(7):
+        b = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float64)
+        m = (b[:-1] + b[1:]) / 2 * 10.0 ** (i - 6)
+        f64 += m.tolist() + (-m).tolist()
+    torch.testing.assert_close(d.double(), torch.tensor(sorted(f64), dtype=torch.float64), rtol=1e-6, atol=0)
+    assert torch.equal(qlora.DYN8, REF_DYN8)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Packing
+
+
+def test_packing_order_high_nibble_first():
+    # block 0: the 16 code values in order (codes 0..15), block 1: reversed and scaled by 3. Every
+    # value is its own nearest code, so the bytes are known in advance.
+    w = torch.cat([BNB_NF4.repeat(4), (BNB_NF4.flip(0) * 3).repeat(4)])
+    q = qlora.quantize_nf4(w.view(8, 16).to(DEV), blocksize=64, double_quant=False)
+    assert q.packed.dtype == torch.uint8 and q.packed.dim() == 1 and q.packed.numel() == 64
+    up = [0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF]  # code 2j high nibble, 2j+1 low nibble
+    down = [0xFE, 0xDC, 0xBA, 0x98, 0x76, 0x54, 0x32, 0x10]
+    assert q.packed.cpu().tolist() == up * 4 + down * 4
+    assert q.absmax.cpu().tolist() == [1.0, 3.0]
+
+
+@pytest.mark.parametrize("shape", [(3, 21), (1, 1), (7, 65)])
+def test_ragged_sizes(shape):
+    # numel not a multiple of the block (and odd): the tail block is partial and the last byte half pad
+    n = math.prod(shape)
+    big = weight((n + 200,), seed=1)
+    big[n:] = 100.0  # what follows the weight in memory must not leak into the last block's absmax
+    w = big[:n].view(shape)
+    q = qlora.quantize_nf4(w.to(DEV), blocksize=64, double_quant=False)
+    assert q.packed.dtype == torch.uint8 and q.packed.shape == ((n + 1) // 2,)
+    if n % 2:
+        assert q.packed[-1].item() & 15 == 7  # the pad nibble is the code of 0.0
+    codes, absmax = ref_codes(w, 64)
+    assert torch.equal(ref_unpack(q.packed, n), codes[:n])
+    last = w.reshape(-1)[(q.absmax.numel() - 1) * 64:]
+    assert q.absmax[-1].item() == last.abs().max().item()  # only the real elements
+    assert torch.equal(q.absmax.cpu(), absmax)
+    wh = qlora.dequantize_nf4(q, torch.float32).cpu()
+    assert wh.shape == shape and torch.equal(wh, ref_dequant(q, torch.float32))
+    # round trip: every element within half the widest NF4 gap (-1 .. -0.696) times its block's absmax
+    half_gap = BNB_NF4.diff().max().item() / 2
+    assert ((wh - w).abs().reshape(-1) <= half_gap * absmax.repeat_interleave(64)[:n] + 1e-9).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Quantization equals the reference
+
+
+@pytest.mark.parametrize("blocksize", [64, 128])
+def test_quantize_matches_reference(blocksize):
+    w = weight((96, 130), seed=2)
+    q = qlora.quantize_nf4(w.to(DEV), blocksize=blocksize, double_quant=False)
+    codes, absmax = ref_codes(w, blocksize)
+    assert torch.equal(ref_unpack(q.packed, w.numel()), codes[: w.numel()])
+    assert torch.equal(q.absmax.cpu(), absmax)
+    # the same codes as "nearest value by distance" (no random value lands between a float32
+    # threshold and the exact midpoint)
+    xp = F.pad(w.reshape(-1), (0, absmax.numel() * blocksize - w.numel())).view(-1, blocksize)
+    xn = xp.double() / absmax.double()[:, None]
+    nearest = (xn[..., None] - BNB_NF4.double()).abs().argmin(-1).view(-1)  # first index on a tie
+    assert (nearest == codes).float().mean() > 0.9999
+
+
+def test_ties_go_to_the_lower_code():
+    # values exactly on a threshold take the lower code; the next float up takes the upper one.
+    # absmax 1 and 0.5 make the scaled values exact, so the ties survive the scaling.
+    up = torch.nextafter(BNB_NF4_MIDS, torch.tensor(2.0))
+    blk = torch.cat([BNB_NF4_MIDS, up, torch.tensor([1.0])])  # 31 values
+    blk = torch.cat([blk, torch.zeros(64 - blk.numel())])
+    w = torch.cat([blk, blk * 0.5])
+    q = qlora.quantize_nf4(w.to(DEV), blocksize=64, double_quant=False)
+    codes = ref_unpack(q.packed, 128).view(2, 64)
+    for row in codes:
+        assert row[:15].tolist() == list(range(15))  # on threshold i: code i (lower)
+        assert row[15:30].tolist() == list(range(1, 16))  # just above: code i + 1
+        assert row[30].item() == 15 and (row[31:] == 7).all()
+    assert torch.equal(codes.view(-1), ref_codes(w, 64)[0])
+
+
+def test_scaling_multiplies_by_float32_reciprocal():
+    # bitsandbytes scales a block by x * float32(1 / absmax), which can round differently from
+    # x / absmax. Collect values next to c * threshold where the two disagree about the side of the
+    # threshold; their codes must follow the reciprocal.
+    c = torch.tensor(0.0371)
+    xs = []
+    for m in BNB_NF4_MIDS:
+        cand, lo, hi = [m * c], m * c, m * c
+        for _ in range(8):
+            lo, hi = torch.nextafter(lo, torch.tensor(-1.0)), torch.nextafter(hi, torch.tensor(1.0))
+            cand += [lo, hi]
+        xs += [x.item() for x in cand if ((x * (1 / c)) > m) != ((x / c) > m)]
+    assert len(xs) >= 2  # the test is sensitive: such values exist for this absmax
+    w = torch.zeros(64)
+    w[0], w[1: 1 + len(xs)] = c, torch.tensor(xs)
+    q = qlora.quantize_nf4(w.to(DEV), double_quant=False)
+    assert torch.equal(ref_unpack(q.packed, 64), ref_codes(w, 64)[0])
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_all_zero_block_dequantizes_to_zero(double_quant):
+    # absmax 0 gives 0 * inf = NaN when scaling; a zero block among others must come back as zeros
+    # (with double quantization its absmax is only approximately 0, so its codes must be the code of 0)
+    w = weight((4, 64), seed=3)
+    w[1] = 0
+    q = qlora.quantize_nf4(w.to(DEV), double_quant=double_quant)
+    wh = qlora.dequantize_nf4(q, torch.float32).cpu()
+    assert torch.isfinite(wh).all() and (wh[0] != 0).any()
+    assert (wh[1] == 0).all(), wh[1, :4]
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_all_zero_weight_dequantizes_to_zero(double_quant):
+    z = qlora.quantize_nf4(torch.zeros(3, 64, device=DEV), double_quant=double_quant)
+    wh = qlora.dequantize_nf4(z, torch.float32)
+    assert torch.isfinite(wh).all() and (wh == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Round-trip error, double quantization, storage cost
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_round_trip_error_on_normal_weights(double_quant):
+    # NF4 with blocks of 64 on N(0, 0.02) weights: ~9% relative error; a worse code or broken
+    # scaling lands well outside [0.08, 0.10]
+    w = weight((256, 512), seed=4)
+    q = qlora.quantize_nf4(w.to(DEV), double_quant=double_quant)
+    wh = qlora.dequantize_nf4(q, torch.float32)
+    assert 0.08 < rel_err(wh, w) < 0.10
+    assert rel_err(ref_dequant(q), w) == pytest.approx(rel_err(wh, w), rel=1e-4)
+
+
+def test_double_quant_constants():
+    # 300 blocks -> two blocks of 256 constants, the second partial
+    w = weight((150, 128), seed=5)
+    q = qlora.quantize_nf4(w.to(DEV), blocksize=64, double_quant=True)
+    assert q.absmax is None and q.qabsmax.dtype == torch.uint8 and q.qabsmax.shape == (300,)
+    assert q.absmax2.dtype == torch.float32 and q.absmax2.shape == (2,)
+    true_absmax = w.reshape(300, 64).abs().amax(1)
+    assert q.offset.item() == pytest.approx(true_absmax.double().mean().item(), rel=1e-6)
+    # the 8-bit codes of the centred constants equal the reference quantizer with the dynamic map
+    qc, a2 = ref_codes(true_absmax - q.offset.cpu(), 256, REF_DYN8_MIDS)
+    assert torch.equal(q.qabsmax.cpu().long(), qc[:300]) and torch.equal(q.absmax2.cpu(), a2)
+    # dequantized constants are within 1% of the true ones, and the weights come back as well as
+    # without double quantization
+    assert ((ref_absmax(q) - true_absmax).abs() / true_absmax).max() < 0.01
+    q0 = qlora.quantize_nf4(w.to(DEV), double_quant=False)
+    assert rel_err(ref_dequant(q), w) < 1.01 * rel_err(ref_dequant(q0), w)
+
+
+def test_bits_per_param():
+    w = torch.randn(4096, 4096, device=DEV)
+    n = w.numel()
+    assert qlora.quantize_nf4(w, double_quant=False).bits_per_param() == 4 + 32 / 64  # 4.5
+    # 4-bit codes + 8-bit constant per 64 + fp32 second-level constant per 256 blocks + fp32 offset
+    expected = 4 + 8 / 64 + 32 / (64 * 256) + 32 / n
+    assert qlora.quantize_nf4(w, double_quant=True).bits_per_param() == expected
+    assert expected == pytest.approx(4.127, abs=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Triton dequantization kernel
+
+
+@pytest.mark.parametrize("blocksize", [64, 128])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, bf16_kernels])
+def test_triton_dequant_equals_torch_path(dtype, double_quant, blocksize):
+    for shape in [(7, 65), (33, 100), (1, 1)]:
+        q = qlora.quantize_nf4(weight(shape, seed=6).to(DEV), blocksize, double_quant)
+        a = qlora._dequantize_triton(q, torch.empty(shape, dtype=dtype, device=DEV))
+        b = qlora._dequantize_torch(q, torch.empty(shape, dtype=dtype, device=DEV))
+        if CUDA and double_quant:  # the GPU may fuse c2 * DYN8[qc] + offset into one FMA
+            torch.testing.assert_close(a, b, rtol=torch.finfo(dtype).eps, atol=0)
+        else:
+            assert torch.equal(a, b), (shape, dtype)
+        assert torch.equal(b.cpu(), ref_dequant(q, dtype))  # and both are the format's value
+
+
+def test_public_dequantize_uses_weight_dtype():
+    q = qlora.quantize_nf4(weight((40, 96), seed=7).to(DT).to(DEV))
+    wh = qlora.dequantize_nf4(q)
+    assert wh.dtype == DT and wh.shape == (40, 96) and wh.device.type == DEV
+    assert_dequant_equal(wh, q)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Fused dequantize-matmul kernel
+
+SHAPES = [(1, 40, 96), (3, 96, 130), (17, 130, 40), (16, 64, 64)]  # (M, N, K); tiles are 16 / 64 / 64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, bf16_kernels])
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_fused_matmul_forward(M, N, K, dtype):
+    # y = x Ŵᵀ; K = 130 or 40 puts 64-element blocks across row boundaries of the flattened weight.
+    # float32 must stay float32 on a GPU too (tl.dot's default there is TF32, ~1e-4 off)
+    for dq in (False, True):
+        q = qlora.quantize_nf4(weight((N, K), seed=M).to(DEV), double_quant=dq)
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(N)).to(dtype).to(DEV)
+        y = qlora._fused_matmul(x, q, transpose=False)
+        assert y.shape == (M, N) and y.dtype == dtype
+        assert rel_err(y, x.cpu().double() @ ref_dequant(q).T) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, bf16_kernels])
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_fused_matmul_transposed(M, N, K, dtype):
+    # dx = dy Ŵ, reading the same packed weight along the other axis
+    for dq in (False, True):
+        q = qlora.quantize_nf4(weight((N, K), seed=M + 1).to(DEV), double_quant=dq)
+        dy = torch.randn(M, N, generator=torch.Generator().manual_seed(K)).to(dtype).to(DEV)
+        dx = qlora._fused_matmul(dy, q, transpose=True)
+        assert dx.shape == (M, K) and dx.dtype == dtype
+        assert rel_err(dx, dy.cpu().double() @ ref_dequant(q)) < TOL[dtype]
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. nf4_matmul autograd
+
+
+def _spy(monkeypatch, name):
+    calls = []
+    real = getattr(qlora, name)
+
+    def spy(*a, **k):
+        calls.append(name)
+        return real(*a, **k)
+
+    monkeypatch.setattr(qlora, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("route", ["fused", "dequant", "torch"])
+def test_nf4_matmul_autograd(route, monkeypatch):
+    if route == "torch":
+        if CUDA:
+            pytest.skip("CUDA tensors always take the Triton kernels")
+        monkeypatch.setattr(qlora, "INTERPRET", False)
+    M = 5 if route == "fused" else qlora.FUSED_MAX_M + 3
+    fused = _spy(monkeypatch, "_fused_matmul")
+    torch_deq = _spy(monkeypatch, "_dequantize_torch")
+    q = qlora.quantize_nf4(weight((40, 130), seed=8).to(DEV))
+    x = torch.randn(M, 130).to(DT).to(DEV).requires_grad_()
+    dy = torch.randn(M, 40).to(DT).to(DEV)
+    y = qlora.nf4_matmul(x, q)
+    y.backward(dy)
+    W = ref_dequant(q)
+    assert rel_err(y, x.detach().cpu().double() @ W.T) < TOL[DT]
+    assert x.grad.dtype == DT and rel_err(x.grad, dy.cpu().double() @ W) < TOL[DT]
+    # the frozen base: nothing in it asks for or receives a gradient
+    assert all(not b.requires_grad and b.grad is None for b in q.buffers())
+    # the route really taken (forward + backward)
+    assert len(fused) == (2 if route == "fused" else 0)
+    assert len(torch_deq) == (2 if route == "torch" else 0)
+
+
+@pytest.mark.parametrize("T", [3, 12])  # M = 6 (fused kernel) and 24 (dequantize + matmul)
+def test_nf4_matmul_3d_input(T):
+    q = qlora.quantize_nf4(weight((40, 96), seed=9).to(DEV))
+    x = torch.randn(2, T, 96).to(DT).to(DEV).requires_grad_()
+    y = qlora.nf4_matmul(x, q)
+    assert y.shape == (2, T, 40)
+    y.sum().backward()  # dy = ones, an expanded (stride 0) gradient
+    W = ref_dequant(q)
+    assert rel_err(y, x.detach().cpu().double() @ W.T) < TOL[DT]
+    assert x.grad.shape == x.shape
+    assert rel_err(x.grad, torch.ones(2, T, 40, dtype=torch.float64) @ W) < TOL[DT]
+
+
+def test_nf4_matmul_under_autocast(monkeypatch):
+    # custom kernels do not autocast by themselves: nf4_matmul casts x to the autocast dtype
+    monkeypatch.setattr(qlora, "INTERPRET", False)  # bf16 cannot run in the Triton CPU interpreter
+    q = qlora.quantize_nf4(weight((40, 96), seed=10).to(DEV))
+    x = torch.randn(20, 96, device=DEV)
+    with torch.autocast(DEV, dtype=D16):
+        y = qlora.nf4_matmul(x, q)
+    assert y.dtype == D16
+    assert rel_err(y, x.cpu().double() @ ref_dequant(q).T) < TOL[D16]
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. Bad input
+
+
+@pytest.mark.parametrize("call,expected,got", [
+    (lambda: qlora.quantize_nf4(torch.arange(64)), "floating-point", "torch.int64"),
+    (lambda: qlora.quantize_nf4(torch.empty(0, 8)), "non-empty", "(0, 8)"),
+    (lambda: qlora.quantize_nf4(torch.randn(64), blocksize=48), "power of two", "got 48"),
+    (lambda: qlora.quantize_nf4(torch.randn(64), blocksize=0), "power of two", "got 0"),
+    (lambda: qlora.nf4_matmul(torch.randn(2, 33), qlora.quantize_nf4(torch.randn(8, 32))), "32", "(2, 33)"),
+], ids=["int", "empty", "blocksize48", "blocksize0", "x_last_dim"])
+def test_bad_input_raises(call, expected, got):
+    with pytest.raises(ValueError) as e:
+        call()
+    assert expected in str(e.value) and got in str(e.value), str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. LoRALinear
+
+
+def make_layer(r=8, alpha=16, dropout=0.0, double_quant=True, seed=11):
+    torch.manual_seed(seed)
+    q = qlora.quantize_nf4(weight((40, 96), seed=seed).to(DEV), double_quant=double_quant)
+    return qlora.LoRALinear(q, r=r, alpha=alpha, dropout=dropout)
+
+
+def randomize_B(layer, seed=12):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
+
+
+def ref_lora(layer, x, W, alpha=16, r=8):
+    # float64: y = x Ŵᵀ + (α/r) x Aᵀ Bᵀ
+    A, B = layer.lora_A.detach().double().cpu(), layer.lora_B.detach().double().cpu()
+    x = x.detach().double().cpu()
+    return x @ W.T + alpha / r * (x @ A.T) @ B.T
+
+
+def test_lora_init():
+    layer = make_layer()
+    A, B = layer.lora_A, layer.lora_B
+    assert A.shape == (8, 96) and B.shape == (40, 8) and A.dtype == B.dtype == torch.float32
+    bound = 1 / math.sqrt(96)  # kaiming_uniform(a=√5) on (r, in)
+    assert A.abs().max() <= bound and A.abs().max() > 0.9 * bound
+    assert A.unique().numel() > A.numel() // 2  # random, not constant
+    assert (B == 0).all()
+    x = torch.randn(5, 96).to(DT).to(DEV)
+    y = layer(x)
+    assert torch.equal(y, qlora.nf4_matmul(x, layer.weight))  # B = 0: exactly the base output
+    assert rel_err(y, x.cpu().double() @ ref_dequant(layer.weight).T) < TOL[DT]
+    # dropout (training mode) acts on the adapter input only: with B = 0 the output is still the base
+    drop = make_layer(dropout=0.5).train()
+    assert torch.equal(drop(x), qlora.nf4_matmul(x, drop.weight))
+
+
+@pytest.mark.parametrize("M", [5, 24])
+def test_lora_forward_matches_reference(M):
+    layer = make_layer(dropout=0.3).eval()  # eval: dropout off
+    randomize_B(layer)
+    x = torch.randn(M, 96).to(DT).to(DEV)
+    y = layer(x)
+    assert y.shape == (M, 40) and y.dtype == DT
+    assert rel_err(y, ref_lora(layer, x, ref_dequant(layer.weight))) < TOL[DT]
+
+
+def test_lora_gradients_match_float64_autograd():
+    layer = make_layer()
+    randomize_B(layer)
+    x = torch.randn(6, 96).to(DT).to(DEV).requires_grad_()
+    dy = torch.randn(6, 40).to(DT).to(DEV)
+    layer(x).backward(dy)
+    # the same layer reimplemented in float64 and differentiated by autograd
+    A = layer.lora_A.detach().double().cpu().requires_grad_()
+    B = layer.lora_B.detach().double().cpu().requires_grad_()
+    x64 = x.detach().double().cpu().requires_grad_()
+    y64 = x64 @ ref_dequant(layer.weight).T + 16 / 8 * (x64 @ A.T) @ B.T  # α = 16, r = 8
+    y64.backward(dy.double().cpu())
+    assert rel_err(layer.lora_A.grad, A.grad) < GRAD_TOL[DT]
+    assert rel_err(layer.lora_B.grad, B.grad) < GRAD_TOL[DT]
+    assert rel_err(x.grad, x64.grad) < GRAD_TOL[DT]
+
+
+def test_lora_only_adapters_are_trainable():
+    layer = make_layer()
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
+    assert len(list(layer.parameters())) == 2
+    assert all(not b.requires_grad for b in layer.buffers())
+
+
+def test_lora_dense_16bit_base():
+    w = weight((40, 96), seed=13, dtype=D16).to(DEV)
+    torch.manual_seed(13)
+    layer = qlora.LoRALinear(w, r=4, alpha=12)
+    randomize_B(layer)
+    assert [n for n, _ in layer.named_parameters()] == ["lora_A", "lora_B"]
+    x = torch.randn(7, 96).to(D16).to(DEV).requires_grad_()
+    y = layer(x)
+    assert y.dtype == D16
+    assert rel_err(y, ref_lora(layer, x, w.double().cpu(), alpha=12, r=4)) < TOL[D16]
+    y.sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+    assert layer.weight.grad is None and not layer.weight.requires_grad
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_merge_lora(double_quant):
+    layer = make_layer(double_quant=double_quant)
+    randomize_B(layer)
+    merged = qlora.merge_lora(layer)
+    A, B = layer.lora_A.detach().double().cpu(), layer.lora_B.detach().double().cpu()
+    expected = ref_dequant(layer.weight) + 16 / 8 * B @ A  # α = 16, r = 8
+    assert merged.shape == (40, 96) and merged.dtype == layer.weight.dtype
+    assert rel_err(merged, expected) < 1e-6
+    x = torch.randn(5, 96).to(DT).to(DEV)
+    assert rel_err(F.linear(x, merged.to(DT)), layer(x)) < TOL[DT]
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_to_dtype_keeps_statistics_fp32(double_quant):
+    # .to(float16) must change only the dequantization dtype; the block constants stay fp32 (rounding
+    # them to 16 bits would be lossy, and a later .to(float32) could not undo it)
+    layer = make_layer(double_quant=double_quant)
+    q = layer.weight
+    before = {n: b.clone() for n, b in q.named_buffers()}
+    layer.to(torch.float16)
+    assert q.dtype == torch.float16 and layer.lora_A.dtype == torch.float16
+    assert q.packed.dtype == torch.uint8
+    for n, b in q.named_buffers():
+        assert b.dtype == before[n].dtype and torch.equal(b, before[n]), n
+    wh = qlora.dequantize_nf4(q)
+    assert wh.dtype == torch.float16
+    assert_dequant_equal(wh, q)
+    x = torch.randn(5, 96).half().to(DEV)
+    assert rel_err(layer(x), ref_lora(layer, x, ref_dequant(q))) < TOL[torch.float16]
+
+
+def test_to_float32_after_half_restores_dtype():
+    layer = make_layer()
+    q = layer.weight
+    layer.half()
+    layer.float()
+    assert layer.lora_A.dtype == torch.float32 and q.absmax2.dtype == torch.float32
+    assert q.dtype == torch.float32  # the dequantization dtype follows the module back
+    assert qlora.dequantize_nf4(q).dtype == torch.float32
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_state_dict_holds_quantized_weight(double_quant):
+    layer = make_layer(double_quant=double_quant)
+    randomize_B(layer)
+    sd = layer.state_dict()
+    stats = {"weight.qabsmax", "weight.absmax2", "weight.offset"} if double_quant else {"weight.absmax"}
+    assert set(sd) == {"weight.packed", "lora_A", "lora_B"} | stats
+    assert sd["weight.packed"].dtype == torch.uint8 and sd["weight.packed"].numel() == 40 * 96 // 2
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    other = make_layer(double_quant=double_quant, seed=99)  # different weight and adapters
+    other.load_state_dict(torch.load(buf))
+    x = torch.randn(5, 96).to(DT).to(DEV)
+    assert torch.equal(other(x), layer(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. PagedAdamW
+
+HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1)
+SHAPES_P = [(5, 7), (13,), (2, 3, 4)]
+
+
+def make_params(seed=0, device=DEV, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype).to(device)) for s in SHAPES_P]
+
+
+def set_grads(groups, step):
+    # the same random gradients for every copy of the parameters
+    g = torch.Generator().manual_seed(1000 + step)
+    grads = [torch.randn(p.shape, generator=g) for p in groups[0]]
+    for params in groups:
+        for p, gr in zip(params, grads):
+            p.grad = gr.to(p.dtype).to(p.device)
+
+
+def assert_same(ps, qs):
+    for p, q in zip(ps, qs):
+        if DEV == "cpu":
+            assert torch.equal(p, q)  # identical arithmetic: bit for bit
+        else:
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+
+
+def test_paged_adamw_matches_torch_adamw():
+    ps, rs = make_params(), make_params()
+    opt, ref = qlora.PagedAdamW(ps, **HP), torch.optim.AdamW(rs, foreach=False, **HP)
+    for step in range(12):
+        set_grads([ps, rs], step)
+        opt.step(), ref.step()
+        assert_same(ps, rs)
+    for p, r in zip(ps, rs):
+        assert opt.state[p]["exp_avg"].dtype == torch.float32
+        assert_same([opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]],
+                    [ref.state[r]["exp_avg"], ref.state[r]["exp_avg_sq"]])
+
+
+def test_paged_adamw_skips_params_without_grad():
+    ps, rs = make_params(), make_params()
+    frozen = torch.nn.Parameter(torch.ones(4, device=DEV))
+    opt = qlora.PagedAdamW(ps + [frozen], **HP)
+    ref = torch.optim.AdamW(rs, foreach=False, **HP)
+    for step in range(3):
+        set_grads([ps, rs], step)
+        opt.step(), ref.step()
+    assert (frozen == 1).all() and frozen not in opt.state  # no weight decay, no state
+    assert_same(ps, rs)
+
+
+def _round_trip(opt, fresh):
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    fresh.load_state_dict(torch.load(buf))
+    return fresh
+
+
+def test_paged_adamw_state_dict_round_trip():
+    ps, rs = make_params(), make_params()
+    opt, ref = qlora.PagedAdamW(ps, **HP), torch.optim.AdamW(rs, foreach=False, **HP)
+    for step in range(7):
+        set_grads([ps, rs], step)
+        opt.step(), ref.step()
+    opt = _round_trip(opt, qlora.PagedAdamW(ps, lr=0.5))  # the saved groups replace the new ones
+    ref = _round_trip(ref, torch.optim.AdamW(rs, foreach=False, lr=0.5))
+    assert opt.param_groups[0]["lr"] == HP["lr"]
+    for p in ps:
+        st = opt.state[p]
+        assert st["exp_avg"].dtype == torch.float32 and st["exp_avg"].device == p.device
+    for step in range(7, 12):
+        set_grads([ps, rs], step)
+        opt.step(), ref.step()
+        assert_same(ps, rs)
+
+
+def test_paged_adamw_resume_keeps_fp32_state_for_bf16_params():
+    ps = make_params(dtype=torch.bfloat16)
+    opt = qlora.PagedAdamW(ps, **HP)
+    for step in range(3):
+        set_grads([ps], step)
+        opt.step()
+    saved = {id(p): (opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone()) for p in ps}
+    opt2 = _round_trip(opt, qlora.PagedAdamW(ps, **HP))
+    for p in ps:
+        m, v = saved[id(p)]
+        assert opt2.state[p]["exp_avg"].dtype == torch.float32
+        assert torch.equal(opt2.state[p]["exp_avg"], m) and torch.equal(opt2.state[p]["exp_avg_sq"], v)
+
+
+@pytest.mark.parametrize("kw,bad", [
+    (dict(lr=-1e-3), "lr=-0.001"), (dict(eps=-1e-8), "eps=-1e-08"),
+    (dict(weight_decay=-0.1), "weight_decay=-0.1"), (dict(betas=(1.0, 0.999)), "(1.0, 0.999)"),
+    (dict(betas=(0.9, -0.1)), "(0.9, -0.1)"), (dict(paging="swap"), "'swap'"),
+])
+def test_paged_adamw_invalid_hyperparameters(kw, bad):
+    with pytest.raises(ValueError) as e:
+        qlora.PagedAdamW([torch.nn.Parameter(torch.zeros(2))], **kw)
+    assert bad in str(e.value), str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# 11. CUDA only: paged memory
+
+
+def _is_managed(t):
+    flag = ctypes.c_uint64(0)
+    err = ctypes.CDLL("libcuda.so.1").cuPointerGetAttribute(
+        ctypes.byref(flag), 8, ctypes.c_uint64(t.data_ptr()))  # 8: CU_POINTER_ATTRIBUTE_IS_MANAGED
+    return err == 0 and flag.value == 1
+
+
+@needs_cuda
+def test_paged_state_is_managed_memory():
+    # the state lives in unified memory, outside PyTorch's allocator: memory_allocated does not grow
+    p = torch.nn.Parameter(torch.randn(1 << 20, device="cuda"))
+    p.grad = torch.randn_like(p)
+    opt = qlora.PagedAdamW([p], paging="managed")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    opt.step()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - before < 4 * p.numel()  # 8 MiB of state not counted
+    st = opt.state[p]
+    assert st["exp_avg"].is_cuda and _is_managed(st["exp_avg"]) and _is_managed(st["exp_avg_sq"])
+
+
+@needs_cuda
+def test_paged_step_when_gpu_memory_is_almost_full():
+    # 16 parameters of 16 MiB: 512 MiB of optimizer state while only 256 MiB of the GPU stay free;
+    # unified memory pages the state in and out. (The managed total stays far below the card's memory.)
+    n, size, leave = 16, 4 << 20, 256 << 20
+    ps = [torch.nn.Parameter(torch.randn(size, device="cuda")) for _ in range(n)]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    cpu = [torch.nn.Parameter(p.detach().cpu()) for p in ps]
+    for c, p in zip(cpu, ps):
+        c.grad = p.grad.cpu()
+    ref = torch.optim.AdamW(cpu, foreach=False, **HP)
+    warm = [torch.empty(size, device="cuda") for _ in range(2)]  # the update's temporaries, cached
+    del warm
+    free, _ = torch.cuda.mem_get_info()
+    assert 8 * n * size > leave
+    filler = torch.empty(max(free - leave, 0), dtype=torch.uint8, device="cuda")
+    try:
+        opt = qlora.PagedAdamW(ps, paging="managed", **HP)
+        for _ in range(2):
+            opt.step(), ref.step()
+        torch.cuda.synchronize()
+    finally:
+        del filler
+        torch.cuda.empty_cache()
+    for p, c in zip(ps, cpu):
+        torch.testing.assert_close(p.cpu(), c.detach(), rtol=1e-6, atol=1e-6)
+
+
+@needs_cuda
+def test_pinned_fallback_matches_torch_adamw():
+    ps, rs = make_params(device="cuda"), make_params(device="cuda")
+    opt = qlora.PagedAdamW(ps, paging="pinned", **HP)
+    ref = torch.optim.AdamW(rs, foreach=False, **HP)
+    for step in range(6):
+        set_grads([ps, rs], step)
+        opt.step(), ref.step()
+    torch.cuda.synchronize()  # the state is copied back to the host asynchronously
+    for p, r in zip(ps, rs):
+        assert torch.equal(p, r)
+        st = opt.state[p]
+        assert st["exp_avg"].device.type == "cpu" and st["exp_avg"].is_pinned()
+        assert torch.equal(st["exp_avg_sq"].cuda(), ref.state[r]["exp_avg_sq"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# model.py: a tiny LLaMA written in Meta's raw layout (2 shards, grouped-query attention) and a tiny
+# sentencepiece tokenizer, checked against a float64 reference forward written here from the paper's
+# equations (complex-number RoPE as in Meta's code, explicit softmax attention, repeated k/v heads).
+
+
+ROOT = Path(__file__).resolve().parent
+TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, norm_eps=1e-5)
+WORDS = ("the quick brown fox jumps over the lazy dog while seven small birds sing about rivers "
+         "mountains and the long quiet evening light over old stone bridges").split()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (12,), generator=g)) for _ in range(200)]
+    M.train_tokenizer(texts, path, vocab_size=120)
+    return path
+
+
+def meta_weights(cfg, seed=0):
+    # full (unsharded) tensors with Meta's names and shapes
+    g = torch.Generator().manual_seed(seed)
+    hd, h = cfg.dim // cfg.n_heads, cfg.hidden_dim
+    shapes = {"tok_embeddings.weight": (cfg.vocab_size, cfg.dim), "norm.weight": (cfg.dim,), "output.weight": (cfg.vocab_size, cfg.dim)}
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        shapes.update({p + "attention.wq.weight": (cfg.n_heads * hd, cfg.dim), p + "attention.wk.weight": (cfg.n_kv_heads * hd, cfg.dim),
+                       p + "attention.wv.weight": (cfg.n_kv_heads * hd, cfg.dim), p + "attention.wo.weight": (cfg.dim, cfg.n_heads * hd),
+                       p + "feed_forward.w1.weight": (h, cfg.dim), p + "feed_forward.w2.weight": (cfg.dim, h),
+                       p + "feed_forward.w3.weight": (h, cfg.dim), p + "attention_norm.weight": (cfg.dim,), p + "ffn_norm.weight": (cfg.dim,)})
+    return {k: (1 + 0.1 * torch.randn(s, generator=g)) if len(s) == 1 else torch.randn(s, generator=g) / s[-1] ** 0.5
+            for k, s in shapes.items()}
+
+
+def write_meta_checkpoint(d, cfg, weights, n_shards=2, vocab_in_params=-1):
+    # Meta's model-parallel split: column-parallel rows, row-parallel columns, embedding on dim 1
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    shards = [{} for _ in range(n_shards)]
+    for k, w in weights.items():
+        dim = None if k.endswith("norm.weight") else 1 if k == "tok_embeddings.weight" or k.endswith(("wo.weight", "w2.weight")) else 0
+        for s, part in enumerate([w] * n_shards if dim is None else w.chunk(n_shards, dim)):
+            shards[s][k] = part.clone()
+    for s, sd in enumerate(shards):
+        sd["rope.freqs"] = torch.zeros(cfg.head_dim // 2)  # present in real LLaMA-1 files, ignored
+        torch.save(sd, d / f"consolidated.{s:02d}.pth")
+    params = dict(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                  multiple_of=cfg.multiple_of, norm_eps=cfg.norm_eps, vocab_size=vocab_in_params)
+    (d / "params.json").write_text(json.dumps(params))
+    return d
+
+
+def reference_forward(w, cfg, idx):
+    # float64 LLaMA from the equations, independent of model.py
+    w = {k: v.double() for k, v in w.items()}
+    B, T = idx.shape
+    hd, nh, nkv = cfg.dim // cfg.n_heads, cfg.n_heads, cfg.n_kv_heads
+
+    def rms(x, g):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.norm_eps) * g
+
+    freqs = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    cis = torch.polar(torch.ones(T, hd // 2, dtype=torch.float64), torch.outer(torch.arange(T, dtype=torch.float64), freqs))
+
+    def rope(x):  # (B, T, H, hd): rotate interleaved pairs as complex numbers
+        xc = torch.view_as_complex(x.reshape(*x.shape[:-1], hd // 2, 2).contiguous())
+        return torch.view_as_real(xc * cis[None, :, None, :]).flatten(-2)
+
+    x = w["tok_embeddings.weight"][idx]
+    mask = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        h = rms(x, w[p + "attention_norm.weight"])
+        q = rope((h @ w[p + "attention.wq.weight"].T).view(B, T, nh, hd))
+        k = rope((h @ w[p + "attention.wk.weight"].T).view(B, T, nkv, hd)).repeat_interleave(nh // nkv, dim=2)
+        v = (h @ w[p + "attention.wv.weight"].T).view(B, T, nkv, hd).repeat_interleave(nh // nkv, dim=2)
+        att = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(hd) + mask
+        y = torch.einsum("bhts,bshd->bthd", att.softmax(-1), v).reshape(B, T, -1)
+        x = x + y @ w[p + "attention.wo.weight"].T
+        h = rms(x, w[p + "ffn_norm.weight"])
+        a, b = h @ w[p + "feed_forward.w1.weight"].T, h @ w[p + "feed_forward.w3.weight"].T
+        x = x + (a * torch.sigmoid(a) * b) @ w[p + "feed_forward.w2.weight"].T
+    return rms(x, w["norm.weight"]) @ w["output.weight"].T
+
+
+@pytest.fixture(scope="session")
+def meta_ckpt(tmp_path_factory, tokenizer_file):
+    cfg = M.LLaMAConfig(**TINY, vocab_size=M.Tokenizer(tokenizer_file).n_words)
+    weights = meta_weights(cfg)
+    d = write_meta_checkpoint(tmp_path_factory.mktemp("llama") / "tiny", cfg, weights)
+    shutil.copy(tokenizer_file, d.parent / "tokenizer.model")  # Meta's layout: one level up
+    return d, cfg, weights
+
+
+def test_hidden_dims_of_published_configs():
+    # SwiGLU widths as in Meta's params: 7B 11008, 13B 13824, 65B 22016, Llama-2-70B 28672
+    for name, h in [("7B", 11008), ("13B", 13824), ("33B", 17920), ("65B", 22016), ("2-70B", 28672)]:
+        assert M.LLaMAConfig(**M.CONFIGS[name]).hidden_dim == h
+
+
+def test_16bit_load_matches_float64_reference(meta_ckpt):
+    d, cfg, weights = meta_ckpt
+    net = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=0)
+    assert net.config.vocab_size == cfg.vocab_size  # -1 in params.json: taken from the embedding
+    idx = torch.randint(cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    logits, loss = net(idx)
+    assert loss is None and logits.shape == (2, 11, cfg.vocab_size)
+    assert rel_err(logits, reference_forward(weights, cfg, idx)) < 1e-4
+
+
+def test_4bit_load_matches_reference_on_nf4_roundtripped_weights(meta_ckpt, monkeypatch):
+    d, cfg, weights = meta_ckpt
+    monkeypatch.setattr(qlora, "INTERPRET", False)  # torch path here; the kernels have their own tests
+    net = M.LLaMA.from_checkpoint(d, quantize=True, dtype=torch.float32)
+    rt = {k: qlora.dequantize_nf4(qlora.quantize_nf4(v)) if v.dim() == 2 and k.startswith("layers.") else v for k, v in weights.items()}
+    idx = torch.randint(cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    ref = reference_forward(rt, cfg, idx)
+    assert rel_err(net(idx)[0], ref) < 1e-3
+    assert rel_err(reference_forward(weights, cfg, idx), ref) > 1e-3  # the 4-bit model really is different
+    assert all(isinstance(m.weight, qlora.NF4Weight) for m in net.modules() if isinstance(m, qlora.LoRALinear))
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A" in n or ".lora_B" in n for n in trainable)
+    assert len(trainable) == 2 * 7 * cfg.n_layers  # LoRA on wq wk wv wo w1 w2 w3 of every block
+
+
+def test_loss_equals_cross_entropy_and_chunks_agree(meta_ckpt):
+    d, cfg, _ = meta_ckpt
+    net = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=0)
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(cfg.vocab_size, (3, 10), generator=g)
+    tgt = torch.randint(cfg.vocab_size, (3, 10), generator=g)
+    tgt[0, :4] = -100
+    logits, _ = net(idx)
+    ref = F.cross_entropy(logits.view(-1, cfg.vocab_size), tgt.view(-1), ignore_index=-100)
+    for chunk in (7, 2048):  # chunk boundaries inside a row, and a single chunk
+        net.ce_chunk = chunk
+        _, loss = net(idx, tgt)
+        assert abs(loss.item() - ref.item()) < 1e-5
+
+
+def test_gradient_checkpointing_gives_same_gradients(meta_ckpt):
+    d, cfg, _ = meta_ckpt
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        net = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_dropout=0.0)
+        for n, p in net.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)
+        net.train()
+        net.grad_checkpoint = ckpt
+        idx = torch.arange(16).view(2, 8) % cfg.vocab_size
+        net(idx, idx)[1].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.requires_grad]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_greedy_generate_with_kv_cache_equals_full_recompute(meta_ckpt):
+    d, cfg, _ = meta_ckpt
+    net = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32).eval()
+    idx = torch.randint(cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
+    out = net.generate(idx, 12, temperature=0)
+    ref = idx
+    for _ in range(12):  # no cache: the whole sequence again each step
+        ref = torch.cat([ref, net(ref)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, ref)
+
+
+def test_generate_stops_at_eos_and_sampling_filters(meta_ckpt):
+    d, cfg, _ = meta_ckpt
+    net = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32).eval()
+    idx = torch.randint(cfg.vocab_size, (1, 4), generator=torch.Generator().manual_seed(5))
+    first = net.generate(idx, 1, temperature=0)[0, -1].item()
+    assert net.generate(idx, 20, temperature=0, eos_id=first).shape[1] == 5  # stops right after eos
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0]])
+    torch.manual_seed(0)
+    draws = torch.stack([M.sample(logits, 1.0, top_k=2) for _ in range(200)])
+    assert set(draws.flatten().tolist()) == {1, 2}
+    draws = torch.stack([M.sample(logits, 1.0, top_p=0.5) for _ in range(200)])
+    assert set(draws.flatten().tolist()) == {1}  # token 1 alone has p = 0.64 > 0.5
+
+
+def test_random_init_named_config_builds_quantized():
+    cfg = M.LLaMAConfig(**{**M.CONFIGS["tiny"], "n_layers": 1})
+    net = M.LLaMA.from_config(cfg, dtype=torch.float32)
+    q = net.layers[0].feed_forward.w1.weight
+    assert isinstance(q, qlora.NF4Weight) and q.shape == (cfg.hidden_dim, cfg.dim)
+    assert net(torch.zeros(1, 3, dtype=torch.long))[0].isfinite().all()
+
+
+def test_tokenizer_special_ids(tokenizer_file):
+    tok = M.Tokenizer(tokenizer_file)
+    assert (tok.bos_id, tok.eos_id) == (1, 2)  # LLaMA's ids, read from the model file
+    ids = tok.encode("the lazy dog", bos=True, eos=True)
+    assert ids[0] == 1 and ids[-1] == 2 and tok.decode(ids) == "the lazy dog"
+
+
+@pytest.mark.parametrize("damage, expect", [
+    ("no_params", "params.json: not found"),
+    ("no_shard0", "consolidated.00.pth: shard missing"),
+    ("one_shard_only", "tok_embeddings.weight has shape"),
+    ("extra_key", "unexpected tensor 'layers.0.attention.bias'"),
+    ("missing_key", "missing tensor 'layers.1.ffn_norm.weight'"),
+    ("bad_params", "params.json:1: invalid JSON"),
+    ("tokenizer_vocab", "tokenizer has"),
+    ("pickle", "cannot load"),
+])
+def test_checkpoint_errors_name_file_and_tensor(tmp_path, meta_ckpt, tokenizer_file, damage, expect):
+    src, cfg, weights = meta_ckpt
+    d = tmp_path / "ckpt"
+    shutil.copytree(src, d)
+    if damage == "no_params":
+        (d / "params.json").unlink()
+    elif damage == "no_shard0":
+        (d / "consolidated.00.pth").unlink()
+    elif damage == "one_shard_only":  # a checkpoint for 2-way model parallelism with a shard lost
+        (d / "consolidated.01.pth").unlink()
+    elif damage in ("extra_key", "missing_key"):
+        sd = torch.load(d / "consolidated.01.pth")
+        if damage == "extra_key":
+            sd["layers.0.attention.bias"] = torch.zeros(1)
+        else:
+            del sd["layers.1.ffn_norm.weight"]
+        torch.save(sd, d / "consolidated.01.pth")
+    elif damage == "bad_params":
+        (d / "params.json").write_text("{dim: 64")
+    elif damage == "tokenizer_vocab":
+        M.train_tokenizer(WORDS * 5, d / "tokenizer.model", vocab_size=60)
+    elif damage == "pickle":  # arbitrary pickled objects are refused (weights_only=True)
+        torch.save({"x": __import__("collections").OrderedDict(a=Path("."))}, d / "consolidated.01.pth")
+    with pytest.raises(M.CheckpointError, match=re.escape(expect)):
+        M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, tokenizer=d / "tokenizer.model" if damage == "tokenizer_vocab" else None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# export: merged weights equal base + (α/r)·B A; peft's q/k permutation preserves attention scores
+
+
+def test_export_merged_roundtrip(tmp_path, meta_ckpt, monkeypatch):
+    d, cfg, _ = meta_ckpt
+    monkeypatch.setattr(qlora, "INTERPRET", False)
+    net = M.LLaMA.from_checkpoint(d, quantize=True, dtype=torch.float32, lora_r=4, lora_alpha=8).eval()
+    for n, p in net.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    M.export_merged(net, tmp_path / "merged", dtype=torch.float32)
+    sd = torch.load(tmp_path / "merged" / "consolidated.00.pth", weights_only=True)
+    lin = net.layers[1].feed_forward.w2
+    expect = qlora.dequantize_nf4(lin.weight, torch.float32) + (8 / 4) * lin.lora_B @ lin.lora_A
+    assert torch.allclose(sd["layers.1.feed_forward.w2.weight"], expect, atol=1e-6)
+    merged = M.LLaMA.from_checkpoint(tmp_path / "merged", quantize=False, dtype=torch.float32, tokenizer=d.parent / "tokenizer.model", lora_r=0)
+    idx = torch.randint(cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(6))
+    assert rel_err(merged(idx)[0], net(idx)[0]) < 1e-5
+    assert not list(tmp_path.glob("merged/*.tmp"))
+
+
+def hf_rope(x):  # HF's rotate-half rotary on (T, H, hd)
+    T, hd = x.shape[0], x.shape[-1]
+    freqs = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    ang = torch.cat([torch.outer(torch.arange(T, dtype=torch.float64), freqs)] * 2, -1)[:, None, :]
+    rot = torch.cat([-x[..., hd // 2:], x[..., : hd // 2]], -1)
+    return x * ang.cos() + rot * ang.sin()
+
+
+def test_export_peft_permutes_q_k_for_hf_rotary(tmp_path, meta_ckpt):
+    d, cfg, weights = meta_ckpt
+    net = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float64, lora_r=4)
+    for n, p in net.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    M.export_peft(net, tmp_path / "peft")
+    conf = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert conf["peft_type"] == "LORA" and conf["r"] == 4 and set(conf["target_modules"]) == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    sd = torch.load(tmp_path / "peft" / "adapter_model.bin", weights_only=True)
+    assert len(sd) == 2 * 7 * cfg.n_layers
+    pre = "base_model.model.model.layers.0.self_attn."
+    att = net.layers[0].attention
+    hd, s = cfg.head_dim, att.wq.scaling
+    x = torch.randn(6, cfg.dim, dtype=torch.float64)
+    # Meta: interleaved rotary on W + sBA.  HF: rotate-half on the permuted base + the exported adapter.
+    wq, wk = (m.weight + s * m.lora_B @ m.lora_A for m in (att.wq, att.wk))
+    q = M.apply_rope((x @ wq.T).view(1, 6, cfg.n_heads, hd), *M.rope_tables(hd, 6, 1e4, "cpu"))[0]
+    k = M.apply_rope((x @ wk.T).view(1, 6, cfg.n_kv_heads, hd), *M.rope_tables(hd, 6, 1e4, "cpu"))[0]
+    wq_hf = M.hf_permute(att.wq.weight, cfg.n_heads) + s * sd[pre + "q_proj.lora_B.weight"].double() @ sd[pre + "q_proj.lora_A.weight"].double()
+    wk_hf = M.hf_permute(att.wk.weight, cfg.n_kv_heads) + s * sd[pre + "k_proj.lora_B.weight"].double() @ sd[pre + "k_proj.lora_A.weight"].double()
+    q_hf, k_hf = hf_rope((x @ wq_hf.T).view(6, cfg.n_heads, hd)), hf_rope((x @ wk_hf.T).view(6, cfg.n_kv_heads, hd))
+    rep = cfg.n_heads // cfg.n_kv_heads
+    scores = torch.einsum("thd,shd->hts", q, k.repeat_interleave(rep, 1))
+    scores_hf = torch.einsum("thd,shd->hts", q_hf, k_hf.repeat_interleave(rep, 1))
+    assert torch.allclose(scores, scores_hf, atol=1e-5)  # rope_tables are fp32
+
+
+# ---------------------------------------------------------------------------------------------------
+# train.py: data formats, masking, batching, and the command line as a user meets it
+
+
+
+class CharTok:  # a transparent tokenizer for masking tests: one id per character
+    bos_id, eos_id = 1, 2
+
+    def encode(self, s):
+        return [3 + ord(c) % 200 for c in s]
+
+
+def test_alpaca_template_is_the_papers():
+    segs = T.segments({"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}, "f:1")
+    assert segs == [("Below is an instruction that describes a task, paired with an input that provides further context. "
+                     "Write a response that appropriately completes the request.\n\n### Instruction:\nAdd the numbers.\n\n"
+                     "### Input:\n2 and 3\n\n### Response: ", False), ("5", True)]
+    segs = T.segments({"instruction": "Say hi.", "input": "", "output": "Hi"}, "f:1")
+    assert segs[0][0] == ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                          "request.\n\n### Instruction:\nSay hi.\n\n### Response: ")
+
+
+def test_oasst_text_and_messages_formats():
+    segs = T.segments({"text": "### Human: Hi there### Assistant: Hello!### Human: 2+2?### Assistant: 4"}, "f:1")
+    assert [s for s, r in segs if r] == ["Hello!", "4"]
+    assert "".join(s for s, _ in segs) == "### Human: Hi there### Assistant: Hello!### Human: 2+2?### Assistant: 4"
+    segs = T.segments({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                    {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
+                                    {"role": "assistant", "content": "Bye!"}]}, "f:1")
+    assert segs == [("Be brief.\n", False), ("### Human: Hi### Assistant: ", False), ("Hello", True),
+                    ("### Human: Bye### Assistant: ", False), ("Bye!", True)]
+
+
+def test_labels_mask_everything_but_responses(monkeypatch):
+    monkeypatch.setattr(T, "data", "f", raising=False)
+    items = [("f:1", [("ab", False), ("cd", True), ("e", False), ("fg", True)])]
+    (ids, labels), = T.tokenize(items, CharTok())
+    tok = CharTok()
+    assert ids == [1] + tok.encode("ab") + tok.encode("cd") + [2] + tok.encode("e") + tok.encode("fg") + [2]
+    assert labels == [-100] * 3 + tok.encode("cd") + [2] + [-100] + tok.encode("fg") + [2]
+    monkeypatch.setattr(T, "train_on_source", True)
+    (_, labels), = T.tokenize(items, CharTok())
+    assert labels == [-100] + ids[1:]  # everything but bos
+
+
+def test_truncation_limits_and_dropped_examples(monkeypatch, capsys):
+    monkeypatch.setattr(T, "data", "f", raising=False)
+    monkeypatch.setattr(T, "source_max_len", 3)
+    monkeypatch.setattr(T, "target_max_len", 2)
+    ex = T.tokenize([("f:1", [("abcdef", False), ("xyz", True)]), ("f:2", [("ab", False), ("", True)])], CharTok())
+    (ids, labels), = ex[:1]
+    assert len(ids) == 1 + 3 + 2 and labels[-2:] == CharTok().encode("xy")  # eos cut with the response tail
+    assert "2 segments cut" in capsys.readouterr().out
+    monkeypatch.setattr(T, "target_max_len", 0)
+    with pytest.raises(SystemExit):
+        T.tokenize([("f:1", [("ab", False), ("c", True)])], CharTok())
+
+
+def test_group_by_length_and_deterministic_order(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    train_set = [([0] * int(n), None) for n in torch.randint(5, 500, (256,), generator=g)]
+    monkeypatch.setattr(T, "train_set", train_set, raising=False)
+    monkeypatch.setattr(T, "micro_batch", 4, raising=False)
+    monkeypatch.setattr(T, "seed", 0)
+
+    def padding(order):
+        mbs = [order[i : i + 4] for i in range(0, len(order), 4)]
+        return sum(max(len(train_set[i][0]) for i in mb) * 4 - sum(len(train_set[i][0]) for i in mb) for mb in mbs)
+
+    monkeypatch.setattr(T, "group_by_length", True)
+    grouped = T.batch_order(256, epoch=0)
+    assert sorted(grouped) == list(range(256)) and grouped == T.batch_order(256, epoch=0) != T.batch_order(256, epoch=1)
+    monkeypatch.setattr(T, "group_by_length", False)
+    assert padding(grouped) < 0.2 * padding(T.batch_order(256, epoch=0))
+
+
+ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # train.py runs at normal speed
+
+
+def run_train(*args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=ENV)
+
+
+@pytest.mark.parametrize("lines, expect", [
+    (['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output": "b"', ], "bad.jsonl:2: malformed JSON"),
+    (['{"instruction": "a", "output": "b"}', '{"instruction": "a"}'], "bad.jsonl:2: field 'output' must be a non-empty string"),
+    (['{"messages": [{"role": "bot", "content": "x"}]}'], "bad.jsonl:1: messages[0].role"),
+    (['{"prompt": "a"}'], "bad.jsonl:1: expected fields"),
+    ([], "bad.jsonl: empty"),
+])
+def test_bad_data_gives_one_line_and_exit_2(tmp_path, lines, expect):
+    f = tmp_path / "bad.jsonl"
+    f.write_text("\n".join(lines))
+    r = run_train("--data", f, "--out_dir", tmp_path / "o", "--max_iters", 1)
+    assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--model", "5B", "--init", "random"], "--model 5B: unknown architecture"),
+    (["--model", "5B"], "--model 5B: no folder checkpoints/5B"),
+    (["--colour", "red"], "unknown flag --colour"),
+    (["--max_iters", "many"], "--max_iters: expected int, got 'many'"),
+    (["--ckpt_dir", "/nonexistent/7B"], "/nonexistent/7B/params.json: not found"),
+])
+def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, expect):
+    r = run_train(*args, "--out_dir", tmp_path)
+    assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr
+
+
+def losses(out):
+    return [l.split(",")[0] for l in out.splitlines() if l.startswith("iter ") and ": loss " in l]
+
+
+FAST = ["--batch_size", 4, "--micro_batch", 2, "--eval_interval", 3, "--eval_iters", 1, "--warmup_iters", 2,
+        "--sample_tokens", 0, "--log_interval", 1, "--source_max_len", 48, "--target_max_len", 24]
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(tmp_path_factory):
+    # the tokenizer train.py would train on data/sample.jsonl, made once and copied into each out_dir
+    d = tmp_path_factory.mktemp("demo")
+    r = run_train(*FAST, "--max_iters", 0, "--out_dir", d)
+    assert r.returncode == 0, r.stderr
+    return d / "tokenizer.model"
+
+
+def test_resume_gives_the_same_losses(tmp_path, demo_tokenizer):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        shutil.copy(demo_tokenizer, tmp_path / sub / "tokenizer.model")
+    full = run_train(*FAST, "--max_iters", 6, "--out_dir", tmp_path / "a")
+    first = run_train(*FAST, "--max_iters", 3, "--out_dir", tmp_path / "b")
+    second = run_train(*FAST, "--max_iters", 6, "--out_dir", tmp_path / "b", "--resume")
+    assert full.returncode == first.returncode == second.returncode == 0, full.stderr + first.stderr + second.stderr
+    assert "resumed from" in second.stdout
+    assert len(losses(full.stdout)) == 6 and losses(first.stdout) + losses(second.stdout) == losses(full.stdout)
+    a = torch.load(tmp_path / "a" / "adapter.pt", weights_only=False)["lora"]
+    b = torch.load(tmp_path / "b" / "adapter.pt", weights_only=False)["lora"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_two_gloo_processes_match_one(tmp_path, demo_tokenizer):
+    for sub in ("one", "two"):
+        (tmp_path / sub).mkdir()
+        shutil.copy(demo_tokenizer, tmp_path / sub / "tokenizer.model")
+    args = [*FAST, "--max_iters", 2, "--lora_dropout", 0.0]
+    one = run_train(*args, "--out_dir", tmp_path / "one")
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "train.py"), *map(str, args), "--out_dir", str(tmp_path / "two")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    assert len(losses(two.stdout)) == 2  # only rank 0 logs
+    a = torch.load(tmp_path / "one" / "adapter.pt", weights_only=False)["lora"]
+    b = torch.load(tmp_path / "two" / "adapter.pt", weights_only=False)["lora"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)  # it did train
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, demo_tokenizer):
+    shutil.copy(demo_tokenizer, tmp_path / "tokenizer.model")
+    r = run_train(*FAST, "--eval_interval", 1, "--max_iters", 8, "--learning_rate", 1e30, "--warmup_iters", 0, "--out_dir", tmp_path)
+    assert r.returncode == 2 and "loss is nan" in r.stderr and "Traceback" not in r.stderr
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ck["iter_num"] == 1 and not list(tmp_path.glob("*.tmp"))  # the step before the NaN, intact
+
+
+# ---------------------------------------------------------------------------------------------------
+# data/prepare.py and the sample data files
+
+DATA = ROOT / "data"
+
+def write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+def run_prepare(*args):
+    return subprocess.run([sys.executable, str(DATA / "prepare.py"), *map(str, args)], capture_output=True, text=True)
+
+def test_alpaca_json_array_and_jsonl(tmp_path):
+    items = [{"instruction": "Add 2 and 3.", "input": "", "output": "5", "extra": 1},
+             {"instruction": "Reverse the words.", "input": "a b", "output": "b a"},
+             {"instruction": "Say hi.", "output": "hi"},
+             {"instruction": "Empty answer.", "input": "", "output": "  "}]
+    want = [{"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+            {"instruction": "Reverse the words.", "input": "a b", "output": "b a"},
+            {"instruction": "Say hi.", "input": "", "output": "hi"}]
+    array = tmp_path / "alpaca_data.json"
+    array.write_text(json.dumps(items, indent=4))
+    jsonl = write(tmp_path / "alpaca.jsonl", [json.dumps(x) for x in items])
+    skipped = Counter()
+    assert convert("alpaca", array, skipped=skipped) == want
+    assert sum(skipped.values()) == 1
+    assert convert("alpaca", jsonl) == want
+    out = tmp_path / "out.jsonl"
+    r = run_prepare("alpaca", array, out)
+    assert r.returncode == 0 and "wrote 3 examples" in r.stdout and "skipped 1" in r.stdout
+    assert [json.loads(line) for line in out.read_text().splitlines()] == want
+    assert not (tmp_path / "out.jsonl.tmp").exists()
+
+def msg(role, text, rank=None, replies=(), **kw):
+    m = {"role": role, "text": text, "replies": list(replies), **kw}
+    if rank is not None:
+        m["rank"] = rank
+    return m
+
+# one tree: the best path is Q -> A0 (rank 0) -> Q2 -> B1 (rank 1, beats an unranked reply); a second, german
+# tree; and a tree whose prompt was never answered
+TREE = {"message_tree_id": "t1", "prompt": msg("prompter", "Q", lang="en", replies=[
+    msg("assistant", "A2", rank=2),
+    msg("assistant", "A0", rank=0, replies=[msg("prompter", "Q2", replies=[
+        msg("assistant", "unranked"), msg("assistant", "B1", rank=1), msg("assistant", "B3", rank=3)])]),
+    msg("assistant", "A1", rank=1, replies=[msg("prompter", "not this one", replies=[msg("assistant", "nor this")])]),
+])}
+DE_TREE = {"message_tree_id": "t2", "prompt": msg("prompter", "Hallo?", lang="de", replies=[msg("assistant", "Hallo!")])}
+LONELY = {"message_tree_id": "t3", "prompt": msg("prompter", "Anyone?", lang="en")}
+BEST = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A0"},
+                     {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "B1"}]}
+GERMAN = {"messages": [{"role": "user", "content": "Hallo?"}, {"role": "assistant", "content": "Hallo!"}]}
+
+def test_oasst_trees_follow_best_ranked_path(tmp_path):
+    src = write(tmp_path / "trees.jsonl", [json.dumps(t) for t in (TREE, DE_TREE, LONELY)])
+    skipped = Counter()
+    assert convert("oasst", src, skipped=skipped) == [BEST, GERMAN]
+    assert list(skipped.values()) == [1]  # the unanswered prompt
+    assert convert("oasst", src, lang="en") == [BEST]
+    out = tmp_path / "out.jsonl"
+    r = run_prepare("oasst", src, out, "--lang", "de")
+    assert r.returncode == 0 and "wrote 1 examples" in r.stdout
+    assert json.loads(out.read_text()) == GERMAN
+
+def flatten(node, parent_id, rows):
+    mid = f"m{len(rows)}"
+    rows.append({k: v for k, v in node.items() if k != "replies"} | {"message_id": mid, "parent_id": parent_id})
+    for child in node["replies"]:
+        flatten(child, mid, rows)
+    return rows
+
+def test_oasst_flat_message_table(tmp_path):
+    rows = flatten(TREE["prompt"], None, [])
+    rows = flatten(DE_TREE["prompt"], None, rows)
+    rows = rows[::-1]  # children listed before their parents must not matter
+    src = write(tmp_path / "messages.jsonl", [json.dumps(r) for r in rows])
+    assert sorted(map(json.dumps, convert("oasst", src))) == sorted(map(json.dumps, [BEST, GERMAN]))
+    assert convert("oasst", src, lang="en") == [BEST]
+
+def test_guanaco(tmp_path):
+    texts = ["### Human: Hi?### Assistant: Hello!", "### Human: 2+2?### Assistant: 4.### Human: 3+3?### Assistant: 6."]
+    src = write(tmp_path / "guanaco.jsonl", [json.dumps({"text": t}) for t in texts])
+    assert convert("guanaco", src) == [{"text": t} for t in texts]
+
+GOOD_ALPACA = json.dumps({"instruction": "i", "input": "", "output": "o"})
+BAD = [  # (format, file lines, text the one-line error must contain)
+    ("alpaca", [GOOD_ALPACA, '{"instruction": "i", "output": '], "in.jsonl:2"),
+    ("alpaca", [GOOD_ALPACA, "", json.dumps({"instruction": "i", "input": ""})], "in.jsonl:3: missing or invalid field 'output'"),
+    ("alpaca", [GOOD_ALPACA, json.dumps({"instruction": 5, "output": "o"})], "in.jsonl:2: missing or invalid field 'instruction'"),
+    ("alpaca", [GOOD_ALPACA, "[1, 2]"], "in.jsonl:2: expected a JSON object"),
+    ("alpaca", ["[", "  " + GOOD_ALPACA + ",", '  {"instruction": "i"}', "]"], "in.jsonl:3: missing or invalid field 'output'"),
+    ("alpaca", ["[", "  " + GOOD_ALPACA + ",", '  {"instruction": }', "]"], "in.jsonl:3: malformed JSON"),
+    ("alpaca", [], "in.jsonl:1: file is empty"),
+    ("alpaca", ["[]"], "no examples"),
+    ("guanaco", [json.dumps({"text": "### Human: a### Assistant: b"}), json.dumps({"txt": "x"})], "in.jsonl:2: missing or invalid field 'text'"),
+    ("guanaco", [json.dumps({"text": "Human: a Assistant: b"})], "in.jsonl:1: field 'text'"),
+    ("oasst", [json.dumps(TREE), json.dumps({"message_tree_id": "t9"})], "in.jsonl:2: missing or invalid field 'prompt'"),
+    ("oasst", [json.dumps({"prompt": msg("prompter", "Q", replies=[msg("assistant", None)])})], "in.jsonl:1: missing or invalid field 'text'"),
+    ("oasst", [json.dumps({"prompt": msg("user", "Q")})], "in.jsonl:1: missing or invalid field 'role'"),
+    ("oasst", [json.dumps({"message_id": "a", "parent_id": None, "role": "prompter", "text": "Q"}),
+               json.dumps({"parent_id": "a", "role": "assistant", "text": "A"})], "in.jsonl:2: missing or invalid field 'message_id'"),
+    ("oasst", [json.dumps({"message_id": "a", "parent_id": None, "role": "prompter", "text": "Q"}),
+               json.dumps({"message_id": "b", "parent_id": "a", "role": "assistant"})], "in.jsonl:2: missing or invalid field 'text'"),
+    ("llama", [GOOD_ALPACA], "unknown format 'llama'"),
+]
+
+@pytest.mark.parametrize("kind,lines,error", BAD)
+def test_bad_input(tmp_path, kind, lines, error):
+    src = write(tmp_path / "in.jsonl", lines)  # no lines: an empty file
+    with pytest.raises(DataError) as e:
+        convert(kind, src)
+    assert error in str(e.value) and "\n" not in str(e.value)
+    out = tmp_path / "out.jsonl"
+    r = run_prepare(kind, src, out)
+    assert r.returncode == 2 and r.stdout == ""
+    assert error in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not out.exists() and not (tmp_path / "out.jsonl.tmp").exists()
+
+def test_failure_keeps_existing_output(tmp_path):
+    out = write(tmp_path / "out.jsonl", [GOOD_ALPACA])
+    src = write(tmp_path / "in.jsonl", ["not json"])
+    assert run_prepare("alpaca", src, out).returncode == 2
+    assert out.read_text() == GOOD_ALPACA + "\n" and not (tmp_path / "out.jsonl.tmp").exists()
+
+def test_bad_command_line(tmp_path):
+    for args in [(), ("alpaca", "x.json"), ("oasst", "a", "b", "--lang")]:
+        r = run_prepare(*args)
+        assert r.returncode == 2 and "usage" in r.stderr and "Traceback" not in r.stderr
+    r = run_prepare("alpaca", tmp_path / "missing.json", tmp_path / "out.jsonl")
+    assert r.returncode == 2 and "missing.json" in r.stderr and "Traceback" not in r.stderr
+
+def test_sample_files():
+    def rows(name):
+        lines = (DATA / name).read_text(encoding="ascii").splitlines()
+        assert lines and len(lines) == len(set(lines)), name
+        return [json.loads(line) for line in lines]
+    alpaca = rows("sample.jsonl")
+    assert 300 <= len(alpaca) <= 400
+    for ex in alpaca:
+        assert set(ex) == {"instruction", "input", "output"} and all(isinstance(v, str) for v in ex.values())
+        assert ex["instruction"].strip() and ex["output"].strip()
+    for ex in rows("sample_chat.jsonl"):
+        roles = [m["role"] for m in ex["messages"]]
+        roles = roles[1:] if roles[0] == "system" else roles
+        assert roles == ["user", "assistant"] * (len(roles) // 2) and roles
+        assert all(set(m) == {"role", "content"} and m["content"].strip() for m in ex["messages"])
+    for ex in rows("sample_oasst.jsonl"):
+        assert set(ex) == {"text"} and ex["text"].startswith("### Human: ") and "### Assistant: " in ex["text"]
+    # the shipped samples also go through the converters unchanged
+    assert convert("alpaca", DATA / "sample.jsonl") == alpaca
+    assert convert("guanaco", DATA / "sample_oasst.jsonl") == rows("sample_oasst.jsonl")
