@@ -3,6 +3,7 @@ Benchmarks, on one GPU.
 
   python bench.py kernels                       # NF4 dequant GB/s; NF4 linear vs bf16 cuBLAS per shape and M
   python bench.py e2e --model 7B --batch 2 --seq 2048 [--steps 10]   # QLoRA training steps: tok/s, MFU, memory
+  python bench.py load --ckpt_dir DIR [--write 7B]   # load time and peak memory (--write: make a random Meta checkpoint first)
 
 Memory is reported two ways: the caching allocator's peak (torch.cuda.max_memory_allocated) and the
 device-level peak (total minus free, from cudaMemGetInfo), which also counts the paged optimizer state
@@ -10,14 +11,16 @@ that lives in unified memory while it is resident on the GPU.
 """
 import argparse
 import sys
+import threading
 import time
+from pathlib import Path
 
 import torch
 import triton
 from triton.testing import do_bench
 
 import qlora
-from model import CONFIGS, LLaMA, LLaMAConfig
+from model import CONFIGS, LLaMA, LLaMAConfig, meta_params
 
 SHAPES_7B = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in): wq/wk/wv/wo, w1/w3, w2
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -114,9 +117,55 @@ def e2e(model, batch, seq, steps, r, quantize):
     print(f"loss {loss.item():.3f}, step times ms: {', '.join(f'{1000 * t:.0f}' for t in times)}")
 
 
+def write_random_checkpoint(name, d):
+    # Meta's layout with random bf16 weights: names and shapes read off a model built on the meta device
+    cfg, shapes = LLaMAConfig(**CONFIGS[name]), {}
+
+    def record(key, shape):
+        shapes[key] = shape
+        return torch.empty(shape, device="meta")
+
+    LLaMA(cfg, record, quantize=False)
+    sd = {k: (torch.randn(s) * s[-1] ** -0.5).bfloat16() if len(s) == 2 else torch.ones(s, dtype=torch.bfloat16) for k, s in shapes.items()}
+    Path(d).mkdir(parents=True, exist_ok=True)
+    torch.save(sd, Path(d) / "consolidated.00.pth")
+    (Path(d) / "params.json").write_text(meta_params(cfg))
+    print(f"wrote {sum(t.numel() for t in sd.values()) / 1e6:.0f}M params to {d}")
+
+
+def load(ckpt_dir, quantize):
+    # peak host memory: private (anonymous) pages, and the whole resident set incl. the mmap'd file pages
+    peak, done = {"RssAnon": 0, "VmRSS": 0}, threading.Event()
+
+    def watch():
+        while not done.wait(0.02):
+            for line in open("/proc/self/status"):
+                k = line.split(":")[0]
+                if k in peak:
+                    peak[k] = max(peak[k], int(line.split()[1]) * 1024)
+
+    base = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("RssAnon"))  # torch itself
+    threading.Thread(target=watch, daemon=True).start()
+    cuda = torch.cuda.is_available()
+    t0 = time.time()
+    net = LLaMA.from_checkpoint(ckpt_dir, quantize=quantize, device="cuda" if cuda else "cpu", dtype=torch.bfloat16)
+    if cuda:
+        torch.cuda.synchronize()
+    dt = time.time() - t0
+    done.set()
+    model_gb = sum(b.numel() * b.element_size() for b in net.buffers()) / 1e9
+    gpu = f"{torch.cuda.max_memory_allocated() / 1e9:.2f}" if cuda else "-"
+    header()
+    print("| checkpoint | load s | model GB (buffers) | host private GB: before, peak | peak host RSS GB (incl. mmap) | peak GPU allocated GB |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {ckpt_dir} | {dt:.1f} | {model_gb:.2f} | {base / 1e9:.2f}, {peak['RssAnon'] / 1e9:.2f} | {peak['VmRSS'] / 1e9:.2f} | {gpu} |")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["kernels", "e2e"])
+    ap.add_argument("what", choices=["kernels", "e2e", "load"])
+    ap.add_argument("--ckpt_dir", default="checkpoints/7B")
+    ap.add_argument("--write", choices=list(CONFIGS), help="with load: first write a random checkpoint of this size")
     ap.add_argument("--model", default="7B", choices=list(CONFIGS))
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
@@ -128,5 +177,9 @@ if __name__ == "__main__":
         if not torch.cuda.is_available():
             sys.exit("error: bench.py kernels needs a CUDA GPU")
         kernels()
+    elif a.what == "load":
+        if a.write:
+            write_random_checkpoint(a.write, a.ckpt_dir)
+        load(a.ckpt_dir, not a.no_quant)
     else:
         e2e(a.model, a.batch, a.seq, a.steps, a.lora_r, not a.no_quant)

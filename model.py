@@ -386,11 +386,13 @@ def export_merged(model, out_dir, dtype=torch.float16):
         elif isinstance(m, RMSNorm):
             sd[name + ".weight"] = m.weight
     sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sd.items()}
-    cfg = model.config
-    params = dict(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size,
-                  multiple_of=cfg.multiple_of, ffn_dim_multiplier=cfg.ffn_dim_multiplier, norm_eps=cfg.norm_eps)
     atomic_save(sd, out_dir / "consolidated.00.pth")
-    atomic_write(out_dir / "params.json", json.dumps(params, indent=2))
+    atomic_write(out_dir / "params.json", meta_params(model.config))
+
+
+def meta_params(cfg):
+    keys = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps")
+    return json.dumps({k: getattr(cfg, k) for k in keys if getattr(cfg, k) is not None}, indent=2)
 
 
 def hf_permute(w, n_heads):

@@ -100,7 +100,7 @@ def _blockwise(x, blocksize, mids):
     # there, the one place where our bytes differ from its; both decode with the same format.
     xn = (x * (1.0 / absmax)[:, None]).nan_to_num(nan=0.0)
     # nearest value; right=False puts a value exactly on a midpoint in the lower bin, like `x > mid`
-    return torch.bucketize(xn, mids.to(x.device)).to(torch.uint8), absmax
+    return torch.bucketize(xn, mids.to(x.device), out_int32=True).to(torch.uint8), absmax
 
 
 def quantize_nf4(w, blocksize=64, double_quant=True):
@@ -151,18 +151,30 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton kernels on CPU t
 
 
 @triton.jit
+def _block_const(blk, mask, absmax, qabsmax, absmax2, offset, code2, DOUBLE: tl.constexpr):
+    # the block constant c of block `blk`; with double quantization  c = c2[blk // 256] · DYN8[qc[blk]] + mean
+    if DOUBLE:
+        qc = tl.load(qabsmax + blk, mask=mask, other=0).to(tl.int32)
+        c = tl.load(code2 + qc) * tl.load(absmax2 + blk // 256, mask=mask, other=0.0) + tl.load(offset)
+    else:
+        c = tl.load(absmax + blk, mask=mask, other=0.0)
+    return c
+
+
+def _stats(q):
+    # the four statistics pointers of a quantized weight; the mode not in use gets a stand-in it never reads
+    d = q.packed
+    return (d, q.qabsmax, q.absmax2, q.offset) if q.double_quant else (q.absmax, d, d, d)
+
+
+@triton.jit
 def _dequant_kernel(packed, absmax, qabsmax, absmax2, offset, code, code2, out, n_bytes, n_out, half_block,
                     DOUBLE: tl.constexpr, BLOCK: tl.constexpr):
     # one program: BLOCK bytes -> 2·BLOCK values. Both nibbles of a byte share a block (blocksize is even).
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = j < n_bytes
     byte = tl.load(packed + j, mask=mask, other=0).to(tl.int32)
-    blk = j // half_block
-    if DOUBLE:
-        qc = tl.load(qabsmax + blk, mask=mask, other=0).to(tl.int32)
-        c = tl.load(code2 + qc) * tl.load(absmax2 + blk // 256, mask=mask, other=0.0) + tl.load(offset)
-    else:
-        c = tl.load(absmax + blk, mask=mask, other=0.0)
+    c = _block_const(j // half_block, mask, absmax, qabsmax, absmax2, offset, code2, DOUBLE)
     hi = tl.load(code + (byte >> 4)) * c
     lo = tl.load(code + (byte & 15)) * c
     o = tl.program_id(0) * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
@@ -171,11 +183,8 @@ def _dequant_kernel(packed, absmax, qabsmax, absmax2, offset, code, code2, out, 
 
 def _dequantize_triton(q, out):
     n_bytes, block = q.packed.numel(), 1024
-    dummy = q.packed  # stands in for the pointers the other mode does not read
     _dequant_kernel[(triton.cdiv(n_bytes, block),)](
-        q.packed, q.absmax if q.absmax is not None else dummy, q.qabsmax if q.double_quant else dummy,
-        q.absmax2 if q.double_quant else dummy, q.offset if q.double_quant else dummy,
-        _table(NF4, q.packed.device), _table(DYN8, q.packed.device), out, n_bytes, q.numel(), q.blocksize // 2,
+        q.packed, *_stats(q), _table(NF4, q.packed.device), _table(DYN8, q.packed.device), out, n_bytes, q.numel(), q.blocksize // 2,
         DOUBLE=q.double_quant, BLOCK=block)
     return out
 
@@ -196,12 +205,7 @@ def _fused_matmul_kernel(x, packed, absmax, qabsmax, absmax2, offset, code, code
         f = rk[:, None] * swk + rn[None, :] * swn  # (BK, BN) flat index into the weight
         byte = tl.load(packed + f // 2, mask=wmask, other=0).to(tl.int32)
         nib = (byte >> ((1 - f % 2) * 4)) & 15
-        blk = f // blocksize
-        if DOUBLE:
-            qc = tl.load(qabsmax + blk, mask=wmask, other=0).to(tl.int32)
-            c = tl.load(code2 + qc) * tl.load(absmax2 + blk // 256, mask=wmask, other=0.0) + tl.load(offset)
-        else:
-            c = tl.load(absmax + blk, mask=wmask, other=0.0)
+        c = _block_const(f // blocksize, wmask, absmax, qabsmax, absmax2, offset, code2, DOUBLE)
         w = (tl.load(code + nib) * c).to(a.dtype)  # (BK, BN) dequantized in registers, never in memory
         acc += tl.dot(a, w, input_precision=PRECISION)
     tl.store(y + rm[:, None] * sym + rn[None, :] * syn, acc.to(y.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
@@ -213,12 +217,9 @@ def _fused_matmul(x2, q, transpose):
     n_out, k_in = q.shape
     N, K, swn, swk = (k_in, n_out, 1, k_in) if transpose else (n_out, k_in, k_in, 1)
     y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-    dummy = q.packed
     BM, BN, BK = 16, 64, 64
     _fused_matmul_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
-        x2, q.packed, q.absmax if q.absmax is not None else dummy, q.qabsmax if q.double_quant else dummy,
-        q.absmax2 if q.double_quant else dummy, q.offset if q.double_quant else dummy,
-        _table(NF4, x2.device), _table(DYN8, x2.device), y, M, N, K,
+        x2, q.packed, *_stats(q), _table(NF4, x2.device), _table(DYN8, x2.device), y, M, N, K,
         x2.stride(0), x2.stride(1), y.stride(0), y.stride(1), swn, swk, q.blocksize,
         DOUBLE=q.double_quant, BM=BM, BN=BN, BK=BK,
         PRECISION="ieee" if x2.dtype == torch.float32 else "tf32")  # fp32 stays fp32 (Triton's default dot is TF32)

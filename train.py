@@ -13,6 +13,7 @@ import math
 import os
 import random
 import re
+import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -36,7 +37,7 @@ warmup_iters = -1  # -1: 3% of max_iters; then constant
 weight_decay = 0.0
 beta1, beta2 = 0.9, 0.999
 max_grad_norm = 0.3
-lora_r, lora_alpha = 64, 16
+lora_r, lora_alpha = 64, 16.0
 lora_dropout = -1.0  # -1: 0.1 up to 13B, 0.05 above (paper)
 source_max_len, target_max_len = 1024, 256  # tokens of prompt and of response kept per example
 train_on_source = False  # False: loss on response tokens only
@@ -49,9 +50,10 @@ compile = False  # torch.compile each block
 seed = 0
 resume = False  # continue from out_dir/ckpt.pt exactly where it stopped
 export = ""  # after training: "merged" (16-bit Meta checkpoint), "peft" (HF adapter), or "merged,peft"
-sample_tokens = 64
+sample_tokens, temperature = 64, 0.8  # the sample printed at the end
 TINY = dict(max_iters=400, batch_size=8, micro_batch=8, learning_rate=2e-3, warmup_iters=10, source_max_len=96,
-            target_max_len=48, eval_interval=100, eval_iters=4, log_interval=10, grad_checkpoint=False, val_fraction=0.08)
+            target_max_len=48, eval_interval=100, eval_iters=4, log_interval=10, grad_checkpoint=False, val_fraction=0.08,
+            temperature=0.0)
 # -----------------------------------------------------------------------------------------------
 
 ALPACA = {  # the Alpaca template, as in the paper's code
@@ -69,33 +71,30 @@ def fail(msg):
 
 
 def parse_args(argv, cfg):
-    # nanoGPT-style: --key=value or --key value, typed like the default; --flag alone is True
-    name = cfg["model"]
-    for j, a in enumerate(argv):
-        name = a[8:] if a.startswith("--model=") else argv[j + 1] if a == "--model" and j + 1 < len(argv) else name
-    if name == "tiny":
-        cfg.update(TINY)  # the demo's own defaults; flags still override them
-    i = 0
+    # nanoGPT-style: --key=value or --key value, typed like the default; a bool flag alone means true
+    pairs, i = [], 0
     while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--") or arg[2:].split("=")[0] not in cfg:
-            fail(f"unknown flag {arg} (flags: {', '.join('--' + k for k in cfg)})")
-        key, _, val = arg[2:].partition("=")
-        if not _:
-            if isinstance(cfg[key], bool) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-                val = "True"
-            elif i + 1 < len(argv):
-                i, val = i + 1, argv[i + 1]
-            else:
+        key, eq, val = argv[i][2:].partition("=")
+        if not argv[i].startswith("--") or key not in cfg:
+            fail(f"unknown flag {argv[i]} (flags: {', '.join('--' + k for k in cfg)})")
+        if not eq and isinstance(cfg[key], bool) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            val = "true"
+        elif not eq:
+            if i + 1 == len(argv):
                 fail(f"flag --{key} needs a value")
-        try:
-            default = cfg[key]
-            cfg[key] = val.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(val)
-            if isinstance(default, bool) and val.lower() not in ("1", "true", "yes", "0", "false", "no"):
-                raise ValueError
-        except ValueError:
-            fail(f"--{key}: expected {type(default).__name__}, got {val!r}")
+            i, val = i + 1, argv[i + 1]
+        pairs.append((key, val))
         i += 1
+    if dict(pairs).get("model", cfg["model"]) == "tiny":
+        cfg.update(TINY)  # the demo's own defaults; flags still override them
+    for key, val in pairs:
+        kind = type(cfg[key])
+        try:
+            if kind is bool and val.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise ValueError
+            cfg[key] = val.lower() in ("1", "true", "yes") if kind is bool else kind(val)
+        except ValueError:
+            fail(f"--{key}: expected {kind.__name__}, got {val!r}")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -264,6 +263,8 @@ if __name__ == "__main__":
     lora = dict(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout if lora_dropout >= 0 else (0.05 if big else 0.1))
     learning_rate = learning_rate or (1e-4 if big else 2e-4)
     warmup_iters = warmup_iters if warmup_iters >= 0 else int(0.03 * max_iters)
+    if set(filter(None, export.split(","))) - {"merged", "peft"}:
+        fail(f"--export: expected merged, peft or merged,peft, got {export!r}")
     items = read_data(data)
     t0 = time.time()
     try:
@@ -318,7 +319,7 @@ if __name__ == "__main__":
     if resume:
         if not ckpt_path.is_file():
             fail(f"--resume: {ckpt_path} not found")
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # states go straight to paged memory
         missing = raw.load_state_dict(ck["lora"], strict=False)
         if missing.unexpected_keys or any(".lora_" in k for k in missing.missing_keys):
             fail(f"--resume: {ckpt_path} does not match this model (different --model or --lora_r?)")
@@ -367,7 +368,7 @@ if __name__ == "__main__":
         if master and (it % log_interval == 0 or it == max_iters - 1):
             tok_s = n_tok * world / dt  # tokens (padding not counted) per second, all processes
             mfu = f"{100 * flops_per_token * tok_s / peak:.1f}%" if peak else "-"
-            mem = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else __import__("resource").getrusage(0).ru_maxrss / 1e6
+            mem = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else resource.getrusage(0).ru_maxrss / 1e6
             eta = dt_avg * (max_iters - it - 1)
             print(f"iter {it}: loss {loss_sum:.4f}, lr {lr:.2e}, {dt * 1000:.0f}ms, {tok_s:.0f} tok/s, mfu {mfu}, "
                   f"mem {mem:.2f}GB, eta {eta // 60:.0f}m{eta % 60:02.0f}s")
@@ -383,11 +384,9 @@ if __name__ == "__main__":
             prompt = ids[: next(i for i, l in enumerate(labels) if l != -100)]
             raw.eval()
             with ctx:
-                out = raw.generate(torch.tensor([prompt], device=device), sample_tokens, temperature=0.7, top_k=40, eos_id=tok.eos_id)
+                out = raw.generate(torch.tensor([prompt], device=device), sample_tokens, temperature, top_k=200, eos_id=tok.eos_id)
             print(f"--- sample ---\n{tok.decode(prompt)}{tok.decode(out[0, len(prompt):].tolist())}")
         for kind in filter(None, export.split(",")):
-            if kind not in ("merged", "peft"):
-                fail(f"--export: unknown format {kind!r} (merged, peft)")
             (export_merged if kind == "merged" else export_peft)(raw, Path(out_dir) / kind)
             print(f"exported {kind} to {Path(out_dir) / kind}")
     if ddp:
