@@ -381,8 +381,8 @@ def export_merged(model, out_dir, dtype=torch.float16):
     out_dir.mkdir(parents=True, exist_ok=True)
     sd = {"tok_embeddings.weight": model.tok_embeddings.weight, "norm.weight": model.norm.weight, "output.weight": model.output}
     for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
-            sd[name + ".weight"] = merge_lora(m, dtype)
+        if isinstance(m, LoRALinear):  # to host memory one weight at a time: the GPU holds one 16-bit weight at most
+            sd[name + ".weight"] = merge_lora(m, dtype).cpu()
         elif isinstance(m, RMSNorm):
             sd[name + ".weight"] = m.weight
     sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sd.items()}

@@ -30,6 +30,8 @@ NF4 = nf4_values()  # (16,) float32
 NF4_MID = midpoints(NF4)  # (15,) decision boundaries, as in bitsandbytes' decision tree
 DYN8 = dynamic_map()  # (256,) signed 8-bit dynamic map, for the block constants
 DYN8_MID = (DYN8[:-1] + DYN8[1:]) * 0.5  # (255,) float32 midpoints, as bitsandbytes' kernel computes them
+# (a block constant exactly on one of these midpoints may round the other way in bitsandbytes' binary
+# search; with real float data that does not happen, and either byte decodes in the same format)
 
 _tables = {}
 
@@ -110,9 +112,15 @@ def quantize_nf4(w, blocksize=64, double_quant=True):
         raise ValueError(f"quantize_nf4: expected a non-empty weight, got shape {tuple(w.shape)}")
     if not isinstance(blocksize, int) or blocksize < 2 or blocksize & (blocksize - 1):
         raise ValueError(f"quantize_nf4: blocksize must be a power of two >= 2, got {blocksize}")
-    idx, absmax = _blockwise(w.detach().reshape(-1).float(), blocksize, NF4_MID)
-    idx = idx.view(-1)
-    packed = ((idx[0::2] << 4) | idx[1::2])[: (w.numel() + 1) // 2].contiguous()
+    # in chunks of 2^24 elements (whole blocks), so the fp32 temporaries stay ~0.3 GB even for a
+    # 65B layer: quantizing while loading must not need more memory than the 16-bit weight itself
+    flat, chunk, packed, absmax = w.detach().reshape(-1), max(1 << 24, blocksize), [], []  # whole blocks
+    for i in range(0, flat.numel(), chunk):
+        idx, c = _blockwise(flat[i : i + chunk].float(), blocksize, NF4_MID)
+        idx = idx.view(-1)
+        packed.append((idx[0::2] << 4) | idx[1::2])
+        absmax.append(c)
+    packed, absmax = torch.cat(packed)[: (w.numel() + 1) // 2].contiguous(), torch.cat(absmax)
     if not double_quant:
         return NF4Weight(w.shape, w.dtype, blocksize, packed, absmax=absmax)
     offset = absmax.mean()
@@ -350,7 +358,7 @@ class _CUmemLocation(ctypes.Structure):
 class _Managed:
     # a unified-memory allocation that torch.as_tensor wraps without a copy (and keeps alive)
     def __init__(self, shape):
-        nbytes = 4 * math.prod(shape)
+        self.ptr, nbytes = 0, 4 * math.prod(shape)
         ptr = ctypes.c_uint64()
         err = _cuda().cuMemAllocManaged(ctypes.byref(ptr), ctypes.c_size_t(max(nbytes, 4)), 1)  # 1: attach global
         if err != 0:
@@ -389,8 +397,11 @@ class PagedAdamW(torch.optim.Optimizer):
             return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         if self.paging in ("auto", "managed"):
             try:
-                with torch.cuda.device(p.device):
-                    t = torch.as_tensor(_Managed(p.shape), device=p.device)
+                with torch.cuda.device(p.device):  # makes the device's primary context current for the driver calls
+                    m = _Managed(p.shape)
+                    t = torch.as_tensor(m, device=p.device)
+                if t.data_ptr() != m.ptr:  # as_tensor copied (wrong context?): that copy would not be paged
+                    raise RuntimeError("managed allocation was not wrapped in place")
                 return t.zero_()
             except (OSError, AttributeError, RuntimeError):
                 if self.paging == "managed":
@@ -433,7 +444,7 @@ class PagedAdamW(torch.optim.Optimizer):
         return loss
 
     def state_dict(self):
-        if torch.cuda.is_available():
+        if self.paging == "pinned" and torch.cuda.is_initialized():
             torch.cuda.synchronize()  # pinned state is copied back asynchronously
         return super().state_dict()
 

@@ -1130,28 +1130,39 @@ def test_truncation_limits_and_dropped_examples(monkeypatch, capsys):
     ex = T.tokenize([("f:1", [("abcdef", False), ("xyz", True)]), ("f:2", [("ab", False), ("", True)])], CharTok())
     (ids, labels), = ex[:1]
     assert len(ids) == 1 + 3 + 2 and labels[-2:] == CharTok().encode("xy")  # eos cut with the response tail
-    assert "2 segments cut" in capsys.readouterr().out
+    assert "1 examples cut" in capsys.readouterr().out
     monkeypatch.setattr(T, "target_max_len", 0)
     with pytest.raises(SystemExit):
         T.tokenize([("f:1", [("ab", False), ("c", True)])], CharTok())
 
 
+def test_conversation_cut_ends_with_the_cut_turns_response(monkeypatch):
+    monkeypatch.setattr(T, "data", "f", raising=False)
+    monkeypatch.setattr(T, "source_max_len", 6)
+    segs = [("Q1", False), ("A1", True), ("QQQQQQ2", False), ("A2", True), ("Q3", False), ("A3", True)]
+    (ids, labels), = T.tokenize([("f:1", segs)], CharTok())
+    tok = CharTok()
+    # the prompt budget runs out inside turn 2: keep its cut prompt and its answer, drop turn 3
+    assert ids == [1] + tok.encode("Q1") + tok.encode("A1") + [2] + tok.encode("QQQQ") + tok.encode("A2") + [2]
+
+
 def test_group_by_length_and_deterministic_order(monkeypatch):
     g = torch.Generator().manual_seed(0)
-    train_set = [([0] * int(n), None) for n in torch.randint(5, 500, (256,), generator=g)]
-    monkeypatch.setattr(T, "train_set", train_set, raising=False)
+    lengths = torch.randint(5, 500, (258,), generator=g).tolist()  # not a multiple of the micro-batch
     monkeypatch.setattr(T, "micro_batch", 4, raising=False)
     monkeypatch.setattr(T, "seed", 0)
 
-    def padding(order):
-        mbs = [order[i : i + 4] for i in range(0, len(order), 4)]
-        return sum(max(len(train_set[i][0]) for i in mb) * 4 - sum(len(train_set[i][0]) for i in mb) for mb in mbs)
+    def padding(mbs):
+        assert all(len(mb) == 4 for mb in mbs)
+        return sum(max(lengths[i] for i in mb) * 4 - sum(lengths[i] for i in mb) for mb in mbs)
 
     monkeypatch.setattr(T, "group_by_length", True)
-    grouped = T.batch_order(256, epoch=0)
-    assert sorted(grouped) == list(range(256)) and grouped == T.batch_order(256, epoch=0) != T.batch_order(256, epoch=1)
+    grouped = T.batch_order(lengths, epoch=0)
+    flat = [i for mb in grouped for i in mb]
+    assert len(flat) == len(set(flat)) == 256 and set(flat) <= set(range(258))  # 2 examples sit this epoch out
+    assert grouped == T.batch_order(lengths, epoch=0) != T.batch_order(lengths, epoch=1)
     monkeypatch.setattr(T, "group_by_length", False)
-    assert padding(grouped) < 0.2 * padding(T.batch_order(256, epoch=0))
+    assert padding(grouped) < 0.2 * padding(T.batch_order(lengths, epoch=0))
 
 
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # train.py runs at normal speed
@@ -1182,6 +1193,9 @@ def test_bad_data_gives_one_line_and_exit_2(tmp_path, lines, expect):
     (["--colour", "red"], "unknown flag --colour"),
     (["--max_iters", "many"], "--max_iters: expected int, got 'many'"),
     (["--ckpt_dir", "/nonexistent/7B"], "/nonexistent/7B/params.json: not found"),
+    (["--micro_batch", "0"], "--micro_batch must be at least 1"),
+    (["--lora_r", "0"], "--lora_r must be at least 1"),
+    (["--export", "gguf"], "--export: expected merged, peft"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, expect):
     r = run_train(*args, "--out_dir", tmp_path)
@@ -1202,13 +1216,14 @@ def demo_tokenizer(tmp_path_factory):
     d = tmp_path_factory.mktemp("demo")
     r = run_train(*FAST, "--max_iters", 0, "--out_dir", d)
     assert r.returncode == 0, r.stderr
-    return d / "tokenizer.model"
+    tok, = d.glob("tokenizer-*.model")
+    return tok
 
 
 def test_resume_gives_the_same_losses(tmp_path, demo_tokenizer):
     for sub in ("a", "b"):
         (tmp_path / sub).mkdir()
-        shutil.copy(demo_tokenizer, tmp_path / sub / "tokenizer.model")
+        shutil.copy(demo_tokenizer, tmp_path / sub / demo_tokenizer.name)
     full = run_train(*FAST, "--max_iters", 6, "--out_dir", tmp_path / "a")
     first = run_train(*FAST, "--max_iters", 3, "--out_dir", tmp_path / "b")
     second = run_train(*FAST, "--max_iters", 6, "--out_dir", tmp_path / "b", "--resume")
@@ -1218,12 +1233,14 @@ def test_resume_gives_the_same_losses(tmp_path, demo_tokenizer):
     a = torch.load(tmp_path / "a" / "adapter.pt", weights_only=False)["lora"]
     b = torch.load(tmp_path / "b" / "adapter.pt", weights_only=False)["lora"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    changed = run_train(*FAST, "--max_iters", 8, "--out_dir", tmp_path / "b", "--resume", "--batch_size", 8)
+    assert changed.returncode == 2 and "was made with --batch_size 4, this run has --batch_size 8" in changed.stderr
 
 
 def test_ddp_two_gloo_processes_match_one(tmp_path, demo_tokenizer):
     for sub in ("one", "two"):
         (tmp_path / sub).mkdir()
-        shutil.copy(demo_tokenizer, tmp_path / sub / "tokenizer.model")
+        shutil.copy(demo_tokenizer, tmp_path / sub / demo_tokenizer.name)
     args = [*FAST, "--max_iters", 2, "--lora_dropout", 0.0]
     one = run_train(*args, "--out_dir", tmp_path / "one")
     env = {**ENV, "OMP_NUM_THREADS": "1"}
@@ -1239,9 +1256,9 @@ def test_ddp_two_gloo_processes_match_one(tmp_path, demo_tokenizer):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, demo_tokenizer):
-    shutil.copy(demo_tokenizer, tmp_path / "tokenizer.model")
+    shutil.copy(demo_tokenizer, tmp_path / demo_tokenizer.name)
     r = run_train(*FAST, "--eval_interval", 1, "--max_iters", 8, "--learning_rate", 1e30, "--warmup_iters", 0, "--out_dir", tmp_path)
-    assert r.returncode == 2 and "loss is nan" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "loss nan" in r.stderr and "stopping before the update" in r.stderr and "Traceback" not in r.stderr
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert ck["iter_num"] == 1 and not list(tmp_path.glob("*.tmp"))  # the step before the NaN, intact
 

@@ -11,11 +11,13 @@ Every name in the config block below is a flag: --name=value or --name value (--
 import json
 import math
 import os
+import hashlib
 import random
 import re
 import resource
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -85,7 +87,8 @@ def parse_args(argv, cfg):
             i, val = i + 1, argv[i + 1]
         pairs.append((key, val))
         i += 1
-    if dict(pairs).get("model", cfg["model"]) == "tiny":
+    given = dict(pairs)
+    if given.get("model", "tiny") == "tiny" and "ckpt_dir" not in given and given.get("init", "random") == "random":
         cfg.update(TINY)  # the demo's own defaults; flags still override them
     for key, val in pairs:
         kind = type(cfg[key])
@@ -119,7 +122,12 @@ def segments(obj, where):
             if role not in ("system", "user", "assistant"):
                 fail(f"{where}: messages[{j}].role must be system, user or assistant")
             c = text(m, "content", f"{where}: messages[{j}]")
-            out.append((c + "\n", False) if role == "system" else (f"### Human: {c}### Assistant: ", False) if role == "user" else (c, True))
+            if role == "system":
+                out.append((c + "\n", False))
+            elif role == "user":  # conversations use Guanaco's turn markers
+                out.append((f"### Human: {c}### Assistant: ", False))
+            else:
+                out.append((c, True))
         return out
     if "text" in obj:  # OASST/Guanaco: "### Human: ...### Assistant: ..." turns
         parts = re.split(r"(### Human:|### Assistant:)", text(obj, "text"))
@@ -139,8 +147,12 @@ def read_data(path):
     path = Path(path)
     if not path.is_file():
         fail(f"--data: {path} not found")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): JSON strings may hold U+2028
+    except UnicodeDecodeError as e:
+        fail(f"{path}: not UTF-8 text (byte {e.start})")
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if line.strip():
             try:
                 items.append((f"{path}:{n}", segments(json.loads(line), f"{path}:{n}")))
@@ -155,84 +167,63 @@ def tokenize(items, tok):
     # bos + prompt (at most source_max_len tokens) + response + eos (at most target_max_len); labels -100 off the response
     examples, truncated, dropped = [], 0, 0
     for where, segs in items:
-        ids, labels, budget = [tok.bos_id], [-100], {False: source_max_len, True: target_max_len}
+        ids, labels, budget, cut = [tok.bos_id], [-100], {False: source_max_len, True: target_max_len}, False
         for text, is_resp in segs:
             t = tok.encode(text) + [tok.eos_id] * is_resp  # eos ends every response: the model learns to stop
             keep = min(len(t), budget[is_resp])
-            truncated, budget[is_resp] = truncated + (keep < len(t)), budget[is_resp] - keep
+            budget[is_resp] -= keep
             ids += t[:keep]
             labels += t[:keep] if is_resp or train_on_source else [-100] * keep
+            cut |= keep < len(t)
+            if cut and is_resp:  # after a cut, end with the response it belongs to: no orphaned turns
+                break
+        truncated += cut
         if all(l == -100 for l in labels):
             dropped += 1  # nothing of the response survived truncation: nothing to learn from
         else:
             examples.append((ids, labels))
     if truncated or dropped:
-        print(f"{data}: {truncated} segments cut to --source_max_len={source_max_len} / --target_max_len={target_max_len}; "
+        print(f"{data}: {truncated} examples cut to --source_max_len={source_max_len} / --target_max_len={target_max_len}; "
               f"{dropped} examples dropped (no response tokens left)")
     if not examples:
         fail(f"{data}: no usable examples")
     return examples
 
 
-def batch_order(n, epoch):
-    # a permutation of example indices for one epoch, a function of (seed, epoch) only: exact resume
+def batch_order(lengths, epoch):
+    # the micro-batches of one epoch, a function of (seed, epoch) only: exact resume. The last
+    # len % micro_batch examples of the shuffle sit this epoch out.
     g = random.Random(seed * 1000003 + epoch)
-    order = list(range(n))
+    order = list(range(len(lengths)))
     g.shuffle(order)
-    if group_by_length:  # sort within windows of 64 micro-batches, then shuffle the micro-batches
+    order = order[: len(order) - len(order) % micro_batch]
+    if group_by_length:  # sort within windows of 64 micro-batches (less padding), then shuffle the micro-batches
         w = 64 * micro_batch
-        order = [i for s in range(0, n, w) for i in sorted(order[s : s + w], key=lambda i: len(train_set[i][0]))]
-        mbs = [order[i : i + micro_batch] for i in range(0, n, micro_batch)]
+        order = [i for s in range(0, len(order), w) for i in sorted(order[s : s + w], key=lambda i: lengths[i])]
+    mbs = [order[i : i + micro_batch] for i in range(0, len(order), micro_batch)]
+    if group_by_length:
         g.shuffle(mbs)
-        order = [i for mb in mbs for i in mb]
-    return order
+    return mbs
 
 
 def get_batch(examples, indices):
+    # right-padded (B, T) inputs and (B, T) targets; position t predicts token t + 1
     T = max(len(examples[i][0]) for i in indices)
-    x = torch.full((len(indices), T), 0, dtype=torch.long)
+    x = torch.zeros(len(indices), T, dtype=torch.long)
     y = torch.full((len(indices), T), -100, dtype=torch.long)
     for r, i in enumerate(indices):
         ids, labels = examples[i]
         x[r, : len(ids)] = torch.tensor(ids)
-        y[r, : len(ids) - 1] = torch.tensor(labels[1:])  # position t predicts token t+1
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-
-
-def micro_batch_indices(k):
-    # k-th micro-batch of the whole run (all ranks together); rank r takes every world-th one
-    per_epoch = len(train_set) // micro_batch
-    epoch, j = divmod(k, per_epoch)
-    if epoch not in _orders:
-        _orders[epoch] = batch_order(len(train_set), epoch)
-    return _orders[epoch][j * micro_batch : (j + 1) * micro_batch]
-
-
-_orders = {}
-
-
-@torch.no_grad()
-def evaluate():
-    raw.eval()
-    losses = []
-    for s in range(0, min(len(val_set), eval_iters * micro_batch), micro_batch):
-        x, y = get_batch(val_set, range(s, min(s + micro_batch, len(val_set))))
-        with ctx:
-            losses.append(raw(x, y)[1].item())
-    raw.train()
-    return sum(losses) / max(len(losses), 1)
-
-
-def save_checkpoint(it, path):
-    atomic_save({"lora": raw.lora_state_dict(), "optimizer": optimizer.state_dict(), "iter_num": it, "config": run_config,
-                 "model_config": vars(raw.config), "rng": {"torch": torch.get_rng_state(),
-                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}, path)
-    atomic_save({"lora": raw.lora_state_dict(), "model_config": vars(raw.config), "config": run_config}, Path(out_dir) / "adapter.pt")
+        y[r, : len(ids) - 1] = torch.tensor(labels[1:])
+    return x, y
 
 
 if __name__ == "__main__":
     cfg = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
     parse_args(sys.argv[1:], cfg)
+    for k in ("batch_size", "micro_batch", "eval_interval", "eval_iters", "log_interval", "lora_r"):
+        if cfg[k] < 1:
+            fail(f"--{k} must be at least 1, got {cfg[k]}")
     globals().update(cfg)
     run_config = cfg
     from model import (CONFIGS, CheckpointError, LLaMA, LLaMAConfig, Tokenizer, atomic_save, export_merged, export_peft,
@@ -259,9 +250,7 @@ if __name__ == "__main__":
 
     # model: named size → folder; its tokenizer beside it or one level up (Meta's download layout)
     init = init or ("random" if model == "tiny" and not ckpt_dir else "checkpoint")
-    big = model.split("-")[-1] in ("33B", "65B", "70B")
-    lora = dict(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout if lora_dropout >= 0 else (0.05 if big else 0.1))
-    learning_rate = learning_rate or (1e-4 if big else 2e-4)
+    lora = dict(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=max(lora_dropout, 0.0))
     warmup_iters = warmup_iters if warmup_iters >= 0 else int(0.03 * max_iters)
     if set(filter(None, export.split(","))) - {"merged", "peft"}:
         fail(f"--export: expected merged, peft or merged,peft, got {export!r}")
@@ -271,11 +260,13 @@ if __name__ == "__main__":
         if init == "random":
             if model not in CONFIGS:
                 fail(f"--model {model}: unknown architecture for --init random (known: {', '.join(CONFIGS)})")
-            tok_path = find_tokenizer(ckpt_dir or f"checkpoints/{model}")
-            if tok_path is None:  # no tokenizer with the weights: train a small one on the data (cached)
-                tok_path = Path(out_dir) / "tokenizer.model"
+            tok_path = None if model == "tiny" else find_tokenizer(ckpt_dir or f"checkpoints/{model}")
+            if tok_path is None:  # no tokenizer with the weights: train a small one on the data, cached per data
+                texts = [t for _, segs in items for t, _ in segs]
+                digest = hashlib.sha1("\x00".join(texts).encode()).hexdigest()[:10]
+                tok_path = Path(out_dir) / f"tokenizer-{digest}.model"
                 if master and not tok_path.exists():
-                    train_tokenizer([t for _, segs in items for t, _ in segs], tok_path, CONFIGS["tiny"]["vocab_size"])
+                    train_tokenizer(texts, tok_path, CONFIGS["tiny"]["vocab_size"])
                 if ddp:
                     dist.barrier()
             tok = Tokenizer(tok_path)
@@ -292,6 +283,14 @@ if __name__ == "__main__":
             fail(f"--init must be 'checkpoint' or 'random', got {init!r}")
     except CheckpointError as e:
         fail(str(e))
+    # the paper's settings for 33B and up (read off the architecture, whatever the folder is called)
+    big = net.config.dim >= 6656
+    learning_rate = learning_rate or (1e-4 if big else 2e-4)
+    if lora_dropout < 0:
+        net.config.lora_dropout = 0.05 if big else 0.1
+        for m in net.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = net.config.lora_dropout
     net.grad_checkpoint = grad_checkpoint
     raw = net
     n_base = sum(m.in_features * m.out_features for m in net.modules() if hasattr(m, "lora_A"))  # block linears
@@ -302,7 +301,8 @@ if __name__ == "__main__":
     if compile:
         for layer in net.layers:
             layer.compile()
-    if ddp:  # only the LoRA weights are parameters; never broadcast the 4-bit buffers
+    if ddp:  # only the LoRA weights are trained; never broadcast the 4-bit buffers
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")  # newer torch; its own advice
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[int(device[5:])] if device.startswith("cuda") else None,
                                                         broadcast_buffers=False)
 
@@ -320,22 +320,57 @@ if __name__ == "__main__":
         if not ckpt_path.is_file():
             fail(f"--resume: {ckpt_path} not found")
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # states go straight to paged memory
-        missing = raw.load_state_dict(ck["lora"], strict=False)
-        if missing.unexpected_keys or any(".lora_" in k for k in missing.missing_keys):
-            fail(f"--resume: {ckpt_path} does not match this model (different --model or --lora_r?)")
+        for k in ("model", "ckpt_dir", "data", "seed", "batch_size", "micro_batch", "lora_r", "source_max_len", "target_max_len"):
+            if ck["config"].get(k) != run_config[k]:  # anything that changes the model or the data stream
+                fail(f"--resume: {ckpt_path} was made with --{k} {ck['config'].get(k)}, this run has --{k} {run_config[k]}")
+        if len(ck["rng"]) != world:
+            fail(f"--resume: {ckpt_path} was made by {len(ck['rng'])} processes, this run has {world}")
+        raw.load_state_dict(ck["lora"], strict=False)
         optimizer.load_state_dict(ck["optimizer"])
         iter_num = ck["iter_num"]
-        torch.set_rng_state(ck["rng"]["torch"])
-        if ck["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        torch.set_rng_state(ck["rng"][rank]["torch"])  # each process continues its own dropout stream
+        if ck["rng"][rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(ck["rng"][rank]["cuda"])
         if master:
             print(f"resumed from {ckpt_path} at iter {iter_num}")
     os.makedirs(out_dir, exist_ok=True)
 
+    def micro_batch_indices(k):
+        # the k-th micro-batch of the run, all processes together: process r takes every world-th one
+        epoch, j = divmod(k, len(train_set) // micro_batch)
+        if epoch not in orders:
+            orders[epoch] = batch_order([len(ids) for ids, _ in train_set], epoch)
+        return orders[epoch][j]
+
+    orders = {}
+
+    @torch.no_grad()
+    def evaluate():
+        raw.eval()
+        losses = []
+        for s in range(0, min(len(val_set), eval_iters * micro_batch), micro_batch):
+            x, y = get_batch(val_set, range(s, min(s + micro_batch, len(val_set))))
+            with ctx:
+                losses.append(raw(x.to(device), y.to(device))[1].item())
+        raw.train()
+        return sum(losses) / max(len(losses), 1)
+
+    def save_checkpoint(it):
+        # every process's RNG state (dropout), gathered to rank 0, which writes adapter.pt and ckpt.pt atomically
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.startswith("cuda") else None}
+        rngs = [rng] * world
+        if ddp:
+            dist.all_gather_object(rngs, rng)
+        if master:
+            adapter = {"lora": raw.lora_state_dict(), "model_config": vars(raw.config), "config": run_config}
+            atomic_save({**adapter, "optimizer": optimizer.state_dict(), "iter_num": it, "rng": rngs}, ckpt_path)
+            atomic_save(adapter, Path(out_dir) / "adapter.pt")
+
     # FLOPs per token, for MFU: forward 2N, backward 2N (input grads only: the base is frozen), recompute 2N
     flops_per_token = (6 if grad_checkpoint else 4) * n_base
     name = torch.cuda.get_device_name() if device.startswith("cuda") else ""
-    peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12}.items() if k in name), None)
+    peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "4090": 165e12}.items()
+                 if k in name), None)
 
     raw.train()
     t_start, dt_avg, val0 = time.time(), None, None
@@ -351,29 +386,35 @@ if __name__ == "__main__":
         loss_sum, n_tok = 0.0, 0
         for micro in range(grad_accum):
             idx = micro_batch_indices((it * grad_accum + micro) * world + rank)
-            x, y = get_batch(train_set, idx)
+            x, y = (t.to(device, non_blocking=True) for t in get_batch(train_set, idx))
             if ddp:
                 net.require_backward_grad_sync = micro == grad_accum - 1  # all-reduce once per step
             with ctx:
                 _, loss = net(x, y)
             (loss / grad_accum).backward()
             loss_sum, n_tok = loss_sum + loss.item() / grad_accum, n_tok + sum(len(train_set[i][0]) for i in idx)
-        if not math.isfinite(loss_sum):
-            fail(f"iter {it}: loss is {loss_sum}; stopping (last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none'})")
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        if ddp:  # log the mean loss and all tokens of all processes
+            stats = torch.tensor([loss_sum / world, n_tok], dtype=torch.float64, device=device)
+            dist.all_reduce(stats)
+            loss_sum, n_tok = stats[0].item(), int(stats[1].item())
+        # a NaN/inf anywhere (any process: the gradients are already averaged) shows in the gradient norm
+        gnorm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+        if not (math.isfinite(loss_sum) and math.isfinite(gnorm)):
+            fail(f"iter {it}: loss {loss_sum}, gradient norm {gnorm}; stopping before the update "
+                 f"(last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none'})")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t
         dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
         if master and (it % log_interval == 0 or it == max_iters - 1):
-            tok_s = n_tok * world / dt  # tokens (padding not counted) per second, all processes
+            tok_s = n_tok / dt  # tokens (padding not counted) per second, all processes
             mfu = f"{100 * flops_per_token * tok_s / peak:.1f}%" if peak else "-"
             mem = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else resource.getrusage(0).ru_maxrss / 1e6
             eta = dt_avg * (max_iters - it - 1)
             print(f"iter {it}: loss {loss_sum:.4f}, lr {lr:.2e}, {dt * 1000:.0f}ms, {tok_s:.0f} tok/s, mfu {mfu}, "
                   f"mem {mem:.2f}GB, eta {eta // 60:.0f}m{eta % 60:02.0f}s")
-        if master and ((it + 1) % eval_interval == 0 or it == max_iters - 1):
-            save_checkpoint(it + 1, ckpt_path)
+        if (it + 1) % eval_interval == 0 or it == max_iters - 1:
+            save_checkpoint(it + 1)
     if master:
         if val_set:
             val = evaluate()

@@ -3,11 +3,16 @@ python data/prepare.py alpaca  alpaca_data.json                       out.jsonl 
 python data/prepare.py oasst   2023-04-12_oasst_ready.trees.jsonl     out.jsonl  -> {"messages": [...]}  [--lang en]
 python data/prepare.py guanaco openassistant_best_replies_train.jsonl out.jsonl  -> {"text": "### Human: ..."}
 """
-import json, os, re, sys
+import json
+import os
+import re
+import sys
 from collections import Counter
+
 
 class DataError(Exception):
     pass  # one line, "file:line: what is wrong", shown to the user instead of a traceback
+
 
 def read_records(path):
     # (line number, object) pairs from a JSONL file, or from one JSON array like the Alpaca release
@@ -34,6 +39,7 @@ def read_records(path):
         raise DataError(f"{path}:{e.lineno if array else line}: malformed JSON ({e.msg})")
     return records
 
+
 def field(where, obj, key, default=None, choices=None):
     # every record is checked before use, so bad data fails with its location rather than a KeyError
     if not isinstance(obj, dict):
@@ -42,6 +48,7 @@ def field(where, obj, key, default=None, choices=None):
     if not isinstance(val, str) or (choices and val not in choices):
         raise DataError(f"{where}: missing or invalid field '{key}'")
     return val
+
 
 def best_path(path, line, node):
     # follow the best-ranked reply at each level (rank 0 first, missing rank last), as Guanaco did
@@ -55,6 +62,7 @@ def best_path(path, line, node):
     while messages and messages[-1]["role"] == "user":
         messages.pop()  # a conversation must end with an answer to learn from
     return messages
+
 
 def convert(kind, path, lang=None, skipped=None):
     skipped = Counter() if skipped is None else skipped  # reason -> count, for the summary line
@@ -97,6 +105,7 @@ def convert(kind, path, lang=None, skipped=None):
         raise DataError(f"{path}: no examples left to write")
     return out
 
+
 def main(args):
     lang = None
     if "--lang" in args:
@@ -121,6 +130,7 @@ def main(args):
     why = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
     print(f"wrote {len(examples)} examples to {dst}, skipped {sum(skipped.values())}" + (f" ({why})" if why else ""))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
