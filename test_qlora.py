@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import model as M
 import qlora
-import train as T
+import data.prepare as P
 from data.prepare import DataError, convert
 from nf4_table import dynamic_map, midpoints, nf4_values
 
@@ -1091,78 +1091,74 @@ class CharTok:  # a transparent tokenizer for masking tests: one id per characte
 
 
 def test_alpaca_template_is_the_papers():
-    segs = T.segments({"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}, "f:1")
+    segs = P.segments({"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}, "f:1")
     assert segs == [("Below is an instruction that describes a task, paired with an input that provides further context. "
                      "Write a response that appropriately completes the request.\n\n### Instruction:\nAdd the numbers.\n\n"
                      "### Input:\n2 and 3\n\n### Response: ", False), ("5", True)]
-    segs = T.segments({"instruction": "Say hi.", "input": "", "output": "Hi"}, "f:1")
+    segs = P.segments({"instruction": "Say hi.", "input": "", "output": "Hi"}, "f:1")
     assert segs[0][0] == ("Below is an instruction that describes a task. Write a response that appropriately completes the "
                           "request.\n\n### Instruction:\nSay hi.\n\n### Response: ")
 
 
 def test_oasst_text_and_messages_formats():
-    segs = T.segments({"text": "### Human: Hi there### Assistant: Hello!### Human: 2+2?### Assistant: 4"}, "f:1")
+    segs = P.segments({"text": "### Human: Hi there### Assistant: Hello!### Human: 2+2?### Assistant: 4"}, "f:1")
     assert [s for s, r in segs if r] == ["Hello!", "4"]
     assert "".join(s for s, _ in segs) == "### Human: Hi there### Assistant: Hello!### Human: 2+2?### Assistant: 4"
-    segs = T.segments({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+    segs = P.segments({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                                     {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
                                     {"role": "assistant", "content": "Bye!"}]}, "f:1")
     assert segs == [("Be brief.\n", False), ("### Human: Hi### Assistant: ", False), ("Hello", True),
                     ("### Human: Bye### Assistant: ", False), ("Bye!", True)]
 
 
-def test_labels_mask_everything_but_responses(monkeypatch):
-    monkeypatch.setattr(T, "data", "f", raising=False)
+def test_labels_mask_everything_but_responses():
     items = [("f:1", [("ab", False), ("cd", True), ("e", False), ("fg", True)])]
-    (ids, labels), = T.tokenize(items, CharTok())
+    ((ids, labels),), _, _ = P.tokenize(items, CharTok(), 100, 100)
     tok = CharTok()
     assert ids == [1] + tok.encode("ab") + tok.encode("cd") + [2] + tok.encode("e") + tok.encode("fg") + [2]
     assert labels == [-100] * 3 + tok.encode("cd") + [2] + [-100] + tok.encode("fg") + [2]
-    monkeypatch.setattr(T, "train_on_source", True)
-    (_, labels), = T.tokenize(items, CharTok())
+    ((_, labels),), _, _ = P.tokenize(items, CharTok(), 100, 100, train_on_source=True)
     assert labels == [-100] + ids[1:]  # everything but bos
 
 
-def test_truncation_limits_and_dropped_examples(monkeypatch, capsys):
-    monkeypatch.setattr(T, "data", "f", raising=False)
-    monkeypatch.setattr(T, "source_max_len", 3)
-    monkeypatch.setattr(T, "target_max_len", 2)
-    ex = T.tokenize([("f:1", [("abcdef", False), ("xyz", True)]), ("f:2", [("ab", False), ("", True)])], CharTok())
-    (ids, labels), = ex[:1]
+def test_truncation_limits_and_dropped_examples():
+    ex, truncated, dropped = P.tokenize([("f:1", [("abcdef", False), ("xyz", True)]), ("f:2", [("ab", False), ("", True)])],
+                                        CharTok(), source_max_len=3, target_max_len=2)
+    ids, labels = ex[0]
     assert len(ids) == 1 + 3 + 2 and labels[-2:] == CharTok().encode("xy")  # eos cut with the response tail
-    assert "1 examples cut" in capsys.readouterr().out
-    monkeypatch.setattr(T, "target_max_len", 0)
-    with pytest.raises(SystemExit):
-        T.tokenize([("f:1", [("ab", False), ("c", True)])], CharTok())
+    assert (truncated, dropped) == (1, 0)
+    with pytest.raises(DataError, match="no usable examples"):  # nothing of any response fits
+        P.tokenize([("f:1", [("ab", False), ("c", True)])], CharTok(), 3, 0)
 
 
-def test_conversation_cut_ends_with_the_cut_turns_response(monkeypatch):
-    monkeypatch.setattr(T, "data", "f", raising=False)
-    monkeypatch.setattr(T, "source_max_len", 6)
+def test_conversation_cut_ends_with_the_cut_turns_response():
     segs = [("Q1", False), ("A1", True), ("QQQQQQ2", False), ("A2", True), ("Q3", False), ("A3", True)]
-    (ids, labels), = T.tokenize([("f:1", segs)], CharTok())
+    ((ids, labels),), truncated, _ = P.tokenize([("f:1", segs)], CharTok(), source_max_len=6, target_max_len=100)
     tok = CharTok()
     # the prompt budget runs out inside turn 2: keep its cut prompt and its answer, drop turn 3
     assert ids == [1] + tok.encode("Q1") + tok.encode("A1") + [2] + tok.encode("QQQQ") + tok.encode("A2") + [2]
+    assert truncated == 1
 
 
-def test_group_by_length_and_deterministic_order(monkeypatch):
+def test_group_by_length_and_deterministic_order():
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(5, 500, (258,), generator=g).tolist()  # not a multiple of the micro-batch
-    monkeypatch.setattr(T, "micro_batch", 4, raising=False)
-    monkeypatch.setattr(T, "seed", 0)
 
     def padding(mbs):
         assert all(len(mb) == 4 for mb in mbs)
         return sum(max(lengths[i] for i in mb) * 4 - sum(lengths[i] for i in mb) for mb in mbs)
 
-    monkeypatch.setattr(T, "group_by_length", True)
-    grouped = T.batch_order(lengths, epoch=0)
+    grouped = P.batch_order(lengths, 0, micro_batch=4, seed=0)
     flat = [i for mb in grouped for i in mb]
     assert len(flat) == len(set(flat)) == 256 and set(flat) <= set(range(258))  # 2 examples sit this epoch out
-    assert grouped == T.batch_order(lengths, epoch=0) != T.batch_order(lengths, epoch=1)
-    monkeypatch.setattr(T, "group_by_length", False)
-    assert padding(grouped) < 0.2 * padding(T.batch_order(lengths, epoch=0))
+    assert grouped == P.batch_order(lengths, 0, 4, 0) != P.batch_order(lengths, 1, 4, 0)
+    assert padding(grouped) < 0.2 * padding(P.batch_order(lengths, 0, 4, 0, group_by_length=False))
+
+
+def test_batch_is_right_padded_and_shifted():
+    x, y = P.get_batch([([1, 5, 6, 2], [-100, -100, 6, 2]), ([1, 7, 2], [-100, 7, 2])], [0, 1])
+    assert x.tolist() == [[1, 5, 6, 2], [1, 7, 2, 0]]
+    assert y.tolist() == [[-100, 6, 2, -100], [7, 2, -100, -100]]  # position t predicts token t + 1
 
 
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # train.py runs at normal speed

@@ -1,19 +1,17 @@
 """
 QLoRA instruction finetuning of LLaMA, with the paper's recipe (Dettmers et al. 2023, §4-5, Guanaco).
 
-  python train.py                                  # tiny random LLaMA on data/sample.jsonl, CPU, ~2 min
+  python train.py                                  # tiny random LLaMA on data/sample.jsonl, CPU, ~1 min
   python train.py --model 7B --data my.jsonl       # Meta weights in checkpoints/7B (or --ckpt_dir DIR)
   python train.py --model 65B --init random --max_iters 1      # does it fit? (no download needed)
   torchrun --standalone --nproc_per_node=2 train.py --model 13B # data parallel over 2 GPUs
 
 Every name in the config block below is a flag: --name=value or --name value (--resume alone means True).
 """
-import json
+import hashlib
 import math
 import os
-import hashlib
 import random
-import re
 import resource
 import sys
 import time
@@ -23,6 +21,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from data.prepare import DataError, batch_order, get_batch, read_data, tokenize
 
 # -----------------------------------------------------------------------------------------------
 # config
@@ -58,14 +58,6 @@ TINY = dict(max_iters=400, batch_size=8, micro_batch=8, learning_rate=2e-3, warm
             temperature=0.0)
 # -----------------------------------------------------------------------------------------------
 
-ALPACA = {  # the Alpaca template, as in the paper's code
-    True: "Below is an instruction that describes a task, paired with an input that provides further context. "
-          "Write a response that appropriately completes the request.\n\n"
-          "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response: ",
-    False: "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-           "### Instruction:\n{instruction}\n\n### Response: ",
-}
-
 
 def fail(msg):
     print(f"error: {msg}", file=sys.stderr)
@@ -98,124 +90,6 @@ def parse_args(argv, cfg):
             cfg[key] = val.lower() in ("1", "true", "yes") if kind is bool else kind(val)
         except ValueError:
             fail(f"--{key}: expected {kind.__name__}, got {val!r}")
-
-
-# -----------------------------------------------------------------------------------------------
-# data: each example becomes segments (text, is_response); the loss sees only response tokens
-
-
-def segments(obj, where):
-    def text(o, key, w=where):
-        v = o.get(key) if isinstance(o, dict) else None
-        if not isinstance(v, str) or (key != "input" and not v.strip()):
-            fail(f"{w}: field '{key}' must be a non-empty string")
-        return v
-
-    if not isinstance(obj, dict):
-        fail(f"{where}: expected a JSON object")
-    if "messages" in obj:
-        msgs, out = obj["messages"], []
-        if not isinstance(msgs, list) or not msgs:
-            fail(f"{where}: field 'messages' must be a non-empty list")
-        for j, m in enumerate(msgs):
-            role = m.get("role") if isinstance(m, dict) else None
-            if role not in ("system", "user", "assistant"):
-                fail(f"{where}: messages[{j}].role must be system, user or assistant")
-            c = text(m, "content", f"{where}: messages[{j}]")
-            if role == "system":
-                out.append((c + "\n", False))
-            elif role == "user":  # conversations use Guanaco's turn markers
-                out.append((f"### Human: {c}### Assistant: ", False))
-            else:
-                out.append((c, True))
-        return out
-    if "text" in obj:  # OASST/Guanaco: "### Human: ...### Assistant: ..." turns
-        parts = re.split(r"(### Human:|### Assistant:)", text(obj, "text"))
-        out = [(parts[0], False)] if parts[0].strip() else []
-        for marker, body in zip(parts[1::2], parts[2::2]):
-            out += [(f"{marker} {body.strip()}", False)] if marker == "### Human:" else [("### Assistant: ", False), (body.strip(), True)]
-        return out
-    if "output" not in obj and "instruction" not in obj:
-        fail(f"{where}: expected fields instruction/input/output, text, or messages")
-    inp = text(obj, "input") if "input" in obj else ""
-    prompt = ALPACA[bool(inp.strip())].format(instruction=text(obj, "instruction"), input=inp)
-    return [(prompt, False), (text(obj, "output"), True)]
-
-
-def read_data(path):
-    # -> [(file:line, segments)], every line checked before any work is done
-    path = Path(path)
-    if not path.is_file():
-        fail(f"--data: {path} not found")
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): JSON strings may hold U+2028
-    except UnicodeDecodeError as e:
-        fail(f"{path}: not UTF-8 text (byte {e.start})")
-    items = []
-    for n, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                items.append((f"{path}:{n}", segments(json.loads(line), f"{path}:{n}")))
-            except json.JSONDecodeError as e:
-                fail(f"{path}:{n}: malformed JSON ({e.msg})")
-    if not items:
-        fail(f"{path}: empty (no JSON lines)")
-    return items
-
-
-def tokenize(items, tok):
-    # bos + prompt (at most source_max_len tokens) + response + eos (at most target_max_len); labels -100 off the response
-    examples, truncated, dropped = [], 0, 0
-    for where, segs in items:
-        ids, labels, budget, cut = [tok.bos_id], [-100], {False: source_max_len, True: target_max_len}, False
-        for text, is_resp in segs:
-            t = tok.encode(text) + [tok.eos_id] * is_resp  # eos ends every response: the model learns to stop
-            keep = min(len(t), budget[is_resp])
-            budget[is_resp] -= keep
-            ids += t[:keep]
-            labels += t[:keep] if is_resp or train_on_source else [-100] * keep
-            cut |= keep < len(t)
-            if cut and is_resp:  # after a cut, end with the response it belongs to: no orphaned turns
-                break
-        truncated += cut
-        if all(l == -100 for l in labels):
-            dropped += 1  # nothing of the response survived truncation: nothing to learn from
-        else:
-            examples.append((ids, labels))
-    if truncated or dropped:
-        print(f"{data}: {truncated} examples cut to --source_max_len={source_max_len} / --target_max_len={target_max_len}; "
-              f"{dropped} examples dropped (no response tokens left)")
-    if not examples:
-        fail(f"{data}: no usable examples")
-    return examples
-
-
-def batch_order(lengths, epoch):
-    # the micro-batches of one epoch, a function of (seed, epoch) only: exact resume. The last
-    # len % micro_batch examples of the shuffle sit this epoch out.
-    g = random.Random(seed * 1000003 + epoch)
-    order = list(range(len(lengths)))
-    g.shuffle(order)
-    order = order[: len(order) - len(order) % micro_batch]
-    if group_by_length:  # sort within windows of 64 micro-batches (less padding), then shuffle the micro-batches
-        w = 64 * micro_batch
-        order = [i for s in range(0, len(order), w) for i in sorted(order[s : s + w], key=lambda i: lengths[i])]
-    mbs = [order[i : i + micro_batch] for i in range(0, len(order), micro_batch)]
-    if group_by_length:
-        g.shuffle(mbs)
-    return mbs
-
-
-def get_batch(examples, indices):
-    # right-padded (B, T) inputs and (B, T) targets; position t predicts token t + 1
-    T = max(len(examples[i][0]) for i in indices)
-    x = torch.zeros(len(indices), T, dtype=torch.long)
-    y = torch.full((len(indices), T), -100, dtype=torch.long)
-    for r, i in enumerate(indices):
-        ids, labels = examples[i]
-        x[r, : len(ids)] = torch.tensor(ids)
-        y[r, : len(ids) - 1] = torch.tensor(labels[1:])
-    return x, y
 
 
 if __name__ == "__main__":
@@ -254,7 +128,10 @@ if __name__ == "__main__":
     warmup_iters = warmup_iters if warmup_iters >= 0 else int(0.03 * max_iters)
     if set(filter(None, export.split(","))) - {"merged", "peft"}:
         fail(f"--export: expected merged, peft or merged,peft, got {export!r}")
-    items = read_data(data)
+    try:
+        items = read_data(data)
+    except DataError as e:
+        fail(str(e))
     t0 = time.time()
     try:
         if init == "random":
@@ -306,7 +183,13 @@ if __name__ == "__main__":
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[int(device[5:])] if device.startswith("cuda") else None,
                                                         broadcast_buffers=False)
 
-    examples = tokenize(items, tok)
+    try:
+        examples, truncated, dropped = tokenize(items, tok, source_max_len, target_max_len, train_on_source)
+    except DataError as e:
+        fail(f"{data}: {e}")
+    if master and (truncated or dropped):
+        print(f"{data}: {truncated} examples cut to --source_max_len={source_max_len} / --target_max_len={target_max_len}; "
+              f"{dropped} dropped (no response tokens left)")
     random.Random(seed).shuffle(examples)
     n_val = int(len(examples) * val_fraction) if len(examples) > 1 else 0
     val_set, train_set = examples[:n_val], examples[n_val:]
@@ -339,7 +222,7 @@ if __name__ == "__main__":
         # the k-th micro-batch of the run, all processes together: process r takes every world-th one
         epoch, j = divmod(k, len(train_set) // micro_batch)
         if epoch not in orders:
-            orders[epoch] = batch_order([len(ids) for ids, _ in train_set], epoch)
+            orders[epoch] = batch_order([len(ids) for ids, _ in train_set], epoch, micro_batch, seed, group_by_length)
         return orders[epoch][j]
 
     orders = {}

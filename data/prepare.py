@@ -1,17 +1,32 @@
-"""Convert instruction datasets you have already downloaded into this project's JSONL shapes:
+"""Everything about data. Run as a script, it converts instruction datasets you have already downloaded
+into this project's JSONL shapes; train.py imports the rest (templates, tokenization, batching).
+
 python data/prepare.py alpaca  alpaca_data.json                       out.jsonl  -> {"instruction", "input", "output"}
 python data/prepare.py oasst   2023-04-12_oasst_ready.trees.jsonl     out.jsonl  -> {"messages": [...]}  [--lang en]
 python data/prepare.py guanaco openassistant_best_replies_train.jsonl out.jsonl  -> {"text": "### Human: ..."}
 """
 import json
 import os
+import random
 import re
 import sys
 from collections import Counter
+from pathlib import Path
+
+import torch  # only for get_batch
 
 
 class DataError(Exception):
     pass  # one line, "file:line: what is wrong", shown to the user instead of a traceback
+
+
+ALPACA = {  # the Alpaca template, as in the paper's code
+    True: "Below is an instruction that describes a task, paired with an input that provides further context. "
+          "Write a response that appropriately completes the request.\n\n"
+          "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response: ",
+    False: "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+           "### Instruction:\n{instruction}\n\n### Response: ",
+}
 
 
 def read_records(path):
@@ -104,6 +119,122 @@ def convert(kind, path, lang=None, skipped=None):
     if not out:
         raise DataError(f"{path}: no examples left to write")
     return out
+
+
+# -----------------------------------------------------------------------------------------------
+# reading the project's JSONL for training: each example becomes segments (text, is_response), then
+# token ids with labels that are -100 everywhere but on the responses
+
+
+def segments(obj, where):
+    def text(o, key, w=where):
+        v = o.get(key) if isinstance(o, dict) else None
+        if not isinstance(v, str) or (key != "input" and not v.strip()):
+            raise DataError(f"{w}: field '{key}' must be a non-empty string")
+        return v
+
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object")
+    if "messages" in obj:
+        msgs, out = obj["messages"], []
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{where}: field 'messages' must be a non-empty list")
+        for j, m in enumerate(msgs):
+            role = m.get("role") if isinstance(m, dict) else None
+            if role not in ("system", "user", "assistant"):
+                raise DataError(f"{where}: messages[{j}].role must be system, user or assistant")
+            c = text(m, "content", f"{where}: messages[{j}]")
+            if role == "system":
+                out.append((c + "\n", False))
+            elif role == "user":  # conversations use Guanaco's turn markers
+                out.append((f"### Human: {c}### Assistant: ", False))
+            else:
+                out.append((c, True))
+        return out
+    if "text" in obj:  # OASST/Guanaco: "### Human: ...### Assistant: ..." turns
+        parts = re.split(r"(### Human:|### Assistant:)", text(obj, "text"))
+        out = [(parts[0], False)] if parts[0].strip() else []
+        for marker, body in zip(parts[1::2], parts[2::2]):
+            out += [(f"{marker} {body.strip()}", False)] if marker == "### Human:" else [("### Assistant: ", False), (body.strip(), True)]
+        return out
+    if "output" not in obj and "instruction" not in obj:
+        raise DataError(f"{where}: expected fields instruction/input/output, text, or messages")
+    inp = text(obj, "input") if "input" in obj else ""
+    prompt = ALPACA[bool(inp.strip())].format(instruction=text(obj, "instruction"), input=inp)
+    return [(prompt, False), (text(obj, "output"), True)]
+
+
+def read_data(path):
+    # -> [(file:line, segments)], every line checked before any work is done
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: not found")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): JSON strings may hold U+2028
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})")
+    items = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                items.append((f"{path}:{n}", segments(json.loads(line), f"{path}:{n}")))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: malformed JSON ({e.msg})")
+    if not items:
+        raise DataError(f"{path}: empty (no JSON lines)")
+    return items
+
+
+def tokenize(items, tok, source_max_len, target_max_len, train_on_source=False):
+    # bos + prompt (at most source_max_len tokens) + response + eos (at most target_max_len); labels -100 off the response
+    examples, truncated, dropped = [], 0, 0
+    for where, segs in items:
+        ids, labels, budget, cut = [tok.bos_id], [-100], {False: source_max_len, True: target_max_len}, False
+        for text, is_resp in segs:
+            t = tok.encode(text) + [tok.eos_id] * is_resp  # eos ends every response: the model learns to stop
+            keep = min(len(t), budget[is_resp])
+            budget[is_resp] -= keep
+            ids += t[:keep]
+            labels += t[:keep] if is_resp or train_on_source else [-100] * keep
+            cut |= keep < len(t)
+            if cut and is_resp:  # after a cut, end with the response it belongs to: no orphaned turns
+                break
+        truncated += cut
+        if all(l == -100 for l in labels):
+            dropped += 1  # nothing of the response survived truncation: nothing to learn from
+        else:
+            examples.append((ids, labels))
+    if not examples:
+        raise DataError(f"no usable examples ({dropped} had no response tokens left after truncation)")
+    return examples, truncated, dropped
+
+
+def batch_order(lengths, epoch, micro_batch, seed, group_by_length=True):
+    # the micro-batches of one epoch, a function of (seed, epoch) only: exact resume. The last
+    # len % micro_batch examples of the shuffle sit this epoch out.
+    g = random.Random(seed * 1000003 + epoch)
+    order = list(range(len(lengths)))
+    g.shuffle(order)
+    order = order[: len(order) - len(order) % micro_batch]
+    if group_by_length:  # sort within windows of 64 micro-batches (less padding), then shuffle the micro-batches
+        w = 64 * micro_batch
+        order = [i for s in range(0, len(order), w) for i in sorted(order[s : s + w], key=lambda i: lengths[i])]
+    mbs = [order[i : i + micro_batch] for i in range(0, len(order), micro_batch)]
+    if group_by_length:
+        g.shuffle(mbs)
+    return mbs
+
+
+def get_batch(examples, indices):
+    # right-padded (B, T) inputs and (B, T) targets; position t predicts token t + 1
+    T = max(len(examples[i][0]) for i in indices)
+    x = torch.zeros(len(indices), T, dtype=torch.long)
+    y = torch.full((len(indices), T), -100, dtype=torch.long)
+    for r, i in enumerate(indices):
+        ids, labels = examples[i]
+        x[r, : len(ids)] = torch.tensor(ids)
+        y[r, : len(ids) - 1] = torch.tensor(labels[1:])
+    return x, y
 
 
 def main(args):
