@@ -99,7 +99,7 @@ def _blockwise(x, blocksize, mids):
     # multiply by the fp32 reciprocal, as bitsandbytes does (x / c can round differently). An
     # all-zero block gives 0 * inf = NaN: we send it to the code of 0 so it dequantizes to exact zeros
     # whatever its (double-quantized, hence only approximately 0) absmax. bitsandbytes writes index 0
-    # there, the one place where our bytes differ from its; both decode with the same format.
+    # there (its zero block then decodes to ±c, not 0); both bytes decode in the same format.
     xn = (x * (1.0 / absmax)[:, None]).nan_to_num(nan=0.0)
     # nearest value; right=False puts a value exactly on a midpoint in the lower bin, like `x > mid`
     return torch.bucketize(xn, mids.to(x.device), out_int32=True).to(torch.uint8), absmax
@@ -114,7 +114,7 @@ def quantize_nf4(w, blocksize=64, double_quant=True):
         raise ValueError(f"quantize_nf4: blocksize must be a power of two >= 2, got {blocksize}")
     # in chunks of 2^24 elements (whole blocks), so the fp32 temporaries stay ~0.3 GB even for a
     # 65B layer: quantizing while loading must not need more memory than the 16-bit weight itself
-    flat, chunk, packed, absmax = w.detach().reshape(-1), max(1 << 24, blocksize), [], []  # whole blocks
+    flat, chunk, packed, absmax = w.detach().reshape(-1), max(1 << 24, blocksize), [], []
     for i in range(0, flat.numel(), chunk):
         idx, c = _blockwise(flat[i : i + chunk].float(), blocksize, NF4_MID)
         idx = idx.view(-1)
