@@ -1410,3 +1410,23 @@ def test_sample_files():
     # the shipped samples also go through the converters unchanged
     assert convert("alpaca", DATA / "sample.jsonl") == alpaca
     assert convert("guanaco", DATA / "sample_oasst.jsonl") == rows("sample_oasst.jsonl")
+
+
+SEED_TASKS = ROOT.parent / "shared" / "data" / "self_instruct_seed_tasks.jsonl"
+
+
+@pytest.mark.skipif(not SEED_TASKS.is_file(), reason="../shared/data/self_instruct_seed_tasks.jsonl not present")
+def test_real_instructions_through_the_pipeline(tmp_path):
+    # 175 human-written tasks: Alpaca-shaped, a tokenizer trained on them, every response intact after tokenization
+    lines = [json.loads(l) for l in SEED_TASKS.read_text().splitlines() if l.strip()]
+    rows = [{"instruction": t["instruction"], "input": t["instances"][0]["input"], "output": t["instances"][0]["output"]} for t in lines]
+    f = tmp_path / "seed.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    items = P.read_data(f)
+    M.train_tokenizer([s for _, segs in items for s, _ in segs], tmp_path / "tok.model", vocab_size=800)
+    tok = M.Tokenizer(tmp_path / "tok.model")
+    examples, truncated, dropped = P.tokenize(items, tok, 4096, 4096)
+    assert len(examples) == len(rows) == 175 and truncated == dropped == 0
+    for (ids, labels), r in zip(examples, rows):
+        resp = [t for t in labels if t != -100]
+        assert resp[-1] == tok.eos_id and tok.decode(resp[:-1]) == r["output"].strip()
