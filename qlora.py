@@ -249,6 +249,8 @@ _scratch = {}
 def _dequant_scratch(q, dtype):
     # one dequantization buffer per (device, dtype), reused by every layer: layers run one at a time
     # and nothing keeps the dequantized weight (backward dequantizes again), so 16-bit copies never pile up
+    if torch.compiler.is_compiling():  # a compiled graph plans its own buffers, and must not see ours mutate
+        return dequantize_nf4(q, dtype)
     key = (q.packed.device, dtype)
     if key not in _scratch or _scratch[key].numel() < q.numel():
         _scratch[key] = torch.empty(q.numel(), dtype=dtype, device=q.packed.device)
