@@ -303,8 +303,9 @@ class LLaMA(nn.Module):
         if cfg.vocab_size <= 0:  # LLaMA-1 params.json says -1: the embedding knows
             cfg.vocab_size = sds[0]["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in sds[0] else 0
         tok = tokenizer if tokenizer is not None else find_tokenizer(ckpt_dir)
-        if tok is not None and Tokenizer(tok).n_words != cfg.vocab_size:
-            raise CheckpointError(f"{tok}: tokenizer has {Tokenizer(tok).n_words} tokens, the checkpoint's embedding has {cfg.vocab_size}")
+        n_words = Tokenizer(tok).n_words if tok is not None else cfg.vocab_size
+        if n_words != cfg.vocab_size:
+            raise CheckpointError(f"{tok}: tokenizer has {n_words} tokens, the checkpoint's embedding has {cfg.vocab_size}")
         expected = _expected_keys(cfg)
         for s, sd in zip(shards, sds):
             for k in sd:

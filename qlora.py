@@ -400,6 +400,8 @@ class PagedAdamW(torch.optim.Optimizer):
         if self.paging in ("auto", "managed"):
             try:
                 with torch.cuda.device(p.device):  # makes the device's primary context current for the driver calls
+                    if 4 * p.numel() > torch.cuda.mem_get_info()[0]:  # oversubscribing managed memory can hang a GPU
+                        raise RuntimeError("not enough free GPU memory for a managed allocation")
                     m = _Managed(p.shape)
                     t = torch.as_tensor(m, device=p.device)
                 if t.data_ptr() != m.ptr:  # as_tensor copied (wrong context?): that copy would not be paged
