@@ -110,8 +110,8 @@ def e2e(model, batch, seq, steps, r, quantize):
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     mfu = f"{100 * 6 * n_lin * tok_s / peak:.1f}%" if peak else "-"  # 6N: fwd, recompute, input-grad backward
     alloc = torch.cuda.max_memory_allocated() / 1e9 if cuda else 0
-    print(f"| model | batch x seq | tok/s | MFU | peak allocated GB | device-level peak GB | build s | build peak GB |")
-    print(f"|---|---|---|---|---|---|---|---|")
+    print("| model | batch x seq | tok/s | MFU | peak allocated GB | device-level peak GB | build s | build peak GB |")
+    print("|---|---|---|---|---|---|---|---|")
     print(f"| {model} {'NF4' if quantize else 'bf16'} r={r} | {batch} x {seq} | {tok_s:.0f} | {mfu} | {alloc:.2f} | "
           f"{device_peak / 1e9:.2f} | {load_s:.1f} | {load_alloc:.2f} |")
     print(f"loss {loss.item():.3f}, step times ms: {', '.join(f'{1000 * t:.0f}' for t in times)}")

@@ -5,8 +5,7 @@ and quantized to NF4 block by block while loading, with LoRA on every linear lay
 References: Touvron et al. 2023 (LLaMA, Llama 2); Meta's llama/model.py for the checkpoint layout.
 """
 import json
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
@@ -15,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from qlora import LoRALinear, NF4Weight, dequantize_nf4, merge_lora, quantize_nf4
+from qlora import LoRALinear, merge_lora, quantize_nf4
 
 
 class CheckpointError(ValueError):

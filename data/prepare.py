@@ -165,24 +165,13 @@ def segments(obj, where):
 
 
 def read_data(path):
-    # -> [(file:line, segments)], every line checked before any work is done
+    # -> [(file:line, segments)]: read_records' checks, then every example's fields, before any work is done
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: not found")
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): JSON strings may hold U+2028
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start})")
-    items = []
-    for n, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                items.append((f"{path}:{n}", segments(json.loads(line), f"{path}:{n}")))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: malformed JSON ({e.msg})")
-    if not items:
+    if path.stat().st_size == 0:
         raise DataError(f"{path}: empty (no JSON lines)")
-    return items
+    return [(f"{path}:{n}", segments(obj, f"{path}:{n}")) for n, obj in read_records(path)]
 
 
 def tokenize(items, tok, source_max_len, target_max_len, train_on_source=False):
