@@ -14,10 +14,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from data.files import InputError, atomic_save, atomic_write_bytes, atomic_write_text
 from qlora import LoRALinear, merge_lora, quantize_nf4
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     pass
 
 
@@ -387,7 +388,7 @@ def export_merged(model, out_dir, dtype=torch.float16):
             sd[name + ".weight"] = m.weight
     sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sd.items()}
     atomic_save(sd, out_dir / "consolidated.00.pth")
-    atomic_write(out_dir / "params.json", meta_params(model.config))
+    atomic_write_text(out_dir / "params.json", meta_params(model.config))
 
 
 def meta_params(cfg):
@@ -420,23 +421,4 @@ def export_peft(model, out_dir):
             "lora_dropout": cfg.lora_dropout, "target_modules": sorted(v.split(".")[1] for v in HF_NAMES.values()),
             "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": None}
     atomic_save(sd, out_dir / "adapter_model.bin")
-    atomic_write(out_dir / "adapter_config.json", json.dumps(conf, indent=2))
-
-
-def atomic_save(obj, path):
-    # write beside, then rename: an interrupted save never leaves a half-written file under the real name
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
-def atomic_write(path, text):
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_bytes(path, data):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    atomic_write_text(out_dir / "adapter_config.json", json.dumps(conf, indent=2))

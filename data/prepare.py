@@ -6,7 +6,6 @@ python data/prepare.py oasst   2023-04-12_oasst_ready.trees.jsonl     out.jsonl 
 python data/prepare.py guanaco openassistant_best_replies_train.jsonl out.jsonl  -> {"text": "### Human: ..."}
 """
 import json
-import os
 import random
 import re
 import sys
@@ -15,9 +14,13 @@ from pathlib import Path
 
 import torch  # only for get_batch
 
+if __name__ == "__main__":  # run as a script: the project folder, not data/, is the import root
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+from data.files import InputError, atomic_write_text
 
-class DataError(Exception):
-    pass  # one line, "file:line: what is wrong", shown to the user instead of a traceback
+
+class DataError(InputError):
+    pass
 
 
 ALPACA = {  # the Alpaca template, as in the paper's code
@@ -235,16 +238,11 @@ def main(args):
         print("usage: python data/prepare.py {alpaca,oasst,guanaco} SRC OUT.jsonl [--lang en]", file=sys.stderr)
         return 2
     kind, src, dst = args
-    skipped, tmp = Counter(), dst + ".tmp"
+    skipped = Counter()
     try:
         examples = convert(kind, src, lang, skipped)
-        # write beside the target and rename, so a failure never leaves a half-written file
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples)
-        os.replace(tmp, dst)
+        atomic_write_text(dst, "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples))
     except (DataError, OSError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         print(f"prepare.py: {e}", file=sys.stderr)
         return 2
     why = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
