@@ -276,24 +276,29 @@ class LLaMA(nn.Module):
 
         return cls(cfg, load, quantize)
 
-    @classmethod
-    def from_checkpoint(cls, ckpt_dir, quantize=True, device=None, dtype=torch.bfloat16, tokenizer=None, **lora):
-        ckpt_dir = Path(ckpt_dir)
-        pj = ckpt_dir / "params.json"
+    @staticmethod
+    def read_config(ckpt_dir, **lora):
+        # the architecture alone, from params.json: cheap, so defaults can be resolved before any weight is read
+        pj = Path(ckpt_dir) / "params.json"
         if not pj.is_file():
             raise CheckpointError(f"{pj}: not found (expected Meta's layout: params.json + consolidated.NN.pth)")
         try:
             params = json.loads(pj.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{pj}:{e.lineno}: invalid JSON ({e.msg})") from None
+        known = set(LLaMAConfig.__dataclass_fields__)
+        return LLaMAConfig(**{k: v for k, v in params.items() if k in known and v is not None}, **lora)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir, quantize=True, device=None, dtype=torch.bfloat16, tokenizer=None, **lora):
+        ckpt_dir = Path(ckpt_dir)
+        cfg = cls.read_config(ckpt_dir, **lora)
         shards = sorted(ckpt_dir.glob("consolidated.*.pth"))
         if not shards:
             raise CheckpointError(f"{ckpt_dir}: no consolidated.NN.pth checkpoint shards")
         for i, s in enumerate(shards):
             if s.name != f"consolidated.{i:02d}.pth":
                 raise CheckpointError(f"{ckpt_dir / f'consolidated.{i:02d}.pth'}: shard missing ({len(shards)} shards found)")
-        known = set(LLaMAConfig.__dataclass_fields__)
-        cfg = LLaMAConfig(**{k: v for k, v in params.items() if k in known and v is not None}, **lora)
         sds = []
         for s in shards:
             try:  # weights_only: a checkpoint is data, never code to run

@@ -7,6 +7,8 @@ QLoRA instruction finetuning of LLaMA, with the paper's recipe (Dettmers et al. 
   torchrun --standalone --nproc_per_node=2 train.py --model 13B # data parallel over 2 GPUs
 
 Every name in the config block below is a flag: --name=value or --name value (--resume alone means True).
+The flow is one way: parse the flags, resolve every default once (resolve), build with the resolved values,
+train, and save the resolved config beside the adapter: what is saved is what ran.
 """
 import hashlib
 import math
@@ -22,25 +24,28 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data.prepare import DataError, batch_order, get_batch, read_data, tokenize
+from data.files import InputError, atomic_save
+from data.prepare import batch_order, get_batch, read_data, tokenize
+from model import CONFIGS, LLaMA, LLaMAConfig, Tokenizer, export_merged, export_peft, find_tokenizer, train_tokenizer
+from qlora import PagedAdamW
 
 # -----------------------------------------------------------------------------------------------
 # config
 model = "tiny"  # checkpoints/NAME (Meta layout), or a named architecture with --init random
 ckpt_dir = ""  # a Meta checkpoint folder, overrides --model's folder
-init = ""  # "checkpoint" or "random" ("": random for tiny, checkpoint otherwise)
+init = ""  # "checkpoint" or "random" ("": random for the tiny demo, checkpoint otherwise)
 data = "data/sample.jsonl"  # JSONL: Alpaca {instruction,input,output}, {text} (### Human/### Assistant), {messages}
 out_dir = "out"
 max_iters = 1875  # optimizer steps (Guanaco 7B: 1875)
 batch_size = 16  # examples per optimizer step, reached by gradient accumulation
 micro_batch = 1  # examples per forward pass (per GPU)
-learning_rate = 0.0  # 0: 2e-4, or 1e-4 for 33B/65B (paper)
+learning_rate = 0.0  # 0: the paper's, 2e-4 up to 13B, 1e-4 for 33B/65B
 warmup_iters = -1  # -1: 3% of max_iters; then constant
 weight_decay = 0.0
 beta1, beta2 = 0.9, 0.999
 max_grad_norm = 0.3
 lora_r, lora_alpha = 64, 16.0
-lora_dropout = -1.0  # -1: 0.1 up to 13B, 0.05 above (paper)
+lora_dropout = -1.0  # -1: the paper's, 0.1 up to 13B, 0.05 for 33B/65B
 source_max_len, target_max_len = 1024, 256  # tokens of prompt and of response kept per example
 train_on_source = False  # False: loss on response tokens only
 group_by_length = True  # batch similar lengths together: less padding
@@ -53,10 +58,85 @@ seed = 0
 resume = False  # continue from out_dir/ckpt.pt exactly where it stopped
 export = ""  # after training: "merged" (16-bit Meta checkpoint), "peft" (HF adapter), or "merged,peft"
 sample_tokens, temperature = 64, 0.8  # the sample printed at the end
-TINY = dict(max_iters=400, batch_size=8, micro_batch=8, learning_rate=2e-3, warmup_iters=10, source_max_len=96,
+# the tiny demo (no flag naming a model) runs with these instead of the defaults above; flags still win
+DEMO = dict(max_iters=400, batch_size=8, micro_batch=8, learning_rate=2e-3, warmup_iters=10, source_max_len=96,
             target_max_len=48, eval_interval=100, eval_iters=4, log_interval=10, grad_checkpoint=False, val_fraction=0.08,
             temperature=0.0)
 # -----------------------------------------------------------------------------------------------
+
+# the paper's per-size settings (§5, Guanaco), keyed by the architecture (width), not by the folder name
+BIG_DIM = 6656  # 33B and up
+
+
+def paper_defaults(dim):
+    big = dim >= BIG_DIM
+    return dict(learning_rate=1e-4 if big else 2e-4, lora_dropout=0.05 if big else 0.1)
+
+
+# peak dense bf16 FLOP/s per GPU, for MFU
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "4090": 165e12}
+
+
+def flops_per_token(n_base, grad_checkpoint):
+    # forward 2N, backward 2N (input gradients only: the base is frozen), recomputation 2N; N = linear params
+    return (6 if grad_checkpoint else 4) * n_base
+
+
+def parse_args(argv, defaults):
+    # nanoGPT-style: --key=value or --key value, typed like the default; a bool flag alone means true
+    pairs, i = [], 0
+    while i < len(argv):
+        key, eq, val = argv[i][2:].partition("=")
+        if not argv[i].startswith("--") or key not in defaults:
+            raise InputError(f"unknown flag {argv[i]} (flags: {', '.join('--' + k for k in defaults)})")
+        if not eq and isinstance(defaults[key], bool) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            val = "true"
+        elif not eq:
+            if i + 1 == len(argv):
+                raise InputError(f"flag --{key} needs a value")
+            i, val = i + 1, argv[i + 1]
+        pairs.append((key, val))
+        i += 1
+    given = {}
+    for key, val in pairs:
+        kind = type(defaults[key])
+        try:
+            if kind is bool and val.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise ValueError
+            given[key] = val.lower() in ("1", "true", "yes") if kind is bool else kind(val)
+        except ValueError:
+            raise InputError(f"--{key}: expected {kind.__name__}, got {val!r}") from None
+    return given
+
+
+def resolve(given, defaults):
+    # every default, once: the demo's, then the paper's per-size ones (which need the architecture)
+    c = dict(defaults)
+    demo = given.get("model", c["model"]) == "tiny" and not given.get("ckpt_dir") and given.get("init", "random") in ("", "random")
+    c.update(DEMO if demo else {}, **given)
+    c["demo"] = demo
+    for k in ("batch_size", "micro_batch", "eval_interval", "eval_iters", "log_interval", "lora_r"):
+        if c[k] < 1:
+            raise InputError(f"--{k} must be at least 1, got {c[k]}")
+    if set(filter(None, c["export"].split(","))) - {"merged", "peft"}:
+        raise InputError(f"--export: expected merged, peft or merged,peft, got {c['export']!r}")
+    c["init"] = c["init"] or ("random" if demo else "checkpoint")
+    if c["init"] not in ("random", "checkpoint"):
+        raise InputError(f"--init must be 'checkpoint' or 'random', got {c['init']!r}")
+    if c["init"] == "random":
+        if c["model"] not in CONFIGS:
+            raise InputError(f"--model {c['model']}: unknown architecture for --init random (known: {', '.join(CONFIGS)})")
+        arch = LLaMAConfig(**CONFIGS[c["model"]])
+    else:
+        c["ckpt_dir"] = c["ckpt_dir"] or f"checkpoints/{c['model']}"
+        if not given.get("ckpt_dir") and c["model"] not in CONFIGS and not Path(c["ckpt_dir"]).is_dir():
+            raise InputError(f"--model {c['model']}: no folder {c['ckpt_dir']} and not a known name ({', '.join(CONFIGS)})")
+        arch = LLaMA.read_config(c["ckpt_dir"])
+    paper = paper_defaults(arch.dim)
+    c["learning_rate"] = c["learning_rate"] or paper["learning_rate"]
+    c["lora_dropout"] = c["lora_dropout"] if c["lora_dropout"] >= 0 else paper["lora_dropout"]
+    c["warmup_iters"] = c["warmup_iters"] if c["warmup_iters"] >= 0 else int(0.03 * c["max_iters"])
+    return c
 
 
 def fail(msg):
@@ -64,46 +144,33 @@ def fail(msg):
     sys.exit(2)
 
 
-def parse_args(argv, cfg):
-    # nanoGPT-style: --key=value or --key value, typed like the default; a bool flag alone means true
-    pairs, i = [], 0
-    while i < len(argv):
-        key, eq, val = argv[i][2:].partition("=")
-        if not argv[i].startswith("--") or key not in cfg:
-            fail(f"unknown flag {argv[i]} (flags: {', '.join('--' + k for k in cfg)})")
-        if not eq and isinstance(cfg[key], bool) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-            val = "true"
-        elif not eq:
-            if i + 1 == len(argv):
-                fail(f"flag --{key} needs a value")
-            i, val = i + 1, argv[i + 1]
-        pairs.append((key, val))
-        i += 1
-    given = dict(pairs)
-    if given.get("model", "tiny") == "tiny" and "ckpt_dir" not in given and given.get("init", "random") == "random":
-        cfg.update(TINY)  # the demo's own defaults; flags still override them
-    for key, val in pairs:
-        kind = type(cfg[key])
-        try:
-            if kind is bool and val.lower() not in ("1", "true", "yes", "0", "false", "no"):
-                raise ValueError
-            cfg[key] = val.lower() in ("1", "true", "yes") if kind is bool else kind(val)
-        except ValueError:
-            fail(f"--{key}: expected {kind.__name__}, got {val!r}")
+def load_tokenizer(c, items, master, ddp):
+    # the checkpoint's tokenizer (beside it or one level up: Meta's download layout); for the demo, or a
+    # random model with none, a small BPE trained on the data and cached per data under out_dir
+    tok_path = None if c["demo"] else find_tokenizer(c["ckpt_dir"] or f"checkpoints/{c['model']}")
+    if tok_path is None and c["init"] == "checkpoint":
+        tok_path = Path(c["ckpt_dir"]) / "tokenizer.model"
+    if tok_path is None:
+        texts = [t for _, segs in items for t, _ in segs]
+        digest = hashlib.sha1("\x00".join(texts).encode()).hexdigest()[:10]
+        tok_path = Path(c["out_dir"]) / f"tokenizer-{digest}.model"
+        if master and not tok_path.exists():
+            train_tokenizer(texts, tok_path, CONFIGS["tiny"]["vocab_size"])
+        if ddp:
+            dist.barrier()
+    return Tokenizer(tok_path)
 
 
-if __name__ == "__main__":
-    cfg = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
-    parse_args(sys.argv[1:], cfg)
-    for k in ("batch_size", "micro_batch", "eval_interval", "eval_iters", "log_interval", "lora_r"):
-        if cfg[k] < 1:
-            fail(f"--{k} must be at least 1, got {cfg[k]}")
-    globals().update(cfg)
-    run_config = cfg
-    from model import (CONFIGS, CheckpointError, LLaMA, LLaMAConfig, Tokenizer, atomic_save, export_merged, export_peft,
-                       find_tokenizer, train_tokenizer)
-    from qlora import PagedAdamW
+def build_model(c, tok, device, dtype):
+    lora = dict(lora_r=c["lora_r"], lora_alpha=c["lora_alpha"], lora_dropout=c["lora_dropout"])
+    if c["init"] == "checkpoint":
+        return LLaMA.from_checkpoint(c["ckpt_dir"], device=device, dtype=dtype, tokenizer=tok.path, **lora)
+    mcfg = LLaMAConfig(**{**CONFIGS[c["model"]], **lora})
+    mcfg.vocab_size = tok.n_words if c["demo"] else max(mcfg.vocab_size, tok.n_words)
+    return LLaMA.from_config(mcfg, device=device, dtype=dtype, seed=c["seed"])
 
+
+def train(c):
     # distributed (torchrun sets RANK), as in nanoGPT
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
@@ -115,99 +182,59 @@ if __name__ == "__main__":
     if ddp:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     master = rank == 0
-    if batch_size % (micro_batch * world):
-        fail(f"--batch_size {batch_size} must be a multiple of --micro_batch {micro_batch} × {world} processes")
-    grad_accum = batch_size // (micro_batch * world)
-    torch.manual_seed(seed + rank)
+    if c["batch_size"] % (c["micro_batch"] * world):
+        raise InputError(f"--batch_size {c['batch_size']} must be a multiple of --micro_batch {c['micro_batch']} × {world} processes")
+    grad_accum = c["batch_size"] // (c["micro_batch"] * world)
+    torch.manual_seed(c["seed"] + rank)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    out_dir, data = Path(c["out_dir"]), c["data"]
 
-    # model: named size → folder; its tokenizer beside it or one level up (Meta's download layout)
-    init = init or ("random" if model == "tiny" and not ckpt_dir else "checkpoint")
-    lora = dict(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=max(lora_dropout, 0.0))
-    warmup_iters = warmup_iters if warmup_iters >= 0 else int(0.03 * max_iters)
-    if set(filter(None, export.split(","))) - {"merged", "peft"}:
-        fail(f"--export: expected merged, peft or merged,peft, got {export!r}")
-    try:
-        items = read_data(data)
-    except DataError as e:
-        fail(str(e))
+    items = read_data(data)
     t0 = time.time()
-    try:
-        if init == "random":
-            if model not in CONFIGS:
-                fail(f"--model {model}: unknown architecture for --init random (known: {', '.join(CONFIGS)})")
-            tok_path = None if model == "tiny" else find_tokenizer(ckpt_dir or f"checkpoints/{model}")
-            if tok_path is None:  # no tokenizer with the weights: train a small one on the data, cached per data
-                texts = [t for _, segs in items for t, _ in segs]
-                digest = hashlib.sha1("\x00".join(texts).encode()).hexdigest()[:10]
-                tok_path = Path(out_dir) / f"tokenizer-{digest}.model"
-                if master and not tok_path.exists():
-                    train_tokenizer(texts, tok_path, CONFIGS["tiny"]["vocab_size"])
-                if ddp:
-                    dist.barrier()
-            tok = Tokenizer(tok_path)
-            mcfg = LLaMAConfig(**{**CONFIGS[model], **lora})
-            mcfg.vocab_size = tok.n_words if model == "tiny" else max(mcfg.vocab_size, tok.n_words)
-            net = LLaMA.from_config(mcfg, device=device, dtype=dtype, seed=seed)
-        elif init == "checkpoint":
-            path = Path(ckpt_dir or f"checkpoints/{model}")
-            if not ckpt_dir and model not in CONFIGS and not path.is_dir():
-                fail(f"--model {model}: no folder {path} and not a known name ({', '.join(CONFIGS)})")
-            net = LLaMA.from_checkpoint(path, device=device, dtype=dtype, **lora)
-            tok = Tokenizer(find_tokenizer(path) or path / "tokenizer.model")
-        else:
-            fail(f"--init must be 'checkpoint' or 'random', got {init!r}")
-    except CheckpointError as e:
-        fail(str(e))
-    # the paper's settings for 33B and up (read off the architecture, whatever the folder is called)
-    big = net.config.dim >= 6656
-    learning_rate = learning_rate or (1e-4 if big else 2e-4)
-    if lora_dropout < 0:
-        net.config.lora_dropout = 0.05 if big else 0.1
-        for m in net.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = net.config.lora_dropout
-    net.grad_checkpoint = grad_checkpoint
-    raw = net
-    n_base = sum(m.in_features * m.out_features for m in net.modules() if hasattr(m, "lora_A"))  # block linears
+    tok = load_tokenizer(c, items, master, ddp)
+    raw = build_model(c, tok, device, dtype)
+    raw.grad_checkpoint = c["grad_checkpoint"]
+    n_base = sum(m.in_features * m.out_features for m in raw.modules() if hasattr(m, "lora_A"))  # block linears
     if master:
-        print(f"model {model} ({init}): {n_base / 1e6:.1f}M params in {'NF4' if net.quantize else dtype} linears, "
-              f"{sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6:.2f}M LoRA params, "
+        print(f"model {c['model']} ({c['init']}): {n_base / 1e6:.1f}M params in {'NF4' if raw.quantize else dtype} linears, "
+              f"{sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6:.2f}M LoRA params, "
               f"loaded in {time.time() - t0:.1f}s on {device}")
-    if compile:
-        for layer in net.layers:
+    net = raw
+    if c["compile"]:
+        for layer in raw.layers:
             layer.compile()
     if ddp:  # only the LoRA weights are trained; never broadcast the 4-bit buffers
         warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")  # newer torch; its own advice
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[int(device[5:])] if device.startswith("cuda") else None,
+        net = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[int(device[5:])] if device.startswith("cuda") else None,
                                                         broadcast_buffers=False)
 
     try:
-        examples, truncated, dropped = tokenize(items, tok, source_max_len, target_max_len, train_on_source)
-    except DataError as e:
-        fail(f"{data}: {e}")
+        examples, truncated, dropped = tokenize(items, tok, c["source_max_len"], c["target_max_len"], c["train_on_source"])
+    except InputError as e:
+        raise InputError(f"{data}: {e}") from None
     if master and (truncated or dropped):
-        print(f"{data}: {truncated} examples cut to --source_max_len={source_max_len} / --target_max_len={target_max_len}; "
+        print(f"{data}: {truncated} examples cut to --source_max_len={c['source_max_len']} / --target_max_len={c['target_max_len']}; "
               f"{dropped} dropped (no response tokens left)")
-    random.Random(seed).shuffle(examples)
-    n_val = int(len(examples) * val_fraction) if len(examples) > 1 else 0
+    random.Random(c["seed"]).shuffle(examples)
+    n_val = int(len(examples) * c["val_fraction"]) if len(examples) > 1 else 0
     val_set, train_set = examples[:n_val], examples[n_val:]
+    micro_batch = c["micro_batch"]
     if len(train_set) < micro_batch:
-        fail(f"{data}: {len(train_set)} training examples, fewer than --micro_batch {micro_batch}")
+        raise InputError(f"{data}: {len(train_set)} training examples, fewer than --micro_batch {micro_batch}")
 
     params = [p for p in raw.parameters() if p.requires_grad]
-    optimizer = PagedAdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
-    iter_num, ckpt_path = 0, Path(out_dir) / "ckpt.pt"
-    if resume:
+    optimizer = PagedAdamW(params, lr=c["learning_rate"], betas=(c["beta1"], c["beta2"]), weight_decay=c["weight_decay"])
+    iter_num, ckpt_path = 0, out_dir / "ckpt.pt"
+    if c["resume"]:
         if not ckpt_path.is_file():
-            fail(f"--resume: {ckpt_path} not found")
+            raise InputError(f"--resume: {ckpt_path} not found")
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # states go straight to paged memory
         for k in ("model", "ckpt_dir", "data", "seed", "batch_size", "micro_batch", "lora_r", "source_max_len", "target_max_len"):
-            if ck["config"].get(k) != run_config[k]:  # anything that changes the model or the data stream
-                fail(f"--resume: {ckpt_path} was made with --{k} {ck['config'].get(k)}, this run has --{k} {run_config[k]}")
+            if ck["config"].get(k) != c[k]:  # anything that changes the model or the data stream
+                raise InputError(f"--resume: {ckpt_path} was made with --{k} {ck['config'].get(k)}, this run has --{k} {c[k]}")
         if len(ck["rng"]) != world:
-            fail(f"--resume: {ckpt_path} was made by {len(ck['rng'])} processes, this run has {world}")
+            raise InputError(f"--resume: {ckpt_path} was made by {len(ck['rng'])} processes, this run has {world}")
         raw.load_state_dict(ck["lora"], strict=False)
         optimizer.load_state_dict(ck["optimizer"])
         iter_num = ck["iter_num"]
@@ -218,20 +245,20 @@ if __name__ == "__main__":
             print(f"resumed from {ckpt_path} at iter {iter_num}")
     os.makedirs(out_dir, exist_ok=True)
 
+    orders = {}
+
     def micro_batch_indices(k):
         # the k-th micro-batch of the run, all processes together: process r takes every world-th one
         epoch, j = divmod(k, len(train_set) // micro_batch)
         if epoch not in orders:
-            orders[epoch] = batch_order([len(ids) for ids, _ in train_set], epoch, micro_batch, seed, group_by_length)
+            orders[epoch] = batch_order([len(ids) for ids, _ in train_set], epoch, micro_batch, c["seed"], c["group_by_length"])
         return orders[epoch][j]
-
-    orders = {}
 
     @torch.no_grad()
     def evaluate():
         raw.eval()
         losses = []
-        for s in range(0, min(len(val_set), eval_iters * micro_batch), micro_batch):
+        for s in range(0, min(len(val_set), c["eval_iters"] * micro_batch), micro_batch):
             x, y = get_batch(val_set, range(s, min(s + micro_batch, len(val_set))))
             with ctx:
                 losses.append(raw(x.to(device), y.to(device))[1].item())
@@ -245,24 +272,23 @@ if __name__ == "__main__":
         if ddp:
             dist.all_gather_object(rngs, rng)
         if master:
-            adapter = {"lora": raw.lora_state_dict(), "model_config": vars(raw.config), "config": run_config}
+            adapter = {"lora": raw.lora_state_dict(), "model_config": vars(raw.config), "config": c}
             atomic_save({**adapter, "optimizer": optimizer.state_dict(), "iter_num": it, "rng": rngs}, ckpt_path)
-            atomic_save(adapter, Path(out_dir) / "adapter.pt")
+            atomic_save(adapter, out_dir / "adapter.pt")
 
-    # FLOPs per token, for MFU: forward 2N, backward 2N (input grads only: the base is frozen), recompute 2N
-    flops_per_token = (6 if grad_checkpoint else 4) * n_base
     name = torch.cuda.get_device_name() if device.startswith("cuda") else ""
-    peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "4090": 165e12}.items()
-                 if k in name), None)
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    fpt = flops_per_token(n_base, c["grad_checkpoint"])
+    max_iters, warmup = c["max_iters"], c["warmup_iters"]
 
     raw.train()
     t_start, dt_avg, val0 = time.time(), None, None
     for it in range(iter_num, max_iters):
-        if it % eval_interval == 0 and val_set and master:
+        if it % c["eval_interval"] == 0 and val_set and master:
             val = evaluate()
             val0 = val if val0 is None else val0
             print(f"iter {it}: val loss {val:.4f}")
-        lr = learning_rate * min(1.0, (it + 1) / (warmup_iters + 1))  # linear warmup, then constant
+        lr = c["learning_rate"] * min(1.0, (it + 1) / (warmup + 1))  # linear warmup, then constant
         for group in optimizer.param_groups:
             group["lr"] = lr
         t = time.time()
@@ -281,7 +307,7 @@ if __name__ == "__main__":
             dist.all_reduce(stats)
             loss_sum, n_tok = stats[0].item(), int(stats[1].item())
         # a NaN/inf anywhere (any process: the gradients are already averaged) shows in the gradient norm
-        gnorm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, c["max_grad_norm"]).item()
         if not (math.isfinite(loss_sum) and math.isfinite(gnorm)):
             fail(f"iter {it}: loss {loss_sum}, gradient norm {gnorm}; stopping before the update "
                  f"(last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none'})")
@@ -289,29 +315,41 @@ if __name__ == "__main__":
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t
         dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
-        if master and (it % log_interval == 0 or it == max_iters - 1):
+        if master and (it % c["log_interval"] == 0 or it == max_iters - 1):
             tok_s = n_tok / dt  # tokens (padding not counted) per second, all processes
-            mfu = f"{100 * flops_per_token * tok_s / peak:.1f}%" if peak else "-"
+            mfu = f"{100 * fpt * tok_s / peak:.1f}%" if peak else "-"
             mem = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else resource.getrusage(0).ru_maxrss / 1e6
             eta = dt_avg * (max_iters - it - 1)
             print(f"iter {it}: loss {loss_sum:.4f}, lr {lr:.2e}, {dt * 1000:.0f}ms, {tok_s:.1f} tok/s, mfu {mfu}, "
                   f"mem {mem:.2f}GB, eta {eta // 60:.0f}m{eta % 60:02.0f}s")
-        if (it + 1) % eval_interval == 0 or it == max_iters - 1:
+        if (it + 1) % c["eval_interval"] == 0 or it == max_iters - 1:
             save_checkpoint(it + 1)
     if master:
         if val_set:
             val = evaluate()
             print(f"iter {max_iters}: val loss {val:.4f}" + (f" ({100 * (val / val0 - 1):+.0f}% since iter {iter_num})" if val0 else ""))
-        print(f"trained {max_iters - iter_num} iters in {time.time() - t_start:.1f}s; adapter in {Path(out_dir) / 'adapter.pt'}")
-        if sample_tokens and (val_set or train_set):
+        print(f"trained {max_iters - iter_num} iters in {time.time() - t_start:.1f}s; adapter in {out_dir / 'adapter.pt'}")
+        if c["sample_tokens"] and (val_set or train_set):
             ids, labels = (val_set or train_set)[0]
             prompt = ids[: next(i for i, l in enumerate(labels) if l != -100)]
             raw.eval()
             with ctx:
-                out = raw.generate(torch.tensor([prompt], device=device), sample_tokens, temperature, top_k=200, eos_id=tok.eos_id)
+                out = raw.generate(torch.tensor([prompt], device=device), c["sample_tokens"], c["temperature"], top_k=200, eos_id=tok.eos_id)
             print(f"--- sample ---\n{tok.decode(prompt)}{tok.decode(out[0, len(prompt):].tolist())}")
-        for kind in filter(None, export.split(",")):
-            (export_merged if kind == "merged" else export_peft)(raw, Path(out_dir) / kind)
-            print(f"exported {kind} to {Path(out_dir) / kind}")
+        for kind in filter(None, c["export"].split(",")):
+            (export_merged if kind == "merged" else export_peft)(raw, out_dir / kind)
+            print(f"exported {kind} to {out_dir / kind}")
     if ddp:
         dist.destroy_process_group()
+
+
+def main(argv):
+    defaults = {k: v for k, v in globals().items() if not k.startswith("_") and k.islower() and isinstance(v, (int, float, bool, str))}
+    try:
+        train(resolve(parse_args(argv, defaults), defaults))
+    except InputError as e:  # data, flags and checkpoints: one line, never a traceback
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
