@@ -1430,3 +1430,221 @@ def test_real_instructions_through_the_pipeline(tmp_path):
     for (ids, labels), r in zip(examples, rows):
         resp = [t for t in labels if t != -100]
         assert resp[-1] == tok.eos_id and tok.decode(resp[:-1]) == r["output"].strip()
+
+
+# ---------------------------------------------------------------------------------------------------
+# data/mmlu.py: MMLU 5-shot prompts, letter scoring and the macro average, on a tiny MMLU folder written
+# here in both public shapes (Hendrycks et al.'s CSVs and the QLoRA code's five_shot_mmlu_*.json)
+
+import csv  # noqa: E402
+import data.mmlu as MM
+from data.files import InputError
+
+HEAD = "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
+ALGEBRA_DEV = ('"Is 2, or 3, prime?",only 2,only 3,both,neither,C\n1+1?,1,2,3,4,B\n2+2?,2,3,4,5,C\n'
+               '"Two\nlines?",yes,no,maybe,never,A\n3+3?,6,7,8,9,A\n')
+ALGEBRA_VAL = "5+5?,10,11,12,13,A\n6+1?,5,6,7,8,C\n"
+SHOTS = ["Is 2, or 3, prime?\nA. only 2\nB. only 3\nC. both\nD. neither\nAnswer: C\n\n",
+         "1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\n", "2+2?\nA. 2\nB. 3\nC. 4\nD. 5\nAnswer: C\n\n",
+         "Two\nlines?\nA. yes\nB. no\nC. maybe\nD. never\nAnswer: A\n\n", "3+3?\nA. 6\nB. 7\nC. 8\nD. 9\nAnswer: A\n\n"]
+FIRST_Q = "5+5?\nA. 10\nB. 11\nC. 12\nD. 13\nAnswer:"
+# answers of the val questions: unequal subject sizes, so the mean over subjects differs from that over questions
+VAL_ANSWERS = {"abstract_algebra": "AC", "philosophy": "ACA", "sports_trivia": "DBAAC"}  # sports_trivia: no category
+
+
+def mmlu_row(subject, i, letter):
+    return [f"Which {subject.replace('_', ' ')} fact {i} holds?", f"fact {i}", f"no fact {i}", f"all of {i}", f"none {i}", letter]
+
+
+def mmlu_prompt(subject, dev, row):  # the standard 5-shot prompt, written out independently of data/mmlu.py
+    q = lambda r: f"{r[0]}\nA. {r[1]}\nB. {r[2]}\nC. {r[3]}\nD. {r[4]}\nAnswer:"  # noqa: E731
+    shots = "".join(f"{q(r)} {r[5]}\n\n" for r in dev[:5])
+    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n{shots}{q(row)}"
+
+
+@pytest.fixture(scope="session")
+def mmlu_dirs(tmp_path_factory):
+    # (csv folder, json folder, [(subject, prompt, answer)]) with the same val questions in both
+    root = tmp_path_factory.mktemp("mmlu")
+    for sub in ("csv/dev", "csv/val", "json"):
+        (root / sub).mkdir(parents=True)
+    (root / "csv/dev/abstract_algebra_dev.csv").write_text(ALGEBRA_DEV)
+    (root / "csv/val/abstract_algebra_val.csv").write_text(ALGEBRA_VAL)
+    algebra = list(csv.reader(io.StringIO(ALGEBRA_DEV)))
+    items = [("abstract_algebra", mmlu_prompt("abstract_algebra", algebra, r), r[5]) for r in csv.reader(io.StringIO(ALGEBRA_VAL))]
+    for subject, n_dev in (("philosophy", 5), ("sports_trivia", 6)):  # 6: only the first five are shots
+        dev = [mmlu_row(subject, i, "ABCDA"[i % 5]) for i in range(n_dev)]
+        val = [mmlu_row(subject, 10 + i, a) for i, a in enumerate(VAL_ANSWERS[subject])]
+        for split, rows in (("dev", dev), ("val", val)):
+            with open(root / f"csv/{split}/{subject}_{split}.csv", "w", newline="") as f:
+                csv.writer(f).writerows(rows)
+        items += [(subject, mmlu_prompt(subject, dev, r), r[5]) for r in val]
+    (root / "json/five_shot_mmlu_val.json").write_text(
+        "".join(json.dumps({"subject": s, "input": p, "output": a}) + "\n" for s, p, a in items))
+    return root / "csv", root / "json", items
+
+
+@pytest.fixture(scope="session")
+def mmlu_tok(tmp_path_factory, mmlu_dirs):
+    # a tokenizer trained on the prompts: "A".."D" after "Answer:" are single tokens in it
+    path = tmp_path_factory.mktemp("mmlu_tok") / "tokenizer.model"
+    M.train_tokenizer([p + " " + a for _, p, a in mmlu_dirs[2]] * 4, path, vocab_size=160)
+    return M.Tokenizer(path)
+
+
+class RiggedModel(torch.nn.Module):
+    # logits prefer the letter want(prompt) at a row's last prompt token and "D" everywhere else, so
+    # reading any other position (the padding, say) shows up as a wrong answer
+    def __init__(self, tok, want, vocab):
+        super().__init__()
+        self.tok, self.want, self.vocab = tok, want, vocab
+        self.letters = [tok.encode("Answer: " + c)[-1] for c in "ABCD"]
+
+    def forward(self, idx):
+        assert not self.training and not torch.is_grad_enabled()
+        logits = torch.zeros(*idx.shape, self.vocab)
+        logits[:, :, self.letters[3]] = 0.5
+        for b, row in enumerate(idx.tolist()):
+            for prompt, letter in self.want.items():
+                ids = self.tok.encode(prompt, bos=True)
+                if row[: len(ids)] == ids:
+                    logits[b, len(ids) - 1, self.letters["ABCD".index(letter)]] = 1.0
+        return logits, None
+
+
+def test_mmlu_reads_both_shapes_and_builds_the_standard_prompt(mmlu_dirs):
+    csv_dir, json_dir, items = mmlu_dirs
+    qs = MM.read_mmlu(csv_dir)
+    assert MM.prompt_text(qs[0]) == (
+        "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
+        "Is 2, or 3, prime?\nA. only 2\nB. only 3\nC. both\nD. neither\nAnswer: C\n\n"
+        "1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\n"
+        "2+2?\nA. 2\nB. 3\nC. 4\nD. 5\nAnswer: C\n\n"
+        "Two\nlines?\nA. yes\nB. no\nC. maybe\nD. never\nAnswer: A\n\n"
+        "3+3?\nA. 6\nB. 7\nC. 8\nD. 9\nAnswer: A\n\n"
+        "5+5?\nA. 10\nB. 11\nC. 12\nD. 13\nAnswer:")
+    for d in (csv_dir, json_dir):
+        qs = MM.read_mmlu(d)
+        assert [(q["subject"], MM.prompt_text(q), "ABCD"[q["answer"]]) for q in qs] == items
+        short = MM.read_mmlu(d, max_per_subject=2)
+        assert [q["subject"] for q in short] == ["abstract_algebra"] * 2 + ["philosophy"] * 2 + ["sports_trivia"] * 2
+        assert [MM.prompt_text(q) for q in short] == [p for p, s in zip((p for _, p, _ in items), [0, 1, 0, 1, 2, 0, 1, 2, 3, 4])
+                                                      if s < 2]
+
+
+def test_mmlu_rigged_model_scores_and_macro_average(mmlu_dirs, mmlu_tok):
+    csv_dir, json_dir, items = mmlu_dirs
+    for d in (csv_dir, json_dir):
+        qs = MM.read_mmlu(d)
+        model = RiggedModel(mmlu_tok, {p: a for _, p, a in items}, mmlu_tok.n_words).train()
+        r = MM.evaluate(model, mmlu_tok, qs, batch_size=4, device="cpu", max_len=1024)
+        assert model.training  # mode restored
+        assert r["accuracy"] == 1.0 and r["predictions"] == [a for _, _, a in items] and r["questions"] == 10
+        model = RiggedModel(mmlu_tok, {p: "A" for _, p, _ in items}, mmlu_tok.n_words).eval()
+        r = MM.evaluate(model, mmlu_tok, qs, batch_size=3, device="cpu", max_len=1024)
+        assert not model.training and r["predictions"] == ["A"] * 10
+        share = {s: a.count("A") / len(a) for s, a in VAL_ANSWERS.items()}  # 1/2, 2/3, 2/5
+        assert r["subjects"] == pytest.approx(share)
+        assert r["accuracy"] == pytest.approx((1 / 2 + 2 / 3 + 2 / 5) / 3)  # over subjects: 0.522, over questions 0.5
+        assert r["categories"] == pytest.approx({"STEM": 1 / 2, "humanities": 2 / 3, "other": 2 / 5})
+        assert r["dropped_shots"] == r["cut_prompts"] == 0
+
+
+def test_mmlu_long_prompts_drop_shots_from_the_front(mmlu_dirs, mmlu_tok):
+    csv_dir, json_dir, items = mmlu_dirs
+    q = MM.read_mmlu(csv_dir)[0]
+    enc = lambda s: mmlu_tok.encode(s, bos=True)  # noqa: E731
+    full = enc(HEAD + "".join(SHOTS) + FIRST_Q)
+    assert MM.prompt_ids(q, mmlu_tok, len(full)) == (full, 0, False)
+    assert MM.prompt_ids(q, mmlu_tok, len(full) - 1) == (enc(HEAD + "".join(SHOTS[1:]) + FIRST_Q), 1, False)
+    three = enc(HEAD + "".join(SHOTS[3:]) + FIRST_Q)
+    assert MM.prompt_ids(q, mmlu_tok, len(three)) == (three, 3, False)
+    bare = enc(HEAD + FIRST_Q)
+    assert MM.prompt_ids(q, mmlu_tok, 6) == ([mmlu_tok.bos_id] + bare[-5:], 5, True)
+    # the preprocessed shape: the input as given, cut from the front after bos
+    qj = MM.read_mmlu(json_dir)[0]
+    assert MM.prompt_ids(qj, mmlu_tok, len(full)) == (full, 0, False)
+    assert MM.prompt_ids(qj, mmlu_tok, len(full) - 3) == ([mmlu_tok.bos_id] + full[-(len(full) - 4):], 0, True)
+    # evaluate counts them; the rigged model is still read at each row's real last token
+    qs = MM.read_mmlu(csv_dir)
+    n = len(full) - 1
+    want = {MM.prompt_text(x, MM.prompt_ids(x, mmlu_tok, n)[1]): "ABCD"[x["answer"]] for x in qs}
+    r = MM.evaluate(RiggedModel(mmlu_tok, want, mmlu_tok.n_words), mmlu_tok, qs, 8, "cpu", n)
+    assert r["accuracy"] == 1.0 and r["dropped_shots"] == sum(MM.prompt_ids(x, mmlu_tok, n)[1] for x in qs) > 0
+    assert MM.summary(7, "val", r).startswith("iter 7: mmlu val 1.000 (3 subjects, 10 questions, ")
+    assert MM.summary(7, "val", r).endswith(f" s, {r['dropped_shots']} shots dropped)")
+
+
+def test_mmlu_padding_does_not_change_predictions(mmlu_dirs, mmlu_tok):
+    # a real tiny LLaMA: batch of 1, batch of 8 (right-padded) and the last logits of each prompt run alone agree
+    cfg = M.LLaMAConfig(**dict(M.CONFIGS["tiny"], vocab_size=mmlu_tok.n_words))
+    model = M.LLaMA.from_config(cfg, quantize=False, dtype=torch.float32)
+    qs = MM.read_mmlu(mmlu_dirs[0])
+    letters = [mmlu_tok.encode("Answer: " + c)[-1] for c in "ABCD"]
+    with torch.no_grad():
+        ref = ["ABCD"[model(torch.tensor([mmlu_tok.encode(p, bos=True)]))[0][0, -1, letters].argmax()] for _, p, _ in mmlu_dirs[2]]
+    one = MM.evaluate(model, mmlu_tok, qs, 1, "cpu", cfg.max_seq_len)["predictions"]
+    eight = MM.evaluate(model, mmlu_tok, qs, 8, "cpu", cfg.max_seq_len)["predictions"]
+    assert one == eight == ref and len(set(ref)) > 1
+    assert model.training
+
+
+def test_mmlu_log_line_per_evaluation(tmp_path):
+    r = {"accuracy": 0.35212, "questions": 1531, "subjects": {"anatomy": 0.5, "virology": 0.2042},
+         "categories": {"other": 0.3521}, "dropped_shots": 0, "cut_prompts": 0, "seconds": 41.2}
+    assert MM.summary(200, "val", r) == "iter 200: mmlu val 0.352 (2 subjects, 1531 questions, 41 s)"
+    MM.append_log(tmp_path, "val", 0, r)
+    MM.append_log(tmp_path, "val", 200, dict(r, accuracy=0.4))
+    lines = (tmp_path / "mmlu_val.jsonl").read_text().splitlines()
+    assert [json.loads(l) for l in lines] == [
+        {"iter": 0, "accuracy": 0.35212, "questions": 1531, "subjects": {"anatomy": 0.5, "virology": 0.2042}, "categories": {"other": 0.3521}},
+        {"iter": 200, "accuracy": 0.4, "questions": 1531, "subjects": {"anatomy": 0.5, "virology": 0.2042}, "categories": {"other": 0.3521}}]
+
+
+def test_mmlu_category_table_has_the_57_subjects():
+    names = [s for v in MM.CATEGORIES.values() for s in v.split()]
+    assert len(names) == len(set(names)) == 57
+    assert [len(v.split()) for v in MM.CATEGORIES.values()] == [18, 13, 12, 14]
+    assert MM.category("high_school_us_history") == "humanities" and MM.category("made_up") == "other"
+
+
+BAD_MMLU = [  # ({file: text}, text the one-line error must contain)
+    ({}, "not an MMLU folder"),
+    ({"dev/x_dev.csv": "q,a,b,c,d,A\n", "val/x_val.csv": '"two\nlines",a,b,c,d,A\nq,a,b,c,d\n'}, "x_val.csv:3: expected 6 fields"),
+    ({"dev/x_dev.csv": "q,a,b,c,d,A\n\nq,a,b,c,d,E\n", "val/x_val.csv": "q,a,b,c,d,A\n"}, "x_dev.csv:3: answer 'E' is not one of"),
+    ({"dev/x_dev.csv": "q,a,b,c,d,A\n", "val/x_val.csv": "q,a,b,c,d,A\n", "val/y_val.csv": "q,a,b,c,d,B\n"},
+     "y_dev.csv: no dev questions for subject 'y'"),
+    ({"dev/x_dev.csv": "", "val/x_val.csv": "q,a,b,c,d,A\n"}, "x_dev.csv: no dev questions"),
+    ({"dev/x_dev.csv": "q,a,b,c,d,A\n", "val/x_val.csv": b"q,\xff,b,c,d,A\n"}, "x_val.csv:1: cannot read"),
+    ({"dev/x_dev.csv": "q,a,b,c,d,A\n", "test/x_test.csv": "q,a,b,c,d,A\n"}, "not an MMLU folder"),
+    ({"five_shot_mmlu_val.json": '{"subject": "x", "input": "Answer:", "output": "A"}\n{"subject": "x",\n'},
+     "five_shot_mmlu_val.json:2: malformed JSON"),
+    ({"five_shot_mmlu_val.json": '{"subject": "x", "input": "Answer:", "output": "A"}\n{"subject": "x", "input": "Answer:", "output": "E"}\n'},
+     "five_shot_mmlu_val.json:2: missing or invalid field 'output'"),
+    ({"five_shot_mmlu_val.json": '{"input": "Answer:", "output": "A"}\n'}, "five_shot_mmlu_val.json:1: missing or invalid field 'subject'"),
+    ({"five_shot_mmlu_val.json": "[]"}, "no val questions"),
+]
+
+
+@pytest.mark.parametrize("files,error", BAD_MMLU)
+def test_mmlu_bad_files_give_one_line(tmp_path, files, error):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(InputError) as e:
+        MM.read_mmlu(tmp_path)
+    assert error in str(e.value) and "\n" not in str(e.value)
+
+
+def test_mmlu_tokenizer_without_single_letter_tokens(tokenizer_file):
+    tok = M.Tokenizer(tokenizer_file)  # trained on lowercase words only: "A".."D" are all unknown
+    with pytest.raises(InputError, match=r"tokenizer\.model: 'A'\.\.'D' after 'Answer:' are not four distinct"):
+        MM.letter_ids(tok)
+
+    class SameLetters:  # one token per word, its length: "A".."D" are single tokens, all the same one
+        path = "same.model"
+
+        def encode(self, s, bos=False, eos=False):
+            return [len(w) for w in s.split(" ")]
+    with pytest.raises(InputError, match=r"same\.model: 'A'\.\.'D' after 'Answer:' are not four distinct single tokens"):
+        MM.letter_ids(SameLetters())

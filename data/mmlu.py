@@ -1,0 +1,169 @@
+"""MMLU 5-shot accuracy (Hendrycks et al. 2021) as the QLoRA paper reports it: the model reads five solved
+questions of a subject, then a question of the same subject ending in "Answer:"; its choice is the likeliest
+of the four letter tokens next (no generation). The figure is the mean of the per-subject accuracies.
+
+Reads either the original release, DIR/dev/*_dev.csv + DIR/{val,test}/*_{val,test}.csv (rows
+question,A,B,C,D,answer without a header), or the QLoRA code's preprocessed DIR/five_shot_mmlu_{val,test}.json
+(records {"input": five shots + question ending in "Answer:", "output": "A".."D", "subject"}).
+"""
+import csv
+import json
+import time
+from collections import Counter, defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+from statistics import fmean
+
+import torch
+
+from data.files import InputError
+from data.prepare import field, read_records
+
+LETTERS = ("A", "B", "C", "D")
+# Hendrycks et al.'s categories.py (subject -> subcategory -> category), flattened; other subjects count as "other"
+CATEGORIES = {
+    "STEM": "abstract_algebra astronomy college_biology college_chemistry college_computer_science college_mathematics "
+            "college_physics computer_security conceptual_physics electrical_engineering elementary_mathematics "
+            "high_school_biology high_school_chemistry high_school_computer_science high_school_mathematics "
+            "high_school_physics high_school_statistics machine_learning",
+    "humanities": "formal_logic high_school_european_history high_school_us_history high_school_world_history "
+                  "international_law jurisprudence logical_fallacies moral_disputes moral_scenarios philosophy "
+                  "prehistory professional_law world_religions",
+    "social sciences": "econometrics high_school_geography high_school_government_and_politics high_school_macroeconomics "
+                       "high_school_microeconomics high_school_psychology human_sexuality professional_psychology "
+                       "public_relations security_studies sociology us_foreign_policy",
+    "other": "anatomy business_ethics clinical_knowledge college_medicine global_facts human_aging management marketing "
+             "medical_genetics miscellaneous nutrition professional_accounting professional_medicine virology",
+}
+
+
+def category(subject):
+    return next((c for c, names in CATEGORIES.items() if subject in names.split()), "other")
+
+
+def read_csv(path):
+    # [(question text ending in "Answer:", answer index)]; quoted fields may hold commas and newlines
+    rows, line = [], 1
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            for row in reader:
+                if row:  # a blank line reads as []
+                    if len(row) != 6:
+                        raise InputError(f"{path}:{line}: expected 6 fields (question,A,B,C,D,answer), got {len(row)}")
+                    if row[5].strip() not in LETTERS:
+                        raise InputError(f"{path}:{line}: answer {row[5]!r} is not one of A, B, C, D")
+                    text = row[0] + "".join(f"\n{c}. {a}" for c, a in zip(LETTERS, row[1:5])) + "\nAnswer:"
+                    rows.append((text, LETTERS.index(row[5].strip())))
+                line = reader.line_num + 1  # where the next row starts
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{path}:{line}: cannot read ({e})") from None
+    return rows
+
+
+def read_mmlu(folder, split="val", max_per_subject=0):
+    # -> [{"subject", "header", "shots": [solved question + "\n\n"], "question", "answer": 0..3}]
+    folder, out = Path(folder), []
+    if split not in ("val", "test"):
+        raise InputError(f"MMLU split must be val or test, got {split!r}")
+    js = folder / f"five_shot_mmlu_{split}.json"
+    if js.is_file():  # the paper's files: header and shots already inside "input"
+        for line, r in read_records(js):
+            where = f"{js}:{line}"
+            out.append(dict(subject=field(where, r, "subject"), header="", shots=[], question=field(where, r, "input"),
+                            answer=LETTERS.index(field(where, r, "output", choices=LETTERS))))
+    elif (folder / "dev").is_dir() and (folder / split).is_dir():
+        for path in sorted((folder / split).glob(f"*_{split}.csv")):
+            subject = path.name[: -len(f"_{split}.csv")]
+            dev = folder / "dev" / f"{subject}_dev.csv"
+            shots = read_csv(dev)[:5] if dev.is_file() else []
+            if not shots:
+                raise InputError(f"{dev}: no dev questions for subject '{subject}' (its five examples)")
+            header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+            shots = [f"{text} {LETTERS[a]}\n\n" for text, a in shots]
+            out += [dict(subject=subject, header=header, shots=shots, question=t, answer=a) for t, a in read_csv(path)]
+    else:
+        raise InputError(f"{folder}: not an MMLU folder (expected dev/ and {split}/ with *_{split}.csv files, "
+                         f"or five_shot_mmlu_{split}.json)")
+    seen, kept = Counter(), []
+    for q in out:  # the first max_per_subject questions of each subject
+        seen[q["subject"]] += 1
+        if not max_per_subject or seen[q["subject"]] <= max_per_subject:
+            kept.append(q)
+    if not kept:
+        raise InputError(f"{folder}: no {split} questions")
+    return kept
+
+
+def prompt_text(q, drop=0):
+    return q["header"] + "".join(q["shots"][drop:]) + q["question"]
+
+
+def prompt_ids(q, tok, max_len):
+    # -> (ids starting with bos, shots dropped, cut). Too long for max_len: drop whole shots from the front
+    # (the header stays); still too long, or preprocessed: keep bos and the last max_len - 1 tokens.
+    for drop in range(len(q["shots"]) + 1):
+        ids = tok.encode(prompt_text(q, drop), bos=True)
+        if len(ids) <= max_len:
+            return ids, drop, False
+    return ids[:1] + ids[len(ids) - max_len + 1:], len(q["shots"]), True
+
+
+def letter_ids(tok):
+    # the token of each letter as it follows "Answer:", i.e. as the shots teach the model to write it
+    base = tok.encode("Answer:")
+    full = [tok.encode("Answer: " + c) for c in LETTERS]
+    if any(f[:-1] != base for f in full) or len({f[-1] for f in full}) != 4:
+        raise InputError(f"{getattr(tok, 'path', 'tokenizer')}: 'A'..'D' after 'Answer:' are not four distinct single "
+                         f"tokens (got {[f[len(base):] for f in full]})")
+    return [f[-1] for f in full]
+
+
+def evaluate(model, tok, questions, batch_size, device, max_len, autocast_ctx=None):
+    # model(idx (B, T)) -> (logits (B, T, vocab), None). Batches are right-padded: with causal attention the
+    # logits at a row's own last prompt token do not see the padding after it.
+    t0, letters = time.time(), letter_ids(tok)
+    prompts = [prompt_ids(q, tok, max_len) for q in questions]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i][0]))  # similar lengths together: less padding
+    preds, was_training = [0] * len(prompts), model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast_ctx or nullcontext():
+            for s in range(0, len(order), batch_size):
+                rows = order[s : s + batch_size]
+                lens = [len(prompts[i][0]) for i in rows]
+                idx = torch.zeros(len(rows), max(lens), dtype=torch.long)  # pad id 0: never attended to
+                for r, i in enumerate(rows):
+                    idx[r, : lens[r]] = torch.tensor(prompts[i][0])
+                logits, _ = model(idx.to(device))  # (B, T, vocab)
+                pos = torch.tensor(lens, device=logits.device) - 1  # each row's last prompt token
+                last = logits[torch.arange(len(rows), device=logits.device), pos]  # (B, vocab)
+                for i, p in zip(rows, last[:, letters].argmax(-1).tolist()):
+                    preds[i] = p
+    finally:
+        model.train(was_training)
+    right = defaultdict(list)
+    for q, p in zip(questions, preds):
+        right[q["subject"]].append(p == q["answer"])
+    subjects = {s: sum(r) / len(r) for s, r in sorted(right.items())}
+    cats = defaultdict(list)
+    for s, acc in subjects.items():
+        cats[category(s)].append(acc)
+    return {"accuracy": fmean(subjects.values()), "questions": len(questions), "subjects": subjects,
+            "categories": {c: fmean(a) for c, a in sorted(cats.items())},  # also means over subjects
+            "dropped_shots": sum(p[1] for p in prompts), "cut_prompts": sum(p[2] for p in prompts),
+            "predictions": [LETTERS[p] for p in preds], "seconds": time.time() - t0}
+
+
+def summary(it, split, r):
+    extra = "".join(f", {r[k]} {what}" for k, what in (("dropped_shots", "shots dropped"), ("cut_prompts", "prompts cut"))
+                    if r[k])
+    return (f"iter {it}: mmlu {split} {r['accuracy']:.3f} ({len(r['subjects'])} subjects, {r['questions']} questions, "
+            f"{r['seconds']:.0f} s{extra})")
+
+
+def append_log(out_dir, split, it, r):
+    # one JSON object per evaluation, written in one piece
+    line = json.dumps({"iter": it, **{k: r[k] for k in ("accuracy", "questions", "subjects", "categories")}})
+    with open(Path(out_dir) / f"mmlu_{split}.jsonl", "a", encoding="utf-8") as f:
+        f.write(line + "\n")
