@@ -45,12 +45,13 @@ def kernels():
         q = qlora.quantize_nf4(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
         out = torch.empty(n, k, device="cuda", dtype=torch.bfloat16)
         t = ms(lambda: qlora.dequantize_nf4(q, out=out))
-        nbytes = sum(b.numel() * b.element_size() for b in q.buffers()) + out.numel() * 2
+        nbytes = q.bits_per_param() * q.numel() / 8 + out.numel() * 2
         print(f"| {n}x{k} | {t:.3f} | {nbytes / t / 1e6:.0f} |")
 
     print("\n## NF4 linear vs bf16 cuBLAS (ratio < 1: faster than bf16)")
     print("| out x in | M | bf16 fwd ms | nf4 fwd ms | ratio | fused ms | dequant+mm ms | bf16 fwd+bwd ms | nf4 fwd+bwd ms | ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    buf = qlora.DequantBuffer()  # one for all shapes, as in a model
     for n, k in SHAPES_7B:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         q = qlora.quantize_nf4(w)
@@ -64,11 +65,11 @@ def kernels():
                 return xs[i[0]]
 
             dense = ms(lambda: x() @ w.t())
-            ours = ms(lambda: qlora.nf4_matmul(x(), q))
+            ours = ms(lambda: qlora.nf4_matmul(x(), q, buf))
             fused = ms(lambda: qlora._fused_matmul(x().detach(), q, False)) if m <= 256 else float("nan")
-            route = ms(lambda: x().detach() @ qlora._dequant_scratch(q, torch.bfloat16).t())
+            route = ms(lambda: x().detach() @ buf.dequantize(q, torch.bfloat16).t())
             dense_fb = ms(lambda: torch.autograd.grad(x() @ w.t(), xs, dy, allow_unused=True))
-            ours_fb = ms(lambda: torch.autograd.grad(qlora.nf4_matmul(x(), q), xs, dy, allow_unused=True))
+            ours_fb = ms(lambda: torch.autograd.grad(qlora.nf4_matmul(x(), q, buf), xs, dy, allow_unused=True))
             print(f"| {n}x{k} | {m} | {dense:.4f} | {ours:.4f} | {ours / dense:.2f} | {fused:.4f} | {route:.4f} | "
                   f"{dense_fb:.4f} | {ours_fb:.4f} | {ours_fb / dense_fb:.2f} |")
 

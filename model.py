@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from data.files import InputError, atomic_save, atomic_write_bytes, atomic_write_text
-from qlora import LoRALinear, merge_lora, quantize_nf4
+from qlora import DequantBuffer, LoRALinear, merge_lora, quantize_nf4
 
 
 class CheckpointError(InputError):
@@ -197,9 +197,11 @@ class LLaMA(nn.Module):
         self.config, self.quantize = cfg, quantize
         self.grad_checkpoint, self.ce_chunk = False, 2048
 
+        buffer = DequantBuffer()  # the layers run one at a time: one dequantization buffer serves them all
+
         def linear(name, shape):
             w = load(name, shape)
-            return LoRALinear(quantize_nf4(w) if quantize else w, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+            return LoRALinear(quantize_nf4(w) if quantize else w, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, buffer)
 
         emb = load("tok_embeddings.weight", (cfg.vocab_size, cfg.dim))
         self.tok_embeddings = nn.Embedding.from_pretrained(emb, freeze=True)

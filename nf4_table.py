@@ -3,7 +3,7 @@ The two lookup tables QLoRA needs, built exactly the way bitsandbytes builds the
 weights are bit-compatible with its format:
 
   NF4    16 values, "4-bit NormalFloat" (paper §3): the quantiles of N(0, 1), rescaled to [-1, 1].
-  DYN8   256 values, the signed 8-bit dynamic map used to quantize the absmax constants themselves
+  DYN8   256 values, the signed 8-bit dynamic map used to quantize the block constants c2 themselves
          (double quantization, paper §3).
 
 Run as a script to see *why* NF4: `python nf4_table.py`.
@@ -11,7 +11,10 @@ Run as a script to see *why* NF4: `python nf4_table.py`.
 import torch
 from scipy.stats import norm
 
-NF4_OFFSET = 0.9677083  # bitsandbytes' choice: 1/2 * (1/(2*15) + 1/(2*16)) away from the tails, so ppf stays finite
+# The outermost quantile: ppf(1) is infinite, so the top code sits at the middle of the last of n
+# equal-probability bins, probability 1 − 1/(2n), averaged over n = 15 and n = 16 (bitsandbytes' choice):
+#   ½·((1 − 1/30) + (1 − 1/32)) = 1 − ½·(1/30 + 1/32) = 0.96770833…, written with bitsandbytes' 7 decimals
+NF4_OFFSET = 0.9677083
 
 
 def nf4_values(offset=NF4_OFFSET):

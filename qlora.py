@@ -8,8 +8,27 @@ QLoRA (Dettmers et al. 2023, arXiv 2305.14314) in one file, in the paper's order
   5. the LoRA layer on a frozen 4-bit base
   6. paged AdamW: optimizer state in CUDA unified memory
 
-The whole method in one equation (paper eq. 5), for one linear layer with input X:
-    Y = X · doubleDequant(c1, c2, W_nf4)ᵀ + s · X L1 L2        (s = α/r, only L1, L2 are trained)
+Notation (paper §3), used throughout. W is a frozen base weight, PyTorch's (out, in) = the paper's (h × o)
+transposed, flattened row-major and cut into blocks of `blocksize` (64): element i is in block b = i // 64.
+
+  paper     here              what                                                    shape, dtype
+  W^NF4     packed            the NF4 index of each element, two per byte             (⌈numel/2⌉,) uint8
+  c2^FP32   c2                first-level constant of each block: its absmax          (n_blocks,) fp32
+  c2^8bit   c2                with double quantization: c2's 8-bit codes (into DYN8)  (n_blocks,) uint8
+  c1^FP32   c1                second-level constant: absmax of each BLOCKSIZE2 = 256  (⌈n_blocks/256⌉,) fp32
+                              consecutive centred c2
+  mean      c2_mean           mean(c2^FP32), subtracted before quantizing c2          () fp32
+  L1, L2    lora_A, lora_B    the LoRA factors (h × r), (r × o), stored transposed: lora_A = L1ᵀ (r, in),
+                              lora_B = L2ᵀ (out, r)
+  s         scaling           α / r
+
+  doubleDequant(c1, c2, W^NF4) = dequant(dequant(c1, c2), W^NF4) = Ŵ                     (eq. 6)
+      dequant(c1, c2)[b]    = c1[b // 256] · DYN8[c2[b]] + c2_mean     ≈ c2^FP32[b]
+      dequant(c2, W^NF4)[i] = c2^FP32[i // 64] · NF4[W^NF4[i]]         = Ŵ[i]
+(The paper's constant is the inverse scale, eq. 1; like bitsandbytes we store absmax and multiply.)
+
+The whole method in one equation (eq. 5 with eq. 3's scaling), for one linear layer with input X (…, in):
+    Y = X Ŵᵀ + s · X L1 L2  =  X Ŵᵀ + s · (X lora_Aᵀ) lora_Bᵀ        (only L1, L2 are trained)
 """
 import ctypes
 import math
@@ -28,58 +47,53 @@ from nf4_table import dynamic_map, midpoints, nf4_values
 
 NF4 = nf4_values()  # (16,) float32
 NF4_MID = midpoints(NF4)  # (15,) decision boundaries, as in bitsandbytes' decision tree
-DYN8 = dynamic_map()  # (256,) signed 8-bit dynamic map, for the block constants
+DYN8 = dynamic_map()  # (256,) signed 8-bit dynamic map, the code of c2^8bit
 DYN8_MID = (DYN8[:-1] + DYN8[1:]) * 0.5  # (255,) float32 midpoints, as bitsandbytes' kernel computes them
-# (a block constant exactly on one of these midpoints may round the other way in bitsandbytes' binary
+# (a constant exactly on one of these midpoints may round the other way in bitsandbytes' binary
 # search; with real float data that does not happen, and either byte decodes in the same format)
-
-_tables = {}
-
-
-def _table(t, device):
-    # the lookup tables, cached per device so a forward pass does not copy them every call
-    key = (id(t), device)
-    if key not in _tables:
-        _tables[key] = t.to(device)
-    return _tables[key]
-
+BLOCKSIZE2 = 256  # second-level block: one c1 per 256 values of c2 (the paper's choice, and bitsandbytes')
 
 # -----------------------------------------------------------------------------------------------
-# 2. Blockwise quantization. The flattened row-major weight is cut into blocks of 64; each block is
-#    divided by its absmax c = max|w| so it lies in [-1, 1], and each element is stored as the index
-#    of the nearest NF4 value:   w ≈ c · NF4[q],   q ∈ {0..15}.
-#    Two indices per byte: element 2j in the high nibble of byte j, element 2j+1 in the low one.
-# 3. Double quantization (paper §3): the fp32 constants c (32 bits per 64 weights = 0.5 bit/param)
-#    are themselves quantized. Subtract their mean (they are all positive, so centring uses the
-#    signed 8-bit range fully), then blockwise-quantize them in blocks of 256 with the 8-bit
-#    dynamic map:   c ≈ c2 · DYN8[qc] + mean.   Cost: 8/64 + 32/(64·256) = 0.127 bit/param.
+# 2. Blockwise quantization. The flattened row-major W is cut into blocks; each block is divided by
+#    its absmax c2 so it lies in [-1, 1], and each element is stored as the index of the nearest
+#    NF4 value:   W ≈ c2 · NF4[W^NF4],  W^NF4 ∈ {0..15}.
+#    Element 2j goes in the high nibble of byte j, element 2j+1 in the low one.
+# 3. Double quantization: c2^FP32 costs 32 bits per 64 weights = 0.5 bit/param. Quantize it too,
+#    blockwise in blocks of BLOCKSIZE2 with the 8-bit map, after subtracting its mean:
+#       c2^FP32 ≈ c1 · DYN8[c2^8bit] + c2_mean.    Cost: 8/64 + 32/(64·256) = 0.127 bit/param.
 
 
 class NF4Weight(nn.Module):
     # A frozen 4-bit weight. Its tensors are buffers so that .to(device) and state_dict() carry them.
-    def __init__(self, shape, dtype, blocksize, packed, absmax=None, qabsmax=None, absmax2=None, offset=None):
+    def __init__(self, shape, dtype, blocksize, packed, c2, c1=None, c2_mean=None):
         super().__init__()
         self.shape, self.dtype, self.blocksize = torch.Size(shape), dtype, blocksize
-        self.register_buffer("packed", packed)  # (ceil(numel/2),) uint8
-        self.register_buffer("absmax", absmax)  # (n_blocks,) fp32, without double quantization
-        self.register_buffer("qabsmax", qabsmax)  # (n_blocks,) uint8, with it
-        self.register_buffer("absmax2", absmax2)  # (ceil(n_blocks/256),) fp32
-        self.register_buffer("offset", offset)  # () fp32, the mean that was subtracted
+        self.register_buffer("packed", packed)  # W^NF4
+        self.register_buffer("c2", c2)  # c2^FP32, or c2^8bit with double quantization
+        self.register_buffer("c1", c1)  # None without double quantization
+        self.register_buffer("c2_mean", c2_mean)  # None without double quantization
+        # the lookup tables on this weight's device (not saved: they are the format's definition)
+        self.register_buffer("nf4", NF4.to(packed.device), persistent=False)
+        self.register_buffer("dyn8", DYN8.to(packed.device), persistent=False)
 
     @property
     def double_quant(self):
-        return self.qabsmax is not None
+        return self.c1 is not None
+
+    @property
+    def device(self):
+        return self.packed.device
 
     def numel(self):
         return self.shape.numel()
 
     def bits_per_param(self):
-        nbytes = sum(b.numel() * b.element_size() for b in self.buffers())
+        nbytes = sum(b.numel() * b.element_size() for b in self.state_dict().values())  # the stored format
         return 8 * nbytes / self.numel()
 
     def _apply(self, fn, recurse=True):
         # .to(device) moves every buffer; .to(dtype)/.half() only change the dtype we dequantize to
-        # (read off an empty probe tensor): the fp32 statistics keep full precision, bytes stay bytes.
+        # (read off an empty probe tensor): fp32 constants and tables keep full precision, bytes stay bytes.
         self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
         for name, t in self._buffers.items():
             if t is not None:
@@ -91,20 +105,6 @@ class NF4Weight(nn.Module):
         return f"shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, double_quant={self.double_quant}"
 
 
-def _blockwise(x, blocksize, mids):
-    # x (n,) fp32 -> indices (n_blocks, blocksize) of the nearest code value, absmax (n_blocks,)
-    n_blocks = -(-x.numel() // blocksize)
-    x = F.pad(x, (0, n_blocks * blocksize - x.numel())).view(n_blocks, blocksize)  # ragged tail: zeros
-    absmax = x.abs().amax(dim=1)
-    # multiply by the fp32 reciprocal, as bitsandbytes does (x / c can round differently). An
-    # all-zero block gives 0 * inf = NaN: we send it to the code of 0 so it dequantizes to exact zeros
-    # whatever its (double-quantized, hence only approximately 0) absmax. bitsandbytes writes index 0
-    # there (its zero block then decodes to ±c, not 0); both bytes decode in the same format.
-    xn = (x * (1.0 / absmax)[:, None]).nan_to_num(nan=0.0)
-    # nearest value; right=False puts a value exactly on a midpoint in the lower bin, like `x > mid`
-    return torch.bucketize(xn, mids.to(x.device), out_int32=True).to(torch.uint8), absmax
-
-
 def quantize_nf4(w, blocksize=64, double_quant=True):
     if not torch.is_tensor(w) or not w.is_floating_point():
         raise ValueError(f"quantize_nf4: expected a floating-point weight tensor, got {getattr(w, 'dtype', type(w).__name__)}")
@@ -112,37 +112,61 @@ def quantize_nf4(w, blocksize=64, double_quant=True):
         raise ValueError(f"quantize_nf4: expected a non-empty weight, got shape {tuple(w.shape)}")
     if not isinstance(blocksize, int) or blocksize < 2 or blocksize & (blocksize - 1):
         raise ValueError(f"quantize_nf4: blocksize must be a power of two >= 2, got {blocksize}")
-    # in chunks of 2^24 elements (whole blocks), so the fp32 temporaries stay ~0.3 GB even for a
-    # 65B layer: quantizing while loading must not need more memory than the 16-bit weight itself
-    flat, chunk, packed, absmax = w.detach().reshape(-1), max(1 << 24, blocksize), [], []
+    packed, c2 = _quantize_chunked(w.detach().reshape(-1), blocksize)  # W^NF4, c2^FP32
+    if not double_quant:
+        return NF4Weight(w.shape, w.dtype, blocksize, packed, c2)
+    c2_mean = c2.mean()
+    c2_8bit, c1 = _blockwise(c2 - c2_mean, BLOCKSIZE2, DYN8_MID)  # c2 − c2_mean ≈ c1 · DYN8[c2^8bit]
+    return NF4Weight(w.shape, w.dtype, blocksize, packed, c2_8bit.view(-1)[: c2.numel()].contiguous(), c1, c2_mean)
+
+
+def _blockwise(x, blocksize, mids):
+    # x (n,) fp32 -> indices (n_blocks, blocksize) of the nearest code value, absmax (n_blocks,)
+    n_blocks = -(-x.numel() // blocksize)
+    x = F.pad(x, (0, n_blocks * blocksize - x.numel())).view(n_blocks, blocksize)  # ragged tail: zeros
+    absmax = x.abs().amax(dim=1)
+    # multiply by the fp32 reciprocal, as bitsandbytes does (x / c can round differently). An
+    # all-zero block gives 0 * inf = NaN: we send it to the code of 0 so it dequantizes to exact zeros
+    # whatever its (double-quantized, hence only approximately 0) c2. bitsandbytes writes index 0
+    # there (its zero block then decodes to ±c2, not 0); both bytes decode in the same format.
+    xn = (x * (1.0 / absmax)[:, None]).nan_to_num(nan=0.0)
+    # nearest value; right=False puts a value exactly on a midpoint in the lower bin, like `x > mid`
+    return torch.bucketize(xn, mids.to(x.device), out_int32=True).to(torch.uint8), absmax
+
+
+def _quantize_chunked(flat, blocksize):
+    # _blockwise with NF4 and nibble packing, in chunks of 2^24 elements (whole blocks), so the fp32
+    # temporaries stay ~0.3 GB even for a 65B layer: quantizing while loading must not need more
+    # memory than the 16-bit weight itself. -> W^NF4 (ceil(n/2),) uint8, c2^FP32 (n_blocks,)
+    chunk, packed, c2 = max(1 << 24, blocksize), [], []
     for i in range(0, flat.numel(), chunk):
         idx, c = _blockwise(flat[i : i + chunk].float(), blocksize, NF4_MID)
         idx = idx.view(-1)
         packed.append((idx[0::2] << 4) | idx[1::2])
-        absmax.append(c)
-    packed, absmax = torch.cat(packed)[: (w.numel() + 1) // 2].contiguous(), torch.cat(absmax)
-    if not double_quant:
-        return NF4Weight(w.shape, w.dtype, blocksize, packed, absmax=absmax)
-    offset = absmax.mean()
-    qabsmax, absmax2 = _blockwise(absmax - offset, 256, DYN8_MID)
-    qabsmax = qabsmax.view(-1)[: absmax.numel()].contiguous()
-    return NF4Weight(w.shape, w.dtype, blocksize, packed, qabsmax=qabsmax, absmax2=absmax2, offset=offset)
+        c2.append(c)
+    return torch.cat(packed)[: (flat.numel() + 1) // 2].contiguous(), torch.cat(c2)
 
 
-def _absmax(q):
-    # (n_blocks,) fp32 block constants; with double quantization  c = c2 · DYN8[qc] + mean
+def dequantize_nf4(q, dtype=None, out=None):
+    # Ŵ = doubleDequant(c1, c2, W^NF4) in `dtype` (default: the weight's), written into `out` if given
+    out = torch.empty(q.shape, dtype=dtype or q.dtype, device=q.device) if out is None else out.view(q.shape)
+    return _dequantize_triton(q, out) if _use_triton(out) else _dequantize_torch(q, out)
+
+
+def _c2_fp32(q):
+    # dequant(c1, c2): the (n_blocks,) fp32 first-level constants
     if not q.double_quant:
-        return q.absmax
-    c2 = q.absmax2.repeat_interleave(256)[: q.qabsmax.numel()]
-    return _table(DYN8, q.packed.device)[q.qabsmax.long()] * c2 + q.offset
+        return q.c2
+    c1 = q.c1.repeat_interleave(BLOCKSIZE2)[: q.c2.numel()]
+    return q.dyn8[q.c2.long()] * c1 + q.c2_mean
 
 
 def _dequantize_torch(q, out):
-    # reference path (and the CPU path): w = c · NF4[index]
+    # reference path (and the CPU path): dequant(c2^FP32, W^NF4), Ŵ[i] = c2[i // blocksize] · NF4[W^NF4[i]]
     idx = torch.stack([q.packed >> 4, q.packed & 15], dim=1).view(-1)  # high nibble first
-    absmax = _absmax(q)
-    idx = F.pad(idx, (0, absmax.numel() * q.blocksize - idx.numel()))
-    w = _table(NF4, q.packed.device)[idx.long()].view(-1, q.blocksize) * absmax[:, None]
+    c2 = _c2_fp32(q)
+    idx = F.pad(idx, (0, c2.numel() * q.blocksize - idx.numel()))
+    w = q.nf4[idx.long()].view(-1, q.blocksize) * c2[:, None]
     out.view(-1).copy_(w.view(-1)[: q.numel()])
     return out
 
@@ -155,52 +179,58 @@ def _dequantize_torch(q, out):
 #    Both run on CPU tensors too under TRITON_INTERPRET=1, which is how the tests check them.
 
 FUSED_MAX_M = 16  # rows at or below which nf4_matmul takes the fused kernel; bench.py measures the crossover
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton kernels on CPU tensors (slow; for tests)
+
+
+def _use_triton(t):
+    # CUDA tensors always; CPU tensors under TRITON_INTERPRET=1 (slow; for tests), read at each call.
+    # Not bf16 on the CPU: the interpreter mishandles it.
+    return t.is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and t.dtype != torch.bfloat16)
 
 
 @triton.jit
-def _block_const(blk, mask, absmax, qabsmax, absmax2, offset, code2, DOUBLE: tl.constexpr):
-    # the block constant c of block `blk`; with double quantization  c = c2[blk // 256] · DYN8[qc[blk]] + mean
+def _c2_of_block(b, mask, c2, c1, c2_mean, dyn8, DOUBLE: tl.constexpr, BLOCKSIZE2: tl.constexpr):
+    # c2^FP32 of block b; with double quantization dequant(c1, c2) = c1[b // 256] · DYN8[c2[b]] + c2_mean
     if DOUBLE:
-        qc = tl.load(qabsmax + blk, mask=mask, other=0).to(tl.int32)
-        c = tl.load(code2 + qc) * tl.load(absmax2 + blk // 256, mask=mask, other=0.0) + tl.load(offset)
+        code = tl.load(c2 + b, mask=mask, other=0).to(tl.int32)
+        c = tl.load(dyn8 + code) * tl.load(c1 + b // BLOCKSIZE2, mask=mask, other=0.0) + tl.load(c2_mean)
     else:
-        c = tl.load(absmax + blk, mask=mask, other=0.0)
+        c = tl.load(c2 + b, mask=mask, other=0.0)
     return c
 
 
-def _stats(q):
-    # the four statistics pointers of a quantized weight; the mode not in use gets a stand-in it never reads
-    d = q.packed
-    return (d, q.qabsmax, q.absmax2, q.offset) if q.double_quant else (q.absmax, d, d, d)
+def _constants(q):
+    # the kernels' (c2, c1, c2_mean, nf4, dyn8) pointers; without double quantization c1 and c2_mean get a
+    # stand-in they never read
+    return q.c2, q.c1 if q.double_quant else q.c2, q.c2_mean if q.double_quant else q.c2, q.nf4, q.dyn8
 
 
 @triton.jit
-def _dequant_kernel(packed, absmax, qabsmax, absmax2, offset, code, code2, out, n_bytes, n_out, half_block,
-                    DOUBLE: tl.constexpr, BLOCK: tl.constexpr):
+def _dequant_kernel(packed, c2, c1, c2_mean, nf4, dyn8, out, n_bytes, n_out, half_block,
+                    DOUBLE: tl.constexpr, BLOCKSIZE2: tl.constexpr, BLOCK: tl.constexpr):
     # one program: BLOCK bytes -> 2·BLOCK values. Both nibbles of a byte share a block (blocksize is even).
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = j < n_bytes
     byte = tl.load(packed + j, mask=mask, other=0).to(tl.int32)
-    c = _block_const(j // half_block, mask, absmax, qabsmax, absmax2, offset, code2, DOUBLE)
-    hi = tl.load(code + (byte >> 4)) * c
-    lo = tl.load(code + (byte & 15)) * c
+    c = _c2_of_block(j // half_block, mask, c2, c1, c2_mean, dyn8, DOUBLE, BLOCKSIZE2)
+    hi = tl.load(nf4 + (byte >> 4)) * c
+    lo = tl.load(nf4 + (byte & 15)) * c
     o = tl.program_id(0) * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
     tl.store(out + o, tl.interleave(hi, lo).to(out.dtype.element_ty), mask=o < n_out)
 
 
 def _dequantize_triton(q, out):
-    n_bytes, block = q.packed.numel(), 1024
+    n_bytes = q.packed.numel()
+    block = 1024  # bytes per program (2048 values out): wide coalesced accesses, still thousands of programs per weight
     _dequant_kernel[(triton.cdiv(n_bytes, block),)](
-        q.packed, *_stats(q), _table(NF4, q.packed.device), _table(DYN8, q.packed.device), out, n_bytes, q.numel(), q.blocksize // 2,
-        DOUBLE=q.double_quant, BLOCK=block)
+        q.packed, *_constants(q), out, n_bytes, q.numel(), q.blocksize // 2,
+        DOUBLE=q.double_quant, BLOCKSIZE2=BLOCKSIZE2, BLOCK=block)
     return out
 
 
 @triton.jit
-def _fused_matmul_kernel(x, packed, absmax, qabsmax, absmax2, offset, code, code2, y, M, N, K,
-                         sxm, sxk, sym, syn, swn, swk, blocksize,
-                         DOUBLE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+def _fused_matmul_kernel(x, packed, c2, c1, c2_mean, nf4, dyn8, y, M, N, K,
+                         sxm, sxk, sym, syn, swn, swk, blocksize, DOUBLE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
     # y[m, n] = Σ_k x[m, k] · W'[n, k]  with  W'[n, k] = Ŵ.flat[n·swn + k·swk]
     # forward  y = x Ŵᵀ : (swn, swk) = (K, 1);   backward dx = dy Ŵ : (swn, swk) = (1, in_features)
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -213,8 +243,8 @@ def _fused_matmul_kernel(x, packed, absmax, qabsmax, absmax2, offset, code, code
         f = rk[:, None] * swk + rn[None, :] * swn  # (BK, BN) flat index into the weight
         byte = tl.load(packed + f // 2, mask=wmask, other=0).to(tl.int32)
         nib = (byte >> ((1 - f % 2) * 4)) & 15
-        c = _block_const(f // blocksize, wmask, absmax, qabsmax, absmax2, offset, code2, DOUBLE)
-        w = (tl.load(code + nib) * c).to(a.dtype)  # (BK, BN) dequantized in registers, never in memory
+        c = _c2_of_block(f // blocksize, wmask, c2, c1, c2_mean, dyn8, DOUBLE, BLOCKSIZE2)
+        w = (tl.load(nf4 + nib) * c).to(a.dtype)  # (BK, BN) dequantized in registers, never in memory
         acc += tl.dot(a, w, input_precision=PRECISION)
     tl.store(y + rm[:, None] * sym + rn[None, :] * syn, acc.to(y.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -225,44 +255,38 @@ def _fused_matmul(x2, q, transpose):
     n_out, k_in = q.shape
     N, K, swn, swk = (k_in, n_out, 1, k_in) if transpose else (n_out, k_in, k_in, 1)
     y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-    BM, BN, BK = 16, 64, 64
+    # BM = FUSED_MAX_M: a small-M call's rows fit one tile (tl.dot needs >= 16); BK × BN: the weight tile
+    BM, BN, BK = 16, 64, 64  # dequantized in registers per step, 64 × 64 = 4096 values, 32 per thread of 4 warps
     _fused_matmul_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
-        x2, q.packed, *_stats(q), _table(NF4, x2.device), _table(DYN8, x2.device), y, M, N, K,
+        x2, q.packed, *_constants(q), y, M, N, K,
         x2.stride(0), x2.stride(1), y.stride(0), y.stride(1), swn, swk, q.blocksize,
-        DOUBLE=q.double_quant, BM=BM, BN=BN, BK=BK,
+        DOUBLE=q.double_quant, BLOCKSIZE2=BLOCKSIZE2, BM=BM, BN=BN, BK=BK,
         PRECISION="ieee" if x2.dtype == torch.float32 else "tf32")  # fp32 stays fp32 (Triton's default dot is TF32)
     return y
 
 
-def _use_triton(t):
-    return t.is_cuda or (INTERPRET and t.dtype != torch.bfloat16)  # the interpreter mishandles bf16
+class DequantBuffer:
+    # The 16-bit buffers the base weights are dequantized into, one per (device, dtype), shared by the
+    # layers of a model: layers run one at a time and nothing keeps Ŵ (backward dequantizes again), so
+    # 16-bit copies never pile up.
+    def __init__(self):
+        self.buffers = {}
+
+    def dequantize(self, q, dtype):  # -> Ŵ (out, in), a view of the buffer, valid until the next call
+        if torch.compiler.is_compiling():  # a compiled graph plans its own buffers, and must not see ours mutate
+            return dequantize_nf4(q, dtype)
+        key = (q.device, dtype)
+        if key not in self.buffers or self.buffers[key].numel() < q.numel():
+            self.buffers[key] = torch.empty(q.numel(), dtype=dtype, device=q.device)
+        return dequantize_nf4(q, dtype, out=self.buffers[key][: q.numel()])
 
 
-def dequantize_nf4(q, dtype=None, out=None):
-    out = torch.empty(q.shape, dtype=dtype or q.dtype, device=q.packed.device) if out is None else out.view(q.shape)
-    return _dequantize_triton(q, out) if _use_triton(out) else _dequantize_torch(q, out)
-
-
-_scratch = {}
-
-
-def _dequant_scratch(q, dtype):
-    # one dequantization buffer per (device, dtype), reused by every layer: layers run one at a time
-    # and nothing keeps the dequantized weight (backward dequantizes again), so 16-bit copies never pile up
-    if torch.compiler.is_compiling():  # a compiled graph plans its own buffers, and must not see ours mutate
-        return dequantize_nf4(q, dtype)
-    key = (q.packed.device, dtype)
-    if key not in _scratch or _scratch[key].numel() < q.numel():
-        _scratch[key] = torch.empty(q.numel(), dtype=dtype, device=q.packed.device)
-    return dequantize_nf4(q, dtype, out=_scratch[key][: q.numel()])
-
-
-def _matmul(x, q, transpose):
+def _matmul(x, q, transpose, buffer):
     x2 = x.reshape(-1, x.shape[-1])
     if _use_triton(x2) and x2.shape[0] <= FUSED_MAX_M:
         y = _fused_matmul(x2, q, transpose)
     else:
-        w = _dequant_scratch(q, x.dtype)  # (N, K)
+        w = dequantize_nf4(q, x.dtype) if buffer is None else buffer.dequantize(q, x.dtype)  # (N, K)
         y = x2 @ (w if transpose else w.t())
     return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -270,51 +294,58 @@ def _matmul(x, q, transpose):
 class NF4Matmul(torch.autograd.Function):
     # y = x Ŵᵀ, dx = dy Ŵ. The base weight is frozen: no dW, and nothing but x's shape is saved.
     @staticmethod
-    def forward(ctx, x, q):
-        ctx.q = q
-        return _matmul(x, q, transpose=False)
+    def forward(ctx, x, q, buffer):
+        ctx.q, ctx.buffer = q, buffer
+        return _matmul(x, q, False, buffer)
 
     @staticmethod
     def backward(ctx, dy):
-        return _matmul(dy, ctx.q, transpose=True), None
+        return _matmul(dy, ctx.q, True, ctx.buffer), None, None
 
 
-def nf4_matmul(x, q):
+def nf4_matmul(x, q, buffer=None):
+    # x (..., in) -> x Ŵᵀ (..., out); a DequantBuffer to dequantize into, else a fresh tensor each call
     if x.shape[-1] != q.shape[1]:
         raise ValueError(f"nf4_matmul: x's last dimension must be the weight's in-features {q.shape[1]} "
                          f"(weight {tuple(q.shape)}), got x of shape {tuple(x.shape)}")
     if torch.is_autocast_enabled(x.device.type):  # custom kernels do not autocast by themselves
         x = x.to(torch.get_autocast_dtype(x.device.type))
-    return NF4Matmul.apply(x, q)
+    return NF4Matmul.apply(x, q, buffer)
 
 
 # -----------------------------------------------------------------------------------------------
-# 5. LoRA (paper eq. 5):  y = x Ŵᵀ + (α/r) · dropout(x) Aᵀ Bᵀ,   A (r, in), B (out, r).
-#    B starts at zero, so training starts exactly from the pretrained model; A is kaiming-uniform.
-#    Only A and B are parameters: the 4-bit base sits in buffers and receives no gradient.
+# 5. LoRA:  Y = X Ŵᵀ + s · dropout(X) L1 L2.
+#    L2 (lora_B) starts at zero, so training starts exactly from the pretrained model; lora_A is
+#    kaiming-uniform. Only lora_A, lora_B are parameters: the 4-bit base sits in buffers, no gradient.
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, weight, r=64, alpha=16, dropout=0.0):
+    def __init__(self, weight, r=64, alpha=16, dropout=0.0, dequant_buffer=None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         if isinstance(weight, NF4Weight):
             self.weight = weight
         else:  # a 16-bit base (quantize=False): frozen, so a buffer
             self.register_buffer("weight", weight.detach())
+        self.dequant_buffer = dequant_buffer or DequantBuffer()  # a model passes one for all its layers
         self.r, self.scaling = r, (alpha / r if r > 0 else 0.0)
         if r > 0:
-            device = weight.packed.device if isinstance(weight, NF4Weight) else weight.device
-            self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device))  # (r, in) fp32
-            self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device))  # (out, r) fp32
+            self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=weight.device))  # (r, in) fp32
+            self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=weight.device))  # (out, r) fp32
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout)
 
+    @property
+    def quantized(self):
+        return isinstance(self.weight, NF4Weight)
+
     def forward(self, x):  # x (..., in) -> (..., out)
-        quantized = isinstance(self.weight, NF4Weight)
-        y = nf4_matmul(x, self.weight) if quantized else F.linear(x, self.weight.to(x.dtype))
+        if self.quantized:
+            y = nf4_matmul(x, self.weight, self.dequant_buffer)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype))
         if self.r > 0:
-            # (x Aᵀ) Bᵀ: two thin matmuls through the rank-r bottleneck, never the (out, in) product B A
+            # (X L1) L2: two thin matmuls through the rank-r bottleneck, never the (in, out) product L1 L2
             h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., r)
             y = y + F.linear(h, self.lora_B.to(h.dtype)) * self.scaling
         return y
@@ -324,10 +355,10 @@ class LoRALinear(nn.Module):
 
 
 def merge_lora(layer, dtype=None):
-    # W' = Ŵ + (α/r) B A as a dense weight, for export or adapter-free inference. Explicit on purpose:
-    # merging never happens behind the user's back (e.g. on eval()).
+    # W' = Ŵ + s · (L1 L2)ᵀ = Ŵ + s · lora_B lora_A as a dense (out, in) weight, for export or adapter-free
+    # inference. Explicit on purpose: merging never happens behind the user's back (e.g. on eval()).
     base = layer.weight
-    w = dequantize_nf4(base, torch.float32) if isinstance(base, NF4Weight) else base.float()
+    w = dequantize_nf4(base, torch.float32) if layer.quantized else base.float()
     if layer.r > 0:
         w = w + layer.scaling * (layer.lora_B.float() @ layer.lora_A.float())
     return w.to(dtype or base.dtype)
@@ -391,13 +422,17 @@ class PagedAdamW(torch.optim.Optimizer):
         if paging not in ("auto", "managed", "pinned"):
             raise ValueError(f"PagedAdamW: paging must be 'auto', 'managed' or 'pinned', got {paging!r}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.paging = paging
+        self.paging = paging  # what the caller asked for
+        # where the state went: None before the first allocation, then "managed", "pinned" ("auto" falls back
+        # to it for good when managed memory fails; state allocated before stays managed) or "device" (CPU)
+        self.memory = None
 
     def _alloc(self, p):
         # fp32 state shaped like p, in the memory paging asks for
         if p.device.type != "cuda":
+            self.memory = self.memory or "device"
             return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        if self.paging in ("auto", "managed"):
+        if self.paging in ("auto", "managed") and self.memory != "pinned":
             try:
                 with torch.cuda.device(p.device):  # makes the device's primary context current for the driver calls
                     if 4 * p.numel() > torch.cuda.mem_get_info()[0]:  # oversubscribing managed memory can hang a GPU
@@ -406,11 +441,12 @@ class PagedAdamW(torch.optim.Optimizer):
                     t = torch.as_tensor(m, device=p.device)
                 if t.data_ptr() != m.ptr:  # as_tensor copied (wrong context?): that copy would not be paged
                     raise RuntimeError("managed allocation was not wrapped in place")
+                self.memory = "managed"
                 return t.zero_()
             except (OSError, AttributeError, RuntimeError):
                 if self.paging == "managed":
                     raise
-                self.paging = "pinned"  # no driver library / no managed memory: fall back for good
+        self.memory = "pinned"  # asked for, or no driver library / no managed memory
         return torch.zeros(p.shape, dtype=torch.float32, pin_memory=True)
 
     @torch.no_grad()
@@ -448,7 +484,7 @@ class PagedAdamW(torch.optim.Optimizer):
         return loss
 
     def state_dict(self):
-        if self.paging == "pinned" and torch.cuda.is_initialized():
+        if self.memory == "pinned" and torch.cuda.is_initialized():
             torch.cuda.synchronize()  # pinned state is copied back asynchronously
         return super().state_dict()
 

@@ -21,7 +21,7 @@ import model as M
 import qlora
 import data.prepare as P
 from data.prepare import DataError, convert
-from nf4_table import dynamic_map, midpoints, nf4_values
+from nf4_table import NF4_OFFSET, dynamic_map, midpoints, nf4_values
 
 # Tests for qlora.py, model.py, train.py and data/. Every check compares against math written here (a float64 or bit-exact float32
 # reimplementation of the bitsandbytes NF4 format), never against the function under test itself.
@@ -92,25 +92,25 @@ def ref_unpack(packed, numel):
     return codes[:numel]
 
 
-def ref_absmax(q):
-    # float32 block constants; with double quantization c = DYN8[qc] * c2[block // 256] + offset
-    if q.qabsmax is None:
-        return q.absmax.cpu()
-    qc = q.qabsmax.cpu().long()
-    return REF_DYN8[qc] * q.absmax2.cpu()[torch.arange(qc.numel()) // 256] + q.offset.cpu()
+def ref_c2(q):
+    # float32 first-level constants c2^FP32; with double quantization DYN8[c2^8bit[b]] * c1[b // 256] + c2_mean
+    if not q.double_quant:
+        return q.c2.cpu()
+    code = q.c2.cpu().long()
+    return REF_DYN8[code] * q.c1.cpu()[torch.arange(code.numel()) // 256] + q.c2_mean.cpu()
 
 
 def ref_dequant(q, dtype=torch.float64):
-    # float64: the exact value of NF4[code] * c. Other dtypes: the float32 product rounded once.
+    # float64: the exact value of NF4[code] * c2. Other dtypes: the float32 product rounded once.
     codes = ref_unpack(q.packed, q.numel())
-    c = ref_absmax(q)[torch.arange(q.numel()) // q.blocksize]
+    c = ref_c2(q)[torch.arange(q.numel()) // q.blocksize]
     if dtype == torch.float64:
         return (BNB_NF4.double()[codes] * c.double()).view(q.shape)
     return (BNB_NF4[codes] * c).to(dtype).view(q.shape)
 
 
 def assert_dequant_equal(wh, q):
-    # bit for bit; on a GPU the double-quant constant c2 * DYN8[qc] + offset may be one FMA (1 ulp)
+    # bit for bit; on a GPU the double-quant constant c1 * DYN8[c2] + c2_mean may be one FMA (1 ulp)
     ref = ref_dequant(q, wh.dtype)
     if CUDA and q.double_quant:
         torch.testing.assert_close(wh.cpu(), ref, rtol=torch.finfo(wh.dtype).eps, atol=0)
@@ -129,12 +129,13 @@ def weight(shape, std=0.02, seed=0, dtype=torch.float32):
 
 
 # ------------------------------------------------------------------------------------------------
-# 1. Tables
+# 1. NF4 and the 8-bit dynamic map (nf4_table.py; qlora.NF4, NF4_MID, DYN8)
 
 
 def test_nf4_table_is_bitsandbytes():
     # guards the code values themselves: any drift breaks compatibility with bitsandbytes checkpoints
     assert torch.equal(nf4_values(), BNB_NF4)
+    assert NF4_OFFSET == round(1 - (1 / 30 + 1 / 32) / 2, 7)  # the formula in nf4_table.py
     assert torch.equal(qlora.NF4, BNB_NF4)
 
 
@@ -167,7 +168,7 @@ def test_dynamic_map():
 
 
 # ------------------------------------------------------------------------------------------------
-# 2. Packing
+# 2. Blockwise quantization: W^NF4 packing, c2^FP32, ragged sizes
 
 
 def test_packing_order_high_nibble_first():
@@ -179,7 +180,8 @@ def test_packing_order_high_nibble_first():
     up = [0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF]  # code 2j high nibble, 2j+1 low nibble
     down = [0xFE, 0xDC, 0xBA, 0x98, 0x76, 0x54, 0x32, 0x10]
     assert q.packed.cpu().tolist() == up * 4 + down * 4
-    assert q.absmax.cpu().tolist() == [1.0, 3.0]
+    assert q.c2.cpu().tolist() == [1.0, 3.0]
+    assert torch.equal(q.nf4.cpu(), BNB_NF4) and q.device.type == DEV  # the weight's own lookup table
 
 
 @pytest.mark.parametrize("shape", [(3, 21), (1, 1), (7, 65)])
@@ -195,9 +197,9 @@ def test_ragged_sizes(shape):
         assert q.packed[-1].item() & 15 == 7  # the pad nibble is the code of 0.0
     codes, absmax = ref_codes(w, 64)
     assert torch.equal(ref_unpack(q.packed, n), codes[:n])
-    last = w.reshape(-1)[(q.absmax.numel() - 1) * 64:]
-    assert q.absmax[-1].item() == last.abs().max().item()  # only the real elements
-    assert torch.equal(q.absmax.cpu(), absmax)
+    last = w.reshape(-1)[(q.c2.numel() - 1) * 64:]
+    assert q.c2[-1].item() == last.abs().max().item()  # only the real elements
+    assert torch.equal(q.c2.cpu(), absmax)
     wh = qlora.dequantize_nf4(q, torch.float32).cpu()
     assert wh.shape == shape and torch.equal(wh, ref_dequant(q, torch.float32))
     # round trip: every element within half the widest NF4 gap (-1 .. -0.696) times its block's absmax
@@ -206,7 +208,7 @@ def test_ragged_sizes(shape):
 
 
 # ------------------------------------------------------------------------------------------------
-# 3. Quantization equals the reference
+# 2. Blockwise quantization: codes equal the reference (nearest value, ties, scaling, zero blocks)
 
 
 @pytest.mark.parametrize("blocksize", [64, 128])
@@ -215,7 +217,7 @@ def test_quantize_matches_reference(blocksize):
     q = qlora.quantize_nf4(w.to(DEV), blocksize=blocksize, double_quant=False)
     codes, absmax = ref_codes(w, blocksize)
     assert torch.equal(ref_unpack(q.packed, w.numel()), codes[: w.numel()])
-    assert torch.equal(q.absmax.cpu(), absmax)
+    assert torch.equal(q.c2.cpu(), absmax)
     # the same codes as "nearest value by distance" (no random value lands between a float32
     # threshold and the exact midpoint)
     xp = F.pad(w.reshape(-1), (0, absmax.numel() * blocksize - w.numel())).view(-1, blocksize)
@@ -279,7 +281,7 @@ def test_all_zero_weight_dequantizes_to_zero(double_quant):
 
 
 # ------------------------------------------------------------------------------------------------
-# 4. Round-trip error, double quantization, storage cost
+# 3. Double quantization: c2^8bit, c1, c2_mean; round-trip error; storage cost
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -297,16 +299,16 @@ def test_double_quant_constants():
     # 300 blocks -> two blocks of 256 constants, the second partial
     w = weight((150, 128), seed=5)
     q = qlora.quantize_nf4(w.to(DEV), blocksize=64, double_quant=True)
-    assert q.absmax is None and q.qabsmax.dtype == torch.uint8 and q.qabsmax.shape == (300,)
-    assert q.absmax2.dtype == torch.float32 and q.absmax2.shape == (2,)
+    assert q.c2.dtype == torch.uint8 and q.c2.shape == (300,)  # c2^8bit; c2^FP32 is not kept
+    assert q.c1.dtype == torch.float32 and q.c1.shape == (2,)
     true_absmax = w.reshape(300, 64).abs().amax(1)
-    assert q.offset.item() == pytest.approx(true_absmax.double().mean().item(), rel=1e-6)
+    assert q.c2_mean.item() == pytest.approx(true_absmax.double().mean().item(), rel=1e-6)
     # the 8-bit codes of the centred constants equal the reference quantizer with the dynamic map
-    qc, a2 = ref_codes(true_absmax - q.offset.cpu(), 256, REF_DYN8_MIDS)
-    assert torch.equal(q.qabsmax.cpu().long(), qc[:300]) and torch.equal(q.absmax2.cpu(), a2)
+    code, c1 = ref_codes(true_absmax - q.c2_mean.cpu(), 256, REF_DYN8_MIDS)
+    assert torch.equal(q.c2.cpu().long(), code[:300]) and torch.equal(q.c1.cpu(), c1)
     # dequantized constants are within 1% of the true ones, and the weights come back as well as
     # without double quantization
-    assert ((ref_absmax(q) - true_absmax).abs() / true_absmax).max() < 0.01
+    assert ((ref_c2(q) - true_absmax).abs() / true_absmax).max() < 0.01
     q0 = qlora.quantize_nf4(w.to(DEV), double_quant=False)
     assert rel_err(ref_dequant(q), w) < 1.01 * rel_err(ref_dequant(q0), w)
 
@@ -315,14 +317,14 @@ def test_bits_per_param():
     w = torch.randn(4096, 4096, device=DEV)
     n = w.numel()
     assert qlora.quantize_nf4(w, double_quant=False).bits_per_param() == 4 + 32 / 64  # 4.5
-    # 4-bit codes + 8-bit constant per 64 + fp32 second-level constant per 256 blocks + fp32 offset
+    # 4-bit codes + 8-bit c2 per 64 + fp32 c1 per 256 blocks + fp32 c2_mean (the lookup tables are not stored)
     expected = 4 + 8 / 64 + 32 / (64 * 256) + 32 / n
     assert qlora.quantize_nf4(w, double_quant=True).bits_per_param() == expected
     assert expected == pytest.approx(4.127, abs=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------
-# 5. Triton dequantization kernel
+# 4. Triton dequantization kernel, and dequantize_nf4
 
 
 @pytest.mark.parametrize("blocksize", [64, 128])
@@ -333,7 +335,7 @@ def test_triton_dequant_equals_torch_path(dtype, double_quant, blocksize):
         q = qlora.quantize_nf4(weight(shape, seed=6).to(DEV), blocksize, double_quant)
         a = qlora._dequantize_triton(q, torch.empty(shape, dtype=dtype, device=DEV))
         b = qlora._dequantize_torch(q, torch.empty(shape, dtype=dtype, device=DEV))
-        if CUDA and double_quant:  # the GPU may fuse c2 * DYN8[qc] + offset into one FMA
+        if CUDA and double_quant:  # the GPU may fuse c1 * DYN8[c2] + c2_mean into one FMA
             torch.testing.assert_close(a, b, rtol=torch.finfo(dtype).eps, atol=0)
         else:
             assert torch.equal(a, b), (shape, dtype)
@@ -348,7 +350,7 @@ def test_public_dequantize_uses_weight_dtype():
 
 
 # ------------------------------------------------------------------------------------------------
-# 6. Fused dequantize-matmul kernel
+# 4. Fused dequantize-matmul kernel
 
 SHAPES = [(1, 40, 96), (3, 96, 130), (17, 130, 40), (16, 64, 64)]  # (M, N, K); tiles are 16 / 64 / 64
 
@@ -379,7 +381,7 @@ def test_fused_matmul_transposed(M, N, K, dtype):
 
 
 # ------------------------------------------------------------------------------------------------
-# 7. nf4_matmul autograd
+# 4. nf4_matmul: the route taken, autograd, autocast, DequantBuffer
 
 
 def _spy(monkeypatch, name):
@@ -399,7 +401,7 @@ def test_nf4_matmul_autograd(route, monkeypatch):
     if route == "torch":
         if CUDA:
             pytest.skip("CUDA tensors always take the Triton kernels")
-        monkeypatch.setattr(qlora, "INTERPRET", False)
+        monkeypatch.setenv("TRITON_INTERPRET", "0")  # read at each call
     M = 5 if route == "fused" else qlora.FUSED_MAX_M + 3
     fused = _spy(monkeypatch, "_fused_matmul")
     torch_deq = _spy(monkeypatch, "_dequantize_torch")
@@ -433,7 +435,7 @@ def test_nf4_matmul_3d_input(T):
 
 def test_nf4_matmul_under_autocast(monkeypatch):
     # custom kernels do not autocast by themselves: nf4_matmul casts x to the autocast dtype
-    monkeypatch.setattr(qlora, "INTERPRET", False)  # bf16 cannot run in the Triton CPU interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # bf16 cannot run in the Triton CPU interpreter
     q = qlora.quantize_nf4(weight((40, 96), seed=10).to(DEV))
     x = torch.randn(20, 96, device=DEV)
     with torch.autocast(DEV, dtype=D16):
@@ -442,8 +444,25 @@ def test_nf4_matmul_under_autocast(monkeypatch):
     assert rel_err(y, x.cpu().double() @ ref_dequant(q).T) < TOL[D16]
 
 
+def test_dequant_buffer_is_shared_and_reused():
+    # one buffer per (device, dtype) for all the layers given it, sized by the largest weight; a layer
+    # built alone gets its own
+    buf, M = qlora.DequantBuffer(), qlora.FUSED_MAX_M + 3  # above FUSED_MAX_M: the dequantizing route
+    big, small = (qlora.quantize_nf4(weight(s, seed=14).to(DEV)) for s in [(40, 130), (24, 96)])
+    w = buf.dequantize(big, DT)
+    ptr = w.data_ptr()
+    assert_dequant_equal(w, big)
+    assert buf.dequantize(small, DT).data_ptr() == ptr and len(buf.buffers) == 1
+    layers = [qlora.LoRALinear(q, r=4, dequant_buffer=buf) for q in (small, big)]
+    for layer, q in zip(layers, (small, big)):
+        x = torch.randn(M, q.shape[1]).to(DT).to(DEV)
+        assert rel_err(layer(x), x.cpu().double() @ ref_dequant(q).T) < TOL[DT]  # B = 0: the base
+    assert len(buf.buffers) == 1 and buf.buffers[(big.device, DT)].data_ptr() == ptr
+    assert make_layer().dequant_buffer is not make_layer().dequant_buffer
+
+
 # ------------------------------------------------------------------------------------------------
-# 8. Bad input
+# 2, 4. Bad input to quantize_nf4 and nf4_matmul
 
 
 @pytest.mark.parametrize("call,expected,got", [
@@ -460,7 +479,7 @@ def test_bad_input_raises(call, expected, got):
 
 
 # ------------------------------------------------------------------------------------------------
-# 9. LoRALinear
+# 5. LoRALinear
 
 
 def make_layer(r=8, alpha=16, dropout=0.0, double_quant=True, seed=11):
@@ -476,7 +495,7 @@ def randomize_B(layer, seed=12):
 
 
 def ref_lora(layer, x, W, alpha=16, r=8):
-    # float64: y = x Ŵᵀ + (α/r) x Aᵀ Bᵀ
+    # float64: y = x Ŵᵀ + s · x L1 L2,  L1 = Aᵀ, L2 = Bᵀ, s = α / r
     A, B = layer.lora_A.detach().double().cpu(), layer.lora_B.detach().double().cpu()
     x = x.detach().double().cpu()
     return x @ W.T + alpha / r * (x @ A.T) @ B.T
@@ -585,7 +604,7 @@ def test_to_float32_after_half_restores_dtype():
     q = layer.weight
     layer.half()
     layer.float()
-    assert layer.lora_A.dtype == torch.float32 and q.absmax2.dtype == torch.float32
+    assert layer.lora_A.dtype == torch.float32 and q.c1.dtype == torch.float32
     assert q.dtype == torch.float32  # the dequantization dtype follows the module back
     assert qlora.dequantize_nf4(q).dtype == torch.float32
 
@@ -595,7 +614,7 @@ def test_state_dict_holds_quantized_weight(double_quant):
     layer = make_layer(double_quant=double_quant)
     randomize_B(layer)
     sd = layer.state_dict()
-    stats = {"weight.qabsmax", "weight.absmax2", "weight.offset"} if double_quant else {"weight.absmax"}
+    stats = {"weight.c2", "weight.c1", "weight.c2_mean"} if double_quant else {"weight.c2"}
     assert set(sd) == {"weight.packed", "lora_A", "lora_B"} | stats
     assert sd["weight.packed"].dtype == torch.uint8 and sd["weight.packed"].numel() == 40 * 96 // 2
     buf = io.BytesIO()
@@ -608,7 +627,7 @@ def test_state_dict_holds_quantized_weight(double_quant):
 
 
 # ------------------------------------------------------------------------------------------------
-# 10. PagedAdamW
+# 6. PagedAdamW
 
 HP = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1)
 SHAPES_P = [(5, 7), (13,), (2, 3, 4)]
@@ -639,10 +658,12 @@ def assert_same(ps, qs):
 def test_paged_adamw_matches_torch_adamw():
     ps, rs = make_params(), make_params()
     opt, ref = qlora.PagedAdamW(ps, **HP), torch.optim.AdamW(rs, foreach=False, **HP)
+    assert opt.memory is None  # decided at the first allocation
     for step in range(12):
         set_grads([ps, rs], step)
         opt.step(), ref.step()
         assert_same(ps, rs)
+    assert opt.paging == "auto" and opt.memory == ("managed" if CUDA else "device")
     for p, r in zip(ps, rs):
         assert opt.state[p]["exp_avg"].dtype == torch.float32
         assert_same([opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]],
@@ -713,7 +734,7 @@ def test_paged_adamw_invalid_hyperparameters(kw, bad):
 
 
 # ------------------------------------------------------------------------------------------------
-# 11. CUDA only: paged memory
+# 6. PagedAdamW on CUDA: managed and pinned memory
 
 
 def _is_managed(t):
@@ -736,6 +757,7 @@ def test_paged_state_is_managed_memory():
     assert torch.cuda.memory_allocated() - before < 4 * p.numel()  # 8 MiB of state not counted
     st = opt.state[p]
     assert st["exp_avg"].is_cuda and _is_managed(st["exp_avg"]) and _is_managed(st["exp_avg_sq"])
+    assert opt.memory == "managed"
 
 
 @needs_cuda
@@ -781,6 +803,24 @@ def test_pinned_fallback_matches_torch_adamw():
         st = opt.state[p]
         assert st["exp_avg"].device.type == "cpu" and st["exp_avg"].is_pinned()
         assert torch.equal(st["exp_avg_sq"].cuda(), ref.state[r]["exp_avg_sq"])
+    assert opt.memory == "pinned"
+
+
+@needs_cuda
+def test_auto_falls_back_to_pinned_and_says_so(monkeypatch):
+    # no managed memory: "auto" takes pinned memory for good, reports it, and leaves `paging` as given
+    def fail(shape):
+        raise RuntimeError("cuMemAllocManaged failed")
+    monkeypatch.setattr(qlora, "_Managed", fail)
+    ps, rs = make_params(device="cuda"), make_params(device="cuda")
+    opt, ref = qlora.PagedAdamW(ps, **HP), torch.optim.AdamW(rs, foreach=False, **HP)
+    for step in range(3):
+        set_grads([ps, rs], step)
+        opt.step(), ref.step()
+    torch.cuda.synchronize()
+    assert opt.paging == "auto" and opt.memory == "pinned"
+    assert all(opt.state[p]["exp_avg"].is_pinned() for p in ps)
+    assert_same(ps, rs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -897,8 +937,9 @@ def test_16bit_load_matches_float64_reference(meta_ckpt):
 
 def test_4bit_load_matches_reference_on_nf4_roundtripped_weights(meta_ckpt, monkeypatch):
     d, cfg, weights = meta_ckpt
-    monkeypatch.setattr(qlora, "INTERPRET", False)  # torch path here; the kernels have their own tests
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # torch path here; the kernels have their own tests
     net = M.LLaMA.from_checkpoint(d, quantize=True, dtype=torch.float32)
+    assert len({id(m.dequant_buffer) for m in net.modules() if isinstance(m, qlora.LoRALinear)}) == 1
     rt = {k: qlora.dequantize_nf4(qlora.quantize_nf4(v)) if v.dim() == 2 and k.startswith("layers.") else v for k, v in weights.items()}
     idx = torch.randint(cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
     ref = reference_forward(rt, cfg, idx)
@@ -1025,7 +1066,7 @@ def test_checkpoint_errors_name_file_and_tensor(tmp_path, meta_ckpt, tokenizer_f
 
 def test_export_merged_roundtrip(tmp_path, meta_ckpt, monkeypatch):
     d, cfg, _ = meta_ckpt
-    monkeypatch.setattr(qlora, "INTERPRET", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     net = M.LLaMA.from_checkpoint(d, quantize=True, dtype=torch.float32, lora_r=4, lora_alpha=8).eval()
     for n, p in net.named_parameters():
         if "lora_B" in n:

@@ -312,6 +312,8 @@ def train(c):
             fail(f"iter {it}: loss {loss_sum}, gradient norm {gnorm}; stopping before the update "
                  f"(last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none'})")
         optimizer.step()
+        if master and it == iter_num:  # the optimizer picks its memory at the first allocation
+            print(f"optimizer state in {optimizer.memory} memory (paging={optimizer.paging!r})")
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t
         dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
