@@ -4,8 +4,17 @@ while loading, with LoRA on every linear layer of every block. The file formats 
 Hugging Face folders, adapters, exports, the tokenizer) live in data/checkpoint.py.
 
 References: Touvron et al. 2023 (LLaMA, Llama 2); Meta's llama/model.py for the layout of the weights.
+
+Run as a script, it answers --prompt, or chats with one turn per line of stdin (until an empty line or EOF):
+  python model.py --adapter out/adapter.pt --prompt "Name three colours."   # python train.py's demo (its base is rebuilt)
+  python model.py --ckpt_dir checkpoints/7B --adapter out/peft               # a base folder and an adapter: chat
+  python model.py --ckpt_dir checkpoints/7B --template none --prompt "The capital of France is"
+The prompt is wrapped in the adapter's template (--template alpaca|guanaco|none; default: the adapter's, else
+alpaca; none without an adapter). Guanaco keeps the conversation; Alpaca's template is single-turn.
 """
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -13,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from data.checkpoint import open_checkpoint
+from data.files import InputError
 from qlora import LoRALinear, quantize_nf4
 
 
@@ -277,3 +287,112 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):
 
 
 
+
+# -----------------------------------------------------------------------------------------------
+# python model.py: answer or chat. Guanaco's conversation is its "### Human: ...### Assistant: " turns, each
+# answer closed by eos as in training, the oldest tokens dropped when it outgrows max_seq_len. Alpaca was
+# trained on single instructions, so there each line is a fresh one.
+
+FLAGS = dict(ckpt_dir="", adapter="", prompt="", template="", max_new_tokens=256, temperature=0.7, top_p=0.9, top_k=0,
+             seed=0, quantize=True)
+
+
+def parse_flags(argv, flags):
+    # as train.py: --key=value or --key value, typed like the default; a bool flag alone means true
+    i = 0
+    while i < len(argv):
+        key, eq, val = argv[i][2:].partition("=")
+        if argv[i] in ("-h", "--help"):
+            print(__doc__.strip().split("\n\n")[-1] + "\nflags (defaults): " + " ".join(f"--{k} {v!r}" for k, v in flags.items()))
+            sys.exit(0)
+        if not argv[i].startswith("--") or key not in flags:
+            raise InputError(f"unknown flag {argv[i]} (flags: {', '.join('--' + k for k in flags)})")
+        kind = type(flags[key])
+        if not eq and kind is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            val = "true"
+        elif not eq:
+            if i + 1 == len(argv):
+                raise InputError(f"flag --{key} needs a value")
+            i, val = i + 1, argv[i + 1]
+        try:
+            if kind is bool and val.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise ValueError
+            flags[key] = val.lower() in ("1", "true", "yes") if kind is bool else kind(val)
+        except ValueError:
+            raise InputError(f"--{key}: expected {kind.__name__}, got {val!r}") from None
+        i += 1
+    return flags
+
+
+def chat(argv):
+    from data.checkpoint import Tokenizer, find_tokenizer, load_adapter, read_adapter
+    from data.prepare import ALPACA
+    f = parse_flags(argv, dict(FLAGS))
+    adapter = read_adapter(f["adapter"]) if f["adapter"] else None
+    info = adapter["info"] if adapter else {}
+    base = info.get("base") or {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # as train.py
+    if f["ckpt_dir"] or base.get("ckpt_dir"):
+        d = Path(f["ckpt_dir"] or base["ckpt_dir"])
+        net = LLaMA.from_checkpoint(d, f["quantize"], device, dtype, lora_r=0)
+        tok = Tokenizer(find_tokenizer(d) or d / "tokenizer.model")
+    elif base.get("init") == "random":  # train.py's demo: the same random base (same seed, device kind, dtype)
+        if base.get("device", device) != device:
+            raise InputError(f"{f['adapter']}: its random base was made on {base['device']}; rebuilding it needs the same here")
+        t = Path(base["tokenizer"])
+        tok = Tokenizer(t if t.is_file() else Path(f["adapter"]).parent / t.name)
+        net = LLaMA.from_config(LLaMAConfig(**info["model_config"]), f["quantize"], device, dtype, seed=base["seed"])
+    else:
+        raise InputError("--ckpt_dir DIR is needed (no --adapter, or the adapter does not record its base)")
+    if adapter:
+        load_adapter(net, adapter)
+    net.eval()
+    template = f["template"] or info.get("template") or ("alpaca" if adapter else "none")
+    if template not in ("alpaca", "guanaco", "none"):
+        raise InputError(f"--template: expected alpaca, guanaco or none, got {template!r}")
+    wrap = {"alpaca": lambda s: ALPACA[False].format(instruction=s), "guanaco": lambda s: f"### Human: {s}### Assistant: ",
+            "none": lambda s: s}[template]
+    keep = max(net.config.max_seq_len - f["max_new_tokens"], net.config.max_seq_len // 2)  # prompt tokens kept
+    torch.manual_seed(f["seed"])
+
+    def answer(ids):  # prints the answer as it is produced: decode the growing answer, print the new suffix
+        out, shown = [], ""
+
+        def show(nxt):
+            nonlocal shown
+            out.append(nxt.item())
+            text = tok.decode(out).rstrip("\ufffd")  # hold back a character whose bytes are not all there yet
+            if text.startswith(shown):
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+
+        with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
+            net.generate(torch.tensor([ids[-keep:]], device=device), f["max_new_tokens"], f["temperature"],
+                         f["top_k"] or None, f["top_p"] if f["top_p"] < 1 else None, tok.eos_id, show)
+        print(flush=True)
+        return out if out[-1:] == [tok.eos_id] else out + [tok.eos_id]
+
+    if f["prompt"]:
+        answer([tok.bos_id] + tok.encode(wrap(f["prompt"])))
+        return
+    history = [tok.bos_id]
+    while True:
+        try:
+            line = input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        ids = (history if template == "guanaco" else [tok.bos_id]) + tok.encode(wrap(line))
+        history = ids + answer(ids)
+
+
+if __name__ == "__main__":
+    try:
+        chat(sys.argv[1:])
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

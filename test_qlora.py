@@ -1382,6 +1382,89 @@ def test_load_progress(meta_ckpt, monkeypatch, tty):
 
 
 # ---------------------------------------------------------------------------------------------------
+# python model.py: the chat command on a demo adapter (a random tiny base rebuilt from what adapter.pt records)
+
+
+@pytest.fixture(scope="session")
+def demo_adapter(tmp_path_factory, tokenizer_file):
+    d = tmp_path_factory.mktemp("demo")
+    tok = shutil.copy(tokenizer_file, d / "tokenizer-0123456789.model")
+    cfg = M.LLaMAConfig(**{**M.CONFIGS["tiny"], "vocab_size": C.Tokenizer(tok).n_words, "lora_r": 4})
+    net = with_random_adapter(M.LLaMA.from_config(cfg, dtype=torch.float32, seed=3), seed=11)
+    for n, p in net.named_parameters():
+        if "lora_B" in n:
+            p.data *= 20  # an adapter that changes what the model says
+    torch.save({"lora": net.lora_state_dict(), "model_config": vars(cfg), "config": {},
+                "base": {"init": "random", "model": "tiny", "seed": 3, "tokenizer": str(tok), "device": "cpu"}}, d / "adapter.pt")
+    return d / "adapter.pt", net, C.Tokenizer(tok)
+
+
+def greedy(net, ids, n, eos):  # without the KV cache: the whole sequence again each step
+    out = []
+    for _ in range(n):
+        nxt = net(torch.tensor([ids + out]))[0][0, -1].argmax().item()
+        out.append(nxt)
+        if nxt == eos:
+            break
+    return out
+
+
+def run_chat(*args, input=None):
+    return subprocess.run([sys.executable, str(ROOT / "model.py"), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=ENV, input=input)
+
+
+def test_chat_answers_a_prompt_in_the_alpaca_template(demo_adapter, monkeypatch):
+    path, net, tok = demo_adapter
+    monkeypatch.setattr(qlora, "INTERPRET", False)  # as in the subprocess
+    r = run_chat("--adapter", path, "--prompt", "the lazy dog", "--temperature", 0, "--max_new_tokens", 10)
+    assert r.returncode == 0, r.stderr
+    prompt = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n" \
+             "### Instruction:\nthe lazy dog\n\n### Response: "
+    expect = tok.decode(greedy(net.eval(), [tok.bos_id] + tok.encode(prompt), 10, tok.eos_id))
+    assert expect.strip() and r.stdout == expect + "\n"
+
+
+def test_chat_interactive_keeps_the_guanaco_conversation(demo_adapter, monkeypatch, tmp_path):
+    path, net, tok = demo_adapter
+    monkeypatch.setattr(qlora, "INTERPRET", False)
+    r = run_chat("--adapter", path, "--template", "guanaco", "--temperature", 0, "--max_new_tokens", 6,
+                 input="the brown fox\nseven birds\n\nnever read\n")
+    assert r.returncode == 0, r.stderr
+    ids, answers = [tok.bos_id], []
+    for line in ("the brown fox", "seven birds"):  # stops at the empty line
+        ids += tok.encode(f"### Human: {line}### Assistant: ")
+        out = greedy(net.eval(), ids, 6, tok.eos_id)
+        answers.append(tok.decode(out))
+        ids += out if out[-1] == tok.eos_id else out + [tok.eos_id]
+    assert r.stdout == "".join(a + "\n" for a in answers)
+
+
+def test_chat_on_a_peft_adapter_finds_its_base_folder(tmp_path, meta_ckpt, tokenizer_file):
+    d, cfg, weights = meta_ckpt
+    hf = write_hf(tmp_path / "hf", cfg, weights, tokenizer_file)
+    net = with_random_adapter(M.LLaMA.from_checkpoint(hf, quantize=False, dtype=torch.float32, lora_r=4, progress=False))
+    C.export_peft(net, tmp_path / "peft", base=hf)  # records the base folder: no --ckpt_dir needed
+    r = run_chat("--adapter", tmp_path / "peft", "--template", "none", "--prompt", "the lazy dog", "--temperature", 0,
+                 "--max_new_tokens", 5, "--quantize", "false")
+    assert r.returncode == 0, r.stderr
+    tok = C.Tokenizer(tokenizer_file)
+    assert r.stdout == tok.decode(greedy(net, [tok.bos_id] + tok.encode("the lazy dog"), 5, tok.eos_id)) + "\n"
+    assert r.stderr.startswith("loaded 2 layers")  # the progress line goes to stderr, never into the answer
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--colour", "red"], "error: unknown flag --colour"),
+    (["--max_new_tokens", "many"], "error: --max_new_tokens: expected int, got 'many'"),
+    (["--prompt", "hi"], "error: --ckpt_dir DIR is needed"),
+    (["--adapter", "/nonexistent/adapter.pt"], "error: /nonexistent/adapter.pt: adapter not found"),
+])
+def test_chat_bad_input_is_one_line(args, expect):
+    r = run_chat(*args)
+    assert r.returncode == 2 and r.stderr.startswith(expect) and len(r.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------
 # train.py: data formats, masking, batching, and the command line as a user meets it
 
 
