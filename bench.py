@@ -20,7 +20,8 @@ import triton
 from triton.testing import do_bench
 
 import qlora
-from model import CONFIGS, LLaMA, LLaMAConfig, meta_params
+from data.checkpoint import meta_params
+from model import CONFIGS, LLaMA, LLaMAConfig
 
 SHAPES_7B = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in): wq/wk/wv/wo, w1/w3, w2
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

@@ -1,25 +1,29 @@
 """
-LLaMA 1 and 2, loaded from Meta's raw checkpoints (consolidated.NN.pth + params.json + tokenizer.model)
-and quantized to NF4 block by block while loading, with LoRA on every linear layer of every block.
+LLaMA 1 and 2 (and models of the same shape: Mistral, TinyLlama, CodeLlama), quantized to NF4 block by block
+while loading, with LoRA on every linear layer of every block. The file formats (Meta's raw checkpoints,
+Hugging Face folders, adapters, exports, the tokenizer) live in data/checkpoint.py.
 
-References: Touvron et al. 2023 (LLaMA, Llama 2); Meta's llama/model.py for the checkpoint layout.
+References: Touvron et al. 2023 (LLaMA, Llama 2); Meta's llama/model.py for the layout of the weights.
+
+Run as a script, it answers --prompt, or chats with one turn per line of stdin (until an empty line or EOF):
+  python model.py --adapter out/adapter.pt --prompt "Name three colours."   # python train.py's demo (its base is rebuilt)
+  python model.py --ckpt_dir checkpoints/7B --adapter out/peft               # a base folder and an adapter: chat
+  python model.py --ckpt_dir checkpoints/7B --template none --prompt "The capital of France is"
+The prompt is wrapped in the adapter's template (--template alpaca|guanaco|none; default: the adapter's, else
+alpaca; none without an adapter). Guanaco keeps the conversation; Alpaca's template is single-turn.
 """
-import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import sentencepiece as spm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from data.files import InputError, atomic_save, atomic_write_bytes, atomic_write_text
-from qlora import DequantBuffer, LoRALinear, merge_lora, quantize_nf4
-
-
-class CheckpointError(InputError):
-    pass
+from data.checkpoint import open_checkpoint, read_params
+from data.files import InputError
+from qlora import DequantBuffer, LoRALinear, quantize_nf4
 
 
 @dataclass
@@ -34,6 +38,8 @@ class LLaMAConfig:
     norm_eps: float = 1e-5
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
+    ffn_dim: int = None  # None: Meta's formula (hidden_dim); else an explicit width (HF's intermediate_size)
+    tie_embeddings: bool = False  # output head = the embedding (HF's tie_word_embeddings)
     lora_r: int = 64
     lora_alpha: float = 16
     lora_dropout: float = 0.1
@@ -48,6 +54,8 @@ class LLaMAConfig:
     @property
     def hidden_dim(self):
         # SwiGLU keeps the parameter count of a 4·d MLP: 2/3 · 4d, scaled, rounded up to multiple_of
+        if self.ffn_dim is not None:
+            return self.ffn_dim
         h = int(2 * 4 * self.dim / 3)
         if self.ffn_dim_multiplier is not None:
             h = int(self.ffn_dim_multiplier * h)
@@ -65,34 +73,6 @@ CONFIGS = {
     "2-70B": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096, max_seq_len=4096),
     "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=256, lora_r=16),
 }
-
-
-class Tokenizer:
-    def __init__(self, path):
-        path = Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"{path}: tokenizer not found")
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        self.path, self.n_words = path, self.sp.vocab_size()
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()  # from the model file (LLaMA: 1, 2)
-
-    def encode(self, s, bos=False, eos=False):
-        return [self.bos_id] * bos + self.sp.encode(s) + [self.eos_id] * eos
-
-    def decode(self, ids):
-        return self.sp.decode([i for i in ids if 0 <= i < self.n_words])
-
-
-def train_tokenizer(texts, path, vocab_size):
-    # a small BPE model with LLaMA's special ids (unk 0, bos 1, eos 2), for models that come without one
-    import io
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
-                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                   split_by_whitespace=True, minloglevel=2, num_threads=1)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 # -----------------------------------------------------------------------------------------------
@@ -207,7 +187,8 @@ class LLaMA(nn.Module):
         self.tok_embeddings = nn.Embedding.from_pretrained(emb, freeze=True)
         self.layers = nn.ModuleList(Block(cfg, i, load, linear) for i in range(cfg.n_layers))
         self.norm = RMSNorm(load("norm.weight", (cfg.dim,)), cfg.norm_eps)
-        self.register_buffer("output", load("output.weight", (cfg.vocab_size, cfg.dim)))  # untied head, frozen
+        out = emb if cfg.tie_embeddings else load("output.weight", (cfg.vocab_size, cfg.dim))
+        self.register_buffer("output", out)  # the head, frozen
         cos, sin = rope_tables(cfg.head_dim, 2 * cfg.max_seq_len, cfg.rope_theta, emb.device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -238,10 +219,11 @@ class LLaMA(nn.Module):
         return {k: v.detach().cpu() for k, v in self.state_dict().items() if ".lora_" in k}
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None):
-        # idx (B, T) prompt -> (B, T + new). A KV cache keeps each step O(T) instead of O(T²).
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, stream=None):
+        # idx (B, T) prompt -> (B, T + new), at most max_seq_len in all (Meta's limit; for a sliding-window
+        # model, its window). A KV cache keeps each step O(T) instead of O(T²). stream(nxt (B,)) sees each step.
         B, T = idx.shape
-        total = min(T + max_new_tokens, 2 * self.config.max_seq_len)
+        total = min(T + max_new_tokens, self.config.max_seq_len)
         kv = (B, total, self.config.n_kv_heads, self.config.head_dim)
         dtype = self.output.dtype if not torch.is_autocast_enabled(idx.device.type) else torch.get_autocast_dtype(idx.device.type)
         for layer in self.layers:
@@ -255,6 +237,8 @@ class LLaMA(nn.Module):
                     nxt = torch.where(done, eos_id, nxt)
                     done |= nxt == eos_id
                 idx = torch.cat([idx, nxt[:, None]], dim=1)
+                if stream is not None:
+                    stream(nxt)
                 if eos_id is not None and done.all() or pos == total - 1:
                     break
                 logits, _ = self(nxt[:, None], start_pos=pos)
@@ -279,85 +263,19 @@ class LLaMA(nn.Module):
         return cls(cfg, load, quantize)
 
     @staticmethod
-    def read_config(ckpt_dir, **lora):
-        # the architecture alone, from params.json: cheap, so defaults can be resolved before any weight is read
-        pj = Path(ckpt_dir) / "params.json"
-        if not pj.is_file():
-            raise CheckpointError(f"{pj}: not found (expected Meta's layout: params.json + consolidated.NN.pth)")
-        try:
-            params = json.loads(pj.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{pj}:{e.lineno}: invalid JSON ({e.msg})") from None
-        known = set(LLaMAConfig.__dataclass_fields__)
-        return LLaMAConfig(**{k: v for k, v in params.items() if k in known and v is not None}, **lora)
+    def read_config(ckpt_dir, context=None, **lora):
+        # the architecture alone, without reading a weight (to resolve size-dependent defaults first)
+        return LLaMAConfig(**read_params(ckpt_dir, context), **lora)
 
     @classmethod
-    def from_checkpoint(cls, ckpt_dir, quantize=True, device=None, dtype=torch.bfloat16, tokenizer=None, **lora):
-        ckpt_dir = Path(ckpt_dir)
-        cfg = cls.read_config(ckpt_dir, **lora)
-        shards = sorted(ckpt_dir.glob("consolidated.*.pth"))
-        if not shards:
-            raise CheckpointError(f"{ckpt_dir}: no consolidated.NN.pth checkpoint shards")
-        for i, s in enumerate(shards):
-            if s.name != f"consolidated.{i:02d}.pth":
-                raise CheckpointError(f"{ckpt_dir / f'consolidated.{i:02d}.pth'}: shard missing ({len(shards)} shards found)")
-        sds = []
-        for s in shards:
-            try:  # weights_only: a checkpoint is data, never code to run
-                sds.append(torch.load(s, map_location="cpu", mmap=True, weights_only=True))
-            except Exception as e:
-                raise CheckpointError(f"{s}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-        if cfg.vocab_size <= 0:  # LLaMA-1 params.json says -1: the embedding knows
-            cfg.vocab_size = sds[0]["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in sds[0] else 0
-        tok = tokenizer if tokenizer is not None else find_tokenizer(ckpt_dir)
-        n_words = Tokenizer(tok).n_words if tok is not None else cfg.vocab_size
-        if n_words != cfg.vocab_size:
-            raise CheckpointError(f"{tok}: tokenizer has {n_words} tokens, the checkpoint's embedding has {cfg.vocab_size}")
-        expected = _expected_keys(cfg)
-        for s, sd in zip(shards, sds):
-            for k in sd:
-                if k not in expected and k != "rope.freqs":  # rope.freqs is recomputed
-                    raise CheckpointError(f"{s}: unexpected tensor {k!r}")
-            for k in expected:
-                if k not in sd:
-                    raise CheckpointError(f"{s}: missing tensor {k!r}")
-
-        def load(name, shape):
-            parts = [sd.pop(name) for sd in sds]  # pop: drop our reference as soon as it is used
-            dim = _shard_dim(name)
-            t = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim)
-            if tuple(t.shape) != tuple(shape):
-                raise CheckpointError(f"{ckpt_dir}/consolidated.*.pth: {name} has shape {tuple(t.shape)}, params.json implies "
-                                      f"{tuple(shape)} (missing shard or wrong params.json?)")
-            return t.to(device=device, dtype=dtype)
-
-        return cls(cfg, load, quantize)
-
-
-def _expected_keys(cfg):
-    per_layer = ["attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
-                 "feed_forward.w2", "feed_forward.w3", "attention_norm", "ffn_norm"]
-    return {"tok_embeddings.weight", "norm.weight", "output.weight"} | {
-        f"layers.{i}.{n}.weight" for i in range(cfg.n_layers) for n in per_layer}
-
-
-def _shard_dim(name):
-    # Meta's model parallelism: column-parallel (output rows split) wq wk wv w1 w3 output; row-parallel
-    # (input columns split) wo w2; the embedding is split along its feature dim; norms are replicated
-    if name.endswith("norm.weight"):
-        return None
-    if name == "tok_embeddings.weight" or name.endswith(("wo.weight", "w2.weight")):
-        return 1
-    return 0
-
-
-def find_tokenizer(ckpt_dir):
-    # Meta's download puts tokenizer.model beside the size folders (llama/tokenizer.model, llama/7B/...)
-    for p in (Path(ckpt_dir) / "tokenizer.model", Path(ckpt_dir).parent / "tokenizer.model"):
-        if p.is_file():
-            return p
-    return None
-
+    def from_checkpoint(cls, ckpt_dir, quantize=True, device=None, dtype=torch.bfloat16, tokenizer=None, context=None,
+                        progress=True, **lora):
+        # Meta's raw layout or a Hugging Face folder, told apart by their files; each tensor is read as the
+        # network asks for it. context: the longest sequence to be used (checked against a sliding window).
+        params, load, prog = open_checkpoint(ckpt_dir, device, dtype, tokenizer, context, progress)
+        net = cls(LLaMAConfig(**params, **lora), load, quantize)
+        prog.close()
+        return net
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None):
     # logits (B, vocab) -> (B,) token ids; temperature 0 is greedy
@@ -375,57 +293,113 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):
     return torch.multinomial(logits.softmax(-1), 1)[:, 0]
 
 
+
+
 # -----------------------------------------------------------------------------------------------
-# export: a merged 16-bit checkpoint in Meta's layout, and the adapter in peft's format
+# python model.py: answer or chat. Guanaco's conversation is its "### Human: ...### Assistant: " turns, each
+# answer closed by eos as in training, the oldest tokens dropped when it outgrows max_seq_len. Alpaca was
+# trained on single instructions, so there each line is a fresh one.
 
-HF_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-            "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-            "feed_forward.w3": "mlp.up_proj"}
-
-
-def export_merged(model, out_dir, dtype=torch.float16):
-    # W = Ŵ + (α/r)·B A for every adapted layer; the rest as loaded. One shard (consolidated.00.pth).
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sd = {"tok_embeddings.weight": model.tok_embeddings.weight, "norm.weight": model.norm.weight, "output.weight": model.output}
-    for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):  # to host memory one weight at a time: the GPU holds one 16-bit weight at most
-            sd[name + ".weight"] = merge_lora(m, dtype).cpu()
-        elif isinstance(m, RMSNorm):
-            sd[name + ".weight"] = m.weight
-    sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sd.items()}
-    atomic_save(sd, out_dir / "consolidated.00.pth")
-    atomic_write_text(out_dir / "params.json", meta_params(model.config))
+FLAGS = dict(ckpt_dir="", adapter="", prompt="", template="", max_new_tokens=256, temperature=0.7, top_p=0.9, top_k=0,
+             seed=0, quantize=True)
 
 
-def meta_params(cfg):
-    keys = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps")
-    return json.dumps({k: getattr(cfg, k) for k in keys if getattr(cfg, k) is not None}, indent=2)
+def parse_flags(argv, flags):
+    # as train.py: --key=value or --key value, typed like the default; a bool flag alone means true
+    i = 0
+    while i < len(argv):
+        key, eq, val = argv[i][2:].partition("=")
+        if argv[i] in ("-h", "--help"):
+            print(__doc__.strip().split("\n\n")[-1] + "\nflags (defaults): " + " ".join(f"--{k} {v!r}" for k, v in flags.items()))
+            sys.exit(0)
+        if not argv[i].startswith("--") or key not in flags:
+            raise InputError(f"unknown flag {argv[i]} (flags: {', '.join('--' + k for k in flags)})")
+        kind = type(flags[key])
+        if not eq and kind is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            val = "true"
+        elif not eq:
+            if i + 1 == len(argv):
+                raise InputError(f"flag --{key} needs a value")
+            i, val = i + 1, argv[i + 1]
+        try:
+            if kind is bool and val.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise ValueError
+            flags[key] = val.lower() in ("1", "true", "yes") if kind is bool else kind(val)
+        except ValueError:
+            raise InputError(f"--{key}: expected {kind.__name__}, got {val!r}") from None
+        i += 1
+    return flags
 
 
-def hf_permute(w, n_heads):
-    # HF's LLaMA rotates halves (rotate_half) instead of interleaved pairs, so its q/k rows are
-    # permuted per head: row (h, i, j) of Meta's (h, hd/2, 2) layout goes to (h, j, i). For LoRA
-    # only B's rows move: W + s·B A permuted = W_perm + s·(B permuted) A.
-    rows = w.shape[0]
-    return w.view(n_heads, rows // n_heads // 2, 2, -1).transpose(1, 2).reshape(rows, -1)
+def chat(argv):
+    from data.checkpoint import Tokenizer, find_tokenizer, load_adapter, read_adapter
+    from data.prepare import ALPACA
+    f = parse_flags(argv, dict(FLAGS))
+    adapter = read_adapter(f["adapter"]) if f["adapter"] else None
+    info = adapter["info"] if adapter else {}
+    base = info.get("base") or {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # as train.py
+    if f["ckpt_dir"] or base.get("ckpt_dir"):
+        d = Path(f["ckpt_dir"] or base["ckpt_dir"])
+        net = LLaMA.from_checkpoint(d, f["quantize"], device, dtype, lora_r=0)
+        tok = Tokenizer(find_tokenizer(d) or d / "tokenizer.model")
+    elif base.get("init") == "random":  # train.py's demo: the same random base (same seed, device kind, dtype)
+        if base.get("device", device) != device:
+            raise InputError(f"{f['adapter']}: its random base was made on {base['device']}; rebuilding it needs the same here")
+        t = Path(base["tokenizer"])
+        tok = Tokenizer(t if t.is_file() else Path(f["adapter"]).parent / t.name)
+        net = LLaMA.from_config(LLaMAConfig(**info["model_config"]), f["quantize"], device, dtype, seed=base["seed"])
+    else:
+        raise InputError("--ckpt_dir DIR is needed (no --adapter, or the adapter does not record its base)")
+    if adapter:
+        load_adapter(net, adapter)
+    net.eval()
+    template = f["template"] or info.get("template") or ("alpaca" if adapter else "none")
+    if template not in ("alpaca", "guanaco", "none"):
+        raise InputError(f"--template: expected alpaca, guanaco or none, got {template!r}")
+    wrap = {"alpaca": lambda s: ALPACA[False].format(instruction=s), "guanaco": lambda s: f"### Human: {s}### Assistant: ",
+            "none": lambda s: s}[template]
+    keep = max(net.config.max_seq_len - f["max_new_tokens"], net.config.max_seq_len // 2)  # prompt tokens kept
+    torch.manual_seed(f["seed"])
+
+    def answer(ids):  # prints the answer as it is produced: decode the growing answer, print the new suffix
+        out, shown = [], ""
+
+        def show(nxt):
+            nonlocal shown
+            out.append(nxt.item())
+            text = tok.decode(out).rstrip("\ufffd")  # hold back a character whose bytes are not all there yet
+            if text.startswith(shown):
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+
+        with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
+            net.generate(torch.tensor([ids[-keep:]], device=device), f["max_new_tokens"], f["temperature"],
+                         f["top_k"] or None, f["top_p"] if f["top_p"] < 1 else None, tok.eos_id, show)
+        print(flush=True)
+        return out if out[-1:] == [tok.eos_id] else out + [tok.eos_id]
+
+    if f["prompt"]:
+        answer([tok.bos_id] + tok.encode(wrap(f["prompt"])))
+        return
+    history = [tok.bos_id]
+    while True:
+        try:
+            line = input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        ids = (history if template == "guanaco" else [tok.bos_id]) + tok.encode(wrap(line))
+        history = ids + answer(ids)
 
 
-def export_peft(model, out_dir):
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg, sd = model.config, {}
-    for name, m in model.named_modules():
-        if isinstance(m, LoRALinear) and m.r > 0:
-            i, sub = name.split(".", 2)[1], name.split(".", 2)[2]
-            key = f"base_model.model.model.layers.{i}.{HF_NAMES[sub]}"
-            b = m.lora_B.detach()
-            if sub in ("attention.wq", "attention.wk"):
-                b = hf_permute(b, cfg.n_heads if sub == "attention.wq" else cfg.n_kv_heads)
-            sd[key + ".lora_A.weight"] = m.lora_A.detach().cpu().contiguous()
-            sd[key + ".lora_B.weight"] = b.cpu().contiguous()
-    conf = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
-            "lora_dropout": cfg.lora_dropout, "target_modules": sorted(v.split(".")[1] for v in HF_NAMES.values()),
-            "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": None}
-    atomic_save(sd, out_dir / "adapter_model.bin")
-    atomic_write_text(out_dir / "adapter_config.json", json.dumps(conf, indent=2))
+if __name__ == "__main__":
+    try:
+        chat(sys.argv[1:])
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

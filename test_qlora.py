@@ -9,6 +9,7 @@ import json
 import math
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from collections import Counter
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch.nn.functional as F
 
+import data.checkpoint as C
 import model as M
 import qlora
 import data.prepare as P
@@ -840,7 +842,7 @@ def tokenizer_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
     g = torch.Generator().manual_seed(0)
     texts = [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (12,), generator=g)) for _ in range(200)]
-    M.train_tokenizer(texts, path, vocab_size=120)
+    C.train_tokenizer(texts, path, vocab_size=120)
     return path
 
 
@@ -912,7 +914,7 @@ def reference_forward(w, cfg, idx):
 
 @pytest.fixture(scope="session")
 def meta_ckpt(tmp_path_factory, tokenizer_file):
-    cfg = M.LLaMAConfig(**TINY, vocab_size=M.Tokenizer(tokenizer_file).n_words)
+    cfg = M.LLaMAConfig(**TINY, vocab_size=C.Tokenizer(tokenizer_file).n_words)
     weights = meta_weights(cfg)
     d = write_meta_checkpoint(tmp_path_factory.mktemp("llama") / "tiny", cfg, weights)
     shutil.copy(tokenizer_file, d.parent / "tokenizer.model")  # Meta's layout: one level up
@@ -1017,7 +1019,7 @@ def test_random_init_named_config_builds_quantized():
 
 
 def test_tokenizer_special_ids(tokenizer_file):
-    tok = M.Tokenizer(tokenizer_file)
+    tok = C.Tokenizer(tokenizer_file)
     assert (tok.bos_id, tok.eos_id) == (1, 2)  # LLaMA's ids, read from the model file
     ids = tok.encode("the lazy dog", bos=True, eos=True)
     assert ids[0] == 1 and ids[-1] == 2 and tok.decode(ids) == "the lazy dog"
@@ -1053,10 +1055,10 @@ def test_checkpoint_errors_name_file_and_tensor(tmp_path, meta_ckpt, tokenizer_f
     elif damage == "bad_params":
         (d / "params.json").write_text("{dim: 64")
     elif damage == "tokenizer_vocab":
-        M.train_tokenizer(WORDS * 5, d / "tokenizer.model", vocab_size=60)
+        C.train_tokenizer(WORDS * 5, d / "tokenizer.model", vocab_size=60)
     elif damage == "pickle":  # arbitrary pickled objects are refused (weights_only=True)
         torch.save({"x": __import__("collections").OrderedDict(a=Path("."))}, d / "consolidated.01.pth")
-    with pytest.raises(M.CheckpointError, match=re.escape(expect)):
+    with pytest.raises(C.CheckpointError, match=re.escape(expect)):
         M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, tokenizer=d / "tokenizer.model" if damage == "tokenizer_vocab" else None)
 
 
@@ -1071,7 +1073,7 @@ def test_export_merged_roundtrip(tmp_path, meta_ckpt, monkeypatch):
     for n, p in net.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.05)
-    M.export_merged(net, tmp_path / "merged", dtype=torch.float32)
+    C.export_merged(net, tmp_path / "merged", dtype=torch.float32)
     sd = torch.load(tmp_path / "merged" / "consolidated.00.pth", weights_only=True)
     lin = net.layers[1].feed_forward.w2
     expect = qlora.dequantize_nf4(lin.weight, torch.float32) + (8 / 4) * lin.lora_B @ lin.lora_A
@@ -1080,6 +1082,37 @@ def test_export_merged_roundtrip(tmp_path, meta_ckpt, monkeypatch):
     idx = torch.randint(cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(6))
     assert rel_err(merged(idx)[0], net(idx)[0]) < 1e-5
     assert not list(tmp_path.glob("merged/*.tmp"))
+    assert json.loads((tmp_path / "merged" / "merge.json").read_text())["base"] == "nf4-dequantized"
+
+
+ST = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def write_safetensors(path, tensors):
+    # the format as the safetensors package writes it: u64 header length, JSON header padded to 8, raw bytes
+    header, off, blobs = {"__metadata__": {"format": "pt"}}, 0, []
+    for k, t in tensors.items():
+        if isinstance(t, tuple):  # (dtype name, shape, bytes): a dtype torch cannot express
+            header[k] = {"dtype": t[0], "shape": t[1], "data_offsets": [off, off + len(t[2])]}
+            off, blobs = off + len(t[2]), blobs + [t[2]]
+            continue
+        b = t.contiguous().view(torch.int16 if t.dtype == torch.bfloat16 else t.dtype).numpy().tobytes()
+        header[k] = {"dtype": ST[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + len(b)]}
+        off, blobs = off + len(b), blobs + [b]
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    Path(path).write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def read_safetensors(path):
+    raw = Path(path).read_bytes()
+    n, = struct.unpack("<Q", raw[:8])
+    assert n % 8 == 0  # every tensor 8-aligned
+    header = json.loads(raw[8 : 8 + n])
+    header.pop("__metadata__")
+    dt = {v: k for k, v in ST.items()}
+    return {k: torch.frombuffer(bytearray(raw[8 + n + h["data_offsets"][0] : 8 + n + h["data_offsets"][1]]),
+                                dtype=dt[h["dtype"]]).view(h["shape"]) for k, h in header.items()}
 
 
 def hf_rope(x):  # HF's rotate-half rotary on (T, H, hd)
@@ -1096,11 +1129,11 @@ def test_export_peft_permutes_q_k_for_hf_rotary(tmp_path, meta_ckpt):
     for n, p in net.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.05)
-    M.export_peft(net, tmp_path / "peft")
+    C.export_peft(net, tmp_path / "peft")
     conf = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert conf["peft_type"] == "LORA" and conf["r"] == 4 and set(conf["target_modules"]) == {
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    sd = torch.load(tmp_path / "peft" / "adapter_model.bin", weights_only=True)
+    sd = read_safetensors(tmp_path / "peft" / "adapter_model.safetensors")
     assert len(sd) == 2 * 7 * cfg.n_layers
     pre = "base_model.model.model.layers.0.self_attn."
     att = net.layers[0].attention
@@ -1110,13 +1143,366 @@ def test_export_peft_permutes_q_k_for_hf_rotary(tmp_path, meta_ckpt):
     wq, wk = (m.weight + s * m.lora_B @ m.lora_A for m in (att.wq, att.wk))
     q = M.apply_rope((x @ wq.T).view(1, 6, cfg.n_heads, hd), *M.rope_tables(hd, 6, 1e4, "cpu"))[0]
     k = M.apply_rope((x @ wk.T).view(1, 6, cfg.n_kv_heads, hd), *M.rope_tables(hd, 6, 1e4, "cpu"))[0]
-    wq_hf = M.hf_permute(att.wq.weight, cfg.n_heads) + s * sd[pre + "q_proj.lora_B.weight"].double() @ sd[pre + "q_proj.lora_A.weight"].double()
-    wk_hf = M.hf_permute(att.wk.weight, cfg.n_kv_heads) + s * sd[pre + "k_proj.lora_B.weight"].double() @ sd[pre + "k_proj.lora_A.weight"].double()
+    wq_hf = C.hf_permute(att.wq.weight, cfg.n_heads) + s * sd[pre + "q_proj.lora_B.weight"].double() @ sd[pre + "q_proj.lora_A.weight"].double()
+    wk_hf = C.hf_permute(att.wk.weight, cfg.n_kv_heads) + s * sd[pre + "k_proj.lora_B.weight"].double() @ sd[pre + "k_proj.lora_A.weight"].double()
     q_hf, k_hf = hf_rope((x @ wq_hf.T).view(6, cfg.n_heads, hd)), hf_rope((x @ wk_hf.T).view(6, cfg.n_kv_heads, hd))
     rep = cfg.n_heads // cfg.n_kv_heads
     scores = torch.einsum("thd,shd->hts", q, k.repeat_interleave(rep, 1))
     scores_hf = torch.einsum("thd,shd->hts", q_hf, k_hf.repeat_interleave(rep, 1))
     assert torch.allclose(scores, scores_hf, atol=1e-5)  # rope_tables are fp32
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hugging Face's layout: the fixture's weights under HF's names, q/k rows permuted for HF's rotate-half
+# rotary as transformers' convert_llama_weights_to_hf.py does, in each file variant
+
+
+HF_LAYER = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+            "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+            "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def convert_permute(w, n_heads):  # convert_llama_weights_to_hf.py's permute
+    d1, d2 = w.shape
+    return w.view(n_heads, d1 // n_heads // 2, 2, d2).transpose(1, 2).reshape(d1, d2)
+
+
+def hf_config(cfg, **kw):
+    return {"architectures": ["LlamaForCausalLM"], "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,
+            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "num_hidden_layers": cfg.n_layers,
+            "rms_norm_eps": cfg.norm_eps, "rope_theta": 10000.0, "vocab_size": cfg.vocab_size, "hidden_act": "silu",
+            "max_position_embeddings": 128, "rope_scaling": None, "tie_word_embeddings": False, **kw}
+
+
+def write_hf(d, cfg, weights, tokenizer, kind="safetensors", shards=1, config=None, dtype=torch.float32):
+    t = {"model.embed_tokens.weight": weights["tok_embeddings.weight"], "model.norm.weight": weights["norm.weight"],
+         "lm_head.weight": weights["output.weight"]}
+    for i in range(cfg.n_layers):
+        for meta, hf in HF_LAYER.items():
+            w = weights[f"layers.{i}.{meta}.weight"]
+            if meta in ("attention.wq", "attention.wk"):
+                w = convert_permute(w, cfg.n_heads if meta == "attention.wq" else cfg.n_kv_heads)
+            t[f"model.layers.{i}.{hf}.weight"] = w
+    t = {k: v.to(dtype) for k, v in t.items()}
+    d.mkdir(parents=True)
+    names, stem = list(t), "model.safetensors" if kind == "safetensors" else "pytorch_model.bin"
+    files = {stem: names} if shards == 1 else {
+        stem.replace(".", f"-{s + 1:05d}-of-{shards:05d}."): names[s::shards] for s in range(shards)}
+    for f, keys in files.items():
+        (write_safetensors if kind == "safetensors" else lambda p, sd: torch.save(sd, p))(d / f, {k: t[k] for k in keys})
+    if shards > 1:
+        (d / f"{stem}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {k: f for f, ks in files.items() for k in ks}}))
+    (d / "config.json").write_text(json.dumps(config or hf_config(cfg)))
+    shutil.copy(tokenizer, d / "tokenizer.model")
+    return d
+
+
+@pytest.mark.parametrize("kind,shards,dtype", [("safetensors", 1, torch.float32), ("safetensors", 2, torch.float32),
+                                               ("safetensors", 1, torch.bfloat16), ("bin", 1, torch.float32), ("bin", 2, torch.float32)])
+def test_hf_layout_loads_like_meta(tmp_path, meta_ckpt, tokenizer_file, kind, shards, dtype):
+    d, cfg, weights = meta_ckpt
+    hf = write_hf(tmp_path / "hf", cfg, weights, tokenizer_file, kind, shards, dtype=dtype)
+    net = M.LLaMA.from_checkpoint(hf, quantize=False, dtype=torch.float32, lora_r=0, progress=False)
+    assert net.config.hidden_dim == cfg.hidden_dim and net.config.n_kv_heads == cfg.n_kv_heads
+    idx = torch.randint(cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    stored = {k: v.to(dtype) for k, v in weights.items()}  # what the files hold
+    assert rel_err(net(idx)[0], reference_forward(stored, cfg, idx)) < 1e-4
+    if dtype == torch.float32:
+        meta = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=0, progress=False)
+        assert rel_err(net(idx)[0], meta(idx)[0]) < 1e-5
+
+
+def test_hf_layout_quantized_and_tied(tmp_path, meta_ckpt, tokenizer_file, monkeypatch):
+    d, cfg, weights = meta_ckpt
+    monkeypatch.setattr(qlora, "INTERPRET", False)
+    tied = {**weights, "output.weight": weights["tok_embeddings.weight"]}
+    hf = write_hf(tmp_path / "hf", cfg, tied, tokenizer_file, config=hf_config(cfg, tie_word_embeddings=True))
+    stored = read_safetensors(hf / "model.safetensors")
+    write_safetensors(hf / "model.safetensors", {k: v for k, v in stored.items() if k != "lm_head.weight"})  # tied: not stored
+    net = M.LLaMA.from_checkpoint(hf, quantize=True, dtype=torch.float32, progress=False)
+    assert all(isinstance(m.weight, qlora.NF4Weight) for m in net.modules() if isinstance(m, qlora.LoRALinear))
+    rt = {k: qlora.dequantize_nf4(qlora.quantize_nf4(v)) if v.dim() == 2 and k.startswith("layers.") else v for k, v in tied.items()}
+    idx = torch.randint(cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    assert rel_err(net(idx)[0], reference_forward(rt, cfg, idx)) < 1e-3
+
+
+@pytest.mark.parametrize("damage, expect", [
+    (dict(attention_bias=True), "attention or MLP biases (attention_bias/mlp_bias true) are not implemented"),
+    (dict(mlp_bias=True), "attention or MLP biases"),
+    ("bias_tensor", "tensor 'model.layers.0.self_attn.q_proj.bias': biases are not implemented"),
+    (dict(rope_scaling={"type": "linear", "factor": 2.0}), 'rope_scaling {"type": "linear", "factor": 2.0} is not implemented'),
+    (dict(architectures=["MistralForCausalLM"], sliding_window=64), "sliding_window 64 is shorter than the context of 100 tokens"),
+    ("tokenizer_json", "only tokenizer.json"),
+    (dict(architectures=["Qwen2ForCausalLM"]), "architectures ['Qwen2ForCausalLM']: only LlamaForCausalLM"),
+    ("f8_dtype", "tensor 'model.norm.weight' has dtype F8_E4M3; only F16, BF16 and F32 are read"),
+    (dict(head_dim=32), "head_dim 32 differs from hidden_size / num_attention_heads = 16"),
+    (dict(hidden_act="gelu"), "hidden_act 'gelu' is not implemented"),
+    ("missing_tensor", "missing tensor 'model.layers.1.post_attention_layernorm.weight'"),
+    ("missing_shard", "model-00002-of-00002.safetensors: not found (listed in"),
+    ("truncated", "not a valid safetensors file"),
+    ("no_weights", "no weights (model.safetensors"),
+])
+def test_hf_unsupported_is_one_line_before_any_weight_is_read(tmp_path, meta_ckpt, tokenizer_file, monkeypatch, damage, expect):
+    _, cfg, weights = meta_ckpt
+    hf = write_hf(tmp_path / "hf", cfg, weights, tokenizer_file, shards=2 if damage == "missing_shard" else 1,
+                  config=hf_config(cfg, **damage) if isinstance(damage, dict) else None)
+    st = hf / "model.safetensors"
+    if damage in ("bias_tensor", "f8_dtype", "missing_tensor"):
+        sd = read_safetensors(st)
+        if damage == "bias_tensor":
+            sd["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(cfg.dim)
+        elif damage == "f8_dtype":
+            sd["model.norm.weight"] = ("F8_E4M3", [cfg.dim], bytes(cfg.dim))
+        else:
+            del sd["model.layers.1.post_attention_layernorm.weight"]
+        write_safetensors(st, sd)
+    elif damage == "tokenizer_json":
+        (hf / "tokenizer.model").unlink()
+        (hf / "tokenizer.json").write_text("{}")
+    elif damage == "missing_shard":
+        (hf / "model-00002-of-00002.safetensors").unlink()
+    elif damage == "truncated":
+        st.write_bytes(st.read_bytes()[:100])
+    elif damage == "no_weights":
+        st.unlink()
+
+    def build(*a, **k):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(M.LLaMA, "__init__", build)  # the network asks for the weights: it must not be reached
+    with pytest.raises(C.CheckpointError, match=re.escape(expect)) as e:
+        M.LLaMA.from_checkpoint(hf, dtype=torch.float32, context=100, progress=False)
+    assert "\n" not in str(e.value)
+
+
+# config.json of published models (as on the Hugging Face hub) and their published parameter counts
+LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 11008,
+             "max_position_embeddings": 4096, "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32,
+             "rms_norm_eps": 1e-05, "rope_scaling": None, "tie_word_embeddings": False, "vocab_size": 32000}
+PUBLISHED = [
+    ("Llama-2-7b-hf", LLAMA2_7B, 6_738_415_616),
+    ("TinyLlama-1.1B", {**LLAMA2_7B, "hidden_size": 2048, "intermediate_size": 5632, "max_position_embeddings": 2048,
+                        "num_hidden_layers": 22, "num_key_value_heads": 4, "rope_theta": 10000.0, "attention_bias": False}, 1_100_048_384),
+    ("Mistral-7B-v0.1", {**LLAMA2_7B, "architectures": ["MistralForCausalLM"], "intermediate_size": 14336, "max_position_embeddings": 32768,
+                         "num_key_value_heads": 8, "rope_theta": 10000.0, "sliding_window": 4096}, 7_241_732_096),
+    ("CodeLlama-7b-hf", {**LLAMA2_7B, "max_position_embeddings": 16384, "rope_theta": 1000000, "vocab_size": 32016}, 6_738_546_688),
+]
+
+
+@pytest.mark.parametrize("name, conf, n_params", PUBLISHED, ids=[p[0] for p in PUBLISHED])
+def test_published_hf_configs(name, conf, n_params):
+    cfg = M.LLaMAConfig(**C.hf_params(conf, name, context=4096), lora_r=0)
+    net = M.LLaMA(cfg, lambda n, shape: torch.empty(shape, device="meta"), quantize=False)  # shapes only
+    assert sum(t.numel() for n, t in net.state_dict().items() if "rope" not in n) == n_params
+    assert cfg.rope_theta == conf.get("rope_theta", 10000.0) and cfg.max_seq_len <= conf["max_position_embeddings"]
+    # the merged export's params.json: only Meta's fields, and Meta's FFN formula gives back intermediate_size
+    p = json.loads(C.meta_params(cfg))
+    assert set(p) <= {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta"}
+    h = int(2 * 4 * p["dim"] / 3)
+    h = int(p.get("ffn_dim_multiplier", 1.0) * h)
+    assert p["multiple_of"] * ((h + p["multiple_of"] - 1) // p["multiple_of"]) == conf["intermediate_size"]
+    if name.startswith("Mistral"):
+        with pytest.raises(C.CheckpointError, match="sliding_window 4096 is shorter than the context of 8192"):
+            C.hf_params(conf, name, context=8192)
+
+
+# ---------------------------------------------------------------------------------------------------
+# adapters in and out: a model with LoRA equals the float64 reference on the merged weights W + (α/r)·B A
+
+
+def with_random_adapter(net, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    for n, p in net.named_parameters():
+        if "lora_" in n:
+            p.data = torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05
+    return net.eval()  # no dropout
+
+
+def merged_weights(weights, net):
+    out = dict(weights)
+    for n, m in net.named_modules():
+        if isinstance(m, qlora.LoRALinear) and m.r > 0:
+            out[n + ".weight"] = weights[n + ".weight"].double() + m.scaling * m.lora_B.double() @ m.lora_A.double()
+    return out
+
+
+def test_peft_export_loads_back_through_load_adapter(tmp_path, meta_ckpt, tokenizer_file):
+    d, cfg, weights = meta_ckpt
+    hf = write_hf(tmp_path / "hf", cfg, weights, tokenizer_file)
+    net = with_random_adapter(M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=4, lora_alpha=8, progress=False))
+    C.export_peft(net, tmp_path / "peft", base=hf)
+    conf = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == str(hf) and (conf["r"], conf["lora_alpha"]) == (4, 8)
+    assert not (tmp_path / "peft" / "adapter_model.bin").exists()
+    # into a model of the other layout built with another rank: r and α/r come from the adapter
+    fresh = M.LLaMA.from_checkpoint(hf, quantize=False, dtype=torch.float32, lora_r=16, lora_alpha=3, progress=False)
+    assert C.load_adapter(fresh.eval(), tmp_path / "peft") == {"base": {"ckpt_dir": str(hf)}}
+    lin = fresh.layers[1].attention.wk
+    assert lin.lora_A.shape == (4, cfg.dim) and lin.scaling == 2.0 and lin.lora_A.requires_grad
+    idx = torch.randint(cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(8))
+    ref = reference_forward(merged_weights(weights, net), cfg, idx)
+    assert rel_err(fresh(idx)[0], ref) < 1e-4 and rel_err(fresh(idx)[0], net(idx)[0]) < 1e-5
+
+
+def test_own_adapter_pt_loads_and_returns_its_record(tmp_path, meta_ckpt):
+    d, cfg, weights = meta_ckpt
+    net = with_random_adapter(M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=2, lora_alpha=6, progress=False))
+    torch.save({"lora": net.lora_state_dict(), "model_config": vars(net.config), "config": {"data": "x.jsonl"},
+                "template": "guanaco"}, tmp_path / "adapter.pt")
+    fresh = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=0, progress=False)
+    info = C.load_adapter(fresh.eval(), tmp_path / "adapter.pt")
+    assert info["template"] == "guanaco" and info["config"] == {"data": "x.jsonl"}
+    idx = torch.randint(cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(9))
+    assert rel_err(fresh(idx)[0], reference_forward(merged_weights(weights, net), cfg, idx)) < 1e-4
+
+
+@pytest.mark.parametrize("damage, expect", [
+    ("shape", "tensor 'layers.0.attention.wq.lora_A' has shape (2, 10), the model's layers.0.attention.wq needs (2, 64)"),
+    ("extra_layer", "tensor 'layers.7.attention.wq.lora_A' has no layer in this model"),
+    ("missing", "tensor 'layers.1.feed_forward.w2.lora_B' missing"),
+    ("peft_target", 'target_modules ["q_proj", "lm_head"] is not supported (only q_proj, k_proj'),
+    ("peft_missing", "tensor 'base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight' missing"),
+])
+def test_adapter_mismatch_is_one_line(tmp_path, meta_ckpt, damage, expect):
+    d, cfg, _ = meta_ckpt
+    net = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=2, progress=False)
+    lora = net.lora_state_dict()
+    if damage.startswith("peft"):
+        C.export_peft(net, tmp_path / "a")
+        path, cj = tmp_path / "a", tmp_path / "a" / "adapter_config.json"
+        if damage == "peft_target":
+            cj.write_text(json.dumps({**json.loads(cj.read_text()), "target_modules": ["q_proj", "lm_head"]}))
+        else:
+            sd = read_safetensors(path / "adapter_model.safetensors")
+            del sd["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
+            write_safetensors(path / "adapter_model.safetensors", sd)
+    else:
+        if damage == "shape":
+            lora["layers.0.attention.wq.lora_A"] = torch.zeros(2, 10)
+        elif damage == "extra_layer":
+            lora["layers.7.attention.wq.lora_A"] = torch.zeros(2, cfg.dim)
+        else:
+            del lora["layers.1.feed_forward.w2.lora_B"]
+        path = tmp_path / "adapter.pt"
+        torch.save({"lora": lora, "model_config": vars(net.config)}, path)
+    with pytest.raises(C.CheckpointError, match=re.escape(expect)):
+        C.load_adapter(net, path)
+
+
+def test_merged_export_on_the_original_16bit_base(tmp_path, meta_ckpt, tokenizer_file, monkeypatch):
+    d, cfg, weights = meta_ckpt
+    monkeypatch.setattr(qlora, "INTERPRET", False)
+    hf = write_hf(tmp_path / "hf", cfg, weights, tokenizer_file)
+    net = with_random_adapter(M.LLaMA.from_checkpoint(hf, quantize=True, dtype=torch.float32, lora_r=4, lora_alpha=8, progress=False))
+    C.export_merged(net, tmp_path / "merged", dtype=torch.float32, base=hf, progress=False)
+    sd = torch.load(tmp_path / "merged" / "consolidated.00.pth", weights_only=True)
+    ref = merged_weights(weights, net)  # the original weights, not their NF4 rounding
+    assert all(torch.allclose(sd[k], ref[k].float(), atol=1e-6) for k in ref)
+    assert json.loads((tmp_path / "merged" / "merge.json").read_text())["base"] == "original"
+    back = M.LLaMA.from_checkpoint(tmp_path / "merged", quantize=False, dtype=torch.float32, tokenizer=tokenizer_file, lora_r=0, progress=False)
+    idx = torch.randint(cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(10))
+    assert rel_err(back(idx)[0], reference_forward(ref, cfg, idx)) < 1e-4
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_load_progress(meta_ckpt, monkeypatch, tty):
+    d, cfg, _ = meta_ckpt
+    err = FakeTerminal() if tty else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=0, progress=False)
+    assert err.getvalue() == ""
+    M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=0)
+    out = err.getvalue()
+    assert re.search(r"loaded 2 layers, 0\.0 GB in \d+\.\ds", out) and out.endswith("\n") and out.count("\n") == 1
+    assert ("\r" in out and "layer 2/2" in out) == tty  # a terminal sees one line rewritten in place
+
+
+# ---------------------------------------------------------------------------------------------------
+# python model.py: the chat command on a demo adapter (a random tiny base rebuilt from what adapter.pt records)
+
+
+@pytest.fixture(scope="session")
+def demo_adapter(tmp_path_factory, tokenizer_file):
+    d = tmp_path_factory.mktemp("demo")
+    tok = shutil.copy(tokenizer_file, d / "tokenizer-0123456789.model")
+    cfg = M.LLaMAConfig(**{**M.CONFIGS["tiny"], "vocab_size": C.Tokenizer(tok).n_words, "lora_r": 4})
+    net = with_random_adapter(M.LLaMA.from_config(cfg, dtype=torch.float32, seed=3), seed=11)
+    for n, p in net.named_parameters():
+        if "lora_B" in n:
+            p.data *= 20  # an adapter that changes what the model says
+    torch.save({"lora": net.lora_state_dict(), "model_config": vars(cfg), "config": {},
+                "base": {"init": "random", "model": "tiny", "seed": 3, "tokenizer": str(tok), "device": "cpu"}}, d / "adapter.pt")
+    return d / "adapter.pt", net, C.Tokenizer(tok)
+
+
+def greedy(net, ids, n, eos):  # without the KV cache: the whole sequence again each step
+    out = []
+    for _ in range(n):
+        nxt = net(torch.tensor([ids + out]))[0][0, -1].argmax().item()
+        out.append(nxt)
+        if nxt == eos:
+            break
+    return out
+
+
+def run_chat(*args, input=None):
+    return subprocess.run([sys.executable, str(ROOT / "model.py"), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=ENV, input=input)
+
+
+def test_chat_answers_a_prompt_in_the_alpaca_template(demo_adapter, monkeypatch):
+    path, net, tok = demo_adapter
+    monkeypatch.setattr(qlora, "INTERPRET", False)  # as in the subprocess
+    r = run_chat("--adapter", path, "--prompt", "the lazy dog", "--temperature", 0, "--max_new_tokens", 10)
+    assert r.returncode == 0, r.stderr
+    prompt = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n" \
+             "### Instruction:\nthe lazy dog\n\n### Response: "
+    expect = tok.decode(greedy(net.eval(), [tok.bos_id] + tok.encode(prompt), 10, tok.eos_id))
+    assert expect.strip() and r.stdout == expect + "\n"
+
+
+def test_chat_interactive_keeps_the_guanaco_conversation(demo_adapter, monkeypatch, tmp_path):
+    path, net, tok = demo_adapter
+    monkeypatch.setattr(qlora, "INTERPRET", False)
+    r = run_chat("--adapter", path, "--template", "guanaco", "--temperature", 0, "--max_new_tokens", 6,
+                 input="the brown fox\nseven birds\n\nnever read\n")
+    assert r.returncode == 0, r.stderr
+    ids, answers = [tok.bos_id], []
+    for line in ("the brown fox", "seven birds"):  # stops at the empty line
+        ids += tok.encode(f"### Human: {line}### Assistant: ")
+        out = greedy(net.eval(), ids, 6, tok.eos_id)
+        answers.append(tok.decode(out))
+        ids += out if out[-1] == tok.eos_id else out + [tok.eos_id]
+    assert r.stdout == "".join(a + "\n" for a in answers)
+
+
+def test_chat_on_a_peft_adapter_finds_its_base_folder(tmp_path, meta_ckpt, tokenizer_file):
+    d, cfg, weights = meta_ckpt
+    hf = write_hf(tmp_path / "hf", cfg, weights, tokenizer_file)
+    net = with_random_adapter(M.LLaMA.from_checkpoint(hf, quantize=False, dtype=torch.float32, lora_r=4, progress=False))
+    C.export_peft(net, tmp_path / "peft", base=hf)  # records the base folder: no --ckpt_dir needed
+    r = run_chat("--adapter", tmp_path / "peft", "--template", "none", "--prompt", "the lazy dog", "--temperature", 0,
+                 "--max_new_tokens", 5, "--quantize", "false")
+    assert r.returncode == 0, r.stderr
+    tok = C.Tokenizer(tokenizer_file)
+    assert r.stdout == tok.decode(greedy(net, [tok.bos_id] + tok.encode("the lazy dog"), 5, tok.eos_id)) + "\n"
+    assert r.stderr.startswith("loaded 2 layers")  # the progress line goes to stderr, never into the answer
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--colour", "red"], "error: unknown flag --colour"),
+    (["--max_new_tokens", "many"], "error: --max_new_tokens: expected int, got 'many'"),
+    (["--prompt", "hi"], "error: --ckpt_dir DIR is needed"),
+    (["--adapter", "/nonexistent/adapter.pt"], "error: /nonexistent/adapter.pt: adapter not found"),
+])
+def test_chat_bad_input_is_one_line(args, expect):
+    r = run_chat(*args)
+    assert r.returncode == 2 and r.stderr.startswith(expect) and len(r.stderr.strip().splitlines()) == 1
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1464,8 +1850,8 @@ def test_real_instructions_through_the_pipeline(tmp_path):
     f = tmp_path / "seed.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in rows))
     items = P.read_data(f)
-    M.train_tokenizer([s for _, segs in items for s, _ in segs], tmp_path / "tok.model", vocab_size=800)
-    tok = M.Tokenizer(tmp_path / "tok.model")
+    C.train_tokenizer([s for _, segs in items for s, _ in segs], tmp_path / "tok.model", vocab_size=800)
+    tok = C.Tokenizer(tmp_path / "tok.model")
     examples, truncated, dropped = P.tokenize(items, tok, 4096, 4096)
     assert len(examples) == len(rows) == 175 and truncated == dropped == 0
     for (ids, labels), r in zip(examples, rows):
@@ -1529,8 +1915,8 @@ def mmlu_dirs(tmp_path_factory):
 def mmlu_tok(tmp_path_factory, mmlu_dirs):
     # a tokenizer trained on the prompts: "A".."D" after "Answer:" are single tokens in it
     path = tmp_path_factory.mktemp("mmlu_tok") / "tokenizer.model"
-    M.train_tokenizer([p + " " + a for _, p, a in mmlu_dirs[2]] * 4, path, vocab_size=160)
-    return M.Tokenizer(path)
+    C.train_tokenizer([p + " " + a for _, p, a in mmlu_dirs[2]] * 4, path, vocab_size=160)
+    return C.Tokenizer(path)
 
 
 class RiggedModel(torch.nn.Module):
@@ -1678,7 +2064,7 @@ def test_mmlu_bad_files_give_one_line(tmp_path, files, error):
 
 
 def test_mmlu_tokenizer_without_single_letter_tokens(tokenizer_file):
-    tok = M.Tokenizer(tokenizer_file)  # trained on lowercase words only: "A".."D" are all unknown
+    tok = C.Tokenizer(tokenizer_file)  # trained on lowercase words only: "A".."D" are all unknown
     with pytest.raises(InputError, match=r"tokenizer\.model: 'A'\.\.'D' after 'Answer:' are not four distinct"):
         MM.letter_ids(tok)
 

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from data.checkpoint import Tokenizer, export_merged, export_peft, find_tokenizer, train_tokenizer
 from data.files import InputError, atomic_save
 from data.prepare import batch_order, get_batch, read_data, tokenize
-from model import CONFIGS, LLaMA, LLaMAConfig, Tokenizer, export_merged, export_peft, find_tokenizer, train_tokenizer
+from model import CONFIGS, LLaMA, LLaMAConfig
 from qlora import PagedAdamW
 
 # -----------------------------------------------------------------------------------------------

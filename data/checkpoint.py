@@ -1,0 +1,501 @@
+"""Model files in and out, each format read or written by a few lines of our own (no safetensors, transformers
+or peft package). The network (model.py) is built from `load(name, shape)`, which hands over one tensor at a
+time under Meta's names, so that each weight can be quantized the moment it arrives.
+
+  Meta:          consolidated.NN.pth + params.json, tokenizer.model beside it or one level up
+  Hugging Face:  config.json + model.safetensors | model-0000k-of-0000n.safetensors + .index.json
+                 | pytorch_model*.bin (+ .index.json), and tokenizer.model (sentencepiece)
+  safetensors:   8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}},
+                 then the tensors' raw little-endian bytes (offsets counted from the end of the header)
+  adapters:      ours (adapter.pt: {"lora": state dict, "model_config", "config", ...}) or peft's folder
+"""
+import io
+import json
+import math
+import re
+import struct
+import sys
+import time
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+import torch.nn as nn
+
+from data.files import InputError, atomic_save, atomic_write, atomic_write_bytes, atomic_write_text
+from qlora import LoRALinear, NF4Weight, dequantize_nf4
+
+
+class CheckpointError(InputError):
+    pass
+
+
+class Tokenizer:
+    def __init__(self, path):
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: tokenizer not found")
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.path, self.n_words = path, self.sp.vocab_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()  # from the model file (LLaMA: 1, 2)
+
+    def encode(self, s, bos=False, eos=False):
+        return [self.bos_id] * bos + self.sp.encode(s) + [self.eos_id] * eos
+
+    def decode(self, ids):
+        return self.sp.decode([i for i in ids if 0 <= i < self.n_words])
+
+
+def train_tokenizer(texts, path, vocab_size):
+    # a small BPE model with LLaMA's special ids (unk 0, bos 1, eos 2), for models that come without one
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   split_by_whitespace=True, minloglevel=2, num_threads=1)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def find_tokenizer(ckpt_dir):
+    # Meta's download puts tokenizer.model beside the size folders (llama/tokenizer.model, llama/7B/...)
+    for p in (Path(ckpt_dir) / "tokenizer.model", Path(ckpt_dir).parent / "tokenizer.model"):
+        if p.is_file():
+            return p
+    return None
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def torch_load(path):
+    try:  # weights_only: a checkpoint is data, never code to run; mmap: nothing is read until it is used
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+# -----------------------------------------------------------------------------------------------
+# names: Meta's (the network's own) and Hugging Face's
+
+LINEARS = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+           "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+           "feed_forward.w3": "mlp.up_proj"}
+PER_LAYER = {**LINEARS, "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+
+
+def meta_names(n_layers):
+    return ["tok_embeddings.weight", *(f"layers.{i}.{n}.weight" for i in range(n_layers) for n in PER_LAYER),
+            "norm.weight", "output.weight"]
+
+
+def hf_name(name):  # layers.3.attention.wq.weight -> model.layers.3.self_attn.q_proj.weight
+    if name in TOP:
+        return TOP[name]
+    _, i, sub = name.split(".", 2)
+    return f"model.layers.{i}.{PER_LAYER[sub[: -len('.weight')]]}.weight"
+
+
+def peft_name(name):  # layers.3.attention.wq -> base_model.model.model.layers.3.self_attn.q_proj
+    _, i, sub = name.split(".", 2)
+    return f"base_model.model.model.layers.{i}.{LINEARS[sub]}"
+
+
+def hf_permute(w, n_heads, back=False):
+    # HF's LLaMA rotates halves (rotate_half) instead of interleaved pairs, so its q/k rows are
+    # permuted per head: row (h, i, j) of Meta's (h, hd/2, 2) layout goes to (h, j, i); back=True undoes
+    # it. For LoRA only B's rows move: W + s·B A permuted = W_perm + s·(B permuted) A.
+    rows = w.shape[0]
+    shape = (n_heads, 2, rows // n_heads // 2, -1) if back else (n_heads, rows // n_heads // 2, 2, -1)
+    return w.reshape(shape).transpose(1, 2).reshape(rows, -1)
+
+
+# -----------------------------------------------------------------------------------------------
+# safetensors
+
+ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+def st_header(path):
+    # -> (where the data starts, {name: {dtype, shape, data_offsets}}), checked against the file size
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8).ljust(8, b"\xff"))[0]
+        try:
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            for name, h in header.items():
+                if h["dtype"] not in ST_DTYPES:
+                    raise CheckpointError(f"{path}: tensor {name!r} has dtype {h['dtype']}; only F16, BF16 and F32 are read")
+                begin, end = h["data_offsets"]
+                if not 0 <= begin <= end <= size - 8 - n or end - begin != math.prod(h["shape"]) * ST_DTYPES[h["dtype"]].itemsize:
+                    raise ValueError(f"tensor {name!r}: data_offsets disagree with its shape or the file size")
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: not a valid safetensors file ({type(e).__name__}: {e})") from None
+    return 8 + n, header
+
+
+def st_tensors(path, start, header):
+    # tensors over a private memory map of the file: nothing is read (or copied) until a tensor is used
+    buf = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
+    out = {}
+    for name, h in header.items():
+        dt = ST_DTYPES[h["dtype"]]
+        begin, end = (start + o for o in h["data_offsets"])
+        raw = buf[begin:end] if begin % dt.itemsize == 0 else buf[begin:end].clone()  # a view needs an aligned offset
+        out[name] = raw.view(dt).view(h["shape"])
+    return out
+
+
+def save_safetensors(tensors, path, metadata=None):
+    # header padded with spaces to a multiple of 8, so that every tensor starts 8-byte aligned
+    names, header, off = {v: k for k, v in ST_DTYPES.items()}, {"__metadata__": metadata or {}}, 0
+    tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
+    for k, t in tensors.items():
+        header[k] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+        off += t.nbytes
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+
+    def write(f):
+        f.write(struct.pack("<Q", len(h)) + h)
+        for t in tensors.values():  # little-endian, as every machine torch runs on
+            f.write(t.view(-1).view(torch.uint8).numpy().tobytes())
+
+    atomic_write(path, write)
+
+
+# -----------------------------------------------------------------------------------------------
+# reading a checkpoint: Meta's layout or Hugging Face's, detected from the folder's files
+
+META_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta")
+
+
+def _shard_dim(name):
+    # Meta's model parallelism: column-parallel (output rows split) wq wk wv w1 w3 output; row-parallel
+    # (input columns split) wo w2; the embedding is split along its feature dim; norms are replicated
+    if name.endswith("norm.weight"):
+        return None
+    if name == "tok_embeddings.weight" or name.endswith(("wo.weight", "w2.weight")):
+        return 1
+    return 0
+
+
+def read_params(ckpt_dir, context=None):
+    # the architecture alone (params.json or config.json), as LLaMAConfig fields: cheap, so that defaults
+    # can be resolved before any weight is read
+    d = Path(ckpt_dir)
+    if (d / "config.json").is_file() and not (d / "params.json").is_file():
+        return hf_params(read_json(d / "config.json"), d / "config.json", context)
+    pj = d / "params.json"
+    if not pj.is_file():
+        raise CheckpointError(f"{pj}: not found (expected Meta's layout: params.json + consolidated.NN.pth, "
+                              f"or Hugging Face's: config.json + weights)")
+    params = {k: v for k, v in read_json(pj).items() if k in META_KEYS and v is not None}
+    for k in ("dim", "n_layers", "n_heads"):
+        if k not in params:
+            raise CheckpointError(f"{pj}: missing field {k!r}")
+    return params
+
+
+def _read_meta(d):
+    params = read_params(d)
+    shards = sorted(d.glob("consolidated.*.pth"))
+    if not shards:
+        raise CheckpointError(f"{d}: no consolidated.NN.pth checkpoint shards")
+    for i, s in enumerate(shards):
+        if s.name != f"consolidated.{i:02d}.pth":
+            raise CheckpointError(f"{d / f'consolidated.{i:02d}.pth'}: shard missing ({len(shards)} shards found)")
+    sds = [torch_load(s) for s in shards]
+    if params.get("vocab_size", -1) <= 0:  # LLaMA-1 params.json says -1: the embedding knows
+        params["vocab_size"] = sds[0]["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in sds[0] else 0
+    expected = meta_names(params["n_layers"])
+    for s, sd in zip(shards, sds):
+        for k in sd:
+            if k not in expected and k != "rope.freqs":  # rope.freqs is recomputed
+                raise CheckpointError(f"{s}: unexpected tensor {k!r}")
+        for k in expected:
+            if k not in sd:
+                raise CheckpointError(f"{s}: missing tensor {k!r}")
+
+    def take(name):
+        parts, dim = [sd[name] for sd in sds], _shard_dim(name)
+        return parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim)
+
+    total = sum(sd[k].nbytes for sd in sds for k in expected)
+    return params, take, total, f"{d}/consolidated.*.pth"
+
+
+def hf_params(c, where, context=None):
+    # config.json -> LLaMAConfig fields. What the network does not implement is refused here, before any weight is read.
+    def refuse(why):
+        raise CheckpointError(f"{where}: {why}")
+
+    arch = c.get("architectures") or ["LlamaForCausalLM"]
+    if arch not in (["LlamaForCausalLM"], ["MistralForCausalLM"]):
+        refuse(f"architectures {arch}: only LlamaForCausalLM and MistralForCausalLM are implemented")
+    if c.get("attention_bias") or c.get("mlp_bias"):
+        refuse("attention or MLP biases (attention_bias/mlp_bias true) are not implemented")
+    if c.get("rope_scaling") is not None:
+        refuse(f"rope_scaling {json.dumps(c['rope_scaling'])} is not implemented (only null)")
+    if c.get("hidden_act", "silu") != "silu":
+        refuse(f"hidden_act {c['hidden_act']!r} is not implemented (only silu)")
+    try:
+        dim, heads = c["hidden_size"], c["num_attention_heads"]
+        p = dict(dim=dim, n_layers=c["num_hidden_layers"], n_heads=heads, n_kv_heads=c.get("num_key_value_heads") or heads,
+                 vocab_size=c["vocab_size"], ffn_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
+                 rope_theta=c.get("rope_theta", 10000.0), max_seq_len=c.get("max_position_embeddings", 2048),
+                 tie_embeddings=bool(c.get("tie_word_embeddings", False)))
+    except KeyError as e:
+        refuse(f"missing field {e}")
+    if c.get("head_dim") not in (None, dim // heads):
+        refuse(f"head_dim {c['head_dim']} differs from hidden_size / num_attention_heads = {dim // heads} (not implemented)")
+    window = c.get("sliding_window")
+    if window and context and context > window:
+        refuse(f"sliding_window {window} is shorter than the context of {context} tokens (sliding-window attention is not implemented)")
+    if window:  # within the window, full causal attention is what the model computes
+        p["max_seq_len"] = min(p["max_seq_len"], window)
+    return p
+
+
+def _read_hf(d, context):
+    params = read_params(d, context)
+    for stem in ("model.safetensors", "pytorch_model.bin"):
+        if (d / f"{stem}.index.json").is_file():
+            files = sorted({d / f for f in read_json(d / f"{stem}.index.json").get("weight_map", {}).values()})
+            break
+        if (d / stem).is_file():
+            files = [d / stem]
+            break
+    else:
+        raise CheckpointError(f"{d}: no weights (model.safetensors, pytorch_model.bin, or their .index.json)")
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f}: not found (listed in the folder's .index.json)")
+    if stem.endswith(".safetensors"):
+        headers = [st_header(f) for f in files]  # every header is checked before any tensor is mapped
+        tensors = {k: t for f, (start, h) in zip(files, headers) for k, t in st_tensors(f, start, h).items()}
+    else:
+        tensors = {k: t for f in files for k, t in torch_load(f).items()}
+    names = {n: hf_name(n) for n in meta_names(params["n_layers"])}
+    if params["tie_embeddings"]:  # the output head is the embedding; a stored lm_head.weight is not read
+        names["output.weight"] = names["tok_embeddings.weight"]
+    for k, t in tensors.items():
+        if k.endswith(".bias"):
+            raise CheckpointError(f"{d}: tensor {k!r}: biases are not implemented")
+        if k not in names.values() and not k.endswith("rotary_emb.inv_freq") and k != "lm_head.weight":  # inv_freq: recomputed
+            raise CheckpointError(f"{d}: unexpected tensor {k!r}")
+        if t.dtype not in ST_DTYPES.values():
+            raise CheckpointError(f"{d}: tensor {k!r} has dtype {t.dtype}; only float16, bfloat16 and float32 are read")
+    for k in names.values():
+        if k not in tensors:
+            raise CheckpointError(f"{d}: missing tensor {k!r}")
+
+    total = sum(tensors[names[n]].nbytes for n in names if n != "output.weight" or not params["tie_embeddings"])
+    return params, lambda name: tensors[names[name]], total, str(d)
+
+
+class Progress:
+    # loading a 7B takes minutes on some machines. On a terminal: one line rewritten in place (layer i/N,
+    # GB, elapsed, ETA); otherwise one summary line at the end; quiet: nothing.
+    def __init__(self, verb, n_layers, total, quiet=False):
+        self.verb, self.n, self.total, self.done, self.t0 = verb, n_layers, total, 0, time.time()
+        self.quiet, self.tty = quiet, not quiet and sys.stderr.isatty()
+
+    def step(self, name, nbytes):
+        self.done += nbytes
+        if self.tty:
+            layer = int(name.split(".")[1]) + 1 if name.startswith("layers.") else 0 if name.startswith("tok_") else self.n
+            t = time.time() - self.t0
+            eta = t * (self.total - self.done) / max(self.done, 1)
+            print(f"\r{self.verb}: layer {layer}/{self.n}, {self.done / 1e9:.1f}/{self.total / 1e9:.1f} GB, {t:.0f}s, "
+                  f"eta {eta:.0f}s\033[K", end="", file=sys.stderr, flush=True)
+
+    def close(self):
+        if not self.quiet:
+            line = f"{self.verb} {self.n} layers, {self.done / 1e9:.1f} GB in {time.time() - self.t0:.1f}s"
+            print("\r" + line + "\033[K" if self.tty else line, file=sys.stderr, flush=True)
+
+
+def open_checkpoint(ckpt_dir, device=None, dtype=torch.bfloat16, tokenizer=None, context=None, progress=True):
+    # -> (LLaMAConfig fields, load(name, shape) -> tensor on device, Progress to close when the model is built).
+    # context: the longest sequence that will be used (a sliding window shorter than it is refused).
+    d = Path(ckpt_dir)
+    hf = (d / "config.json").is_file() and not (d / "params.json").is_file()
+    params, take, total, where = _read_hf(d, context) if hf else _read_meta(d)
+    tok = tokenizer if tokenizer is not None else find_tokenizer(d)
+    if tok is None and (d / "tokenizer.json").is_file():
+        raise CheckpointError(f"{d}: only tokenizer.json (Hugging Face tokenizers, e.g. Llama 3); a sentencepiece tokenizer.model is needed")
+    n_words = Tokenizer(tok).n_words if tok is not None else params["vocab_size"]
+    if n_words > params["vocab_size"] or not hf and n_words != params["vocab_size"]:  # HF may pad the embedding
+        raise CheckpointError(f"{tok}: tokenizer has {n_words} tokens, the checkpoint's embedding has {params['vocab_size']}")
+    prog = Progress("loaded", params["n_layers"], total, quiet=not progress)
+
+    def load(name, shape):
+        t = take(name)
+        if tuple(t.shape) != tuple(shape):
+            src = "config.json" if hf else "params.json"
+            raise CheckpointError(f"{where}: {hf_name(name) if hf else name} has shape {tuple(t.shape)}, {src} implies "
+                                  f"{tuple(shape)} (missing shard or wrong {src}?)")
+        nbytes, t = t.nbytes, t.to(device=device, dtype=dtype)
+        if hf and name.endswith(("wq.weight", "wk.weight")):  # back to Meta's interleaved rotary layout
+            t = hf_permute(t, params["n_heads" if name.endswith("wq.weight") else "n_kv_heads"], back=True)
+        prog.step(name, nbytes)
+        return t
+
+    return params, load, prog
+
+
+# -----------------------------------------------------------------------------------------------
+# adapters in: ours (adapter.pt) or peft's folder
+
+
+def read_adapter(path):
+    # -> {"lora": {network name: (name in the file, tensor)}, "r", "scaling", "targets", "hf", "where", "info"}
+    path, short = Path(path), {v.split(".")[1]: k for k, v in LINEARS.items()}  # q_proj -> attention.wq
+    if path.is_dir():  # peft's folder
+        where = path / "adapter_config.json"
+        conf = read_json(where)
+        for key, ok in (("peft_type", "LORA"), ("bias", "none"), ("use_dora", False), ("fan_in_fan_out", False),
+                        ("rank_pattern", {}), ("alpha_pattern", {})):
+            if (conf.get(key) or ok) != ok:
+                raise CheckpointError(f"{where}: {key} {json.dumps(conf[key])} is not supported")
+        targets = conf.get("target_modules")
+        if not isinstance(targets, list) or not set(targets) <= set(short):
+            raise CheckpointError(f"{where}: target_modules {json.dumps(targets)} is not supported (only {', '.join(short)})")
+        st, pt = path / "adapter_model.safetensors", path / "adapter_model.bin"
+        if not st.is_file() and not pt.is_file():
+            raise CheckpointError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
+        lora = {}
+        for k, t in (st_tensors(st, *st_header(st)) if st.is_file() else torch_load(pt)).items():
+            m = re.fullmatch(r"base_model\.model\.model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])\.weight", k)
+            if not m or m[3] not in short:
+                raise CheckpointError(f"{path}: tensor {k!r} is not a LoRA weight of a LLaMA linear layer")
+            lora[f"layers.{m[1]}.{short[m[3]]}.lora_{m[4]}"] = (k, t)
+        r, alpha, targets = conf.get("r"), conf.get("lora_alpha"), {short[t] for t in targets}
+        info = {"base": {"ckpt_dir": conf["base_model_name_or_path"]}} if conf.get("base_model_name_or_path") else {}
+        rank = math.sqrt if conf.get("use_rslora") else (lambda r: r)  # rsLoRA scales by α/√r
+    elif path.is_file():  # ours: train.py's adapter.pt (or ckpt.pt)
+        where, ck = path, torch_load(path)
+        if not isinstance(ck, dict) or not isinstance(ck.get("lora"), dict) or not isinstance(ck.get("model_config"), dict):
+            raise CheckpointError(f"{path}: not an adapter (expected a dict with 'lora' and 'model_config')")
+        lora = {k: (k, t) for k, t in ck["lora"].items()}
+        r, alpha, targets = ck["model_config"].get("lora_r"), ck["model_config"].get("lora_alpha"), {k.split(".", 2)[2][:-7] for k in lora}
+        info, rank = {k: v for k, v in ck.items() if k not in ("lora", "optimizer", "rng")}, (lambda r: r)
+    else:
+        raise CheckpointError(f"{path}: adapter not found (adapter.pt, or a peft folder with adapter_config.json)")
+    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
+        raise CheckpointError(f"{where}: the rank and alpha must be numbers, got {r!r}, {alpha!r}")
+    return dict(lora=lora, r=r, scaling=alpha / rank(r), targets=targets, hf=path.is_dir(), where=str(path), info=info)
+
+
+def load_adapter(model, adapter):
+    # LoRA weights into a built model; r and α come from the adapter (A and B are recreated when r differs).
+    # adapter: a path, or read_adapter's result. Returns what the adapter records (train config, base, template).
+    a = adapter if isinstance(adapter, dict) else read_adapter(adapter)
+    lora, cfg = dict(a["lora"]), model.config
+    for name, m in model.named_modules():
+        if not isinstance(m, LoRALinear):
+            continue
+        sub = name.split(".", 2)[2]
+        if sub not in a["targets"]:  # not adapted: no LoRA branch at all
+            if m.r > 0:
+                del m.lora_A, m.lora_B
+            m.r, m.scaling = 0, 0.0
+            continue
+        (ka, A), (kb, B) = (lora.pop(f"{name}.lora_{x}", (f"{peft_name(name)}.lora_{x}.weight" if a["hf"] else f"{name}.lora_{x}", None))
+                            for x in "AB")
+        for k, t, shape in ((ka, A, (a["r"], m.in_features)), (kb, B, (m.out_features, a["r"]))):
+            if t is None or tuple(t.shape) != shape:
+                raise CheckpointError(f"{a['where']}: tensor {k!r} " + ("missing" if t is None else
+                                      f"has shape {tuple(t.shape)}, the model's {name} needs {shape}"))
+        if a["hf"] and sub in ("attention.wq", "attention.wk"):
+            B = hf_permute(B, cfg.n_heads if sub == "attention.wq" else cfg.n_kv_heads, back=True)
+        device = m.weight.packed.device if isinstance(m.weight, NF4Weight) else m.weight.device
+        m.lora_A, m.lora_B = (nn.Parameter(t.to(device, torch.float32).contiguous()) for t in (A, B))
+        m.r, m.scaling = a["r"], a["scaling"]
+    if lora:
+        raise CheckpointError(f"{a['where']}: tensor {next(iter(lora.values()))[0]!r} has no layer in this model")
+    cfg.lora_r, cfg.lora_alpha = a["r"], a["scaling"] * a["r"]  # the model's LoRA is the adapter's now
+    return a["info"]
+
+
+# -----------------------------------------------------------------------------------------------
+# export: a merged 16-bit checkpoint in Meta's layout, and the adapter in peft's format
+
+
+def meta_params(cfg):
+    # params.json as Meta's loaders read it: they do ModelArgs(**params), so no keys of ours. An explicit
+    # FFN width (HF's intermediate_size) is written so that Meta's formula gives it back exactly:
+    # multiple_of 1 and int(multiplier · int(8·dim/3)) = ffn_dim.
+    p = {k: getattr(cfg, k) for k in META_KEYS[:-1]}
+    if cfg.ffn_dim is not None:
+        p.update(multiple_of=1, ffn_dim_multiplier=(cfg.ffn_dim + 0.5) / int(2 * 4 * cfg.dim / 3))
+    if cfg.rope_theta != 10000.0:  # CodeLlama's params.json has it; Llama 2's ModelArgs has no such field
+        p["rope_theta"] = cfg.rope_theta
+    return json.dumps({k: v for k, v in p.items() if v is not None}, indent=2)
+
+
+def export_merged(model, out_dir, dtype=torch.float16, base=None, progress=True):
+    # W = W0 + (α/r)·B A for every adapted layer, one shard (consolidated.00.pth) + params.json. W0 is by default
+    # the NF4-rounded base the adapter was trained on (dequantized); with base=FOLDER it is the original 16-bit
+    # checkpoint, re-read one weight at a time. merge.json beside params.json records which.
+    out_dir, cfg = Path(out_dir), model.config
+    out_dir.mkdir(parents=True, exist_ok=True)
+    modules, tensors = dict(model.named_modules()), {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    tensors["output.weight"] = model.output
+    load = open_checkpoint(base, "cpu", torch.float32, progress=False)[1] if base is not None else None
+    names = meta_names(cfg.n_layers)
+    linear = {n: modules[n[: -len(".weight")]] for n in names if isinstance(modules.get(n[: -len(".weight")]), LoRALinear)}
+    shapes = {n: tuple(linear[n].weight.shape if n in linear else tensors[n].shape) for n in names}
+    prog = Progress("merged", cfg.n_layers, sum(math.prod(s) for s in shapes.values()) * dtype.itemsize, quiet=not progress)
+    sd = {}
+    for n in names:  # to host memory one weight at a time: the GPU holds one 16-bit weight at most
+        m = linear.get(n)
+        if load is not None:
+            w = load(n, shapes[n])
+        elif m is not None:
+            w = dequantize_nf4(m.weight, torch.float32) if isinstance(m.weight, NF4Weight) else m.weight.float()
+        else:
+            w = tensors[n]
+        if m is not None and m.r > 0:
+            w = w.to(m.lora_A.device, torch.float32) + m.scaling * (m.lora_B.float() @ m.lora_A.float())
+        sd[n] = w.detach().to("cpu", dtype).contiguous()
+        prog.step(n, sd[n].nbytes)
+    atomic_save(sd, out_dir / "consolidated.00.pth")
+    atomic_write_text(out_dir / "params.json", meta_params(cfg))
+    kind = "original" if base is not None else "nf4-dequantized" if model.quantize else "as-loaded"
+    atomic_write_text(out_dir / "merge.json", json.dumps({"base": kind, "base_dir": str(base) if base is not None else None,
+                                                          "dtype": str(dtype).removeprefix("torch."), "lora_r": cfg.lora_r,
+                                                          "lora_alpha": cfg.lora_alpha}, indent=2))
+    prog.close()
+
+
+def export_peft(model, out_dir, base=None):
+    # peft's layout: adapter_model.safetensors under HF's module names (B's q/k rows permuted for HF's
+    # rotary) and adapter_config.json; base: the base model's folder, recorded as base_model_name_or_path
+    out_dir, cfg, sd, targets = Path(out_dir), model.config, {}, set()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear) and m.r > 0:
+            sub, key = name.split(".", 2)[2], peft_name(name)
+            b = m.lora_B.detach()
+            if sub in ("attention.wq", "attention.wk"):
+                b = hf_permute(b, cfg.n_heads if sub == "attention.wq" else cfg.n_kv_heads)
+            sd[key + ".lora_A.weight"], sd[key + ".lora_B.weight"] = m.lora_A.detach(), b
+            targets.add(LINEARS[sub].split(".")[1])
+    conf = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
+            "lora_dropout": cfg.lora_dropout, "target_modules": sorted(targets),
+            "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+            "base_model_name_or_path": str(base) if base is not None else None}
+    save_safetensors(sd, out_dir / "adapter_model.safetensors", {"format": "pt"})
+    atomic_write_text(out_dir / "adapter_config.json", json.dumps(conf, indent=2))
