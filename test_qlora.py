@@ -1214,7 +1214,7 @@ def test_hf_layout_loads_like_meta(tmp_path, meta_ckpt, tokenizer_file, kind, sh
 
 def test_hf_layout_quantized_and_tied(tmp_path, meta_ckpt, tokenizer_file, monkeypatch):
     d, cfg, weights = meta_ckpt
-    monkeypatch.setattr(qlora, "INTERPRET", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     tied = {**weights, "output.weight": weights["tok_embeddings.weight"]}
     hf = write_hf(tmp_path / "hf", cfg, tied, tokenizer_file, config=hf_config(cfg, tie_word_embeddings=True))
     stored = read_safetensors(hf / "model.safetensors")
@@ -1391,7 +1391,7 @@ def test_adapter_mismatch_is_one_line(tmp_path, meta_ckpt, damage, expect):
 
 def test_merged_export_on_the_original_16bit_base(tmp_path, meta_ckpt, tokenizer_file, monkeypatch):
     d, cfg, weights = meta_ckpt
-    monkeypatch.setattr(qlora, "INTERPRET", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     hf = write_hf(tmp_path / "hf", cfg, weights, tokenizer_file)
     net = with_random_adapter(M.LLaMA.from_checkpoint(hf, quantize=True, dtype=torch.float32, lora_r=4, lora_alpha=8, progress=False))
     C.export_merged(net, tmp_path / "merged", dtype=torch.float32, base=hf, progress=False)
@@ -1457,7 +1457,7 @@ def run_chat(*args, input=None):
 
 def test_chat_answers_a_prompt_in_the_alpaca_template(demo_adapter, monkeypatch):
     path, net, tok = demo_adapter
-    monkeypatch.setattr(qlora, "INTERPRET", False)  # as in the subprocess
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as in the subprocess
     r = run_chat("--adapter", path, "--prompt", "the lazy dog", "--temperature", 0, "--max_new_tokens", 10)
     assert r.returncode == 0, r.stderr
     prompt = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n" \
@@ -1468,7 +1468,7 @@ def test_chat_answers_a_prompt_in_the_alpaca_template(demo_adapter, monkeypatch)
 
 def test_chat_interactive_keeps_the_guanaco_conversation(demo_adapter, monkeypatch, tmp_path):
     path, net, tok = demo_adapter
-    monkeypatch.setattr(qlora, "INTERPRET", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     r = run_chat("--adapter", path, "--template", "guanaco", "--temperature", 0, "--max_new_tokens", 6,
                  input="the brown fox\nseven birds\n\nnever read\n")
     assert r.returncode == 0, r.stderr
