@@ -35,7 +35,10 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"{path}: tokenizer not found")
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError):  # empty, truncated, or some other file
+            raise CheckpointError(f"{path}: not a sentencepiece tokenizer model (cannot parse it)") from None
         self.path, self.n_words = path, self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()  # from the model file (LLaMA: 1, 2)
 
@@ -46,15 +49,27 @@ class Tokenizer:
         return self.sp.decode([i for i in ids if 0 <= i < self.n_words])
 
 
-def train_tokenizer(texts, path, vocab_size):
-    # a small BPE model with LLaMA's special ids (unk 0, bos 1, eos 2), for models that come without one
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
-                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                   split_by_whitespace=True, minloglevel=2, num_threads=1)
+def train_tokenizer(texts, path, vocab_size, symbols=()):
+    # a small BPE model with LLaMA's special ids (unk 0, bos 1, eos 2), for models that come without one.
+    # The vocabulary must hold every character of the text and cannot exceed what the text can fill:
+    # outside those bounds sentencepiece names the size that works, and we take it. -> the size used
+    for _ in range(2):
+        buf = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size,
+                                           model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+                                           normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                           split_by_whitespace=True, user_defined_symbols=list(symbols), minloglevel=2,
+                                           num_threads=1)
+            break
+        except RuntimeError as e:
+            fit = re.search(r"value <= (\d+)|required_chars\. \d+ vs (\d+)", str(e))
+            if not fit:
+                raise InputError(f"{path}: cannot train a tokenizer on this data ({str(e).splitlines()[0][:200]})") from None
+            vocab_size = int(fit[1] or fit[2])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buf.getvalue())
+    return vocab_size
 
 
 def find_tokenizer(ckpt_dir):
