@@ -1081,6 +1081,10 @@ def test_export_peft_permutes_q_k_for_hf_rotary(tmp_path, meta_ckpt):
 # ---------------------------------------------------------------------------------------------------
 # train.py: data formats, masking, batching, and the command line as a user meets it
 
+import errno
+import stat
+
+from data.files import InputError, atomic_save, atomic_write, atomic_write_bytes
 
 
 class CharTok:  # a transparent tokenizer for masking tests: one id per character
@@ -1257,6 +1261,73 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, demo_tokenizer)
     assert r.returncode == 2 and "loss nan" in r.stderr and "stopping before the update" in r.stderr and "Traceback" not in r.stderr
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert ck["iter_num"] == 1 and not list(tmp_path.glob("*.tmp"))  # the step before the NaN, intact
+
+
+# data/files.py: what every write goes through
+
+def test_atomic_write_fsyncs_the_file_then_renames_then_fsyncs_the_folder(tmp_path, monkeypatch):
+    target, calls = tmp_path / "f.bin", []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        kind = "folder" if stat.S_ISDIR(st.st_mode) else ("file", st.st_size, (tmp_path / "f.bin.tmp").read_bytes())
+        calls.append(("fsync", kind))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        calls.append(("replace", Path(src).name, Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    atomic_write_bytes(target, b"x" * 10_000)
+    # the data is on disk under the temporary name before the rename; the rename is on disk after the folder's fsync
+    assert calls == [("fsync", ("file", 10_000, b"x" * 10_000)), ("replace", "f.bin.tmp", "f.bin"), ("fsync", "folder")]
+    assert target.read_bytes() == b"x" * 10_000
+
+
+def enospc(f):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def edquot(f):
+    f.write(b"partial")
+    raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+
+@pytest.mark.parametrize("how", ["dev_full_torch", "dev_full_bytes", "enospc", "edquot"])
+def test_disk_full_keeps_the_old_file_and_leaves_no_tmp(tmp_path, how):
+    target, tmp = tmp_path / "ckpt.pt", tmp_path / "ckpt.pt.tmp"
+    target.write_bytes(b"the last good checkpoint")
+    if how.startswith("dev_full"):
+        if not os.path.exists("/dev/full"):
+            pytest.skip("no /dev/full")
+        tmp.symlink_to("/dev/full")  # every write to the temporary file fails with ENOSPC, as on a full disk
+    with pytest.raises(InputError) as e:
+        if how == "dev_full_torch":  # torch.save reports it as a RuntimeError ("unexpected pos ...") on top of the OSError
+            atomic_save({"lora": torch.zeros(3, 1_000_000), "iter": 5}, target)  # 12 MB of float32
+        elif how == "dev_full_bytes":  # the tokenizer cache's path
+            atomic_write_bytes(target, b"t" * 250_000)
+        else:
+            atomic_write(target, enospc if how == "enospc" else edquot, 7_500_000)
+    need = {"dev_full_torch": "12 MB", "dev_full_bytes": "250 kB"}.get(how, "8 MB")
+    assert str(e.value) == f"no space left on device writing {target} (needs ~{need})"
+    assert target.read_bytes() == b"the last good checkpoint" and not os.path.lexists(tmp)
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, ValueError])
+def test_interrupted_or_failed_write_keeps_the_old_file(tmp_path, exc):
+    target = tmp_path / "adapter.pt"
+    target.write_bytes(b"old")
+
+    def write(f):
+        f.write(b"half of the new")
+        raise exc("stop")
+
+    with pytest.raises(exc):  # anything but a full disk goes through unchanged
+        atomic_write(target, write)
+    assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
 
 
 # ---------------------------------------------------------------------------------------------------
