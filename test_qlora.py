@@ -1434,6 +1434,8 @@ BAD = [  # (format, file lines, text the one-line error must contain)
     ("oasst", [json.dumps({"message_id": "a", "parent_id": None, "role": "prompter", "text": "Q"}),
                json.dumps({"message_id": "b", "parent_id": "a", "role": "assistant"})], "in.jsonl:2: missing or invalid field 'text'"),
     ("llama", [GOOD_ALPACA], "unknown format 'llama'"),
+    ("alpaca", ["[", "  " + GOOD_ALPACA, "]", GOOD_ALPACA], "in.jsonl:4: more after the JSON array that ends on line 3"),
+    ("alpaca", [json.dumps([json.loads(GOOD_ALPACA)] * 2) + " " + GOOD_ALPACA], "in.jsonl:1: more after the JSON array"),
 ]
 
 @pytest.mark.parametrize("kind,lines,error", BAD)
@@ -1455,9 +1457,9 @@ def test_failure_keeps_existing_output(tmp_path):
     assert out.read_text() == GOOD_ALPACA + "\n" and not (tmp_path / "out.jsonl.tmp").exists()
 
 def test_bad_command_line(tmp_path):
-    for args in [(), ("alpaca", "x.json"), ("oasst", "a", "b", "--lang")]:
+    for args, expect in [((), "usage"), (("alpaca", "x.json"), "usage"), (("oasst", "a", "b", "--lang"), "--lang needs a value")]:
         r = run_prepare(*args)
-        assert r.returncode == 2 and "usage" in r.stderr and "Traceback" not in r.stderr
+        assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run_prepare("alpaca", tmp_path / "missing.json", tmp_path / "out.jsonl")
     assert r.returncode == 2 and "missing.json" in r.stderr and "Traceback" not in r.stderr
 
