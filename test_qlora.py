@@ -1424,6 +1424,31 @@ def test_help_lists_every_flag_with_default_and_meaning():
     assert "--max_iters 400" in r.stdout  # the demo's own defaults are named too
 
 
+@pytest.mark.parametrize("args, expect", [
+    ([], "expected one command, kernels, e2e or load, got none"),
+    (["train"], "expected one command, kernels, e2e or load, got train"),
+    (["load", "--ckpt_dir", "/nonexistent/7B"], "/nonexistent/7B/params.json: not found"),
+    (["load", "--write", "5B"], "--write 5B: unknown architecture"),
+    (["e2e", "--model", "5B"], "--model 5B: unknown architecture"),
+    (["e2e", "--model", "tiny", "--batch", "0"], "--batch must be at least 1"),
+    (["e2e", "--colour", "red"], "unknown flag --colour"),
+    pytest.param(["e2e"], "would build a random 7B on the CPU", marks=pytest.mark.skipif(CUDA, reason="CPU only")),
+    pytest.param(["kernels"], "needs a CUDA GPU", marks=pytest.mark.skipif(CUDA, reason="CPU only")),
+])
+def test_bench_command_line(args, expect):
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode == 2 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_bench_and_prepare_help():
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and all(w in r.stdout for w in ("bench.py kernels", "bench.py e2e", "bench.py load"))
+    for flag in ("ckpt_dir", "write", "model", "batch", "seq", "steps", "lora_r", "no_quant"):
+        assert re.search(rf"^\s+--{flag}\s+\S+\s+\S", r.stdout, re.M), flag
+    r = run_prepare("--help")
+    assert r.returncode == 0 and "--lang" in r.stdout and "usage: python data/prepare.py" in r.stdout
+
+
 # data/files.py: what every write goes through
 
 def test_atomic_write_fsyncs_the_file_then_renames_then_fsyncs_the_folder(tmp_path, monkeypatch):
