@@ -1,5 +1,5 @@
 """
-Benchmarks, on one GPU.
+Benchmarks, on one GPU. Three commands:
 
   python bench.py kernels                       # NF4 dequant GB/s; NF4 linear vs bf16 cuBLAS per shape and M
   python bench.py e2e --model 7B --batch 2 --seq 2048 [--steps 10]   # QLoRA training steps: tok/s, MFU, memory
@@ -9,7 +9,6 @@ Memory is reported two ways: the caching allocator's peak (torch.cuda.max_memory
 device-level peak (total minus free, from cudaMemGetInfo), which also counts the paged optimizer state
 that lives in unified memory while it is resident on the GPU.
 """
-import argparse
 import sys
 import threading
 import time
@@ -21,7 +20,20 @@ from triton.testing import do_bench
 
 import qlora
 from data.checkpoint import meta_params
+from data.files import InputError, flag_help, parse_flags
 from model import CONFIGS, LLaMA, LLaMAConfig
+
+# -----------------------------------------------------------------------------------------------
+# flags: python bench.py kernels|e2e|load [--name value]
+ckpt_dir = "checkpoints/7B"  # load: the Meta checkpoint folder
+write = ""  # load: first write a random checkpoint of this architecture (7B, 13B, ...) into --ckpt_dir
+model = "7B"  # e2e: the architecture, random weights (on a CPU, only when named)
+batch = 2  # e2e: sequences per step
+seq = 2048  # e2e: tokens per sequence
+steps = 10  # e2e: steps timed (the first, warm-up, left out of the median)
+lora_r = 64  # e2e: LoRA rank
+no_quant = False  # e2e, load: a 16-bit base (plain LoRA) for comparison
+# -----------------------------------------------------------------------------------------------
 
 SHAPES_7B = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in): wq/wk/wv/wo, w1/w3, w2
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -163,25 +175,36 @@ def load(ckpt_dir, quantize):
     print(f"| {ckpt_dir} | {dt:.1f} | {model_gb:.2f} | {base / 1e9:.2f}, {peak['RssAnon'] / 1e9:.2f} | {peak['VmRSS'] / 1e9:.2f} | {gpu} |")
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["kernels", "e2e", "load"])
-    ap.add_argument("--ckpt_dir", default="checkpoints/7B")
-    ap.add_argument("--write", choices=list(CONFIGS), help="with load: first write a random checkpoint of this size")
-    ap.add_argument("--model", default="7B", choices=list(CONFIGS))
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--lora_r", type=int, default=64)
-    ap.add_argument("--no_quant", action="store_true", help="16-bit base (plain LoRA) for comparison")
-    a = ap.parse_args()
-    if a.what == "kernels":
-        if not torch.cuda.is_available():
-            sys.exit("error: bench.py kernels needs a CUDA GPU")
+def main(argv):
+    defaults = {k: v for k, v in globals().items() if not k.startswith("_") and k.islower() and isinstance(v, (int, float, bool, str))}
+    words, given = parse_flags(argv, defaults, f"{__doc__.strip()}\n\nflags, default, meaning:\n{flag_help(__file__, defaults)}")
+    f, cuda = {**defaults, **given}, torch.cuda.is_available()
+    if words not in (["kernels"], ["e2e"], ["load"]):
+        raise InputError(f"expected one command, kernels, e2e or load, got {' '.join(words) or 'none'} (see --help)")
+    for k in ("model", "write"):
+        if f[k] and f[k] not in CONFIGS:
+            raise InputError(f"--{k} {f[k]}: unknown architecture (known: {', '.join(CONFIGS)})")
+    for k in ("batch", "seq", "steps", "lora_r"):
+        if f[k] < 1:
+            raise InputError(f"--{k} must be at least 1, got {f[k]}")
+    if words == ["kernels"]:
+        if not cuda:
+            raise InputError("bench.py kernels needs a CUDA GPU")
         kernels()
-    elif a.what == "load":
-        if a.write:
-            write_random_checkpoint(a.write, a.ckpt_dir)
-        load(a.ckpt_dir, not a.no_quant)
+    elif words == ["load"]:
+        if f["write"]:
+            write_random_checkpoint(f["write"], f["ckpt_dir"])
+        load(f["ckpt_dir"], not f["no_quant"])
     else:
-        e2e(a.model, a.batch, a.seq, a.steps, a.lora_r, not a.no_quant)
+        if not cuda and "model" not in given:
+            raise InputError(f"bench.py e2e: no GPU here; this would build a random {f['model']} on the CPU (slow, many GB of RAM): "
+                             "name --model to run it anyway (--model tiny for a quick check)")
+        e2e(f["model"], f["batch"], f["seq"], f["steps"], f["lora_r"], not f["no_quant"])
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except InputError as e:  # flags and checkpoints: one line, never a traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -6,13 +6,16 @@ QLoRA instruction finetuning of LLaMA, with the paper's recipe (Dettmers et al. 
   python train.py --model 65B --init random --max_iters 1      # does it fit? (no download needed)
   torchrun --standalone --nproc_per_node=2 train.py --model 13B # data parallel over 2 GPUs
 
-Every name in the config block below is a flag: --name=value or --name value (--resume alone means True).
-The flow is one way: parse the flags, resolve every default once (resolve), build with the resolved values,
-train, and save the resolved config beside the adapter: what is saved is what ran.
+Every name in the config block below is a flag: --name=value or --name value (--resume alone means True);
+`python train.py --help` lists them. The flow is one way: parse the flags, resolve every default once
+(resolve), lock out_dir, build with the resolved values, train, and save the resolved config beside the
+adapter: what is saved is what ran. Bad input of any kind is one line `error: ...` and exit status 2;
+Ctrl-C is one line and exit status 130, the last checkpoint kept.
 """
 import hashlib
 import math
 import os
+import pickle
 import random
 import resource
 import sys
@@ -25,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from data.checkpoint import Tokenizer, export_merged, export_peft, find_tokenizer, train_tokenizer
-from data.files import InputError, atomic_save
+from data.files import InputError, atomic_save, flag_help, locked_dir, parse_flags
 from data.prepare import batch_order, get_batch, read_data, tokenize
 from model import CONFIGS, LLaMA, LLaMAConfig
 from qlora import PagedAdamW
@@ -36,29 +39,31 @@ model = "tiny"  # checkpoints/NAME (Meta layout), or a named architecture with -
 ckpt_dir = ""  # a Meta checkpoint folder, overrides --model's folder
 init = ""  # "checkpoint" or "random" ("": random for the tiny demo, checkpoint otherwise)
 data = "data/sample.jsonl"  # JSONL: Alpaca {instruction,input,output}, {text} (### Human/### Assistant), {messages}
-out_dir = "out"
+out_dir = "out"  # checkpoints, adapter, exports, the demo's tokenizer; one run at a time (out_dir/.lock)
+overwrite = False  # start a new run in an out_dir that holds one (otherwise refused: --resume continues it)
 max_iters = 1875  # optimizer steps (Guanaco 7B: 1875)
 batch_size = 16  # examples per optimizer step, reached by gradient accumulation
 micro_batch = 1  # examples per forward pass (per GPU)
 learning_rate = 0.0  # 0: the paper's, 2e-4 up to 13B, 1e-4 for 33B/65B
 warmup_iters = -1  # -1: 3% of max_iters; then constant
-weight_decay = 0.0
-beta1, beta2 = 0.9, 0.999
-max_grad_norm = 0.3
-lora_r, lora_alpha = 64, 16.0
+weight_decay = 0.0  # AdamW's decoupled weight decay
+beta1, beta2 = 0.9, 0.999  # AdamW's moment decay rates, in [0, 1)
+max_grad_norm = 0.3  # gradient clipping: the norm of all LoRA gradients together is at most this
+lora_r, lora_alpha = 64, 16.0  # LoRA rank and scale α (the update BA is scaled by α/r)
 lora_dropout = -1.0  # -1: the paper's, 0.1 up to 13B, 0.05 for 33B/65B
 source_max_len, target_max_len = 1024, 256  # tokens of prompt and of response kept per example
 train_on_source = False  # False: loss on response tokens only
 group_by_length = True  # batch similar lengths together: less padding
-val_fraction = 0.05
-eval_interval, eval_iters = 200, 20
-log_interval = 1
-grad_checkpoint = True
+val_fraction = 0.05  # share of the examples held out for validation, in [0, 1)
+eval_interval, eval_iters = 200, 20  # validate and save a checkpoint every N iters; M micro-batches per validation
+log_interval = 1  # iters between log lines
+grad_checkpoint = True  # recompute each block in backward instead of storing its activations
 compile = False  # torch.compile each block
-seed = 0
+threads = 0  # CPU threads (0: 1 for the tiny demo unless OMP_NUM_THREADS is set, else torch's default)
+seed = 0  # weights of --init random, LoRA init, data order, dropout
 resume = False  # continue from out_dir/ckpt.pt exactly where it stopped
 export = ""  # after training: "merged" (16-bit Meta checkpoint), "peft" (HF adapter), or "merged,peft"
-sample_tokens, temperature = 64, 0.8  # the sample printed at the end
+sample_tokens, temperature = 64, 0.8  # the sample printed at the end (0 tokens: none; temperature 0: greedy)
 # the tiny demo (no flag naming a model) runs with these instead of the defaults above; flags still win
 DEMO = dict(max_iters=400, batch_size=8, micro_batch=8, learning_rate=2e-3, warmup_iters=10, source_max_len=96,
             target_max_len=48, eval_interval=100, eval_iters=4, log_interval=10, grad_checkpoint=False, val_fraction=0.08,
@@ -83,40 +88,13 @@ def flops_per_token(n_base, grad_checkpoint):
     return (6 if grad_checkpoint else 4) * n_base
 
 
-def parse_args(argv, defaults):
-    # nanoGPT-style: --key=value or --key value, typed like the default; a bool flag alone means true
-    pairs, i = [], 0
-    while i < len(argv):
-        key, eq, val = argv[i][2:].partition("=")
-        if not argv[i].startswith("--") or key not in defaults:
-            raise InputError(f"unknown flag {argv[i]} (flags: {', '.join('--' + k for k in defaults)})")
-        if not eq and isinstance(defaults[key], bool) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-            val = "true"
-        elif not eq:
-            if i + 1 == len(argv):
-                raise InputError(f"flag --{key} needs a value")
-            i, val = i + 1, argv[i + 1]
-        pairs.append((key, val))
-        i += 1
-    given = {}
-    for key, val in pairs:
-        kind = type(defaults[key])
-        try:
-            if kind is bool and val.lower() not in ("1", "true", "yes", "0", "false", "no"):
-                raise ValueError
-            given[key] = val.lower() in ("1", "true", "yes") if kind is bool else kind(val)
-        except ValueError:
-            raise InputError(f"--{key}: expected {kind.__name__}, got {val!r}") from None
-    return given
-
-
 def resolve(given, defaults):
     # every default, once: the demo's, then the paper's per-size ones (which need the architecture)
     c = dict(defaults)
     demo = given.get("model", c["model"]) == "tiny" and not given.get("ckpt_dir") and given.get("init", "random") in ("", "random")
     c.update(DEMO if demo else {}, **given)
     c["demo"] = demo
-    for k in ("batch_size", "micro_batch", "eval_interval", "eval_iters", "log_interval", "lora_r"):
+    for k in ("batch_size", "micro_batch", "eval_interval", "eval_iters", "log_interval", "lora_r", "source_max_len", "target_max_len"):
         if c[k] < 1:
             raise InputError(f"--{k} must be at least 1, got {c[k]}")
     if set(filter(None, c["export"].split(","))) - {"merged", "peft"}:
@@ -137,6 +115,16 @@ def resolve(given, defaults):
     c["learning_rate"] = c["learning_rate"] or paper["learning_rate"]
     c["lora_dropout"] = c["lora_dropout"] if c["lora_dropout"] >= 0 else paper["lora_dropout"]
     c["warmup_iters"] = c["warmup_iters"] if c["warmup_iters"] >= 0 else int(0.03 * c["max_iters"])
+    c["threads"] = c["threads"] or (1 if demo and "OMP_NUM_THREADS" not in os.environ else torch.get_num_threads())
+    # the adapted layers: wq, wo (n_heads·head_dim × dim), wk, wv (n_kv_heads·head_dim × dim), w1-w3 (hidden_dim × dim);
+    # a rank above the smaller side of one adds nothing there (rank BA <= min(in, out))
+    max_r = min(arch.dim, arch.n_heads * arch.head_dim, arch.n_kv_heads * arch.head_dim, arch.hidden_dim)
+    for k, ok, want in (*((k, 0 < c[k] < math.inf, "positive") for k in ("learning_rate", "max_grad_norm", "lora_alpha")),
+                        *((k, 0 <= c[k] < math.inf, "at least 0") for k in ("weight_decay", "temperature", "max_iters", "sample_tokens", "threads")),
+                        *((k, 0 <= c[k] < 1, "in [0, 1)") for k in ("beta1", "beta2", "val_fraction", "lora_dropout")),
+                        ("lora_r", c["lora_r"] <= max_r, f"at most {max_r} for this architecture (the smaller side of its narrowest adapted layer)")):
+        if not ok:
+            raise InputError(f"--{k} must be {want}, got {c[k]}")
     return c
 
 
@@ -171,6 +159,30 @@ def build_model(c, tok, device, dtype):
     return LLaMA.from_config(mcfg, device=device, dtype=dtype, seed=c["seed"])
 
 
+def read_checkpoint(path, c, world):
+    # ckpt.pt as save_checkpoint wrote it for this run's model and data, or one line saying why not (never
+    # torch's advice to unpickle it anyway). Memory-mapped: the states go from the file to paged memory.
+    if not path.is_file():
+        raise InputError(f"--resume: {path} not found")
+    try:
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # torch.save's format
+        with warnings.catch_warnings(action="ignore"):
+            ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True) if zipped else None
+    except pickle.UnpicklingError:
+        raise InputError(f"--resume: {path}: not a checkpoint written by train.py; refusing to unpickle it") from None
+    except Exception as e:  # a zip cut short, or damaged
+        raise InputError(f"--resume: {path}: truncated or damaged ({str(e).splitlines()[0][:100]})") from None
+    if not (isinstance(ck, dict) and {"config", "lora", "optimizer", "iter_num", "rng"} <= ck.keys()):
+        raise InputError(f"--resume: {path}: not a checkpoint written by train.py" + (" (empty file)" if not path.stat().st_size else ""))
+    for k in ("model", "ckpt_dir", "data", "seed", "batch_size", "micro_batch", "lora_r", "source_max_len", "target_max_len"):
+        if ck["config"].get(k) != c[k]:  # anything that changes the model or the data stream
+            raise InputError(f"--resume: {path} was made with --{k} {ck['config'].get(k)}, this run has --{k} {c[k]}")
+    if len(ck["rng"]) != world:
+        raise InputError(f"--resume: {path} was made by {len(ck['rng'])} processes, this run has {world}")
+    return ck
+
+
 def train(c):
     # distributed (torchrun sets RANK), as in nanoGPT
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -180,6 +192,11 @@ def train(c):
         torch.cuda.set_device(device)
     else:
         device = "cpu"
+        torch.set_num_threads(c["threads"])  # more threads than free cores makes each step many times slower
+    out_dir, data = Path(c["out_dir"]), c["data"]
+    ckpt_path = out_dir / "ckpt.pt"
+    if ckpt_path.exists() and not (c["resume"] or c["overwrite"]):
+        raise InputError(f"{ckpt_path}: out_dir holds a run; --resume continues it, --overwrite replaces it, or choose another --out_dir")
     if ddp:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     master = rank == 0
@@ -189,8 +206,8 @@ def train(c):
     torch.manual_seed(c["seed"] + rank)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
-    out_dir, data = Path(c["out_dir"]), c["data"]
 
+    ck = read_checkpoint(ckpt_path, c, world) if c["resume"] else None  # before the slow part: a bad one fails fast
     items = read_data(data)
     t0 = time.time()
     tok = load_tokenizer(c, items, master, ddp)
@@ -200,7 +217,7 @@ def train(c):
     if master:
         print(f"model {c['model']} ({c['init']}): {n_base / 1e6:.1f}M params in {'NF4' if raw.quantize else dtype} linears, "
               f"{sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6:.2f}M LoRA params, "
-              f"loaded in {time.time() - t0:.1f}s on {device}")
+              f"loaded in {time.time() - t0:.1f}s on {device}" + (f", {c['threads']} thread{'s' * (c['threads'] > 1)}" if device == "cpu" else ""))
     net = raw
     if c["compile"]:
         for layer in raw.layers:
@@ -226,25 +243,17 @@ def train(c):
 
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = PagedAdamW(params, lr=c["learning_rate"], betas=(c["beta1"], c["beta2"]), weight_decay=c["weight_decay"])
-    iter_num, ckpt_path = 0, out_dir / "ckpt.pt"
-    if c["resume"]:
-        if not ckpt_path.is_file():
-            raise InputError(f"--resume: {ckpt_path} not found")
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # states go straight to paged memory
-        for k in ("model", "ckpt_dir", "data", "seed", "batch_size", "micro_batch", "lora_r", "source_max_len", "target_max_len"):
-            if ck["config"].get(k) != c[k]:  # anything that changes the model or the data stream
-                raise InputError(f"--resume: {ckpt_path} was made with --{k} {ck['config'].get(k)}, this run has --{k} {c[k]}")
-        if len(ck["rng"]) != world:
-            raise InputError(f"--resume: {ckpt_path} was made by {len(ck['rng'])} processes, this run has {world}")
+    iter_num, saved = 0, None  # saved: the iteration of the last checkpoint
+    if ck:
         raw.load_state_dict(ck["lora"], strict=False)
         optimizer.load_state_dict(ck["optimizer"])
-        iter_num = ck["iter_num"]
+        iter_num = saved = ck["iter_num"]
         torch.set_rng_state(ck["rng"][rank]["torch"])  # each process continues its own dropout stream
         if ck["rng"][rank]["cuda"] is not None:
             torch.cuda.set_rng_state(ck["rng"][rank]["cuda"])
         if master:
             print(f"resumed from {ckpt_path} at iter {iter_num}")
-    os.makedirs(out_dir, exist_ok=True)
+        del ck  # unmaps the file
 
     orders = {}
 
@@ -268,6 +277,7 @@ def train(c):
 
     def save_checkpoint(it):
         # every process's RNG state (dropout), gathered to rank 0, which writes adapter.pt and ckpt.pt atomically
+        nonlocal saved
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.startswith("cuda") else None}
         rngs = [rng] * world
         if ddp:
@@ -275,6 +285,7 @@ def train(c):
         if master:
             adapter = {"lora": raw.lora_state_dict(), "model_config": vars(raw.config), "config": c}
             atomic_save({**adapter, "optimizer": optimizer.state_dict(), "iter_num": it, "rng": rngs}, ckpt_path)
+            saved = it
             atomic_save(adapter, out_dir / "adapter.pt")
 
     name = torch.cuda.get_device_name() if device.startswith("cuda") else ""
@@ -284,74 +295,98 @@ def train(c):
 
     raw.train()
     t_start, dt_avg, val0 = time.time(), None, None
-    for it in range(iter_num, max_iters):
-        if it % c["eval_interval"] == 0 and val_set and master:
-            val = evaluate()
-            val0 = val if val0 is None else val0
-            print(f"iter {it}: val loss {val:.4f}")
-        lr = c["learning_rate"] * min(1.0, (it + 1) / (warmup + 1))  # linear warmup, then constant
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t = time.time()
-        loss_sum, n_tok = 0.0, 0
-        for micro in range(grad_accum):
-            idx = micro_batch_indices((it * grad_accum + micro) * world + rank)
-            x, y = (t.to(device, non_blocking=True) for t in get_batch(train_set, idx))
-            if ddp:
-                net.require_backward_grad_sync = micro == grad_accum - 1  # all-reduce once per step
-            with ctx:
-                _, loss = net(x, y)
-            (loss / grad_accum).backward()
-            loss_sum, n_tok = loss_sum + loss.item() / grad_accum, n_tok + sum(len(train_set[i][0]) for i in idx)
-        if ddp:  # log the mean loss and all tokens of all processes
-            stats = torch.tensor([loss_sum / world, n_tok], dtype=torch.float64, device=device)
-            dist.all_reduce(stats)
-            loss_sum, n_tok = stats[0].item(), int(stats[1].item())
-        # a NaN/inf anywhere (any process: the gradients are already averaged) shows in the gradient norm
-        gnorm = torch.nn.utils.clip_grad_norm_(params, c["max_grad_norm"]).item()
-        if not (math.isfinite(loss_sum) and math.isfinite(gnorm)):
-            fail(f"iter {it}: loss {loss_sum}, gradient norm {gnorm}; stopping before the update "
-                 f"(last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none'})")
-        optimizer.step()
-        if master and it == iter_num:  # the optimizer picks its memory at the first allocation
-            print(f"optimizer state in {optimizer.memory} memory (paging={optimizer.paging!r})")
-        optimizer.zero_grad(set_to_none=True)
-        dt = time.time() - t
-        dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
-        if master and (it % c["log_interval"] == 0 or it == max_iters - 1):
-            tok_s = n_tok / dt  # tokens (padding not counted) per second, all processes
-            mfu = f"{100 * fpt * tok_s / peak:.1f}%" if peak else "-"
-            mem = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else resource.getrusage(0).ru_maxrss / 1e6
-            eta = dt_avg * (max_iters - it - 1)
-            print(f"iter {it}: loss {loss_sum:.4f}, lr {lr:.2e}, {dt * 1000:.0f}ms, {tok_s:.1f} tok/s, mfu {mfu}, "
-                  f"mem {mem:.2f}GB, eta {eta // 60:.0f}m{eta % 60:02.0f}s")
-        if (it + 1) % c["eval_interval"] == 0 or it == max_iters - 1:
-            save_checkpoint(it + 1)
-    if master:
-        if val_set:
-            val = evaluate()
-            print(f"iter {max_iters}: val loss {val:.4f}" + (f" ({100 * (val / val0 - 1):+.0f}% since iter {iter_num})" if val0 else ""))
-        print(f"trained {max_iters - iter_num} iters in {time.time() - t_start:.1f}s; adapter in {out_dir / 'adapter.pt'}")
-        if c["sample_tokens"] and (val_set or train_set):
-            ids, labels = (val_set or train_set)[0]
-            prompt = ids[: next(i for i, l in enumerate(labels) if l != -100)]
-            raw.eval()
-            with ctx:
-                out = raw.generate(torch.tensor([prompt], device=device), c["sample_tokens"], c["temperature"], top_k=200, eos_id=tok.eos_id)
-            print(f"--- sample ---\n{tok.decode(prompt)}{tok.decode(out[0, len(prompt):].tolist())}")
-        for kind in filter(None, c["export"].split(",")):
-            (export_merged if kind == "merged" else export_peft)(raw, out_dir / kind)
-            print(f"exported {kind} to {out_dir / kind}")
+    it = iter_num
+    try:
+        for it in range(iter_num, max_iters):
+            if it % c["eval_interval"] == 0 and val_set and master:
+                val = evaluate()
+                val0 = val if val0 is None else val0
+                print(f"iter {it}: val loss {val:.4f}")
+            lr = c["learning_rate"] * min(1.0, (it + 1) / (warmup + 1))  # linear warmup, then constant
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t = time.time()
+            loss_sum, n_tok = 0.0, 0
+            for micro in range(grad_accum):
+                idx = micro_batch_indices((it * grad_accum + micro) * world + rank)
+                x, y = (t.to(device, non_blocking=True) for t in get_batch(train_set, idx))
+                if ddp:
+                    net.require_backward_grad_sync = micro == grad_accum - 1  # all-reduce once per step
+                with ctx:
+                    _, loss = net(x, y)
+                (loss / grad_accum).backward()
+                loss_sum, n_tok = loss_sum + loss.item() / grad_accum, n_tok + sum(len(train_set[i][0]) for i in idx)
+            if ddp:  # log the mean loss and all tokens of all processes
+                stats = torch.tensor([loss_sum / world, n_tok], dtype=torch.float64, device=device)
+                dist.all_reduce(stats)
+                loss_sum, n_tok = stats[0].item(), int(stats[1].item())
+            # a NaN/inf anywhere (any process: the gradients are already averaged) shows in the gradient norm
+            gnorm = torch.nn.utils.clip_grad_norm_(params, c["max_grad_norm"]).item()
+            if not (math.isfinite(loss_sum) and math.isfinite(gnorm)):
+                fail(f"iter {it}: loss {loss_sum}, gradient norm {gnorm}; stopping before the update "
+                     f"(last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none'})")
+            optimizer.step()
+            if master and it == iter_num:  # the optimizer picks its memory at the first allocation
+                print(f"optimizer state in {optimizer.memory} memory (paging={optimizer.paging!r})")
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.time() - t
+            dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
+            if master and (it % c["log_interval"] == 0 or it == max_iters - 1):
+                tok_s = n_tok / dt  # tokens (padding not counted) per second, all processes
+                mfu = f"{100 * fpt * tok_s / peak:.1f}%" if peak else "-"
+                mem = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else resource.getrusage(0).ru_maxrss / 1e6
+                eta = dt_avg * (max_iters - it - 1)
+                print(f"iter {it}: loss {loss_sum:.4f}, lr {lr:.2e}, {dt * 1000:.0f}ms, {tok_s:.1f} tok/s, mfu {mfu}, "
+                      f"mem {mem:.2f}GB, eta {eta // 60:.0f}m{eta % 60:02.0f}s")
+            if (it + 1) % c["eval_interval"] == 0 or it == max_iters - 1:
+                save_checkpoint(it + 1)
+        it = max(max_iters, iter_num)
+        if master:
+            if val_set:
+                val = evaluate()
+                print(f"iter {it}: val loss {val:.4f}" + (f" ({100 * (val / val0 - 1):+.0f}% since iter {iter_num})" if val0 else ""))
+            done = (f"trained {max_iters - iter_num} iters in {time.time() - t_start:.1f}s" if max_iters > iter_num else
+                    f"nothing to train (--max_iters {max_iters}" + (f", the checkpoint is at iter {iter_num})" if iter_num else ")"))
+            print(f"{done}; " + (f"adapter (iter {saved}) in {out_dir / 'adapter.pt'}" if saved is not None else "no adapter written"))
+            if c["sample_tokens"] and (val_set or train_set):
+                ids, labels = (val_set or train_set)[0]
+                prompt = ids[: next(i for i, l in enumerate(labels) if l != -100)]
+                raw.eval()
+                with ctx:
+                    out = raw.generate(torch.tensor([prompt], device=device), c["sample_tokens"], c["temperature"], top_k=200, eos_id=tok.eos_id)
+                print(f"--- sample ---\n{tok.decode(prompt)}{tok.decode(out[0, len(prompt):].tolist())}")
+            for kind in filter(None, c["export"].split(",")):
+                (export_merged if kind == "merged" else export_peft)(raw, out_dir / kind)
+                print(f"exported {kind} to {out_dir / kind}")
+    except KeyboardInterrupt:  # no save: a step may be half done; the last checkpoint is a consistent point
+        last = f"last checkpoint: {ckpt_path} (iter {saved}); --resume continues" if saved is not None else "no checkpoint yet"
+        raise KeyboardInterrupt(f"interrupted at iter {it}; {last}") from None
     if ddp:
-        dist.destroy_process_group()
+        dist.barrier()  # no process leaves (and destroys its process group) while another still writes
 
 
 def main(argv):
     defaults = {k: v for k, v in globals().items() if not k.startswith("_") and k.islower() and isinstance(v, (int, float, bool, str))}
+    demo = ", ".join(f"--{k} {v}" for k, v in DEMO.items())
+    help_text = f"{__doc__.strip()}\n\nflags, default, meaning (the tiny demo's own defaults: {demo}):\n{flag_help(__file__, defaults)}"
+    master = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 alone locks out_dir and speaks
     try:
-        train(resolve(parse_args(argv, defaults), defaults))
-    except InputError as e:  # data, flags and checkpoints: one line, never a traceback
+        words, given = parse_flags(argv, defaults, help_text)
+        if words:
+            raise InputError(f"unexpected argument {words[0]!r}: flags are --name value (see --help)")
+        c = resolve(given, defaults)
+        with locked_dir(c["out_dir"]) if master else nullcontext():
+            try:
+                train(c)
+            finally:  # also after an error: a process that leaves without this can abort at exit
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+    except InputError as e:  # data, flags, checkpoints, a full disk: one line, never a traceback
         fail(str(e))
+    except KeyboardInterrupt as e:  # Ctrl-C: one line saying where it stopped and what is on disk
+        if master:
+            print(e.args[0] if e.args else "interrupted before training started", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
-"""Files in and out, and the one way a user is told about bad input.
+"""Files in and out, flags, and the one way a user is told about bad input.
 
-Every error a user can cause (a bad flag, a malformed line, a checkpoint that is not one) is an
-InputError: one line naming the file, line or flag, printed instead of a traceback, exit status 2.
+Every error a user can cause (a bad flag, a malformed line, a checkpoint that is not one, a full disk) is
+an InputError: one line naming the file, line or flag, printed instead of a traceback, exit status 2.
 Every file the project writes goes through atomic_write: beside the target, fsync, rename, so a
 crash or a power loss leaves either the old file or the new one under the real name, never half.
 """
+import errno
+import fcntl
 import os
+import re
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,8 +20,9 @@ class InputError(Exception):
     pass  # "file:line: what is wrong" — shown as one line, exit 2
 
 
-def atomic_write(path, write):
-    # write(f) fills a temporary file beside path; fsync it, rename it over path, fsync the folder
+def atomic_write(path, write, size=0):
+    # write(f) fills a temporary file beside path; fsync it, rename it over path, fsync the folder.
+    # size (bytes, an estimate) only goes into the message when the disk is full.
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -25,9 +31,14 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        while e is not None and not (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+            e = e.__cause__ or e.__context__  # torch.save reports a full disk as a RuntimeError on top of it
+        if e is None:
+            raise
+        need = f" (needs ~{size / 1e6:,.0f} MB)" if size >= 1e6 else f" (needs ~{size / 1e3:,.0f} kB)" if size else ""
+        raise InputError(f"no space left on device writing {path}{need}") from None
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -35,13 +46,93 @@ def atomic_write(path, write):
         os.close(fd)
 
 
+def nbytes(obj):
+    # the tensor bytes in a nest of dicts, lists and tuples: about what torch.save writes
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(map(nbytes, obj.values()))
+    return sum(map(nbytes, obj)) if isinstance(obj, (list, tuple)) else 0
+
+
 def atomic_save(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f), nbytes(obj))
 
 
 def atomic_write_bytes(path, data):
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data), len(data))
 
 
 def atomic_write_text(path, text):
     atomic_write_bytes(path, text.encode())
+
+
+@contextmanager
+def locked_dir(d, flag="--out_dir"):
+    # make d if needed and hold an exclusive lock on d/.lock (which holds our pid) until the block ends, so
+    # that two runs never write one folder. The lock file is removed while still held, and a folder made
+    # here and left empty is removed too.
+    d, lock = Path(d), Path(d) / ".lock"
+    made = not d.exists()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            taken = os.fstat(fd).st_nlink == 0  # its holder removed it between our open and our lock
+        except BlockingIOError:
+            taken = True
+        if taken:
+            pid = os.pread(fd, 20, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise InputError(f"{flag} {d}: in use by another run (pid {pid}); wait for it or choose another {flag}")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    except OSError as e:
+        raise InputError(f"{flag} {d}: " + ("is a file, not a folder" if d.is_file() else f"cannot write there ({e.strerror})")) from None
+    try:
+        yield d
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+        if made and not any(d.iterdir()):
+            d.rmdir()
+
+
+def flag_help(source, defaults):
+    # one line per flag: its default and the comment beside it in the config block of `source` (lines
+    # `name = value  # meaning`, or `a, b = 1, 2  # meaning`): the meaning is written once, there
+    meaning = {n.strip(): m for names, m in re.findall(r"^([a-z_][\w, ]*?) = .*?  # (.*)$", Path(source).read_text(), re.M)
+               for n in names.split(",")}
+    return "\n".join(f"  --{k:<16} {v!r:<22} {meaning.get(k, '')}" for k, v in defaults.items())
+
+
+def parse_flags(argv, defaults, help_text):
+    # -> (positional words, {flag: value given}). --key=value or --key value, typed like the default; a
+    # bool flag alone means true. --help (or -h) prints help_text and exits with status 0.
+    if "--help" in argv or "-h" in argv:
+        print(help_text)
+        sys.exit(0)
+    words, given, i = [], {}, 0
+    while i < len(argv):
+        arg, i = argv[i], i + 1
+        key, eq, val = arg[2:].partition("=")
+        if not arg.startswith("--"):
+            words.append(arg)
+            continue
+        if key not in defaults:
+            raise InputError(f"unknown flag {arg} (flags: {', '.join('--' + k for k in defaults)})")
+        kind = type(defaults[key])
+        if not eq and kind is bool and (i == len(argv) or argv[i].startswith("--")):
+            val = "true"
+        elif not eq:
+            if i == len(argv):
+                raise InputError(f"flag --{key} needs a value")
+            val, i = argv[i], i + 1
+        try:
+            if kind is bool and val.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise ValueError
+            given[key] = val.lower() in ("1", "true", "yes") if kind is bool else kind(val)
+        except ValueError:
+            raise InputError(f"--{key}: expected {kind.__name__}, got {val!r}") from None
+    return words, given

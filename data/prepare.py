@@ -16,7 +16,7 @@ import torch  # only for get_batch
 
 if __name__ == "__main__":  # run as a script: the project folder, not data/, is the import root
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
-from data.files import InputError, atomic_write_text
+from data.files import InputError, atomic_write_text, parse_flags
 
 
 class DataError(InputError):
@@ -49,6 +49,10 @@ def read_records(path):
                 line, last = line + text.count("\n", last, pos), pos
                 obj, pos = dec.raw_decode(text, pos)
                 records.append((line, obj))
+            after = re.compile(r"\s*").match(text, pos + 1).end()
+            if after < len(text):  # more after the array: refused rather than dropped unread
+                at, end = text.count("\n", 0, after) + 1, text.count("\n", 0, pos) + 1
+                raise DataError(f"{path}:{at}: more after the JSON array that ends on line {end} (one array, or one object per line)")
         else:
             for line, s in enumerate(text.split("\n"), 1):  # not splitlines(): JSON may hold U+2028
                 if s.strip():
@@ -153,12 +157,14 @@ def segments(obj, where):
                 out.append((f"### Human: {c}### Assistant: ", False))
             else:
                 out.append((c, True))
-        return out
-    if "text" in obj:  # OASST/Guanaco: "### Human: ...### Assistant: ..." turns
+    elif "text" in obj:  # OASST/Guanaco: "### Human: ...### Assistant: ..." turns
         parts = re.split(r"(### Human:|### Assistant:)", text(obj, "text"))
         out = [(parts[0], False)] if parts[0].strip() else []
         for marker, body in zip(parts[1::2], parts[2::2]):
             out += [(f"{marker} {body.strip()}", False)] if marker == "### Human:" else [("### Assistant: ", False), (body.strip(), True)]
+    if "messages" in obj or "text" in obj:
+        if not out or not out[-1][1]:  # refused: neither trained on as prompt text nor dropped unseen
+            raise DataError(f"{where}: the conversation must end with an assistant reply")
         return out
     if "output" not in obj and "instruction" not in obj:
         raise DataError(f"{where}: expected fields instruction/input/output, text, or messages")
@@ -229,21 +235,23 @@ def get_batch(examples, indices):
     return x, y
 
 
+USAGE = "python data/prepare.py {alpaca,oasst,guanaco} SRC OUT.jsonl [--lang en]"
+
+
 def main(args):
-    lang = None
-    if "--lang" in args:
-        i = args.index("--lang")
-        lang, args = (args[i + 1:i + 2] or [""])[0], args[:i] + args[i + 2:]
-    if len(args) != 3 or lang == "":
-        print("usage: python data/prepare.py {alpaca,oasst,guanaco} SRC OUT.jsonl [--lang en]", file=sys.stderr)
-        return 2
-    kind, src, dst = args
-    skipped = Counter()
+    skipped, dst = Counter(), None
     try:
-        examples = convert(kind, src, lang, skipped)
+        words, flags = parse_flags(args, {"lang": ""}, f"{__doc__.strip()}\n\nusage: {USAGE}\n  --lang LANG   oasst: keep only trees whose prompt is in this language")
+        if len(words) != 3:
+            raise InputError(f"expected 3 arguments, got {len(words)} (usage: {USAGE})")
+        kind, src, dst = words
+        examples = convert(kind, src, flags.get("lang") or None, skipped)
         atomic_write_text(dst, "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples))
-    except (DataError, OSError) as e:
+    except InputError as e:
         print(f"prepare.py: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # reading is checked in read_records: this is the output
+        print(f"prepare.py: cannot write {dst} ({e.strerror})", file=sys.stderr)
         return 2
     why = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
     print(f"wrote {len(examples)} examples to {dst}, skipped {sum(skipped.values())}" + (f" ({why})" if why else ""))
