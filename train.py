@@ -27,16 +27,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data.checkpoint import Tokenizer, export_merged, export_peft, find_tokenizer, train_tokenizer
+from data import mmlu as mmlu_eval
+from data.checkpoint import Tokenizer, export_merged, export_peft, find_tokenizer, load_adapter, read_adapter, train_tokenizer
 from data.files import InputError, atomic_save, flag_help, locked_dir, parse_flags
-from data.prepare import batch_order, get_batch, read_data, tokenize
+from data.prepare import ALPACA, batch_order, get_batch, read_data, tokenize
 from model import CONFIGS, LLaMA, LLaMAConfig
 from qlora import PagedAdamW
 
 # -----------------------------------------------------------------------------------------------
 # config
 model = "tiny"  # checkpoints/NAME (Meta layout), or a named architecture with --init random
-ckpt_dir = ""  # a Meta checkpoint folder, overrides --model's folder
+ckpt_dir = ""  # a checkpoint folder, Meta's or Hugging Face's layout; overrides --model's folder
+adapter = ""  # start from these LoRA weights: an adapter.pt or a peft folder (their r and α replace --lora_r/--lora_alpha)
 init = ""  # "checkpoint" or "random" ("": random for the tiny demo, checkpoint otherwise)
 data = "data/sample.jsonl"  # JSONL: Alpaca {instruction,input,output}, {text} (### Human/### Assistant), {messages}
 out_dir = "out"  # checkpoints, adapter, exports, the demo's tokenizer; one run at a time (out_dir/.lock)
@@ -63,6 +65,9 @@ threads = 0  # CPU threads (0: 1 for the tiny demo unless OMP_NUM_THREADS is set
 seed = 0  # weights of --init random, LoRA init, data order, dropout
 resume = False  # continue from out_dir/ckpt.pt exactly where it stopped
 export = ""  # after training: "merged" (16-bit Meta checkpoint), "peft" (HF adapter), or "merged,peft"
+merge_base = "nf4"  # the merged export's base: "nf4" (the dequantized 4-bit base that was trained) or "original" (16-bit)
+mmlu = ""  # an MMLU folder (dev/ val/ test/ CSVs, or five_shot_mmlu_*.json): 5-shot accuracy at every evaluation
+mmlu_split, mmlu_max = "val", 0  # the MMLU split, val or test; questions per subject (0: all)
 sample_tokens, temperature = 64, 0.8  # the sample printed at the end (0 tokens: none; temperature 0: greedy)
 # the tiny demo (no flag naming a model) runs with these instead of the defaults above; flags still win
 DEMO = dict(max_iters=400, batch_size=8, micro_batch=8, learning_rate=2e-3, warmup_iters=10, source_max_len=96,
@@ -99,9 +104,17 @@ def resolve(given, defaults):
             raise InputError(f"--{k} must be at least 1, got {c[k]}")
     if set(filter(None, c["export"].split(","))) - {"merged", "peft"}:
         raise InputError(f"--export: expected merged, peft or merged,peft, got {c['export']!r}")
+    for k, ok in (("merge_base", ("nf4", "original")), ("mmlu_split", ("val", "test"))):
+        if c[k] not in ok:
+            raise InputError(f"--{k}: expected {' or '.join(ok)}, got {c[k]!r}")
     c["init"] = c["init"] or ("random" if demo else "checkpoint")
     if c["init"] not in ("random", "checkpoint"):
         raise InputError(f"--init must be 'checkpoint' or 'random', got {c['init']!r}")
+    if c["merge_base"] == "original" and c["init"] != "checkpoint":
+        raise InputError("--merge_base original: a random base has no original weights (use nf4)")
+    if c["adapter"]:  # its rank and scale are what will run, so they are what is saved
+        a = read_adapter(c["adapter"])
+        c["lora_r"], c["lora_alpha"] = a["r"], a["scaling"] * a["r"]
     if c["init"] == "random":
         if c["model"] not in CONFIGS:
             raise InputError(f"--model {c['model']}: unknown architecture for --init random (known: {', '.join(CONFIGS)})")
@@ -110,7 +123,7 @@ def resolve(given, defaults):
         c["ckpt_dir"] = c["ckpt_dir"] or f"checkpoints/{c['model']}"
         if not given.get("ckpt_dir") and c["model"] not in CONFIGS and not Path(c["ckpt_dir"]).is_dir():
             raise InputError(f"--model {c['model']}: no folder {c['ckpt_dir']} and not a known name ({', '.join(CONFIGS)})")
-        arch = LLaMA.read_config(c["ckpt_dir"])
+        arch = LLaMA.read_config(c["ckpt_dir"], context=c["source_max_len"] + c["target_max_len"])
     paper = paper_defaults(arch.dim)
     c["learning_rate"] = c["learning_rate"] or paper["learning_rate"]
     c["lora_dropout"] = c["lora_dropout"] if c["lora_dropout"] >= 0 else paper["lora_dropout"]
@@ -141,22 +154,33 @@ def load_tokenizer(c, items, master, ddp):
         tok_path = Path(c["ckpt_dir"]) / "tokenizer.model"
     if tok_path is None:
         texts = [t for _, segs in items for t, _ in segs]
-        digest = hashlib.sha1("\x00".join(texts).encode()).hexdigest()[:10]
+        keep = mmlu_eval.LETTER_PIECES if c["mmlu"] else ()  # MMLU scores the letters as single tokens
+        digest = hashlib.sha1("\x00".join(texts + list(keep)).encode()).hexdigest()[:10]
         tok_path = Path(c["out_dir"]) / f"tokenizer-{digest}.model"
         if master and not tok_path.exists():
-            train_tokenizer(texts, tok_path, CONFIGS["tiny"]["vocab_size"])
+            n = train_tokenizer(texts, tok_path, CONFIGS["tiny"]["vocab_size"], keep)
+            if n != CONFIGS["tiny"]["vocab_size"]:
+                print(f"{tok_path}: trained with a vocabulary of {n}, the size {c['data']} can fill")
         if ddp:
             dist.barrier()
     return Tokenizer(tok_path)
 
 
-def build_model(c, tok, device, dtype):
+def build_model(c, tok, device, dtype, master):
+    # -> the model, and how to rebuild its base (recorded in adapter.pt for `python model.py --adapter`)
     lora = dict(lora_r=c["lora_r"], lora_alpha=c["lora_alpha"], lora_dropout=c["lora_dropout"])
     if c["init"] == "checkpoint":
-        return LLaMA.from_checkpoint(c["ckpt_dir"], device=device, dtype=dtype, tokenizer=tok.path, **lora)
-    mcfg = LLaMAConfig(**{**CONFIGS[c["model"]], **lora})
-    mcfg.vocab_size = tok.n_words if c["demo"] else max(mcfg.vocab_size, tok.n_words)
-    return LLaMA.from_config(mcfg, device=device, dtype=dtype, seed=c["seed"])
+        net = LLaMA.from_checkpoint(c["ckpt_dir"], device=device, dtype=dtype, tokenizer=tok.path,
+                                    context=c["source_max_len"] + c["target_max_len"], progress=master, **lora)
+        base = {"init": "checkpoint", "ckpt_dir": str(c["ckpt_dir"])}
+    else:
+        mcfg = LLaMAConfig(**{**CONFIGS[c["model"]], **lora})
+        mcfg.vocab_size = tok.n_words if c["demo"] else max(mcfg.vocab_size, tok.n_words)
+        net = LLaMA.from_config(mcfg, device=device, dtype=dtype, seed=c["seed"])
+        base = {"init": "random", "model": c["model"], "seed": c["seed"], "tokenizer": str(tok.path), "device": device.split(":")[0]}
+    if c["adapter"]:
+        load_adapter(net, c["adapter"])
+    return net, base
 
 
 def read_checkpoint(path, c, world):
@@ -211,7 +235,13 @@ def train(c):
     items = read_data(data)
     t0 = time.time()
     tok = load_tokenizer(c, items, master, ddp)
-    raw = build_model(c, tok, device, dtype)
+    raw, base = build_model(c, tok, device, dtype, master)
+    # the prompt template a chat with the result should use: the one most training examples had
+    alpaca = sum(segs[0][0].startswith(ALPACA[False][:45]) for _, segs in items)
+    template = "alpaca" if 2 * alpaca >= len(items) else "guanaco"
+    questions = mmlu_eval.read_mmlu(c["mmlu"], c["mmlu_split"], c["mmlu_max"]) if c["mmlu"] else []
+    if questions:
+        mmlu_eval.letter_ids(tok)  # a tokenizer without single-token letters fails here, not after training
     raw.grad_checkpoint = c["grad_checkpoint"]
     n_base = sum(m.in_features * m.out_features for m in raw.modules() if hasattr(m, "lora_A"))  # block linears
     if master:
@@ -264,6 +294,11 @@ def train(c):
             orders[epoch] = batch_order([len(ids) for ids, _ in train_set], epoch, micro_batch, c["seed"], c["group_by_length"])
         return orders[epoch][j]
 
+    def run_mmlu(it):
+        r = mmlu_eval.evaluate(raw, tok, questions, micro_batch, device, raw.config.max_seq_len, ctx)
+        print(mmlu_eval.summary(it, c["mmlu_split"], r))
+        mmlu_eval.append_log(out_dir, c["mmlu_split"], it, r)
+
     @torch.no_grad()
     def evaluate():
         raw.eval()
@@ -283,7 +318,7 @@ def train(c):
         if ddp:
             dist.all_gather_object(rngs, rng)
         if master:
-            adapter = {"lora": raw.lora_state_dict(), "model_config": vars(raw.config), "config": c}
+            adapter = {"lora": raw.lora_state_dict(), "model_config": vars(raw.config), "config": c, "base": base, "template": template}
             atomic_save({**adapter, "optimizer": optimizer.state_dict(), "iter_num": it, "rng": rngs}, ckpt_path)
             saved = it
             atomic_save(adapter, out_dir / "adapter.pt")
@@ -302,6 +337,8 @@ def train(c):
                 val = evaluate()
                 val0 = val if val0 is None else val0
                 print(f"iter {it}: val loss {val:.4f}")
+            if it % c["eval_interval"] == 0 and questions and master:
+                run_mmlu(it)
             lr = c["learning_rate"] * min(1.0, (it + 1) / (warmup + 1))  # linear warmup, then constant
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -345,6 +382,8 @@ def train(c):
             if val_set:
                 val = evaluate()
                 print(f"iter {it}: val loss {val:.4f}" + (f" ({100 * (val / val0 - 1):+.0f}% since iter {iter_num})" if val0 else ""))
+            if questions:
+                run_mmlu(it)
             done = (f"trained {max_iters - iter_num} iters in {time.time() - t_start:.1f}s" if max_iters > iter_num else
                     f"nothing to train (--max_iters {max_iters}" + (f", the checkpoint is at iter {iter_num})" if iter_num else ")"))
             print(f"{done}; " + (f"adapter (iter {saved}) in {out_dir / 'adapter.pt'}" if saved is not None else "no adapter written"))
@@ -355,8 +394,12 @@ def train(c):
                 with ctx:
                     out = raw.generate(torch.tensor([prompt], device=device), c["sample_tokens"], c["temperature"], top_k=200, eos_id=tok.eos_id)
                 print(f"--- sample ---\n{tok.decode(prompt)}{tok.decode(out[0, len(prompt):].tolist())}")
+            src = c["ckpt_dir"] if c["init"] == "checkpoint" else None
             for kind in filter(None, c["export"].split(",")):
-                (export_merged if kind == "merged" else export_peft)(raw, out_dir / kind)
+                if kind == "merged":
+                    export_merged(raw, out_dir / kind, base=src if c["merge_base"] == "original" else None)
+                else:
+                    export_peft(raw, out_dir / kind, base=src)
                 print(f"exported {kind} to {out_dir / kind}")
     except KeyboardInterrupt:  # no save: a step may be half done; the last checkpoint is a consistent point
         last = f"last checkpoint: {ckpt_path} (iter {saved}); --resume continues" if saved is not None else "no checkpoint yet"

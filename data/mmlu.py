@@ -20,6 +20,7 @@ from data.files import InputError
 from data.prepare import field, read_records
 
 LETTERS = ("A", "B", "C", "D")
+LETTER_PIECES = tuple("\u2581" + x for x in LETTERS)  # "▁A".."▁D": how LLaMA's tokenizer spells them after "Answer:"
 # Hendrycks et al.'s categories.py (subject -> subcategory -> category), flattened; other subjects count as "other"
 CATEGORIES = {
     "STEM": "abstract_algebra astronomy college_biology college_chemistry college_computer_science college_mathematics "
