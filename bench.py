@@ -21,7 +21,7 @@ from triton.testing import do_bench
 import qlora
 from data.checkpoint import meta_params
 from data.files import InputError, flag_help, parse_flags
-from model import CONFIGS, LLaMA, LLaMAConfig
+from model import CONFIGS, PEAK_FLOPS, LLaMA, LLaMAConfig, flops_per_token, paper_hparams
 
 # -----------------------------------------------------------------------------------------------
 # flags: python bench.py kernels|e2e|load [--name value]
@@ -36,7 +36,6 @@ no_quant = False  # e2e, load: a 16-bit base (plain LoRA) for comparison
 # -----------------------------------------------------------------------------------------------
 
 SHAPES_7B = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in): wq/wk/wv/wo, w1/w3, w2
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def header():
@@ -89,7 +88,7 @@ def kernels():
 
 def e2e(model, batch, seq, steps, r, quantize):
     name = header()
-    cfg = LLaMAConfig(**{**CONFIGS[model], "lora_r": r, "lora_alpha": 16, "lora_dropout": 0.1 if model.split("-")[-1] in ("7B", "13B") else 0.05})
+    cfg = LLaMAConfig(**{**CONFIGS[model], "lora_r": r, "lora_alpha": 16, "lora_dropout": paper_hparams(CONFIGS[model]["dim"])["lora_dropout"]})
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -121,8 +120,8 @@ def e2e(model, batch, seq, steps, r, quantize):
     dt = sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median, first step (warm-up) excluded
     n_lin = sum(m.in_features * m.out_features for m in net.modules() if isinstance(m, qlora.LoRALinear))
     tok_s = batch * seq / dt
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    mfu = f"{100 * 6 * n_lin * tok_s / peak:.1f}%" if peak else "-"  # 6N: fwd, recompute, input-grad backward
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    mfu = f"{100 * flops_per_token(n_lin, True) * tok_s / peak:.1f}%" if peak else "-"
     alloc = torch.cuda.max_memory_allocated() / 1e9 if cuda else 0
     print("| model | batch x seq | tok/s | MFU | peak allocated GB | device-level peak GB | build s | build peak GB |")
     print("|---|---|---|---|---|---|---|---|")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from data.checkpoint import open_checkpoint, read_params
-from data.files import InputError
+from data.files import InputError, parse_flags
 from qlora import DequantBuffer, LoRALinear, quantize_nf4
 
 
@@ -73,6 +73,21 @@ CONFIGS = {
     "2-70B": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096, max_seq_len=4096),
     "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=256, lora_r=16),
 }
+
+
+# the paper's recipe per size (§5, Guanaco), read off the width rather than a folder's name
+def paper_hparams(dim):
+    big = dim >= 6656  # 33B and up
+    return dict(learning_rate=1e-4 if big else 2e-4, lora_dropout=0.05 if big else 0.1)
+
+
+# MFU: model FLOPs per token over the GPU's peak dense bf16 FLOP/s
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "4090": 165e12}
+
+
+def flops_per_token(n_linear, grad_checkpoint):
+    # forward 2N, backward 2N (input gradients only: the base is frozen), recomputation 2N; N = linear params
+    return (6 if grad_checkpoint else 4) * n_linear
 
 
 # -----------------------------------------------------------------------------------------------
@@ -304,37 +319,13 @@ FLAGS = dict(ckpt_dir="", adapter="", prompt="", template="", max_new_tokens=256
              seed=0, quantize=True)
 
 
-def parse_flags(argv, flags):
-    # as train.py: --key=value or --key value, typed like the default; a bool flag alone means true
-    i = 0
-    while i < len(argv):
-        key, eq, val = argv[i][2:].partition("=")
-        if argv[i] in ("-h", "--help"):
-            print(__doc__.strip().split("\n\n")[-1] + "\nflags (defaults): " + " ".join(f"--{k} {v!r}" for k, v in flags.items()))
-            sys.exit(0)
-        if not argv[i].startswith("--") or key not in flags:
-            raise InputError(f"unknown flag {argv[i]} (flags: {', '.join('--' + k for k in flags)})")
-        kind = type(flags[key])
-        if not eq and kind is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-            val = "true"
-        elif not eq:
-            if i + 1 == len(argv):
-                raise InputError(f"flag --{key} needs a value")
-            i, val = i + 1, argv[i + 1]
-        try:
-            if kind is bool and val.lower() not in ("1", "true", "yes", "0", "false", "no"):
-                raise ValueError
-            flags[key] = val.lower() in ("1", "true", "yes") if kind is bool else kind(val)
-        except ValueError:
-            raise InputError(f"--{key}: expected {kind.__name__}, got {val!r}") from None
-        i += 1
-    return flags
-
-
 def chat(argv):
     from data.checkpoint import Tokenizer, find_tokenizer, load_adapter, read_adapter
     from data.prepare import ALPACA
-    f = parse_flags(argv, dict(FLAGS))
+    words, given = parse_flags(argv, FLAGS, __doc__.strip() + "\n\nflags (defaults): " + " ".join(f"--{k} {v!r}" for k, v in FLAGS.items()))
+    if words:
+        raise InputError(f"unexpected argument {words[0]!r}: flags are --name value (see --help)")
+    f = {**FLAGS, **given}
     adapter = read_adapter(f["adapter"]) if f["adapter"] else None
     info = adapter["info"] if adapter else {}
     base = info.get("base") or {}

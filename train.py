@@ -31,8 +31,8 @@ from data import mmlu as mmlu_eval
 from data.checkpoint import Tokenizer, export_merged, export_peft, find_tokenizer, load_adapter, read_adapter, train_tokenizer
 from data.files import InputError, atomic_save, flag_help, locked_dir, parse_flags
 from data.prepare import ALPACA, batch_order, get_batch, read_data, tokenize
-from model import CONFIGS, LLaMA, LLaMAConfig
-from qlora import PagedAdamW
+from model import CONFIGS, PEAK_FLOPS, LLaMA, LLaMAConfig, flops_per_token, paper_hparams
+from qlora import LoRALinear, PagedAdamW
 
 # -----------------------------------------------------------------------------------------------
 # config
@@ -75,24 +75,6 @@ DEMO = dict(max_iters=400, batch_size=8, micro_batch=8, learning_rate=2e-3, warm
             temperature=0.0)
 # -----------------------------------------------------------------------------------------------
 
-# the paper's per-size settings (§5, Guanaco), keyed by the architecture (width), not by the folder name
-BIG_DIM = 6656  # 33B and up
-
-
-def paper_defaults(dim):
-    big = dim >= BIG_DIM
-    return dict(learning_rate=1e-4 if big else 2e-4, lora_dropout=0.05 if big else 0.1)
-
-
-# peak dense bf16 FLOP/s per GPU, for MFU
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "4090": 165e12}
-
-
-def flops_per_token(n_base, grad_checkpoint):
-    # forward 2N, backward 2N (input gradients only: the base is frozen), recomputation 2N; N = linear params
-    return (6 if grad_checkpoint else 4) * n_base
-
-
 def resolve(given, defaults):
     # every default, once: the demo's, then the paper's per-size ones (which need the architecture)
     c = dict(defaults)
@@ -124,7 +106,7 @@ def resolve(given, defaults):
         if not given.get("ckpt_dir") and c["model"] not in CONFIGS and not Path(c["ckpt_dir"]).is_dir():
             raise InputError(f"--model {c['model']}: no folder {c['ckpt_dir']} and not a known name ({', '.join(CONFIGS)})")
         arch = LLaMA.read_config(c["ckpt_dir"], context=c["source_max_len"] + c["target_max_len"])
-    paper = paper_defaults(arch.dim)
+    paper = paper_hparams(arch.dim)
     c["learning_rate"] = c["learning_rate"] or paper["learning_rate"]
     c["lora_dropout"] = c["lora_dropout"] if c["lora_dropout"] >= 0 else paper["lora_dropout"]
     c["warmup_iters"] = c["warmup_iters"] if c["warmup_iters"] >= 0 else int(0.03 * c["max_iters"])
@@ -243,7 +225,7 @@ def train(c):
     if questions:
         mmlu_eval.letter_ids(tok)  # a tokenizer without single-token letters fails here, not after training
     raw.grad_checkpoint = c["grad_checkpoint"]
-    n_base = sum(m.in_features * m.out_features for m in raw.modules() if hasattr(m, "lora_A"))  # block linears
+    n_base = sum(m.in_features * m.out_features for m in raw.modules() if isinstance(m, LoRALinear))  # block linears
     if master:
         print(f"model {c['model']} ({c['init']}): {n_base / 1e6:.1f}M params in {'NF4' if raw.quantize else dtype} linears, "
               f"{sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6:.2f}M LoRA params, "
