@@ -1645,6 +1645,10 @@ def test_bad_data_gives_one_line_and_exit_2(tmp_path, lines, expect):
     (["--model", "7B", "--init", "random", "--lora_r", "4097"], "--lora_r must be at most 4096"),
     (["stray"], "unexpected argument 'stray'"),
     (["--resume"], "--resume: "),  # an empty out_dir: nothing to resume
+    (["--mmlu", "/nonexistent"], "/nonexistent: not an MMLU folder"),
+    (["--mmlu_split", "train"], "--mmlu_split: expected val or test, got 'train'"),
+    (["--merge_base", "original"], "--merge_base original: a random base has no original weights"),
+    (["--adapter", "/nonexistent/adapter.pt"], "/nonexistent/adapter.pt: adapter not found"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, expect):
     r = run_train(*args, "--out_dir", tmp_path)
@@ -2334,3 +2338,56 @@ def test_mmlu_tokenizer_without_single_letter_tokens(tokenizer_file):
             return [len(w) for w in s.split(" ")]
     with pytest.raises(InputError, match=r"same\.model: 'A'\.\.'D' after 'Answer:' are not four distinct single tokens"):
         MM.letter_ids(SameLetters())
+
+
+# ---------------------------------------------------------------------------------------------------
+# train.py with MMLU, an adapter to start from, the chat command on the result, and tokenizer files
+
+
+def test_mmlu_adapter_and_chat_after_the_demo(tmp_path, mmlu_dirs):
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = run_train(*FAST, "--max_iters", 3, "--mmlu", mmlu_dirs[0], "--out_dir", a)
+    assert r.returncode == 0, r.stderr
+    logged = [json.loads(line) for line in (a / "mmlu_val.jsonl").read_text().splitlines()]
+    assert [e["iter"] for e in logged] == [0, 3]  # before training (iter 0) and at the end; --eval_interval 3
+    assert re.search(r"^iter 3: mmlu val \d\.\d{3} \(3 subjects, 10 questions, ", r.stdout, re.M), r.stdout
+    ad = torch.load(a / "adapter.pt", weights_only=True)
+    assert ad["template"] == "alpaca" and ad["base"]["init"] == "random" and ad["base"]["seed"] == 0
+    assert ad["config"]["learning_rate"] == 2e-3 and ad["config"]["lora_dropout"] == 0.1  # what ran, not sentinels
+    val = re.search(r"^iter 3: val loss (\S+)", r.stdout, re.M)[1]
+    # a new run from the adapter starts where the first one ended: same validation loss, same MMLU answers
+    b.mkdir()
+    tok, = a.glob("tokenizer-*.model")
+    shutil.copy(tok, b / tok.name)
+    r = run_train(*FAST, "--max_iters", 0, "--mmlu", mmlu_dirs[0], "--adapter", a / "adapter.pt", "--out_dir", b)
+    assert r.returncode == 0, r.stderr
+    assert f"iter 0: val loss {val}" in r.stdout
+    assert json.loads((b / "mmlu_val.jsonl").read_text())["subjects"] == logged[-1]["subjects"]
+    # the chat command rebuilds the demo's base from what adapter.pt records and answers
+    chat = subprocess.run([sys.executable, str(ROOT / "model.py"), "--adapter", str(a / "adapter.pt"), "--prompt", "Name a colour.",
+                           "--temperature", "0", "--max_new_tokens", "8"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert chat.returncode == 0 and chat.stdout.strip() and not chat.stderr.strip(), chat.stderr
+
+
+@pytest.mark.parametrize("content", [b"", b"\x0agarbage" * 50])
+def test_unreadable_tokenizer_is_one_line(tmp_path, meta_ckpt, content):
+    d = tmp_path / "7B"
+    shutil.copytree(meta_ckpt[0], d)
+    (d / "tokenizer.model").write_bytes(content)
+    r = run_train("--ckpt_dir", d, "--out_dir", tmp_path / "o", "--max_iters", 1, "--lora_r", 8)
+    assert r.returncode == 2 and f"{d / 'tokenizer.model'}: not a sentencepiece tokenizer model" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("texts, vocab", [
+    (["one short record"], None),  # too little text for 512 pieces
+    (["".join(chr(0x4E00 + k) for k in range(i, i + 66)) for i in range(0, 1518, 66)], None),  # 1,518 characters > 512
+])
+def test_demo_tokenizer_fits_the_data(tmp_path, texts, vocab):
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"instruction": t, "output": t}, ensure_ascii=False) + "\n" for t in texts))
+    r = run_train("--data", f, "--out_dir", tmp_path / "o", "--max_iters", 1, "--batch_size", 1, "--micro_batch", 1,
+                  "--sample_tokens", 0, "--val_fraction", 0)
+    assert r.returncode == 0, r.stderr
+    n = int(re.search(r"trained with a vocabulary of (\d+)", r.stdout)[1])
+    assert (n < 512) if len(texts) == 1 else (n >= 1518)

@@ -215,15 +215,15 @@ def train(c):
 
     ck = read_checkpoint(ckpt_path, c, world) if c["resume"] else None  # before the slow part: a bad one fails fast
     items = read_data(data)
+    questions = mmlu_eval.read_mmlu(c["mmlu"], c["mmlu_split"], c["mmlu_max"]) if c["mmlu"] else []
     t0 = time.time()
     tok = load_tokenizer(c, items, master, ddp)
+    if questions:
+        mmlu_eval.letter_ids(tok)  # a tokenizer without single-token letters fails here, not after training
     raw, base = build_model(c, tok, device, dtype, master)
     # the prompt template a chat with the result should use: the one most training examples had
     alpaca = sum(segs[0][0].startswith(ALPACA[False][:45]) for _, segs in items)
     template = "alpaca" if 2 * alpaca >= len(items) else "guanaco"
-    questions = mmlu_eval.read_mmlu(c["mmlu"], c["mmlu_split"], c["mmlu_max"]) if c["mmlu"] else []
-    if questions:
-        mmlu_eval.letter_ids(tok)  # a tokenizer without single-token letters fails here, not after training
     raw.grad_checkpoint = c["grad_checkpoint"]
     n_base = sum(m.in_features * m.out_features for m in raw.modules() if isinstance(m, LoRALinear))  # block linears
     if master:
