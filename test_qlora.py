@@ -3,12 +3,17 @@ import torch  # only to ask about CUDA
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # run the Triton kernels on the CPU
 
+import csv
 import ctypes
+import errno
 import io
 import json
 import math
 import re
 import shutil
+import signal
+import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -19,14 +24,18 @@ import pytest
 import torch.nn.functional as F
 
 import data.checkpoint as C
+import data.mmlu as MM
+import data.prepare as P
 import model as M
 import qlora
-import data.prepare as P
+from data.files import InputError, atomic_save, atomic_write, atomic_write_bytes
 from data.prepare import DataError, convert
 from nf4_table import NF4_OFFSET, dynamic_map, midpoints, nf4_values
 
-# Tests for qlora.py, model.py, train.py and data/. Every check compares against math written here (a float64 or bit-exact float32
-# reimplementation of the bitsandbytes NF4 format), never against the function under test itself.
+# Tests in the order of the sources: nf4_table.py and qlora.py (§1-6), model.py and data/checkpoint.py,
+# data/files.py, data/prepare.py, data/mmlu.py, then train.py and bench.py from the command line. Every check
+# compares against math written here (a float64 or bit-exact float32 reimplementation of the bitsandbytes NF4
+# format), never against the function under test itself.
 # The same tests run on a CUDA machine (16-bit activations there, real Triton kernels) and on a CPU
 # (float32, Triton kernels under the interpreter).
 
@@ -832,7 +841,7 @@ def test_auto_falls_back_to_pinned_and_says_so(monkeypatch):
 
 
 ROOT = Path(__file__).resolve().parent
-TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, norm_eps=1e-5)
+SMALL = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, norm_eps=1e-5)
 WORDS = ("the quick brown fox jumps over the lazy dog while seven small birds sing about rivers "
          "mountains and the long quiet evening light over old stone bridges").split()
 
@@ -914,7 +923,7 @@ def reference_forward(w, cfg, idx):
 
 @pytest.fixture(scope="session")
 def meta_ckpt(tmp_path_factory, tokenizer_file):
-    cfg = M.LLaMAConfig(**TINY, vocab_size=C.Tokenizer(tokenizer_file).n_words)
+    cfg = M.LLaMAConfig(**SMALL, vocab_size=C.Tokenizer(tokenizer_file).n_words)
     weights = meta_weights(cfg)
     d = write_meta_checkpoint(tmp_path_factory.mktemp("llama") / "tiny", cfg, weights)
     shutil.copy(tokenizer_file, d.parent / "tokenizer.model")  # Meta's layout: one level up
@@ -1506,15 +1515,75 @@ def test_chat_bad_input_is_one_line(args, expect):
 
 
 # ---------------------------------------------------------------------------------------------------
-# train.py: data formats, masking, batching, and the command line as a user meets it
+# data/files.py: every write goes through atomic_write (fsync, rename, fsync; a full disk is one line)
 
-import errno
-import signal
-import socket
-import stat
+def test_atomic_write_fsyncs_the_file_then_renames_then_fsyncs_the_folder(tmp_path, monkeypatch):
+    target, calls = tmp_path / "f.bin", []
+    real_fsync, real_replace = os.fsync, os.replace
 
-from data.files import InputError, atomic_save, atomic_write, atomic_write_bytes, locked_dir
+    def fsync(fd):
+        st = os.fstat(fd)
+        kind = "folder" if stat.S_ISDIR(st.st_mode) else ("file", st.st_size, (tmp_path / "f.bin.tmp").read_bytes())
+        calls.append(("fsync", kind))
+        real_fsync(fd)
 
+    def replace(src, dst):
+        calls.append(("replace", Path(src).name, Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    atomic_write_bytes(target, b"x" * 10_000)
+    # the data is on disk under the temporary name before the rename; the rename is on disk after the folder's fsync
+    assert calls == [("fsync", ("file", 10_000, b"x" * 10_000)), ("replace", "f.bin.tmp", "f.bin"), ("fsync", "folder")]
+    assert target.read_bytes() == b"x" * 10_000
+
+
+def enospc(f):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def edquot(f):
+    f.write(b"partial")
+    raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+
+@pytest.mark.parametrize("how", ["dev_full_torch", "dev_full_bytes", "enospc", "edquot"])
+def test_disk_full_keeps_the_old_file_and_leaves_no_tmp(tmp_path, how):
+    target, tmp = tmp_path / "ckpt.pt", tmp_path / "ckpt.pt.tmp"
+    target.write_bytes(b"the last good checkpoint")
+    if how.startswith("dev_full"):
+        if not os.path.exists("/dev/full"):
+            pytest.skip("no /dev/full")
+        tmp.symlink_to("/dev/full")  # every write to the temporary file fails with ENOSPC, as on a full disk
+    with pytest.raises(InputError) as e:
+        if how == "dev_full_torch":  # torch.save reports it as a RuntimeError ("unexpected pos ...") on top of the OSError
+            atomic_save({"lora": torch.zeros(3, 1_000_000), "iter": 5}, target)  # 12 MB of float32
+        elif how == "dev_full_bytes":  # the tokenizer cache's path
+            atomic_write_bytes(target, b"t" * 250_000)
+        else:
+            atomic_write(target, enospc if how == "enospc" else edquot, 7_500_000)
+    need = {"dev_full_torch": "12 MB", "dev_full_bytes": "250 kB"}.get(how, "8 MB")
+    assert str(e.value) == f"no space left on device writing {target} (needs ~{need})"
+    assert target.read_bytes() == b"the last good checkpoint" and not os.path.lexists(tmp)
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, ValueError])
+def test_interrupted_or_failed_write_keeps_the_old_file(tmp_path, exc):
+    target = tmp_path / "adapter.pt"
+    target.write_bytes(b"old")
+
+    def write(f):
+        f.write(b"half of the new")
+        raise exc("stop")
+
+    with pytest.raises(exc):  # anything but a full disk goes through unchanged
+        atomic_write(target, write)
+    assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
+
+
+# ---------------------------------------------------------------------------------------------------
+# data/prepare.py: templates, masking, truncation, batching; converters of public datasets; the sample files
 
 class CharTok:  # a transparent tokenizer for masking tests: one id per character
     bos_id, eos_id = 1, 2
@@ -1593,362 +1662,6 @@ def test_batch_is_right_padded_and_shifted():
     assert x.tolist() == [[1, 5, 6, 2], [1, 7, 2, 0]]
     assert y.tolist() == [[-100, 6, 2, -100], [7, 2, -100, -100]]  # position t predicts token t + 1
 
-
-ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # train.py runs at normal speed
-
-
-def run_train(*args, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=ENV)
-
-
-@pytest.mark.parametrize("lines, expect", [
-    (['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output": "b"', ], "bad.jsonl:2: malformed JSON"),
-    (['{"instruction": "a", "output": "b"}', '{"instruction": "a"}'], "bad.jsonl:2: field 'output' must be a non-empty string"),
-    (['{"messages": [{"role": "bot", "content": "x"}]}'], "bad.jsonl:1: messages[0].role"),
-    (['{"prompt": "a"}'], "bad.jsonl:1: expected fields"),
-    ([], "bad.jsonl: empty"),
-    (["[", '{"instruction": "a", "output": "b"}', "]", '{"instruction": "c", "output": "d"}'],
-     "bad.jsonl:4: more after the JSON array that ends on line 3"),  # not read as the array alone
-    (['{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]}'],
-     "bad.jsonl:1: the conversation must end with an assistant reply"),  # not trained on as prompt text
-    (['{"text": "### Human: a### Assistant: b### Human: c"}'], "bad.jsonl:1: the conversation must end with an assistant reply"),
-])
-def test_bad_data_gives_one_line_and_exit_2(tmp_path, lines, expect):
-    f = tmp_path / "bad.jsonl"
-    f.write_text("\n".join(lines))
-    r = run_train("--data", f, "--out_dir", tmp_path / "o", "--max_iters", 1)
-    assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "o").exists()  # the out_dir this run made is gone again: no debris
-
-
-@pytest.mark.parametrize("args, expect", [
-    (["--model", "5B", "--init", "random"], "--model 5B: unknown architecture"),
-    (["--model", "5B"], "--model 5B: no folder checkpoints/5B"),
-    (["--colour", "red"], "unknown flag --colour"),
-    (["--max_iters", "many"], "--max_iters: expected int, got 'many'"),
-    (["--ckpt_dir", "/nonexistent/7B"], "/nonexistent/7B/params.json: not found"),
-    (["--micro_batch", "0"], "--micro_batch must be at least 1"),
-    (["--lora_r", "0"], "--lora_r must be at least 1"),
-    (["--export", "gguf"], "--export: expected merged, peft"),
-    (["--learning_rate", "-1"], "--learning_rate must be positive, got -1.0"),
-    (["--learning_rate", "nan"], "--learning_rate must be positive, got nan"),
-    (["--beta1", "1"], "--beta1 must be in [0, 1), got 1.0"),
-    (["--beta2", "-0.1"], "--beta2 must be in [0, 1), got -0.1"),
-    (["--weight_decay", "-0.01"], "--weight_decay must be at least 0, got -0.01"),
-    (["--max_grad_norm", "0"], "--max_grad_norm must be positive, got 0.0"),
-    (["--val_fraction", "1"], "--val_fraction must be in [0, 1), got 1.0"),
-    (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1), got 1.5"),
-    (["--max_iters", "-5"], "--max_iters must be at least 0, got -5"),
-    # tiny: dim 128, 4 heads of 32, 2 kv heads -> wk/wv are 64 x 128, the narrowest adapted layer (w1: 352 x 128)
-    (["--lora_r", "65"], "--lora_r must be at most 64 for this architecture"),
-    (["--model", "7B", "--init", "random", "--lora_r", "4097"], "--lora_r must be at most 4096"),
-    (["stray"], "unexpected argument 'stray'"),
-    (["--resume"], "--resume: "),  # an empty out_dir: nothing to resume
-    (["--mmlu", "/nonexistent"], "/nonexistent: not an MMLU folder"),
-    (["--mmlu_split", "train"], "--mmlu_split: expected val or test, got 'train'"),
-    (["--merge_base", "original"], "--merge_base original: a random base has no original weights"),
-    (["--adapter", "/nonexistent/adapter.pt"], "/nonexistent/adapter.pt: adapter not found"),
-])
-def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, expect):
-    r = run_train(*args, "--out_dir", tmp_path)
-    assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert "model " not in r.stdout  # refused before anything was built
-
-
-def losses(out):
-    return [l.split(",")[0] for l in out.splitlines() if l.startswith("iter ") and ": loss " in l]
-
-
-FAST = ["--batch_size", 4, "--micro_batch", 2, "--eval_interval", 3, "--eval_iters", 1, "--warmup_iters", 2,
-        "--sample_tokens", 0, "--log_interval", 1, "--source_max_len", 48, "--target_max_len", 24]
-
-
-@pytest.fixture(scope="session")
-def demo_tokenizer(tmp_path_factory):
-    # the tokenizer train.py would train on data/sample.jsonl, made once and copied into each out_dir
-    d = tmp_path_factory.mktemp("demo")
-    r = run_train(*FAST, "--max_iters", 0, "--out_dir", d)
-    assert r.returncode == 0, r.stderr
-    tok, = d.glob("tokenizer-*.model")
-    return tok
-
-
-def test_resume_gives_the_same_losses(tmp_path, demo_tokenizer):
-    for sub in ("a", "b"):
-        (tmp_path / sub).mkdir()
-        shutil.copy(demo_tokenizer, tmp_path / sub / demo_tokenizer.name)
-    full = run_train(*FAST, "--max_iters", 6, "--out_dir", tmp_path / "a")
-    first = run_train(*FAST, "--max_iters", 3, "--out_dir", tmp_path / "b")
-    second = run_train(*FAST, "--max_iters", 6, "--out_dir", tmp_path / "b", "--resume")
-    assert full.returncode == first.returncode == second.returncode == 0, full.stderr + first.stderr + second.stderr
-    assert "resumed from" in second.stdout
-    assert len(losses(full.stdout)) == 6 and losses(first.stdout) + losses(second.stdout) == losses(full.stdout)
-    a = torch.load(tmp_path / "a" / "adapter.pt", weights_only=False)["lora"]
-    b = torch.load(tmp_path / "b" / "adapter.pt", weights_only=False)["lora"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    changed = run_train(*FAST, "--max_iters", 8, "--out_dir", tmp_path / "b", "--resume", "--batch_size", 8)
-    assert changed.returncode == 2 and "was made with --batch_size 4, this run has --batch_size 8" in changed.stderr
-
-
-def test_ddp_two_gloo_processes_match_one(tmp_path, demo_tokenizer):
-    for sub in ("one", "two"):
-        (tmp_path / sub).mkdir()
-        shutil.copy(demo_tokenizer, tmp_path / sub / demo_tokenizer.name)
-    args = [*FAST, "--max_iters", 2, "--lora_dropout", 0.0]
-    one = run_train(*args, "--out_dir", tmp_path / "one")
-    with socket.socket() as s:  # a port the kernel says is free, for this run's rendezvous alone
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                          f"--master_port={port}", str(ROOT / "train.py"), *map(str, args), "--out_dir", str(tmp_path / "two")],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**ENV, "OMP_NUM_THREADS": "1"},
-                         start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)  # torchrun and both workers: nothing left running
-        raise
-    assert one.returncode == 0 and p.returncode == 0, one.stderr + err
-    assert len(losses(out)) == 2  # only rank 0 logs
-    a = torch.load(tmp_path / "one" / "adapter.pt", weights_only=False)["lora"]
-    b = torch.load(tmp_path / "two" / "adapter.pt", weights_only=False)["lora"]
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)  # it did train
-
-
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, demo_tokenizer):
-    shutil.copy(demo_tokenizer, tmp_path / demo_tokenizer.name)
-    r = run_train(*FAST, "--eval_interval", 1, "--max_iters", 8, "--learning_rate", 1e30, "--warmup_iters", 0, "--out_dir", tmp_path)
-    assert r.returncode == 2 and "loss nan" in r.stderr and "stopping before the update" in r.stderr and "Traceback" not in r.stderr
-    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    assert ck["iter_num"] == 1 and not list(tmp_path.glob("*.tmp"))  # the step before the NaN, intact
-
-
-def fresh_out_dir(path, demo_tokenizer):
-    path.mkdir()
-    shutil.copy(demo_tokenizer, path / demo_tokenizer.name)
-    return path
-
-
-@pytest.mark.parametrize("where, expect", [
-    ("file", "is a file, not a folder"),
-    ("file/sub", "cannot write there (Not a directory)"),
-    ("/proc/qlora-test/out", "cannot write there (No such file or directory)"),  # /proc takes no new folders
-    ("readonly/out", "cannot write there (Permission denied)"),
-])
-def test_unwritable_out_dir_is_refused_before_building(tmp_path, where, expect):
-    (tmp_path / "file").write_text("not a folder")
-    (tmp_path / "readonly").mkdir(mode=0o500)
-    if where.startswith("readonly") and os.geteuid() == 0:
-        pytest.skip("root writes into a read-only folder anyway")
-    out = where if where.startswith("/") else tmp_path / where
-    r = run_train("--out_dir", out, "--max_iters", 1)
-    assert r.returncode == 2 and f"error: --out_dir {out}: {expect}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert "Traceback" not in r.stderr and r.stdout == ""  # nothing built, nothing trained
-    assert (tmp_path / "file").read_text() == "not a folder"
-
-
-def test_resume_refuses_damaged_or_foreign_checkpoints(tmp_path):
-    real = io.BytesIO()
-    torch.save({"lora": {"w": torch.zeros(1000)}, "config": {}}, real)
-    foreign = io.BytesIO()
-    torch.save({"config": Path("x")}, foreign)  # a class weights_only will not unpickle
-    cases = [(b"", "not a checkpoint written by train.py (empty file)"),
-             (real.getvalue()[: len(real.getvalue()) // 2], "truncated or damaged"),
-             (foreign.getvalue(), "not a checkpoint written by train.py; refusing to unpickle it"),
-             (b"\x80\x04K\x01.", "not a checkpoint written by train.py"),  # a bare pickle, not torch's zip
-             (real.getvalue(), "not a checkpoint written by train.py")]  # a torch file, but not ours
-    for i, (content, expect) in enumerate(cases):
-        d = tmp_path / str(i)
-        d.mkdir()
-        (d / "ckpt.pt").write_bytes(content)
-        r = run_train("--resume", "--out_dir", d, "--max_iters", 1)
-        assert r.returncode == 2 and f"--resume: {d / 'ckpt.pt'}: {expect}" in r.stderr, (expect, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr and "weights_only" not in r.stderr
-        assert (d / "ckpt.pt").read_bytes() == content and "model " not in r.stdout  # untouched; refused before the build
-
-
-def test_new_run_into_an_out_dir_holding_one_is_refused(tmp_path, demo_tokenizer):
-    d = fresh_out_dir(tmp_path / "o", demo_tokenizer)
-    (d / "ckpt.pt").write_bytes(b"the old run")
-    (d / "adapter.pt").write_bytes(b"the old adapter")
-    r = run_train(*FAST, "--max_iters", 1, "--out_dir", d)
-    assert r.returncode == 2 and f"{d / 'ckpt.pt'}: out_dir holds a run; --resume continues it, --overwrite replaces it" in r.stderr
-    assert (d / "ckpt.pt").read_bytes() == b"the old run" and (d / "adapter.pt").read_bytes() == b"the old adapter"
-    r = run_train(*FAST, "--max_iters", 1, "--out_dir", d, "--overwrite")
-    assert r.returncode == 0, r.stderr
-    assert torch.load(d / "ckpt.pt", weights_only=False)["iter_num"] == 1
-
-
-def test_second_run_on_the_same_out_dir_names_the_holder(tmp_path):
-    d = tmp_path / "o"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; from data.files import locked_dir\n"
-                               f"with locked_dir({str(d)!r}):\n    print('locked', flush=True); sys.stdin.read()"],
-                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "locked\n"
-        r = run_train("--out_dir", d, "--max_iters", 1)
-        assert r.returncode == 2 and f"--out_dir {d}: in use by another run (pid {holder.pid})" in r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
-    finally:
-        holder.communicate("", timeout=30)
-    assert holder.returncode == 0 and not d.exists()  # released at exit: the lock file and the folder it made are gone
-
-
-def test_final_line_says_what_happened(tmp_path, demo_tokenizer):
-    d = fresh_out_dir(tmp_path / "o", demo_tokenizer)
-    r = run_train(*FAST, "--max_iters", 0, "--out_dir", d)
-    assert r.returncode == 0 and "nothing to train (--max_iters 0); no adapter written" in r.stdout
-    assert not (d / "adapter.pt").exists() and not (d / "ckpt.pt").exists()
-    r = run_train(*FAST, "--max_iters", 2, "--out_dir", d)
-    assert r.returncode == 0 and f"trained 2 iters in" in r.stdout and f"adapter (iter 2) in {d / 'adapter.pt'}" in r.stdout
-    r = run_train(*FAST, "--max_iters", 1, "--out_dir", d, "--resume")
-    assert r.returncode == 0 and "nothing to train (--max_iters 1, the checkpoint is at iter 2)" in r.stdout
-    assert "trained -" not in r.stdout and f"adapter (iter 2) in {d / 'adapter.pt'}" in r.stdout
-    assert sorted(p.name for p in d.iterdir()) == sorted(["adapter.pt", "ckpt.pt", demo_tokenizer.name])  # no .lock, no .tmp
-
-
-def test_ctrl_c_is_one_line_exit_130_and_keeps_the_last_checkpoint(tmp_path, demo_tokenizer):
-    d = fresh_out_dir(tmp_path / "o", demo_tokenizer)
-    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, [*FAST, "--max_iters", 10000, "--out_dir", d])],
-                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a shell may have ignored it
-    try:
-        for line in p.stdout:
-            if line.startswith("iter 4: loss"):  # after the checkpoint at iter 3 (--eval_interval 3)
-                break
-        p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=120)
-    finally:
-        p.kill()
-    m = re.fullmatch(r"interrupted at iter (\d+); last checkpoint: (.*) \(iter (\d+)\); --resume continues\n", err)
-    assert p.returncode == 130 and m, err
-    assert int(m[1]) >= 4 and m[2] == str(d / "ckpt.pt")
-    assert torch.load(d / "ckpt.pt", weights_only=False)["iter_num"] == int(m[3]) >= 3
-    assert not list(d.glob("*.tmp")) and not (d / ".lock").exists()
-
-
-@pytest.mark.skipif(CUDA, reason="CPU thread count")
-def test_demo_runs_on_one_cpu_thread_unless_told(tmp_path, demo_tokenizer):
-    env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}
-    for extra, n in (([], 1), (["--threads", 2], 2)):
-        d = fresh_out_dir(tmp_path / str(n), demo_tokenizer)
-        r = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, [*FAST, "--max_iters", 1, "--out_dir", d, *extra])],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0 and f"on cpu, {n} thread" in r.stdout, r.stdout + r.stderr
-        assert torch.load(d / "adapter.pt", weights_only=False)["config"]["threads"] == n
-
-
-def test_help_lists_every_flag_with_default_and_meaning():
-    r = run_train("--help")
-    assert r.returncode == 0 and r.stderr == ""
-    rows = {l.split()[0]: l for l in r.stdout.splitlines() if l.startswith("  --")}
-    # every module-level setting of the config block is a flag, and each has a line with its meaning
-    block = (ROOT / "train.py").read_text().split("# config\n")[1].split("\n# the tiny demo")[0]
-    names = [n.strip() for line in block.splitlines() for n in line.split(" = ")[0].split(",")]
-    assert sorted(rows) == sorted(f"--{n}" for n in names) and len(names) > 30
-    assert all(len(l.split(None, 2)) == 3 for l in rows.values())
-    assert re.fullmatch(r"\s+--max_iters\s+1875\s+optimizer steps \(Guanaco 7B: 1875\)", rows["--max_iters"])
-    assert re.fullmatch(r"\s+--beta2\s+0.999\s+AdamW's moment decay rates, in \[0, 1\)", rows["--beta2"])
-    assert re.fullmatch(r"\s+--overwrite\s+False\s+start a new run .*", rows["--overwrite"])
-    assert "--max_iters 400" in r.stdout  # the demo's own defaults are named too
-
-
-@pytest.mark.parametrize("args, expect", [
-    ([], "expected one command, kernels, e2e or load, got none"),
-    (["train"], "expected one command, kernels, e2e or load, got train"),
-    (["load", "--ckpt_dir", "/nonexistent/7B"], "/nonexistent/7B/params.json: not found"),
-    (["load", "--write", "5B"], "--write 5B: unknown architecture"),
-    (["e2e", "--model", "5B"], "--model 5B: unknown architecture"),
-    (["e2e", "--model", "tiny", "--batch", "0"], "--batch must be at least 1"),
-    (["e2e", "--colour", "red"], "unknown flag --colour"),
-    pytest.param(["e2e"], "would build a random 7B on the CPU", marks=pytest.mark.skipif(CUDA, reason="CPU only")),
-    pytest.param(["kernels"], "needs a CUDA GPU", marks=pytest.mark.skipif(CUDA, reason="CPU only")),
-])
-def test_bench_command_line(args, expect):
-    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)
-    assert r.returncode == 2 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
-
-
-def test_bench_and_prepare_help():
-    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and all(w in r.stdout for w in ("bench.py kernels", "bench.py e2e", "bench.py load"))
-    for flag in ("ckpt_dir", "write", "model", "batch", "seq", "steps", "lora_r", "no_quant"):
-        assert re.search(rf"^\s+--{flag}\s+\S+\s+\S", r.stdout, re.M), flag
-    r = run_prepare("--help")
-    assert r.returncode == 0 and "--lang" in r.stdout and "usage: python data/prepare.py" in r.stdout
-
-
-# data/files.py: what every write goes through
-
-def test_atomic_write_fsyncs_the_file_then_renames_then_fsyncs_the_folder(tmp_path, monkeypatch):
-    target, calls = tmp_path / "f.bin", []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        st = os.fstat(fd)
-        kind = "folder" if stat.S_ISDIR(st.st_mode) else ("file", st.st_size, (tmp_path / "f.bin.tmp").read_bytes())
-        calls.append(("fsync", kind))
-        real_fsync(fd)
-
-    def replace(src, dst):
-        calls.append(("replace", Path(src).name, Path(dst).name))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    atomic_write_bytes(target, b"x" * 10_000)
-    # the data is on disk under the temporary name before the rename; the rename is on disk after the folder's fsync
-    assert calls == [("fsync", ("file", 10_000, b"x" * 10_000)), ("replace", "f.bin.tmp", "f.bin"), ("fsync", "folder")]
-    assert target.read_bytes() == b"x" * 10_000
-
-
-def enospc(f):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-def edquot(f):
-    f.write(b"partial")
-    raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
-
-
-@pytest.mark.parametrize("how", ["dev_full_torch", "dev_full_bytes", "enospc", "edquot"])
-def test_disk_full_keeps_the_old_file_and_leaves_no_tmp(tmp_path, how):
-    target, tmp = tmp_path / "ckpt.pt", tmp_path / "ckpt.pt.tmp"
-    target.write_bytes(b"the last good checkpoint")
-    if how.startswith("dev_full"):
-        if not os.path.exists("/dev/full"):
-            pytest.skip("no /dev/full")
-        tmp.symlink_to("/dev/full")  # every write to the temporary file fails with ENOSPC, as on a full disk
-    with pytest.raises(InputError) as e:
-        if how == "dev_full_torch":  # torch.save reports it as a RuntimeError ("unexpected pos ...") on top of the OSError
-            atomic_save({"lora": torch.zeros(3, 1_000_000), "iter": 5}, target)  # 12 MB of float32
-        elif how == "dev_full_bytes":  # the tokenizer cache's path
-            atomic_write_bytes(target, b"t" * 250_000)
-        else:
-            atomic_write(target, enospc if how == "enospc" else edquot, 7_500_000)
-    need = {"dev_full_torch": "12 MB", "dev_full_bytes": "250 kB"}.get(how, "8 MB")
-    assert str(e.value) == f"no space left on device writing {target} (needs ~{need})"
-    assert target.read_bytes() == b"the last good checkpoint" and not os.path.lexists(tmp)
-
-
-@pytest.mark.parametrize("exc", [KeyboardInterrupt, ValueError])
-def test_interrupted_or_failed_write_keeps_the_old_file(tmp_path, exc):
-    target = tmp_path / "adapter.pt"
-    target.write_bytes(b"old")
-
-    def write(f):
-        f.write(b"half of the new")
-        raise exc("stop")
-
-    with pytest.raises(exc):  # anything but a full disk goes through unchanged
-        atomic_write(target, write)
-    assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
-
-
-# ---------------------------------------------------------------------------------------------------
-# data/prepare.py and the sample data files
 
 DATA = ROOT / "data"
 
@@ -2125,10 +1838,6 @@ def test_real_instructions_through_the_pipeline(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # data/mmlu.py: MMLU 5-shot prompts, letter scoring and the macro average, on a tiny MMLU folder written
 # here in both public shapes (Hendrycks et al.'s CSVs and the QLoRA code's five_shot_mmlu_*.json)
-
-import csv  # noqa: E402
-import data.mmlu as MM
-from data.files import InputError
 
 HEAD = "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
 ALGEBRA_DEV = ('"Is 2, or 3, prime?",only 2,only 3,both,neither,C\n1+1?,1,2,3,4,B\n2+2?,2,3,4,5,C\n'
@@ -2341,7 +2050,293 @@ def test_mmlu_tokenizer_without_single_letter_tokens(tokenizer_file):
 
 
 # ---------------------------------------------------------------------------------------------------
-# train.py with MMLU, an adapter to start from, the chat command on the result, and tokenizer files
+# train.py and bench.py: the command line as a user meets it (flags, data, resume, DDP, faults, MMLU,
+# adapters, the chat command on the result)
+
+ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # train.py runs at normal speed
+
+
+def run_train(*args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=ENV)
+
+
+@pytest.mark.parametrize("lines, expect", [
+    (['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output": "b"', ], "bad.jsonl:2: malformed JSON"),
+    (['{"instruction": "a", "output": "b"}', '{"instruction": "a"}'], "bad.jsonl:2: field 'output' must be a non-empty string"),
+    (['{"messages": [{"role": "bot", "content": "x"}]}'], "bad.jsonl:1: messages[0].role"),
+    (['{"prompt": "a"}'], "bad.jsonl:1: expected fields"),
+    ([], "bad.jsonl: empty"),
+    (["[", '{"instruction": "a", "output": "b"}', "]", '{"instruction": "c", "output": "d"}'],
+     "bad.jsonl:4: more after the JSON array that ends on line 3"),  # not read as the array alone
+    (['{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]}'],
+     "bad.jsonl:1: the conversation must end with an assistant reply"),  # not trained on as prompt text
+    (['{"text": "### Human: a### Assistant: b### Human: c"}'], "bad.jsonl:1: the conversation must end with an assistant reply"),
+])
+def test_bad_data_gives_one_line_and_exit_2(tmp_path, lines, expect):
+    f = tmp_path / "bad.jsonl"
+    f.write_text("\n".join(lines))
+    r = run_train("--data", f, "--out_dir", tmp_path / "o", "--max_iters", 1)
+    assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # the out_dir this run made is gone again: no debris
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--model", "5B", "--init", "random"], "--model 5B: unknown architecture"),
+    (["--model", "5B"], "--model 5B: no folder checkpoints/5B"),
+    (["--colour", "red"], "unknown flag --colour"),
+    (["--max_iters", "many"], "--max_iters: expected int, got 'many'"),
+    (["--ckpt_dir", "/nonexistent/7B"], "/nonexistent/7B/params.json: not found"),
+    (["--micro_batch", "0"], "--micro_batch must be at least 1"),
+    (["--lora_r", "0"], "--lora_r must be at least 1"),
+    (["--export", "gguf"], "--export: expected merged, peft"),
+    (["--learning_rate", "-1"], "--learning_rate must be positive, got -1.0"),
+    (["--learning_rate", "nan"], "--learning_rate must be positive, got nan"),
+    (["--beta1", "1"], "--beta1 must be in [0, 1), got 1.0"),
+    (["--beta2", "-0.1"], "--beta2 must be in [0, 1), got -0.1"),
+    (["--weight_decay", "-0.01"], "--weight_decay must be at least 0, got -0.01"),
+    (["--max_grad_norm", "0"], "--max_grad_norm must be positive, got 0.0"),
+    (["--val_fraction", "1"], "--val_fraction must be in [0, 1), got 1.0"),
+    (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1), got 1.5"),
+    (["--max_iters", "-5"], "--max_iters must be at least 0, got -5"),
+    # tiny: dim 128, 4 heads of 32, 2 kv heads -> wk/wv are 64 x 128, the narrowest adapted layer (w1: 352 x 128)
+    (["--lora_r", "65"], "--lora_r must be at most 64 for this architecture"),
+    (["--model", "7B", "--init", "random", "--lora_r", "4097"], "--lora_r must be at most 4096"),
+    (["stray"], "unexpected argument 'stray'"),
+    (["--resume"], "--resume: "),  # an empty out_dir: nothing to resume
+    (["--mmlu", "/nonexistent"], "/nonexistent: not an MMLU folder"),
+    (["--mmlu_split", "train"], "--mmlu_split: expected val or test, got 'train'"),
+    (["--merge_base", "original"], "--merge_base original: a random base has no original weights"),
+    (["--adapter", "/nonexistent/adapter.pt"], "/nonexistent/adapter.pt: adapter not found"),
+])
+def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, expect):
+    r = run_train(*args, "--out_dir", tmp_path)
+    assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "model " not in r.stdout  # refused before anything was built
+
+
+def losses(out):
+    return [l.split(",")[0] for l in out.splitlines() if l.startswith("iter ") and ": loss " in l]
+
+
+FAST = ["--batch_size", 4, "--micro_batch", 2, "--eval_interval", 3, "--eval_iters", 1, "--warmup_iters", 2,
+        "--sample_tokens", 0, "--log_interval", 1, "--source_max_len", 48, "--target_max_len", 24]
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(tmp_path_factory):
+    # the tokenizer train.py would train on data/sample.jsonl, made once and copied into each out_dir
+    d = tmp_path_factory.mktemp("demo")
+    r = run_train(*FAST, "--max_iters", 0, "--out_dir", d)
+    assert r.returncode == 0, r.stderr
+    tok, = d.glob("tokenizer-*.model")
+    return tok
+
+
+def test_resume_gives_the_same_losses(tmp_path, demo_tokenizer):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        shutil.copy(demo_tokenizer, tmp_path / sub / demo_tokenizer.name)
+    full = run_train(*FAST, "--max_iters", 6, "--out_dir", tmp_path / "a")
+    first = run_train(*FAST, "--max_iters", 3, "--out_dir", tmp_path / "b")
+    second = run_train(*FAST, "--max_iters", 6, "--out_dir", tmp_path / "b", "--resume")
+    assert full.returncode == first.returncode == second.returncode == 0, full.stderr + first.stderr + second.stderr
+    assert "resumed from" in second.stdout
+    assert len(losses(full.stdout)) == 6 and losses(first.stdout) + losses(second.stdout) == losses(full.stdout)
+    a = torch.load(tmp_path / "a" / "adapter.pt", weights_only=False)["lora"]
+    b = torch.load(tmp_path / "b" / "adapter.pt", weights_only=False)["lora"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    changed = run_train(*FAST, "--max_iters", 8, "--out_dir", tmp_path / "b", "--resume", "--batch_size", 8)
+    assert changed.returncode == 2 and "was made with --batch_size 4, this run has --batch_size 8" in changed.stderr
+
+
+def test_ddp_two_gloo_processes_match_one(tmp_path, demo_tokenizer):
+    for sub in ("one", "two"):
+        (tmp_path / sub).mkdir()
+        shutil.copy(demo_tokenizer, tmp_path / sub / demo_tokenizer.name)
+    args = [*FAST, "--max_iters", 2, "--lora_dropout", 0.0]
+    one = run_train(*args, "--out_dir", tmp_path / "one")
+    with socket.socket() as s:  # a port the kernel says is free, for this run's rendezvous alone
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                          f"--master_port={port}", str(ROOT / "train.py"), *map(str, args), "--out_dir", str(tmp_path / "two")],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**ENV, "OMP_NUM_THREADS": "1"},
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # torchrun and both workers: nothing left running
+        raise
+    assert one.returncode == 0 and p.returncode == 0, one.stderr + err
+    assert len(losses(out)) == 2  # only rank 0 logs
+    a = torch.load(tmp_path / "one" / "adapter.pt", weights_only=False)["lora"]
+    b = torch.load(tmp_path / "two" / "adapter.pt", weights_only=False)["lora"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)  # it did train
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, demo_tokenizer):
+    shutil.copy(demo_tokenizer, tmp_path / demo_tokenizer.name)
+    r = run_train(*FAST, "--eval_interval", 1, "--max_iters", 8, "--learning_rate", 1e30, "--warmup_iters", 0, "--out_dir", tmp_path)
+    assert r.returncode == 2 and "loss nan" in r.stderr and "stopping before the update" in r.stderr and "Traceback" not in r.stderr
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert ck["iter_num"] == 1 and not list(tmp_path.glob("*.tmp"))  # the step before the NaN, intact
+
+
+def fresh_out_dir(path, demo_tokenizer):
+    path.mkdir()
+    shutil.copy(demo_tokenizer, path / demo_tokenizer.name)
+    return path
+
+
+@pytest.mark.parametrize("where, expect", [
+    ("file", "is a file, not a folder"),
+    ("file/sub", "cannot write there (Not a directory)"),
+    ("/proc/qlora-test/out", "cannot write there (No such file or directory)"),  # /proc takes no new folders
+    ("readonly/out", "cannot write there (Permission denied)"),
+])
+def test_unwritable_out_dir_is_refused_before_building(tmp_path, where, expect):
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "readonly").mkdir(mode=0o500)
+    if where.startswith("readonly") and os.geteuid() == 0:
+        pytest.skip("root writes into a read-only folder anyway")
+    out = where if where.startswith("/") else tmp_path / where
+    r = run_train("--out_dir", out, "--max_iters", 1)
+    assert r.returncode == 2 and f"error: --out_dir {out}: {expect}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr and r.stdout == ""  # nothing built, nothing trained
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_resume_refuses_damaged_or_foreign_checkpoints(tmp_path):
+    real = io.BytesIO()
+    torch.save({"lora": {"w": torch.zeros(1000)}, "config": {}}, real)
+    foreign = io.BytesIO()
+    torch.save({"config": Path("x")}, foreign)  # a class weights_only will not unpickle
+    cases = [(b"", "not a checkpoint written by train.py (empty file)"),
+             (real.getvalue()[: len(real.getvalue()) // 2], "truncated or damaged"),
+             (foreign.getvalue(), "not a checkpoint written by train.py; refusing to unpickle it"),
+             (b"\x80\x04K\x01.", "not a checkpoint written by train.py"),  # a bare pickle, not torch's zip
+             (real.getvalue(), "not a checkpoint written by train.py")]  # a torch file, but not ours
+    for i, (content, expect) in enumerate(cases):
+        d = tmp_path / str(i)
+        d.mkdir()
+        (d / "ckpt.pt").write_bytes(content)
+        r = run_train("--resume", "--out_dir", d, "--max_iters", 1)
+        assert r.returncode == 2 and f"--resume: {d / 'ckpt.pt'}: {expect}" in r.stderr, (expect, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr and "weights_only" not in r.stderr
+        assert (d / "ckpt.pt").read_bytes() == content and "model " not in r.stdout  # untouched; refused before the build
+
+
+def test_new_run_into_an_out_dir_holding_one_is_refused(tmp_path, demo_tokenizer):
+    d = fresh_out_dir(tmp_path / "o", demo_tokenizer)
+    (d / "ckpt.pt").write_bytes(b"the old run")
+    (d / "adapter.pt").write_bytes(b"the old adapter")
+    r = run_train(*FAST, "--max_iters", 1, "--out_dir", d)
+    assert r.returncode == 2 and f"{d / 'ckpt.pt'}: out_dir holds a run; --resume continues it, --overwrite replaces it" in r.stderr
+    assert (d / "ckpt.pt").read_bytes() == b"the old run" and (d / "adapter.pt").read_bytes() == b"the old adapter"
+    r = run_train(*FAST, "--max_iters", 1, "--out_dir", d, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert torch.load(d / "ckpt.pt", weights_only=False)["iter_num"] == 1
+
+
+def test_second_run_on_the_same_out_dir_names_the_holder(tmp_path):
+    d = tmp_path / "o"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from data.files import locked_dir\n"
+                               f"with locked_dir({str(d)!r}):\n    print('locked', flush=True); sys.stdin.read()"],
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        r = run_train("--out_dir", d, "--max_iters", 1)
+        assert r.returncode == 2 and f"--out_dir {d}: in use by another run (pid {holder.pid})" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
+    finally:
+        holder.communicate("", timeout=30)
+    assert holder.returncode == 0 and not d.exists()  # released at exit: the lock file and the folder it made are gone
+
+
+def test_final_line_says_what_happened(tmp_path, demo_tokenizer):
+    d = fresh_out_dir(tmp_path / "o", demo_tokenizer)
+    r = run_train(*FAST, "--max_iters", 0, "--out_dir", d)
+    assert r.returncode == 0 and "nothing to train (--max_iters 0); no adapter written" in r.stdout
+    assert not (d / "adapter.pt").exists() and not (d / "ckpt.pt").exists()
+    r = run_train(*FAST, "--max_iters", 2, "--out_dir", d)
+    assert r.returncode == 0 and "trained 2 iters in" in r.stdout and f"adapter (iter 2) in {d / 'adapter.pt'}" in r.stdout
+    r = run_train(*FAST, "--max_iters", 1, "--out_dir", d, "--resume")
+    assert r.returncode == 0 and "nothing to train (--max_iters 1, the checkpoint is at iter 2)" in r.stdout
+    assert "trained -" not in r.stdout and f"adapter (iter 2) in {d / 'adapter.pt'}" in r.stdout
+    assert sorted(p.name for p in d.iterdir()) == sorted(["adapter.pt", "ckpt.pt", demo_tokenizer.name])  # no .lock, no .tmp
+
+
+def test_ctrl_c_is_one_line_exit_130_and_keeps_the_last_checkpoint(tmp_path, demo_tokenizer):
+    d = fresh_out_dir(tmp_path / "o", demo_tokenizer)
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, [*FAST, "--max_iters", 10000, "--out_dir", d])],
+                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a shell may have ignored it
+    try:
+        for line in p.stdout:
+            if line.startswith("iter 4: loss"):  # after the checkpoint at iter 3 (--eval_interval 3)
+                break
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    m = re.fullmatch(r"interrupted at iter (\d+); last checkpoint: (.*) \(iter (\d+)\); --resume continues\n", err)
+    assert p.returncode == 130 and m, err
+    assert int(m[1]) >= 4 and m[2] == str(d / "ckpt.pt")
+    assert torch.load(d / "ckpt.pt", weights_only=False)["iter_num"] == int(m[3]) >= 3
+    assert not list(d.glob("*.tmp")) and not (d / ".lock").exists()
+
+
+@pytest.mark.skipif(CUDA, reason="CPU thread count")
+def test_demo_runs_on_one_cpu_thread_unless_told(tmp_path, demo_tokenizer):
+    env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}
+    for extra, n in (([], 1), (["--threads", 2], 2)):
+        d = fresh_out_dir(tmp_path / str(n), demo_tokenizer)
+        r = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, [*FAST, "--max_iters", 1, "--out_dir", d, *extra])],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and f"on cpu, {n} thread" in r.stdout, r.stdout + r.stderr
+        assert torch.load(d / "adapter.pt", weights_only=False)["config"]["threads"] == n
+
+
+def test_help_lists_every_flag_with_default_and_meaning():
+    r = run_train("--help")
+    assert r.returncode == 0 and r.stderr == ""
+    rows = {l.split()[0]: l for l in r.stdout.splitlines() if l.startswith("  --")}
+    # every module-level setting of the config block is a flag, and each has a line with its meaning
+    block = (ROOT / "train.py").read_text().split("# config\n")[1].split("\n# the tiny demo")[0]
+    names = [n.strip() for line in block.splitlines() for n in line.split(" = ")[0].split(",")]
+    assert sorted(rows) == sorted(f"--{n}" for n in names) and len(names) > 30
+    assert all(len(l.split(None, 2)) == 3 for l in rows.values())
+    assert re.fullmatch(r"\s+--max_iters\s+1875\s+optimizer steps \(Guanaco 7B: 1875\)", rows["--max_iters"])
+    assert re.fullmatch(r"\s+--beta2\s+0.999\s+AdamW's moment decay rates, in \[0, 1\)", rows["--beta2"])
+    assert re.fullmatch(r"\s+--overwrite\s+False\s+start a new run .*", rows["--overwrite"])
+    assert "--max_iters 400" in r.stdout  # the demo's own defaults are named too
+
+
+@pytest.mark.parametrize("args, expect", [
+    ([], "expected one command, kernels, e2e or load, got none"),
+    (["train"], "expected one command, kernels, e2e or load, got train"),
+    (["load", "--ckpt_dir", "/nonexistent/7B"], "/nonexistent/7B/params.json: not found"),
+    (["load", "--write", "5B"], "--write 5B: unknown architecture"),
+    (["e2e", "--model", "5B"], "--model 5B: unknown architecture"),
+    (["e2e", "--model", "tiny", "--batch", "0"], "--batch must be at least 1"),
+    (["e2e", "--colour", "red"], "unknown flag --colour"),
+    pytest.param(["e2e"], "would build a random 7B on the CPU", marks=pytest.mark.skipif(CUDA, reason="CPU only")),
+    pytest.param(["kernels"], "needs a CUDA GPU", marks=pytest.mark.skipif(CUDA, reason="CPU only")),
+])
+def test_bench_command_line(args, expect):
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode == 2 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_bench_and_prepare_help():
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and all(w in r.stdout for w in ("bench.py kernels", "bench.py e2e", "bench.py load"))
+    for flag in ("ckpt_dir", "write", "model", "batch", "seq", "steps", "lora_r", "no_quant"):
+        assert re.search(rf"^\s+--{flag}\s+\S+\s+\S", r.stdout, re.M), flag
+    r = run_prepare("--help")
+    assert r.returncode == 0 and "--lang" in r.stdout and "usage: python data/prepare.py" in r.stdout
 
 
 def test_mmlu_adapter_and_chat_after_the_demo(tmp_path, mmlu_dirs):
