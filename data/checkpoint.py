@@ -20,10 +20,9 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
-import torch.nn as nn
 
 from data.files import InputError, atomic_save, atomic_write, atomic_write_bytes, atomic_write_text
-from qlora import LoRALinear, NF4Weight, dequantize_nf4
+from qlora import LoRALinear, dequantize_nf4
 
 
 class CheckpointError(InputError):
@@ -32,15 +31,14 @@ class CheckpointError(InputError):
 
 class Tokenizer:
     def __init__(self, path):
-        path = Path(path)
+        self.path = path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"{path}: tokenizer not found")
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError):  # empty, truncated, or some other file
             raise CheckpointError(f"{path}: not a sentencepiece tokenizer model (cannot parse it)") from None
-        self.path, self.n_words = path, self.sp.vocab_size()
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()  # from the model file (LLaMA: 1, 2)
+        self.n_words, self.bos_id, self.eos_id = self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id()  # LLaMA: bos 1, eos 2
 
     def encode(self, s, bos=False, eos=False):
         return [self.bos_id] * bos + self.sp.encode(s) + [self.eos_id] * eos
@@ -56,11 +54,10 @@ def train_tokenizer(texts, path, vocab_size, symbols=()):
     for _ in range(2):
         buf = io.BytesIO()
         try:
-            spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size,
-                                           model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
-                                           normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                           split_by_whitespace=True, user_defined_symbols=list(symbols), minloglevel=2,
-                                           num_threads=1)
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size, model_type="bpe", unk_id=0, bos_id=1,
+                eos_id=2, pad_id=-1, character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
+                split_by_whitespace=True, user_defined_symbols=list(symbols), minloglevel=2, num_threads=1)
             break
         except RuntimeError as e:
             fit = re.search(r"value <= (\d+)|required_chars\. \d+ vs (\d+)", str(e))
@@ -74,10 +71,7 @@ def train_tokenizer(texts, path, vocab_size, symbols=()):
 
 def find_tokenizer(ckpt_dir):
     # Meta's download puts tokenizer.model beside the size folders (llama/tokenizer.model, llama/7B/...)
-    for p in (Path(ckpt_dir) / "tokenizer.model", Path(ckpt_dir).parent / "tokenizer.model"):
-        if p.is_file():
-            return p
-    return None
+    return next((p for p in (Path(ckpt_dir) / "tokenizer.model", Path(ckpt_dir).parent / "tokenizer.model") if p.is_file()), None)
 
 
 def read_json(path):
@@ -138,9 +132,10 @@ def hf_permute(w, n_heads, back=False):
 ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
 
-def st_header(path):
-    # -> (where the data starts, {name: {dtype, shape, data_offsets}}), checked against the file size
-    size = path.stat().st_size
+def read_safetensors(path):
+    # -> {name: tensor}, each checked against the file size, over a private memory map of the file: nothing is
+    # read (or copied) until a tensor is used
+    size, out = path.stat().st_size, {}
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8).ljust(8, b"\xff"))[0]
         try:
@@ -148,26 +143,17 @@ def st_header(path):
                 raise ValueError("header longer than the file")
             header = json.loads(f.read(n))
             header.pop("__metadata__", None)
+            buf = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
             for name, h in header.items():
                 if h["dtype"] not in ST_DTYPES:
                     raise CheckpointError(f"{path}: tensor {name!r} has dtype {h['dtype']}; only F16, BF16 and F32 are read")
-                begin, end = h["data_offsets"]
-                if not 0 <= begin <= end <= size - 8 - n or end - begin != math.prod(h["shape"]) * ST_DTYPES[h["dtype"]].itemsize:
+                (begin, end), dt = h["data_offsets"], ST_DTYPES[h["dtype"]]
+                if not 0 <= begin <= end <= size - 8 - n or end - begin != math.prod(h["shape"]) * dt.itemsize:
                     raise ValueError(f"tensor {name!r}: data_offsets disagree with its shape or the file size")
+                raw = buf[8 + n + begin : 8 + n + end]  # viewed as dt in place only where the offset is aligned to it
+                out[name] = (raw if (8 + n + begin) % dt.itemsize == 0 else raw.clone()).view(dt).view(h["shape"])
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: not a valid safetensors file ({type(e).__name__}: {e})") from None
-    return 8 + n, header
-
-
-def st_tensors(path, start, header):
-    # tensors over a private memory map of the file: nothing is read (or copied) until a tensor is used
-    buf = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
-    out = {}
-    for name, h in header.items():
-        dt = ST_DTYPES[h["dtype"]]
-        begin, end = (start + o for o in h["data_offsets"])
-        raw = buf[begin:end] if begin % dt.itemsize == 0 else buf[begin:end].clone()  # a view needs an aligned offset
-        out[name] = raw.view(dt).view(h["shape"])
     return out
 
 
@@ -195,16 +181,6 @@ def save_safetensors(tensors, path, metadata=None):
 META_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta")
 
 
-def _shard_dim(name):
-    # Meta's model parallelism: column-parallel (output rows split) wq wk wv w1 w3 output; row-parallel
-    # (input columns split) wo w2; the embedding is split along its feature dim; norms are replicated
-    if name.endswith("norm.weight"):
-        return None
-    if name == "tok_embeddings.weight" or name.endswith(("wo.weight", "w2.weight")):
-        return 1
-    return 0
-
-
 def read_params(ckpt_dir, context=None):
     # the architecture alone (params.json or config.json), as LLaMAConfig fields: cheap, so that defaults
     # can be resolved before any weight is read
@@ -223,17 +199,13 @@ def read_params(ckpt_dir, context=None):
 
 
 def _read_meta(d):
-    params = read_params(d)
-    shards = sorted(d.glob("consolidated.*.pth"))
+    params, shards = read_params(d), sorted(d.glob("consolidated.*.pth"))
     if not shards:
         raise CheckpointError(f"{d}: no consolidated.NN.pth checkpoint shards")
     for i, s in enumerate(shards):
         if s.name != f"consolidated.{i:02d}.pth":
             raise CheckpointError(f"{d / f'consolidated.{i:02d}.pth'}: shard missing ({len(shards)} shards found)")
-    sds = [torch_load(s) for s in shards]
-    if params.get("vocab_size", -1) <= 0:  # LLaMA-1 params.json says -1: the embedding knows
-        params["vocab_size"] = sds[0]["tok_embeddings.weight"].shape[0] if "tok_embeddings.weight" in sds[0] else 0
-    expected = meta_names(params["n_layers"])
+    sds, expected = [torch_load(s) for s in shards], meta_names(params["n_layers"])
     for s, sd in zip(shards, sds):
         for k in sd:
             if k not in expected and k != "rope.freqs":  # rope.freqs is recomputed
@@ -241,13 +213,18 @@ def _read_meta(d):
         for k in expected:
             if k not in sd:
                 raise CheckpointError(f"{s}: missing tensor {k!r}")
+    if params.get("vocab_size", -1) <= 0:  # LLaMA-1 params.json says -1: the embedding knows
+        params["vocab_size"] = sds[0]["tok_embeddings.weight"].shape[0]
 
     def take(name):
-        parts, dim = [sd[name] for sd in sds], _shard_dim(name)
-        return parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim)
+        # Meta's model parallelism: column-parallel (output rows split) wq wk wv w1 w3 output; row-parallel
+        # (input columns split) wo w2; the embedding is split along its feature dim; norms are replicated
+        parts = [sd[name] for sd in sds]
+        if len(parts) == 1 or name.endswith("norm.weight"):
+            return parts[0]
+        return torch.cat(parts, 1 if name == "tok_embeddings.weight" or name.endswith(("wo.weight", "w2.weight")) else 0)
 
-    total = sum(sd[k].nbytes for sd in sds for k in expected)
-    return params, take, total, f"{d}/consolidated.*.pth"
+    return params, take, sum(sd[k].nbytes for sd in sds for k in expected), f"{d}/consolidated.*.pth"
 
 
 def hf_params(c, where, context=None):
@@ -284,23 +261,16 @@ def hf_params(c, where, context=None):
 
 def _read_hf(d, context):
     params = read_params(d, context)
-    for stem in ("model.safetensors", "pytorch_model.bin"):
-        if (d / f"{stem}.index.json").is_file():
-            files = sorted({d / f for f in read_json(d / f"{stem}.index.json").get("weight_map", {}).values()})
-            break
-        if (d / stem).is_file():
-            files = [d / stem]
-            break
-    else:
+    first = next((f for s in ("model.safetensors", "pytorch_model.bin") for f in (d / f"{s}.index.json", d / s)
+                  if f.is_file()), None)  # an index before its single file, safetensors before pickles
+    if first is None:
         raise CheckpointError(f"{d}: no weights (model.safetensors, pytorch_model.bin, or their .index.json)")
+    files = sorted({d / f for f in read_json(first).get("weight_map", {}).values()}) if first.suffix == ".json" else [first]
     for f in files:
         if not f.is_file():
             raise CheckpointError(f"{f}: not found (listed in the folder's .index.json)")
-    if stem.endswith(".safetensors"):
-        headers = [st_header(f) for f in files]  # every header is checked before any tensor is mapped
-        tensors = {k: t for f, (start, h) in zip(files, headers) for k, t in st_tensors(f, start, h).items()}
-    else:
-        tensors = {k: t for f in files for k, t in torch_load(f).items()}
+    read = read_safetensors if ".safetensors" in first.name else torch_load
+    tensors = {k: t for f in files for k, t in read(f).items()}
     names = {n: hf_name(n) for n in meta_names(params["n_layers"])}
     if params["tie_embeddings"]:  # the output head is the embedding; a stored lm_head.weight is not read
         names["output.weight"] = names["tok_embeddings.weight"]
@@ -314,8 +284,7 @@ def _read_hf(d, context):
     for k in names.values():
         if k not in tensors:
             raise CheckpointError(f"{d}: missing tensor {k!r}")
-
-    total = sum(tensors[names[n]].nbytes for n in names if n != "output.weight" or not params["tie_embeddings"])
+    total = sum(tensors[k].nbytes for k in set(names.values()))  # a tied head is the embedding, counted once
     return params, lambda name: tensors[names[name]], total, str(d)
 
 
@@ -331,9 +300,8 @@ class Progress:
         if self.tty:
             layer = int(name.split(".")[1]) + 1 if name.startswith("layers.") else 0 if name.startswith("tok_") else self.n
             t = time.time() - self.t0
-            eta = t * (self.total - self.done) / max(self.done, 1)
             print(f"\r{self.verb}: layer {layer}/{self.n}, {self.done / 1e9:.1f}/{self.total / 1e9:.1f} GB, {t:.0f}s, "
-                  f"eta {eta:.0f}s\033[K", end="", file=sys.stderr, flush=True)
+                  f"eta {t * (self.total - self.done) / max(self.done, 1):.0f}s\033[K", end="", file=sys.stderr, flush=True)
 
     def close(self):
         if not self.quiet:
@@ -391,26 +359,27 @@ def read_adapter(path):
         if not st.is_file() and not pt.is_file():
             raise CheckpointError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
         lora = {}
-        for k, t in (st_tensors(st, *st_header(st)) if st.is_file() else torch_load(pt)).items():
+        for k, t in (read_safetensors(st) if st.is_file() else torch_load(pt)).items():
             m = re.fullmatch(r"base_model\.model\.model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])\.weight", k)
             if not m or m[3] not in short:
                 raise CheckpointError(f"{path}: tensor {k!r} is not a LoRA weight of a LLaMA linear layer")
             lora[f"layers.{m[1]}.{short[m[3]]}.lora_{m[4]}"] = (k, t)
         r, alpha, targets = conf.get("r"), conf.get("lora_alpha"), {short[t] for t in targets}
         info = {"base": {"ckpt_dir": conf["base_model_name_or_path"]}} if conf.get("base_model_name_or_path") else {}
-        rank = math.sqrt if conf.get("use_rslora") else (lambda r: r)  # rsLoRA scales by α/√r
+        rslora = conf.get("use_rslora")  # rsLoRA scales by α/√r
     elif path.is_file():  # ours: train.py's adapter.pt (or ckpt.pt)
         where, ck = path, torch_load(path)
         if not isinstance(ck, dict) or not isinstance(ck.get("lora"), dict) or not isinstance(ck.get("model_config"), dict):
             raise CheckpointError(f"{path}: not an adapter (expected a dict with 'lora' and 'model_config')")
         lora = {k: (k, t) for k, t in ck["lora"].items()}
         r, alpha, targets = ck["model_config"].get("lora_r"), ck["model_config"].get("lora_alpha"), {k.split(".", 2)[2][:-7] for k in lora}
-        info, rank = {k: v for k, v in ck.items() if k not in ("lora", "optimizer", "rng")}, (lambda r: r)
+        info, rslora = {k: v for k, v in ck.items() if k not in ("lora", "optimizer", "rng")}, False
     else:
         raise CheckpointError(f"{path}: adapter not found (adapter.pt, or a peft folder with adapter_config.json)")
     if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
         raise CheckpointError(f"{where}: the rank and alpha must be numbers, got {r!r}, {alpha!r}")
-    return dict(lora=lora, r=r, scaling=alpha / rank(r), targets=targets, hf=path.is_dir(), where=str(path), info=info)
+    return dict(lora=lora, r=r, scaling=alpha / (math.sqrt(r) if rslora else r), targets=targets, hf=path.is_dir(),
+                where=str(path), info=info)
 
 
 def load_adapter(model, adapter):
@@ -427,16 +396,14 @@ def load_adapter(model, adapter):
                 del m.lora_A, m.lora_B
             m.r, m.scaling = 0, 0.0
             continue
-        (ka, A), (kb, B) = (lora.pop(f"{name}.lora_{x}", (f"{peft_name(name)}.lora_{x}.weight" if a["hf"] else f"{name}.lora_{x}", None))
-                            for x in "AB")
-        for k, t, shape in ((ka, A, (a["r"], m.in_features)), (kb, B, (m.out_features, a["r"]))):
+        for x, shape in (("A", (a["r"], m.in_features)), ("B", (m.out_features, a["r"]))):
+            k, t = lora.pop(f"{name}.lora_{x}", (f"{peft_name(name)}.lora_{x}.weight" if a["hf"] else f"{name}.lora_{x}", None))
             if t is None or tuple(t.shape) != shape:
                 raise CheckpointError(f"{a['where']}: tensor {k!r} " + ("missing" if t is None else
                                       f"has shape {tuple(t.shape)}, the model's {name} needs {shape}"))
-        if a["hf"] and sub in ("attention.wq", "attention.wk"):
-            B = hf_permute(B, cfg.n_heads if sub == "attention.wq" else cfg.n_kv_heads, back=True)
-        device = m.weight.packed.device if isinstance(m.weight, NF4Weight) else m.weight.device
-        m.lora_A, m.lora_B = (nn.Parameter(t.to(device, torch.float32).contiguous()) for t in (A, B))
+            if x == "B" and a["hf"] and sub in ("attention.wq", "attention.wk"):
+                t = hf_permute(t, cfg.n_heads if sub == "attention.wq" else cfg.n_kv_heads, back=True)
+            setattr(m, f"lora_{x}", torch.nn.Parameter(t.to(m.weight.device, torch.float32).contiguous()))
         m.r, m.scaling = a["r"], a["scaling"]
     if lora:
         raise CheckpointError(f"{a['where']}: tensor {next(iter(lora.values()))[0]!r} has no layer in this model")
@@ -464,14 +431,12 @@ def export_merged(model, out_dir, dtype=torch.float16, base=None, progress=True)
     # W = W0 + (α/r)·B A for every adapted layer, one shard (consolidated.00.pth) + params.json. W0 is by default
     # the NF4-rounded base the adapter was trained on (dequantized); with base=FOLDER it is the original 16-bit
     # checkpoint, re-read one weight at a time. merge.json beside params.json records which.
-    out_dir, cfg = Path(out_dir), model.config
+    out_dir, cfg, names, modules = Path(out_dir), model.config, meta_names(model.config.n_layers), dict(model.named_modules())
     out_dir.mkdir(parents=True, exist_ok=True)
-    modules, tensors = dict(model.named_modules()), {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    tensors["output.weight"] = model.output
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers()), "output.weight": model.output}
     load = open_checkpoint(base, "cpu", torch.float32, progress=False)[1] if base is not None else None
-    names = meta_names(cfg.n_layers)
-    linear = {n: modules[n[: -len(".weight")]] for n in names if isinstance(modules.get(n[: -len(".weight")]), LoRALinear)}
-    shapes = {n: tuple(linear[n].weight.shape if n in linear else tensors[n].shape) for n in names}
+    linear = {n: m for n in names if isinstance(m := modules.get(n[: -len(".weight")]), LoRALinear)}
+    shapes = {n: tuple((linear[n].weight if n in linear else tensors[n]).shape) for n in names}
     prog = Progress("merged", cfg.n_layers, sum(math.prod(s) for s in shapes.values()) * dtype.itemsize, quiet=not progress)
     sd = {}
     for n in names:  # to host memory one weight at a time: the GPU holds one 16-bit weight at most
@@ -479,7 +444,7 @@ def export_merged(model, out_dir, dtype=torch.float16, base=None, progress=True)
         if load is not None:
             w = load(n, shapes[n])
         elif m is not None:
-            w = dequantize_nf4(m.weight, torch.float32) if isinstance(m.weight, NF4Weight) else m.weight.float()
+            w = dequantize_nf4(m.weight, torch.float32) if m.quantized else m.weight.float()
         else:
             w = tensors[n]
         if m is not None and m.r > 0:
@@ -509,8 +474,7 @@ def export_peft(model, out_dir, base=None):
             sd[key + ".lora_A.weight"], sd[key + ".lora_B.weight"] = m.lora_A.detach(), b
             targets.add(LINEARS[sub].split(".")[1])
     conf = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
-            "lora_dropout": cfg.lora_dropout, "target_modules": sorted(targets),
-            "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-            "base_model_name_or_path": str(base) if base is not None else None}
+            "lora_dropout": cfg.lora_dropout, "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False,
+            "inference_mode": True, "base_model_name_or_path": str(base) if base is not None else None}
     save_safetensors(sd, out_dir / "adapter_model.safetensors", {"format": "pt"})
     atomic_write_text(out_dir / "adapter_config.json", json.dumps(conf, indent=2))

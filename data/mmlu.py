@@ -9,12 +9,13 @@ question,A,B,C,D,answer without a header), or the QLoRA code's preprocessed DIR/
 import csv
 import json
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 from statistics import fmean
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from data.files import InputError
 from data.prepare import field, read_records
@@ -77,11 +78,10 @@ def read_mmlu(folder, split="val", max_per_subject=0):
         for path in sorted((folder / split).glob(f"*_{split}.csv")):
             subject = path.name[: -len(f"_{split}.csv")]
             dev = folder / "dev" / f"{subject}_dev.csv"
-            shots = read_csv(dev)[:5] if dev.is_file() else []
+            shots = [f"{text} {LETTERS[a]}\n\n" for text, a in (read_csv(dev)[:5] if dev.is_file() else [])]
             if not shots:
                 raise InputError(f"{dev}: no dev questions for subject '{subject}' (its five examples)")
             header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-            shots = [f"{text} {LETTERS[a]}\n\n" for text, a in shots]
             out += [dict(subject=subject, header=header, shots=shots, question=t, answer=a) for t, a in read_csv(path)]
     else:
         raise InputError(f"{folder}: not an MMLU folder (expected dev/ and {split}/ with *_{split}.csv files, "
@@ -112,8 +112,7 @@ def prompt_ids(q, tok, max_len):
 
 def letter_ids(tok):
     # the token of each letter as it follows "Answer:", i.e. as the shots teach the model to write it
-    base = tok.encode("Answer:")
-    full = [tok.encode("Answer: " + c) for c in LETTERS]
+    base, full = tok.encode("Answer:"), [tok.encode("Answer: " + c) for c in LETTERS]
     if any(f[:-1] != base for f in full) or len({f[-1] for f in full}) != 4:
         raise InputError(f"{getattr(tok, 'path', 'tokenizer')}: 'A'..'D' after 'Answer:' are not four distinct single "
                          f"tokens (got {[f[len(base):] for f in full]})")
@@ -132,39 +131,29 @@ def evaluate(model, tok, questions, batch_size, device, max_len, autocast_ctx=No
         with torch.no_grad(), autocast_ctx or nullcontext():
             for s in range(0, len(order), batch_size):
                 rows = order[s : s + batch_size]
-                lens = [len(prompts[i][0]) for i in rows]
-                idx = torch.zeros(len(rows), max(lens), dtype=torch.long)  # pad id 0: never attended to
-                for r, i in enumerate(rows):
-                    idx[r, : lens[r]] = torch.tensor(prompts[i][0])
+                idx = pad_sequence([torch.tensor(prompts[i][0]) for i in rows], batch_first=True)  # pad id 0: never attended to
                 logits, _ = model(idx.to(device))  # (B, T, vocab)
-                pos = torch.tensor(lens, device=logits.device) - 1  # each row's last prompt token
-                last = logits[torch.arange(len(rows), device=logits.device), pos]  # (B, vocab)
+                last = torch.stack([logits[r, len(prompts[i][0]) - 1] for r, i in enumerate(rows)])  # (B, vocab) at prompt ends
                 for i, p in zip(rows, last[:, letters].argmax(-1).tolist()):
                     preds[i] = p
     finally:
         model.train(was_training)
-    right = defaultdict(list)
-    for q, p in zip(questions, preds):
-        right[q["subject"]].append(p == q["answer"])
-    subjects = {s: sum(r) / len(r) for s, r in sorted(right.items())}
-    cats = defaultdict(list)
-    for s, acc in subjects.items():
-        cats[category(s)].append(acc)
-    return {"accuracy": fmean(subjects.values()), "questions": len(questions), "subjects": subjects,
-            "categories": {c: fmean(a) for c, a in sorted(cats.items())},  # also means over subjects
+    subjects = {s: fmean(p == q["answer"] for q, p in zip(questions, preds) if q["subject"] == s)
+                for s in sorted({q["subject"] for q in questions})}
+    cats = {c: fmean(a for s, a in subjects.items() if category(s) == c)  # means over subjects, as the accuracy is
+            for c in sorted(set(map(category, subjects)))}
+    return {"accuracy": fmean(subjects.values()), "questions": len(questions), "subjects": subjects, "categories": cats,
             "dropped_shots": sum(p[1] for p in prompts), "cut_prompts": sum(p[2] for p in prompts),
             "predictions": [LETTERS[p] for p in preds], "seconds": time.time() - t0}
 
 
 def summary(it, split, r):
-    extra = "".join(f", {r[k]} {what}" for k, what in (("dropped_shots", "shots dropped"), ("cut_prompts", "prompts cut"))
-                    if r[k])
+    extra = "".join(f", {r[k]} {what}" for k, what in (("dropped_shots", "shots dropped"), ("cut_prompts", "prompts cut")) if r[k])
     return (f"iter {it}: mmlu {split} {r['accuracy']:.3f} ({len(r['subjects'])} subjects, {r['questions']} questions, "
             f"{r['seconds']:.0f} s{extra})")
 
 
 def append_log(out_dir, split, it, r):
     # one JSON object per evaluation, written in one piece
-    line = json.dumps({"iter": it, **{k: r[k] for k in ("accuracy", "questions", "subjects", "categories")}})
     with open(Path(out_dir) / f"mmlu_{split}.jsonl", "a", encoding="utf-8") as f:
-        f.write(line + "\n")
+        f.write(json.dumps({"iter": it, **{k: r[k] for k in ("accuracy", "questions", "subjects", "categories")}}) + "\n")
