@@ -12,6 +12,8 @@ that lives in unified memory while it is resident on the GPU.
 import sys
 import threading
 import time
+from functools import partial
+from itertools import cycle
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ from triton.testing import do_bench
 
 import qlora
 from data.checkpoint import meta_params
-from data.files import InputError, flag_help, parse_flags
+from data.files import InputError, atomic_save, atomic_write_text, flag_help, parse_flags
 from model import CONFIGS, PEAK_FLOPS, LLaMA, LLaMAConfig, flops_per_token, paper_hparams
 
 # -----------------------------------------------------------------------------------------------
@@ -44,12 +46,9 @@ def header():
     return name
 
 
-def ms(fn):
-    return do_bench(fn, warmup=50, rep=300, return_mode="median")
-
-
 def kernels():
     header()
+    ms = partial(do_bench, warmup=50, rep=300, return_mode="median")  # ms(fn): median milliseconds per call
     print("\n## NF4 dequantize (double-quant), bf16 out: effective bandwidth = bytes read + written")
     print("| shape | ms | GB/s |")
     print("|---|---|---|")
@@ -70,12 +69,7 @@ def kernels():
         for m in (1, 16, 64, 256, 4096, 8192):
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(4)]
             dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-            i = [0]
-
-            def x():  # rotate inputs so small cases are not timed out of L2
-                i[0] = (i[0] + 1) % 4
-                return xs[i[0]]
-
+            x = cycle(xs).__next__  # x(): the next input in turn, so small cases are not timed out of L2
             dense = ms(lambda: x() @ w.t())
             ours = ms(lambda: qlora.nf4_matmul(x(), q, buf))
             fused = ms(lambda: qlora._fused_matmul(x().detach(), q, False)) if m <= 256 else float("nan")
@@ -90,10 +84,8 @@ def e2e(model, batch, seq, steps, r, quantize):
     name = header()
     cfg = LLaMAConfig(**{**CONFIGS[model], "lora_r": r, "lora_alpha": 16, "lora_dropout": paper_hparams(CONFIGS[model]["dim"])["lora_dropout"]})
     cuda = torch.cuda.is_available()
-    dev = "cuda" if cuda else "cpu"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    total = torch.cuda.mem_get_info()[1] if cuda else 0
-    used0 = total - torch.cuda.mem_get_info()[0] if cuda else 0  # context etc., before the model
+    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    free0 = torch.cuda.mem_get_info()[0] if cuda else 0  # before the model: the CUDA context is not counted
     t0 = time.time()
     net = LLaMA.from_config(cfg, quantize=quantize, device=dev, dtype=dtype)
     net.grad_checkpoint = True
@@ -102,7 +94,7 @@ def e2e(model, batch, seq, steps, r, quantize):
     load_alloc = torch.cuda.max_memory_allocated() / 1e9 if cuda else 0
     params = [p for p in net.parameters() if p.requires_grad]
     opt = qlora.PagedAdamW(params, lr=2e-4)
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    ctx = torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda)
     x = torch.randint(cfg.vocab_size, (batch, seq + 1), device=dev)
     device_peak, times = 0, []
     for step in range(steps):
@@ -115,7 +107,7 @@ def e2e(model, batch, seq, steps, r, quantize):
         opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
-            device_peak = max(device_peak, total - torch.cuda.mem_get_info()[0] - used0)
+            device_peak = max(device_peak, free0 - torch.cuda.mem_get_info()[0])
         times.append(time.time() - t)
     dt = sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median, first step (warm-up) excluded
     n_lin = sum(m.in_features * m.out_features for m in net.modules() if isinstance(m, qlora.LoRALinear))
@@ -132,32 +124,30 @@ def e2e(model, batch, seq, steps, r, quantize):
 
 def write_random_checkpoint(name, d):
     # Meta's layout with random bf16 weights: names and shapes read off a model built on the meta device
-    cfg, shapes = LLaMAConfig(**CONFIGS[name]), {}
+    cfg, sd = LLaMAConfig(**CONFIGS[name]), {}
 
-    def record(key, shape):
-        shapes[key] = shape
-        return torch.empty(shape, device="meta")
+    def record(key, s):
+        sd[key] = (torch.randn(s) * s[-1] ** -0.5).bfloat16() if len(s) == 2 else torch.ones(s, dtype=torch.bfloat16)
+        return torch.empty(s, device="meta")
 
     LLaMA(cfg, record, quantize=False)
-    sd = {k: (torch.randn(s) * s[-1] ** -0.5).bfloat16() if len(s) == 2 else torch.ones(s, dtype=torch.bfloat16) for k, s in shapes.items()}
     Path(d).mkdir(parents=True, exist_ok=True)
-    torch.save(sd, Path(d) / "consolidated.00.pth")
-    (Path(d) / "params.json").write_text(meta_params(cfg))
+    atomic_save(sd, Path(d) / "consolidated.00.pth")
+    atomic_write_text(Path(d) / "params.json", meta_params(cfg))
     print(f"wrote {sum(t.numel() for t in sd.values()) / 1e6:.0f}M params to {d}")
 
 
 def load(ckpt_dir, quantize):
     # peak host memory: private (anonymous) pages, and the whole resident set incl. the mmap'd file pages
-    peak, done = {"RssAnon": 0, "VmRSS": 0}, threading.Event()
+    def status():  # {"RssAnon": bytes, "VmRSS": bytes} from lines like "VmRSS:    123456 kB"
+        return {k: int(v.split()[0]) * 1024 for k, v in (l.split(":", 1) for l in open("/proc/self/status")) if k in ("RssAnon", "VmRSS")}
+
+    base, peak, done = status()["RssAnon"], {"RssAnon": 0, "VmRSS": 0}, threading.Event()  # base: torch itself
 
     def watch():
         while not done.wait(0.02):
-            for line in open("/proc/self/status"):
-                k = line.split(":")[0]
-                if k in peak:
-                    peak[k] = max(peak[k], int(line.split()[1]) * 1024)
+            peak.update({k: max(peak[k], v) for k, v in status().items()})
 
-    base = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("RssAnon"))  # torch itself
     threading.Thread(target=watch, daemon=True).start()
     cuda = torch.cuda.is_available()
     t0 = time.time()

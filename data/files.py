@@ -23,8 +23,7 @@ class InputError(Exception):
 def atomic_write(path, write, size=0):
     # write(f) fills a temporary file beside path; fsync it, rename it over path, fsync the folder.
     # size (bytes, an estimate) only goes into the message when the disk is full.
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    path, tmp = Path(path), Path(f"{path}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -48,11 +47,9 @@ def atomic_write(path, write, size=0):
 
 def nbytes(obj):
     # the tensor bytes in a nest of dicts, lists and tuples: about what torch.save writes
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(map(nbytes, obj.values()))
-    return sum(map(nbytes, obj)) if isinstance(obj, (list, tuple)) else 0
+    if isinstance(obj, (dict, list, tuple)):
+        return sum(map(nbytes, obj.values() if isinstance(obj, dict) else obj))
+    return obj.nbytes if isinstance(obj, torch.Tensor) else 0
 
 
 def atomic_save(obj, path):
@@ -130,9 +127,7 @@ def parse_flags(argv, defaults, help_text):
                 raise InputError(f"flag --{key} needs a value")
             val, i = argv[i], i + 1
         try:
-            if kind is bool and val.lower() not in ("1", "true", "yes", "0", "false", "no"):
-                raise ValueError
-            given[key] = val.lower() in ("1", "true", "yes") if kind is bool else kind(val)
-        except ValueError:
+            given[key] = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[val.lower()] if kind is bool else kind(val)
+        except (KeyError, ValueError):
             raise InputError(f"--{key}: expected {kind.__name__}, got {val!r}") from None
     return words, given

@@ -93,8 +93,7 @@ def convert(kind, path, lang=None, skipped=None):
     out, records = [], read_records(path)
     if kind == "alpaca":
         for line, r in records:
-            ex = {k: field(f"{path}:{line}", r, k, "" if k == "input" else None)
-                  for k in ("instruction", "input", "output")}
+            ex = {k: field(f"{path}:{line}", r, k, "" if k == "input" else None) for k in ("instruction", "input", "output")}
             if ex["instruction"].strip() and ex["output"].strip():
                 out.append(ex)
             else:
@@ -142,6 +141,12 @@ def segments(obj, where):
 
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object")
+    if "messages" not in obj and "text" not in obj:  # Alpaca
+        if "output" not in obj and "instruction" not in obj:
+            raise DataError(f"{where}: expected fields instruction/input/output, text, or messages")
+        inp = text(obj, "input") if "input" in obj else ""
+        prompt = ALPACA[bool(inp.strip())].format(instruction=text(obj, "instruction"), input=inp)
+        return [(prompt, False), (text(obj, "output"), True)]
     if "messages" in obj:
         msgs, out = obj["messages"], []
         if not isinstance(msgs, list) or not msgs:
@@ -151,26 +156,16 @@ def segments(obj, where):
             if role not in ("system", "user", "assistant"):
                 raise DataError(f"{where}: messages[{j}].role must be system, user or assistant")
             c = text(m, "content", f"{where}: messages[{j}]")
-            if role == "system":
-                out.append((c + "\n", False))
-            elif role == "user":  # conversations use Guanaco's turn markers
-                out.append((f"### Human: {c}### Assistant: ", False))
-            else:
-                out.append((c, True))
-    elif "text" in obj:  # OASST/Guanaco: "### Human: ...### Assistant: ..." turns
+            turn = {"system": c + "\n", "user": f"### Human: {c}### Assistant: ", "assistant": c}  # Guanaco's turn markers
+            out.append((turn[role], role == "assistant"))
+    else:  # OASST/Guanaco: "### Human: ...### Assistant: ..." turns
         parts = re.split(r"(### Human:|### Assistant:)", text(obj, "text"))
         out = [(parts[0], False)] if parts[0].strip() else []
         for marker, body in zip(parts[1::2], parts[2::2]):
             out += [(f"{marker} {body.strip()}", False)] if marker == "### Human:" else [("### Assistant: ", False), (body.strip(), True)]
-    if "messages" in obj or "text" in obj:
-        if not out or not out[-1][1]:  # refused: neither trained on as prompt text nor dropped unseen
-            raise DataError(f"{where}: the conversation must end with an assistant reply")
-        return out
-    if "output" not in obj and "instruction" not in obj:
-        raise DataError(f"{where}: expected fields instruction/input/output, text, or messages")
-    inp = text(obj, "input") if "input" in obj else ""
-    prompt = ALPACA[bool(inp.strip())].format(instruction=text(obj, "instruction"), input=inp)
-    return [(prompt, False), (text(obj, "output"), True)]
+    if not out or not out[-1][1]:  # refused: neither trained on as prompt text nor dropped unseen
+        raise DataError(f"{where}: the conversation must end with an assistant reply")
+    return out
 
 
 def read_data(path):
@@ -247,11 +242,9 @@ def main(args):
         kind, src, dst = words
         examples = convert(kind, src, flags.get("lang") or None, skipped)
         atomic_write_text(dst, "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples))
-    except InputError as e:
-        print(f"prepare.py: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # reading is checked in read_records: this is the output
-        print(f"prepare.py: cannot write {dst} ({e.strerror})", file=sys.stderr)
+    except (InputError, OSError) as e:  # reading is checked in read_records: an OSError is the output's
+        why = e if isinstance(e, InputError) else f"cannot write {dst} ({e.strerror})"
+        print(f"prepare.py: {why}", file=sys.stderr)
         return 2
     why = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
     print(f"wrote {len(examples)} examples to {dst}, skipped {sum(skipped.values())}" + (f" ({why})" if why else ""))
