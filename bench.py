@@ -94,12 +94,11 @@ def e2e(model, batch, seq, steps, r, quantize):
     load_alloc = torch.cuda.max_memory_allocated() / 1e9 if cuda else 0
     params = [p for p in net.parameters() if p.requires_grad]
     opt = qlora.PagedAdamW(params, lr=2e-4)
-    ctx = torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda)
     x = torch.randint(cfg.vocab_size, (batch, seq + 1), device=dev)
     device_peak, times = 0, []
     for step in range(steps):
         t = time.time()
-        with ctx:
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda):
             _, loss = net(x[:, :-1], x[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)

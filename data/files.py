@@ -76,13 +76,12 @@ def locked_dir(d, flag="--out_dir"):
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            taken = os.fstat(fd).st_nlink == 0  # its holder removed it between our open and our lock
+            if os.fstat(fd).st_nlink == 0:  # its holder removed it between our open and our lock: still taken
+                raise BlockingIOError
         except BlockingIOError:
-            taken = True
-        if taken:
             pid = os.pread(fd, 20, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise InputError(f"{flag} {d}: in use by another run (pid {pid}); wait for it or choose another {flag}")
+            raise InputError(f"{flag} {d}: in use by another run (pid {pid}); wait for it or choose another {flag}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
     except OSError as e:

@@ -62,12 +62,12 @@ def read_records(path):
     return records
 
 
-def field(where, obj, key, default=None, choices=None):
+def field(where, obj, key, default=None, choices=None, kind=str):
     # every record is checked before use, so bad data fails with its location rather than a KeyError
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object")
     val = obj.get(key, default)
-    if not isinstance(val, str) or (choices and val not in choices):
+    if not isinstance(val, kind) or (choices and val not in choices):
         raise DataError(f"{where}: missing or invalid field '{key}'")
     return val
 
@@ -113,9 +113,7 @@ def convert(kind, path, lang=None, skipped=None):
                     nodes[n["parent_id"]]["replies"].append(n)
             records = [(n["line"], {"prompt": n}) for n in nodes.values() if n.get("parent_id") is None]
         for line, tree in records:
-            prompt = tree.get("prompt") if isinstance(tree, dict) else None
-            if not isinstance(prompt, dict):
-                raise DataError(f"{path}:{line}: missing or invalid field 'prompt'")
+            prompt = field(f"{path}:{line}", tree, "prompt", kind=dict)
             if lang and prompt.get("lang") != lang:
                 skipped[f"not in language '{lang}'"] += 1
             elif messages := best_path(path, line, prompt):
