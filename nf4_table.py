@@ -18,11 +18,10 @@ NF4_OFFSET = 0.9677083
 
 
 def nf4_values(offset=NF4_OFFSET):
-    # Weights of a trained layer are ~N(0, sigma); after dividing a block by its absmax they live in
-    # [-1, 1] and are still bell shaped. Placing the 16 code values at equal-probability quantiles
-    # of N(0, 1) makes every code equally likely: the information-theoretically optimal 4-bit code.
-    # The code is asymmetric so that 0 is exact (padding and zero weights): 8 positive quantiles,
-    # 7 negative ones and a true 0.
+    # Weights of a trained layer are ~N(0, sigma); divided by their block's absmax they lie in [-1, 1], still
+    # bell shaped. Code values at equal-probability quantiles of N(0, 1) make every code equally likely: the
+    # information-theoretically optimal 4-bit code. Asymmetric so that 0 is exact (padding and zero weights):
+    # 8 positive quantiles, 7 negative ones and a true 0.
     pos = norm.ppf(torch.linspace(offset, 0.5, 9)[:-1].numpy()).tolist()  # 8 values > 0
     neg = (-norm.ppf(torch.linspace(offset, 0.5, 8)[:-1].numpy())).tolist()  # 7 values < 0
     v = torch.tensor(pos + [0.0] + neg, dtype=torch.float32).sort().values
@@ -33,13 +32,12 @@ def dynamic_map(max_exponent_bits=7):
     # The signed 8-bit "dynamic tree" map: the leading zeros of a byte act as a decimal exponent
     # (10^-6 .. 10^0) and the remaining bits as a linear fraction in [0.1, 1]. 127 positive values,
     # their negatives, 0 and 1.0 = 256 values covering six orders of magnitude.
-    data = []
+    data = [0.0, 1.0]
     for i in range(max_exponent_bits):
         bounds = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
         means = (bounds[:-1] + bounds[1:]) / 2.0
         scale = 10 ** (-(max_exponent_bits - 1) + i)
         data += (scale * means).tolist() + (-scale * means).tolist()
-    data += [0.0, 1.0]
     assert len(data) == 256
     return torch.tensor(sorted(data), dtype=torch.float32)  # (256,)
 

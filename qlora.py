@@ -31,6 +31,7 @@ The whole method in one equation (eq. 5 with eq. 3's scaling), for one linear la
     Y = X Ŵᵀ + s · X L1 L2  =  X Ŵᵀ + s · (X lora_Aᵀ) lora_Bᵀ        (only L1, L2 are trained)
 """
 import ctypes
+import functools
 import math
 import os
 
@@ -49,15 +50,12 @@ NF4 = nf4_values()  # (16,) float32
 NF4_MID = midpoints(NF4)  # (15,) decision boundaries, as in bitsandbytes' decision tree
 DYN8 = dynamic_map()  # (256,) signed 8-bit dynamic map, the code of c2^8bit
 DYN8_MID = (DYN8[:-1] + DYN8[1:]) * 0.5  # (255,) float32 midpoints, as bitsandbytes' kernel computes them
-# (a constant exactly on one of these midpoints may round the other way in bitsandbytes' binary
-# search; with real float data that does not happen, and either byte decodes in the same format)
+# (a constant exactly on one may round the other way in bitsandbytes' binary search: rare, and either byte decodes the same)
 BLOCKSIZE2 = 256  # second-level block: one c1 per 256 values of c2 (the paper's choice, and bitsandbytes')
 
 # -----------------------------------------------------------------------------------------------
-# 2. Blockwise quantization. The flattened row-major W is cut into blocks; each block is divided by
-#    its absmax c2 so it lies in [-1, 1], and each element is stored as the index of the nearest
-#    NF4 value:   W ≈ c2 · NF4[W^NF4],  W^NF4 ∈ {0..15}.
-#    Element 2j goes in the high nibble of byte j, element 2j+1 in the low one.
+# 2. Blockwise quantization: each block is divided by its absmax c2 (into [-1, 1]) and each element is stored as
+#    the index of the nearest NF4 value; element 2j goes in the high nibble of byte j, element 2j+1 in the low one.
 # 3. Double quantization: c2^FP32 costs 32 bits per 64 weights = 0.5 bit/param. Quantize it too,
 #    blockwise in blocks of BLOCKSIZE2 with the 8-bit map, after subtracting its mean:
 #       c2^FP32 ≈ c1 · DYN8[c2^8bit] + c2_mean.    Cost: 8/64 + 32/(64·256) = 0.127 bit/param.
@@ -68,10 +66,8 @@ class NF4Weight(nn.Module):
     def __init__(self, shape, dtype, blocksize, packed, c2, c1=None, c2_mean=None):
         super().__init__()
         self.shape, self.dtype, self.blocksize = torch.Size(shape), dtype, blocksize
-        self.register_buffer("packed", packed)  # W^NF4
-        self.register_buffer("c2", c2)  # c2^FP32, or c2^8bit with double quantization
-        self.register_buffer("c1", c1)  # None without double quantization
-        self.register_buffer("c2_mean", c2_mean)  # None without double quantization
+        for name, t in dict(packed=packed, c2=c2, c1=c1, c2_mean=c2_mean).items():  # c1, c2_mean: None unless double quant
+            self.register_buffer(name, t)
         # the lookup tables on this weight's device (not saved: they are the format's definition)
         self.register_buffer("nf4", NF4.to(packed.device), persistent=False)
         self.register_buffer("dyn8", DYN8.to(packed.device), persistent=False)
@@ -88,8 +84,7 @@ class NF4Weight(nn.Module):
         return self.shape.numel()
 
     def bits_per_param(self):
-        nbytes = sum(b.numel() * b.element_size() for b in self.state_dict().values())  # the stored format
-        return 8 * nbytes / self.numel()
+        return 8 * sum(b.numel() * b.element_size() for b in self.state_dict().values()) / self.numel()  # as stored
 
     def _apply(self, fn, recurse=True):
         # .to(device) moves every buffer; .to(dtype)/.half() only change the dtype we dequantize to
@@ -112,16 +107,23 @@ def quantize_nf4(w, blocksize=64, double_quant=True):
         raise ValueError(f"quantize_nf4: expected a non-empty weight, got shape {tuple(w.shape)}")
     if not isinstance(blocksize, int) or blocksize < 2 or blocksize & (blocksize - 1):
         raise ValueError(f"quantize_nf4: blocksize must be a power of two >= 2, got {blocksize}")
-    packed, c2 = _quantize_chunked(w.detach().reshape(-1), blocksize)  # W^NF4, c2^FP32
+    # in chunks of 2^24 elements (whole blocks), so the fp32 temporaries stay ~0.3 GB even for a 65B layer:
+    # quantizing while loading must not need more memory than the 16-bit weight itself
+    flat, chunk, packed, c2 = w.detach().reshape(-1), max(1 << 24, blocksize), [], []
+    for i in range(0, flat.numel(), chunk):
+        idx, c = _blockwise(flat[i : i + chunk].float(), blocksize, NF4_MID)
+        packed.append((idx[0::2] << 4) | idx[1::2])
+        c2.append(c)
+    packed, c2 = torch.cat(packed)[: (flat.numel() + 1) // 2].contiguous(), torch.cat(c2)  # W^NF4, c2^FP32
     if not double_quant:
         return NF4Weight(w.shape, w.dtype, blocksize, packed, c2)
     c2_mean = c2.mean()
     c2_8bit, c1 = _blockwise(c2 - c2_mean, BLOCKSIZE2, DYN8_MID)  # c2 − c2_mean ≈ c1 · DYN8[c2^8bit]
-    return NF4Weight(w.shape, w.dtype, blocksize, packed, c2_8bit.view(-1)[: c2.numel()].contiguous(), c1, c2_mean)
+    return NF4Weight(w.shape, w.dtype, blocksize, packed, c2_8bit[: c2.numel()].contiguous(), c1, c2_mean)
 
 
 def _blockwise(x, blocksize, mids):
-    # x (n,) fp32 -> indices (n_blocks, blocksize) of the nearest code value, absmax (n_blocks,)
+    # x (n,) fp32 -> indices (n_blocks · blocksize,) of the nearest code value, absmax (n_blocks,)
     n_blocks = -(-x.numel() // blocksize)
     x = F.pad(x, (0, n_blocks * blocksize - x.numel())).view(n_blocks, blocksize)  # ragged tail: zeros
     absmax = x.abs().amax(dim=1)
@@ -131,20 +133,7 @@ def _blockwise(x, blocksize, mids):
     # there (its zero block then decodes to ±c2, not 0); both bytes decode in the same format.
     xn = (x * (1.0 / absmax)[:, None]).nan_to_num(nan=0.0)
     # nearest value; right=False puts a value exactly on a midpoint in the lower bin, like `x > mid`
-    return torch.bucketize(xn, mids.to(x.device), out_int32=True).to(torch.uint8), absmax
-
-
-def _quantize_chunked(flat, blocksize):
-    # _blockwise with NF4 and nibble packing, in chunks of 2^24 elements (whole blocks), so the fp32
-    # temporaries stay ~0.3 GB even for a 65B layer: quantizing while loading must not need more
-    # memory than the 16-bit weight itself. -> W^NF4 (ceil(n/2),) uint8, c2^FP32 (n_blocks,)
-    chunk, packed, c2 = max(1 << 24, blocksize), [], []
-    for i in range(0, flat.numel(), chunk):
-        idx, c = _blockwise(flat[i : i + chunk].float(), blocksize, NF4_MID)
-        idx = idx.view(-1)
-        packed.append((idx[0::2] << 4) | idx[1::2])
-        c2.append(c)
-    return torch.cat(packed)[: (flat.numel() + 1) // 2].contiguous(), torch.cat(c2)
+    return torch.bucketize(xn, mids.to(x.device), out_int32=True).to(torch.uint8).view(-1), absmax
 
 
 def dequantize_nf4(q, dtype=None, out=None):
@@ -153,18 +142,12 @@ def dequantize_nf4(q, dtype=None, out=None):
     return _dequantize_triton(q, out) if _use_triton(out) else _dequantize_torch(q, out)
 
 
-def _c2_fp32(q):
-    # dequant(c1, c2): the (n_blocks,) fp32 first-level constants
-    if not q.double_quant:
-        return q.c2
-    c1 = q.c1.repeat_interleave(BLOCKSIZE2)[: q.c2.numel()]
-    return q.dyn8[q.c2.long()] * c1 + q.c2_mean
-
-
 def _dequantize_torch(q, out):
     # reference path (and the CPU path): dequant(c2^FP32, W^NF4), Ŵ[i] = c2[i // blocksize] · NF4[W^NF4[i]]
     idx = torch.stack([q.packed >> 4, q.packed & 15], dim=1).view(-1)  # high nibble first
-    c2 = _c2_fp32(q)
+    c2 = q.c2  # c2^FP32, or with double quantization dequant(c1, c2) = c1[b // 256] · DYN8[c2[b]] + c2_mean
+    if q.double_quant:
+        c2 = q.dyn8[q.c2.long()] * q.c1.repeat_interleave(BLOCKSIZE2)[: q.c2.numel()] + q.c2_mean
     idx = F.pad(idx, (0, c2.numel() * q.blocksize - idx.numel()))
     w = q.nf4[idx.long()].view(-1, q.blocksize) * c2[:, None]
     out.view(-1).copy_(w.view(-1)[: q.numel()])
@@ -198,9 +181,7 @@ def _c2_of_block(b, mask, c2, c1, c2_mean, dyn8, DOUBLE: tl.constexpr, BLOCKSIZE
     return c
 
 
-def _constants(q):
-    # the kernels' (c2, c1, c2_mean, nf4, dyn8) pointers; without double quantization c1 and c2_mean get a
-    # stand-in they never read
+def _constants(q):  # the kernels' (c2, c1, c2_mean, nf4, dyn8); without double quantization c1, c2_mean are never read
     return q.c2, q.c1 if q.double_quant else q.c2, q.c2_mean if q.double_quant else q.c2, q.nf4, q.dyn8
 
 
@@ -251,8 +232,7 @@ def _fused_matmul_kernel(x, packed, c2, c1, c2_mean, nf4, dyn8, y, M, N, K,
 
 def _fused_matmul(x2, q, transpose):
     # x2 (M, K') -> (M, N'):  x2 Ŵᵀ, or x2 Ŵ when transpose
-    M = x2.shape[0]
-    n_out, k_in = q.shape
+    (M, _), (n_out, k_in) = x2.shape, q.shape
     N, K, swn, swk = (k_in, n_out, 1, k_in) if transpose else (n_out, k_in, k_in, 1)
     y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
     # BM = FUSED_MAX_M: a small-M call's rows fit one tile (tl.dot needs >= 16); BK × BN: the weight tile
@@ -340,10 +320,7 @@ class LoRALinear(nn.Module):
         return isinstance(self.weight, NF4Weight)
 
     def forward(self, x):  # x (..., in) -> (..., out)
-        if self.quantized:
-            y = nf4_matmul(x, self.weight, self.dequant_buffer)
-        else:
-            y = F.linear(x, self.weight.to(x.dtype))
+        y = nf4_matmul(x, self.weight, self.dequant_buffer) if self.quantized else F.linear(x, self.weight.to(x.dtype))
         if self.r > 0:
             # (X L1) L2: two thin matmuls through the rank-r bottleneck, never the (in, out) product L1 L2
             h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., r)
@@ -374,14 +351,9 @@ def merge_lora(layer, dtype=None):
 #       p ← p (1 − lr·λ);  m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²
 #       p ← p − lr/(1−β1ᵗ) · m / (√v / √(1−β2ᵗ) + ε)
 
-_libcuda = None
-
-
+@functools.cache
 def _cuda():
-    global _libcuda
-    if _libcuda is None:
-        _libcuda = ctypes.CDLL("libcuda.so.1")
-    return _libcuda
+    return ctypes.CDLL("libcuda.so.1")
 
 
 class _CUmemLocation(ctypes.Structure):
@@ -391,12 +363,11 @@ class _CUmemLocation(ctypes.Structure):
 class _Managed:
     # a unified-memory allocation that torch.as_tensor wraps without a copy (and keeps alive)
     def __init__(self, shape):
-        self.ptr, nbytes = 0, 4 * math.prod(shape)
-        ptr = ctypes.c_uint64()
+        self.ptr, nbytes, ptr = 0, 4 * math.prod(shape), ctypes.c_uint64()
         err = _cuda().cuMemAllocManaged(ctypes.byref(ptr), ctypes.c_size_t(max(nbytes, 4)), 1)  # 1: attach global
         if err != 0:
             raise RuntimeError(f"cuMemAllocManaged({nbytes} bytes) failed with CUDA error {err}")
-        self.ptr, self.nbytes = ptr.value, nbytes
+        self.ptr = ptr.value
         self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": "<f4", "data": (self.ptr, False), "version": 3}
 
     def __del__(self):
@@ -451,10 +422,8 @@ class PagedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        with torch.enable_grad():
+            loss = closure() if closure is not None else None
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
@@ -462,8 +431,7 @@ class PagedAdamW(torch.optim.Optimizer):
                     continue
                 st = self.state[p]
                 if not st:
-                    st["step"] = torch.tensor(0.0)
-                    st["exp_avg"], st["exp_avg_sq"] = self._alloc(p), self._alloc(p)
+                    st.update(step=torch.tensor(0.0), exp_avg=self._alloc(p), exp_avg_sq=self._alloc(p))
                 m, v = st["exp_avg"], st["exp_avg_sq"]
                 pinned = m.device != p.device
                 if pinned:  # host-resident state: copy in, update on the GPU, copy back
@@ -476,8 +444,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 p.mul_(1 - lr * wd)
                 m.lerp_(g, 1 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                bias2_sqrt = (1 - beta2 ** t) ** 0.5
-                denom = (v.sqrt() / bias2_sqrt).add_(eps)
+                denom = (v.sqrt() / (1 - beta2 ** t) ** 0.5).add_(eps)
                 p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
                 if pinned:
                     st["exp_avg"].copy_(m, non_blocking=True), st["exp_avg_sq"].copy_(v, non_blocking=True)
@@ -499,5 +466,4 @@ class PagedAdamW(torch.optim.Optimizer):
         for i, p in zip(ids, [p for g in self.param_groups for p in g["params"]]):
             for k in ("exp_avg", "exp_avg_sq"):
                 if k in saved.get(i, {}):
-                    self.state[p][k] = self._alloc(p)
-                    self.state[p][k].copy_(saved[i][k])
+                    self.state[p][k] = self._alloc(p).copy_(saved[i][k])
