@@ -86,12 +86,10 @@ def resolve(given, defaults):
             raise InputError(f"--{k} must be at least 1, got {c[k]}")
     if set(filter(None, c["export"].split(","))) - {"merged", "peft"}:
         raise InputError(f"--export: expected merged, peft or merged,peft, got {c['export']!r}")
-    for k, ok in (("merge_base", ("nf4", "original")), ("mmlu_split", ("val", "test"))):
+    c["init"] = c["init"] or ("random" if demo else "checkpoint")
+    for k, ok in (("init", ("checkpoint", "random")), ("merge_base", ("nf4", "original")), ("mmlu_split", ("val", "test"))):
         if c[k] not in ok:
             raise InputError(f"--{k}: expected {' or '.join(ok)}, got {c[k]!r}")
-    c["init"] = c["init"] or ("random" if demo else "checkpoint")
-    if c["init"] not in ("random", "checkpoint"):
-        raise InputError(f"--init must be 'checkpoint' or 'random', got {c['init']!r}")
     if c["merge_base"] == "original" and c["init"] != "checkpoint":
         raise InputError("--merge_base original: a random base has no original weights (use nf4)")
     if c["adapter"]:  # its rank and scale are what will run, so they are what is saved
@@ -131,9 +129,8 @@ def fail(msg):
 def load_tokenizer(c, items, master, ddp):
     # the checkpoint's tokenizer (beside it or one level up: Meta's download layout); for the demo, or a
     # random model with none, a small BPE trained on the data and cached per data under out_dir
-    tok_path = None if c["demo"] else find_tokenizer(c["ckpt_dir"] or f"checkpoints/{c['model']}")
-    if tok_path is None and c["init"] == "checkpoint":
-        tok_path = Path(c["ckpt_dir"]) / "tokenizer.model"
+    folder = Path(c["ckpt_dir"] or f"checkpoints/{c['model']}")
+    tok_path = None if c["demo"] else find_tokenizer(folder) or (folder / "tokenizer.model" if c["init"] == "checkpoint" else None)
     if tok_path is None:
         texts = [t for _, segs in items for t, _ in segs]
         keep = mmlu_eval.LETTER_PIECES if c["mmlu"] else ()  # MMLU scores the letters as single tokens
