@@ -23,7 +23,7 @@ from triton.testing import do_bench
 import qlora
 from data.checkpoint import meta_params
 from data.files import InputError, atomic_save, atomic_write_text, flag_help, parse_flags
-from model import CONFIGS, PEAK_FLOPS, LLaMA, LLaMAConfig, flops_per_token, paper_hparams
+from model import CONFIGS, LLaMA, LLaMAConfig, mfu, paper_hparams
 
 # -----------------------------------------------------------------------------------------------
 # flags: python bench.py kernels|e2e|load [--name value]
@@ -111,13 +111,11 @@ def e2e(model, batch, seq, steps, r, quantize):
     dt = sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median, first step (warm-up) excluded
     n_lin = sum(m.in_features * m.out_features for m in net.modules() if isinstance(m, qlora.LoRALinear))
     tok_s = batch * seq / dt
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-    mfu = f"{100 * flops_per_token(n_lin, True) * tok_s / peak:.1f}%" if peak else "-"
     alloc = torch.cuda.max_memory_allocated() / 1e9 if cuda else 0
     print("| model | batch x seq | tok/s | MFU | peak allocated GB | device-level peak GB | build s | build peak GB |")
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| {model} {'NF4' if quantize else 'bf16'} r={r} | {batch} x {seq} | {tok_s:.0f} | {mfu} | {alloc:.2f} | "
-          f"{device_peak / 1e9:.2f} | {load_s:.1f} | {load_alloc:.2f} |")
+    print(f"| {model} {'NF4' if quantize else 'bf16'} r={r} | {batch} x {seq} | {tok_s:.0f} | "
+          f"{mfu(n_lin, True, tok_s, name)} | {alloc:.2f} | {device_peak / 1e9:.2f} | {load_s:.1f} | {load_alloc:.2f} |")
     print(f"loss {loss.item():.3f}, step times ms: {', '.join(f'{1000 * t:.0f}' for t in times)}")
 
 

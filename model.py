@@ -21,8 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from data.checkpoint import open_checkpoint, read_params
+from data.checkpoint import Tokenizer, find_tokenizer, load_adapter, open_checkpoint, read_adapter
 from data.files import InputError, parse_flags
+from data.prepare import ALPACA
 from qlora import DequantBuffer, LoRALinear, quantize_nf4
 
 
@@ -81,13 +82,15 @@ def paper_hparams(dim):
     return dict(learning_rate=1e-4 if big else 2e-4, lora_dropout=0.05 if big else 0.1)
 
 
-# MFU: model FLOPs per token over the GPU's peak dense bf16 FLOP/s
+# the GPU's peak dense bf16 FLOP/s, by a part of its name
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "4090": 165e12}
 
 
-def flops_per_token(n_linear, grad_checkpoint):
+def mfu(n_linear, grad_checkpoint, tok_s, device_name):
+    # model FLOPs per token over the peak, as "12.3%" ("-" where the peak is unknown, e.g. on a CPU). Per token:
     # forward 2N, backward 2N (input gradients only: the base is frozen), recomputation 2N; N = linear params
-    return (6 if grad_checkpoint else 4) * n_linear
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
+    return f"{100 * (6 if grad_checkpoint else 4) * n_linear * tok_s / peak:.1f}%" if peak else "-"
 
 
 # -----------------------------------------------------------------------------------------------
@@ -277,11 +280,6 @@ class LLaMA(nn.Module):
 
         return cls(cfg, load, quantize)
 
-    @staticmethod
-    def read_config(ckpt_dir, context=None, **lora):
-        # the architecture alone, without reading a weight (to resolve size-dependent defaults first)
-        return LLaMAConfig(**read_params(ckpt_dir, context), **lora)
-
     @classmethod
     def from_checkpoint(cls, ckpt_dir, quantize=True, device=None, dtype=torch.bfloat16, tokenizer=None, context=None,
                         progress=True, **lora):
@@ -291,6 +289,7 @@ class LLaMA(nn.Module):
         net = cls(LLaMAConfig(**params, **lora), load, quantize)
         prog.close()
         return net
+
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None):
     # logits (B, vocab) -> (B,) token ids; temperature 0 is greedy
@@ -308,8 +307,6 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):
     return torch.multinomial(logits.softmax(-1), 1)[:, 0]
 
 
-
-
 # -----------------------------------------------------------------------------------------------
 # python model.py: answer or chat. Guanaco's conversation is its "### Human: ...### Assistant: " turns, each
 # answer closed by eos as in training, the oldest tokens dropped when it outgrows max_seq_len. Alpaca was
@@ -320,8 +317,6 @@ FLAGS = dict(ckpt_dir="", adapter="", prompt="", template="", max_new_tokens=256
 
 
 def chat(argv):
-    from data.checkpoint import Tokenizer, find_tokenizer, load_adapter, read_adapter
-    from data.prepare import ALPACA
     words, given = parse_flags(argv, FLAGS, __doc__.strip() + "\n\nflags (defaults): " + " ".join(f"--{k} {v!r}" for k, v in FLAGS.items()))
     if words:
         raise InputError(f"unexpected argument {words[0]!r}: flags are --name value (see --help)")
@@ -371,19 +366,13 @@ def chat(argv):
         print(flush=True)
         return out if out[-1:] == [tok.eos_id] else out + [tok.eos_id]
 
-    if f["prompt"]:
-        answer([tok.bos_id] + tok.encode(wrap(f["prompt"])))
-        return
     history = [tok.bos_id]
-    while True:
-        try:
-            line = input("> " if sys.stdin.isatty() else "")
-        except EOFError:
-            break
-        if not line.strip():
-            break
-        ids = (history if template == "guanaco" else [tok.bos_id]) + tok.encode(wrap(line))
-        history = ids + answer(ids)
+    try:  # --prompt, or one turn per line of stdin until an empty line (or EOF)
+        for line in [f["prompt"]] if f["prompt"] else iter(lambda: input("> " * sys.stdin.isatty()).strip(), ""):
+            ids = (history if template == "guanaco" else [tok.bos_id]) + tok.encode(wrap(line))
+            history = ids + answer(ids)
+    except EOFError:
+        pass
 
 
 if __name__ == "__main__":

@@ -28,10 +28,11 @@ import torch
 import torch.distributed as dist
 
 from data import mmlu as mmlu_eval
-from data.checkpoint import Tokenizer, export_merged, export_peft, find_tokenizer, load_adapter, read_adapter, train_tokenizer
+from data.checkpoint import (Tokenizer, export_merged, export_peft, find_tokenizer, load_adapter, read_adapter,
+                             read_params, train_tokenizer)
 from data.files import InputError, atomic_save, flag_help, locked_dir, parse_flags
 from data.prepare import ALPACA, batch_order, get_batch, read_data, tokenize
-from model import CONFIGS, PEAK_FLOPS, LLaMA, LLaMAConfig, flops_per_token, paper_hparams
+from model import CONFIGS, LLaMA, LLaMAConfig, mfu, paper_hparams
 from qlora import LoRALinear, PagedAdamW
 
 # -----------------------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ def resolve(given, defaults):
         c["ckpt_dir"] = c["ckpt_dir"] or f"checkpoints/{c['model']}"
         if not given.get("ckpt_dir") and c["model"] not in CONFIGS and not Path(c["ckpt_dir"]).is_dir():
             raise InputError(f"--model {c['model']}: no folder {c['ckpt_dir']} and not a known name ({', '.join(CONFIGS)})")
-        arch = LLaMA.read_config(c["ckpt_dir"], context=c["source_max_len"] + c["target_max_len"])
+        arch = LLaMAConfig(**read_params(c["ckpt_dir"], context=c["source_max_len"] + c["target_max_len"]))
     paper = paper_hparams(arch.dim)
     c["learning_rate"] = c["learning_rate"] or paper["learning_rate"]
     c["lora_dropout"] = c["lora_dropout"] if c["lora_dropout"] >= 0 else paper["lora_dropout"]
@@ -119,11 +120,6 @@ def resolve(given, defaults):
         if not ok:
             raise InputError(f"--{k} must be {want}, got {c[k]}")
     return c
-
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def load_tokenizer(c, items, master, ddp):
@@ -303,8 +299,6 @@ def train(c):
             atomic_save(adapter, out_dir / "adapter.pt")
 
     name = torch.cuda.get_device_name() if device.startswith("cuda") else ""
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-    fpt = flops_per_token(n_base, c["grad_checkpoint"])
     max_iters, warmup = c["max_iters"], c["warmup_iters"]
 
     raw.train()
@@ -339,8 +333,8 @@ def train(c):
             # a NaN/inf anywhere (any process: the gradients are already averaged) shows in the gradient norm
             gnorm = torch.nn.utils.clip_grad_norm_(params, c["max_grad_norm"]).item()
             if not (math.isfinite(loss_sum) and math.isfinite(gnorm)):
-                fail(f"iter {it}: loss {loss_sum}, gradient norm {gnorm}; stopping before the update "
-                     f"(last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none'})")
+                raise InputError(f"iter {it}: loss {loss_sum}, gradient norm {gnorm}; stopping before the update "
+                                 f"(last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none'})")
             optimizer.step()
             if master and it == iter_num:  # the optimizer picks its memory at the first allocation
                 print(f"optimizer state in {optimizer.memory} memory (paging={optimizer.paging!r})")
@@ -349,10 +343,10 @@ def train(c):
             dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
             if master and (it % c["log_interval"] == 0 or it == max_iters - 1):
                 tok_s = n_tok / dt  # tokens (padding not counted) per second, all processes
-                mfu = f"{100 * fpt * tok_s / peak:.1f}%" if peak else "-"
                 mem = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else resource.getrusage(0).ru_maxrss / 1e6
                 eta = dt_avg * (max_iters - it - 1)
-                print(f"iter {it}: loss {loss_sum:.4f}, lr {lr:.2e}, {dt * 1000:.0f}ms, {tok_s:.1f} tok/s, mfu {mfu}, "
+                print(f"iter {it}: loss {loss_sum:.4f}, lr {lr:.2e}, {dt * 1000:.0f}ms, {tok_s:.1f} tok/s, "
+                      f"mfu {mfu(n_base, c['grad_checkpoint'], tok_s, name)}, "
                       f"mem {mem:.2f}GB, eta {eta // 60:.0f}m{eta % 60:02.0f}s")
             if (it + 1) % c["eval_interval"] == 0 or it == max_iters - 1:
                 save_checkpoint(it + 1)
@@ -403,8 +397,9 @@ def main(argv):
             finally:  # also after an error: a process that leaves without this can abort at exit
                 if dist.is_initialized():
                     dist.destroy_process_group()
-    except InputError as e:  # data, flags, checkpoints, a full disk: one line, never a traceback
-        fail(str(e))
+    except InputError as e:  # data, flags, checkpoints, a full disk, a diverged run: one line, never a traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt as e:  # Ctrl-C: one line saying where it stopped and what is on disk
         if master:
             print(e.args[0] if e.args else "interrupted before training started", file=sys.stderr)
