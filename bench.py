@@ -120,14 +120,10 @@ def e2e(model, batch, seq, steps, r, quantize):
 
 
 def write_random_checkpoint(name, d):
-    # Meta's layout with random bf16 weights: names and shapes read off a model built on the meta device
-    cfg, sd = LLaMAConfig(**CONFIGS[name]), {}
-
-    def record(key, s):
-        sd[key] = (torch.randn(s) * s[-1] ** -0.5).bfloat16() if len(s) == 2 else torch.ones(s, dtype=torch.bfloat16)
-        return torch.empty(s, device="meta")
-
-    LLaMA(cfg, record, quantize=False)
+    # Meta's layout with LLaMA.from_config's random bf16 weights (no LoRA); the head is a buffer named "output"
+    cfg = LLaMAConfig(**{**CONFIGS[name], "lora_r": 0})
+    sd = LLaMA.from_config(cfg, quantize=False).state_dict()
+    sd["output.weight"] = sd.pop("output")
     Path(d).mkdir(parents=True, exist_ok=True)
     atomic_save(sd, Path(d) / "consolidated.00.pth")
     atomic_write_text(Path(d) / "params.json", meta_params(cfg))
