@@ -74,16 +74,16 @@ def locked_dir(d, flag="--out_dir"):
     try:
         d.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.fstat(fd).st_nlink == 0:  # its holder removed it between our open and our lock: still taken
-                raise BlockingIOError
-        except BlockingIOError:
-            pid = os.pread(fd, 20, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise InputError(f"{flag} {d}: in use by another run (pid {pid}); wait for it or choose another {flag}") from None
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_nlink == 0:  # its holder removed it between our open and our lock: still taken
+            raise BlockingIOError
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
+    except BlockingIOError:  # from flock (or the check above): another run holds the lock
+        pid = os.pread(fd, 20, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise InputError(f"{flag} {d}: in use by another run (pid {pid}); "
+                         f"wait for it or choose another {flag}") from None
     except OSError as e:
         raise InputError(f"{flag} {d}: " + ("is a file, not a folder" if d.is_file() else f"cannot write there ({e.strerror})")) from None
     try:

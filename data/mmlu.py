@@ -133,9 +133,8 @@ def evaluate(model, tok, questions, batch_size, device, max_len, autocast_ctx=No
                 rows = order[s : s + batch_size]
                 idx = pad_sequence([torch.tensor(prompts[i][0]) for i in rows], batch_first=True)  # pad id 0: never attended to
                 logits, _ = model(idx.to(device))  # (B, T, vocab)
-                last = torch.stack([logits[r, len(prompts[i][0]) - 1] for r, i in enumerate(rows)])  # (B, vocab) at prompt ends
-                for i, p in zip(rows, last[:, letters].argmax(-1).tolist()):
-                    preds[i] = p
+                for r, i in enumerate(rows):  # the four letters' logits at the row's last prompt token
+                    preds[i] = logits[r, len(prompts[i][0]) - 1, letters].argmax().item()
     finally:
         model.train(was_training)
     subjects = {s: fmean(p == q["answer"] for q, p in zip(questions, preds) if q["subject"] == s)

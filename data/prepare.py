@@ -91,29 +91,28 @@ def convert(kind, path, lang=None, skipped=None):
     if kind not in ("alpaca", "oasst", "guanaco"):
         raise DataError(f"unknown format '{kind}' (expected alpaca, oasst or guanaco)")
     out, records = [], read_records(path)
-    if kind == "alpaca":
-        for line, r in records:
-            ex = {k: field(f"{path}:{line}", r, k, "" if k == "input" else None) for k in ("instruction", "input", "output")}
+    if kind == "oasst" and records and isinstance(records[0][1], dict) and "message_id" in records[0][1]:
+        # the flat message table: rebuild the trees from parent_id links, roots in file order
+        nodes = {field(f"{path}:{line}", m, "message_id"): dict(m, replies=[], line=line) for line, m in records}
+        for n in nodes.values():
+            if n.get("parent_id") in nodes:
+                nodes[n["parent_id"]]["replies"].append(n)
+        records = [(n["line"], {"prompt": n}) for n in nodes.values() if n.get("parent_id") is None]
+    for line, r in records:
+        where = f"{path}:{line}"
+        if kind == "alpaca":
+            ex = {k: field(where, r, k, "" if k == "input" else None) for k in ("instruction", "input", "output")}
             if ex["instruction"].strip() and ex["output"].strip():
                 out.append(ex)
             else:
                 skipped["with an empty instruction or output"] += 1
-    elif kind == "guanaco":
-        for line, r in records:
-            text = field(f"{path}:{line}", r, "text")
+        elif kind == "guanaco":
+            text = field(where, r, "text")
             if not text.startswith("### Human:") or "### Assistant:" not in text:
-                raise DataError(f"{path}:{line}: field 'text' is not '### Human: ... ### Assistant: ...'")
+                raise DataError(f"{where}: field 'text' is not '### Human: ... ### Assistant: ...'")
             out.append({"text": text})
-    else:
-        if isinstance(records[0][1], dict) and "message_id" in records[0][1]:
-            # the flat message table: rebuild the trees from parent_id links, roots in file order
-            nodes = {field(f"{path}:{line}", m, "message_id"): dict(m, replies=[], line=line) for line, m in records}
-            for n in nodes.values():
-                if n.get("parent_id") in nodes:
-                    nodes[n["parent_id"]]["replies"].append(n)
-            records = [(n["line"], {"prompt": n}) for n in nodes.values() if n.get("parent_id") is None]
-        for line, tree in records:
-            prompt = field(f"{path}:{line}", tree, "prompt", kind=dict)
+        else:
+            prompt = field(where, r, "prompt", kind=dict)
             if lang and prompt.get("lang") != lang:
                 skipped[f"not in language '{lang}'"] += 1
             elif messages := best_path(path, line, prompt):
@@ -132,7 +131,7 @@ def convert(kind, path, lang=None, skipped=None):
 
 def segments(obj, where):
     def text(o, key, w=where):
-        v = o.get(key) if isinstance(o, dict) else None
+        v = o.get(key)  # o is a dict: checked by the callers
         if not isinstance(v, str) or (key != "input" and not v.strip()):
             raise DataError(f"{w}: field '{key}' must be a non-empty string")
         return v
