@@ -22,7 +22,7 @@ import sentencepiece as spm
 import torch
 
 from data.files import InputError, atomic_save, atomic_write, atomic_write_bytes, atomic_write_text
-from qlora import LoRALinear, dequantize_nf4
+from qlora import LoRALinear, merge_lora
 
 
 class CheckpointError(InputError):
@@ -441,14 +441,12 @@ def export_merged(model, out_dir, dtype=torch.float16, base=None, progress=True)
     sd = {}
     for n in names:  # to host memory one weight at a time: the GPU holds one 16-bit weight at most
         m = linear.get(n)
-        if load is not None:
-            w = load(n, shapes[n])
-        elif m is not None:
-            w = dequantize_nf4(m.weight, torch.float32) if m.quantized else m.weight.float()
+        if load is None:
+            w = merge_lora(m, torch.float32) if m is not None else tensors[n]
         else:
-            w = tensors[n]
-        if m is not None and m.r > 0:
-            w = w.to(m.lora_A.device, torch.float32) + m.scaling * (m.lora_B.float() @ m.lora_A.float())
+            w = load(n, shapes[n])
+            if m is not None and m.r > 0:
+                w = w.to(m.lora_A.device) + m.scaling * (m.lora_B.float() @ m.lora_A.float())
         sd[n] = w.detach().to("cpu", dtype).contiguous()
         prog.step(n, sd[n].nbytes)
     atomic_save(sd, out_dir / "consolidated.00.pth")
