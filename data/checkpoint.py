@@ -113,8 +113,7 @@ def hf_name(name):  # layers.3.attention.wq.weight -> model.layers.3.self_attn.q
 
 
 def peft_name(name):  # layers.3.attention.wq -> base_model.model.model.layers.3.self_attn.q_proj
-    _, i, sub = name.split(".", 2)
-    return f"base_model.model.model.layers.{i}.{LINEARS[sub]}"
+    return "base_model.model." + hf_name(name + ".weight").removesuffix(".weight")
 
 
 def hf_permute(w, n_heads, back=False):
