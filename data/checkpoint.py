@@ -342,7 +342,7 @@ def open_checkpoint(ckpt_dir, device=None, dtype=torch.bfloat16, tokenizer=None,
 
 
 def read_adapter(path):
-    # -> {"lora": {network name: (name in the file, tensor)}, "r", "scaling", "targets", "hf", "where", "info"}
+    # -> {"lora": {name in the file: tensor}, "r", "scaling", "targets", "hf", "where", "info"}
     path, short = Path(path), {v.split(".")[1]: k for k, v in LINEARS.items()}  # q_proj -> attention.wq
     if path.is_dir():  # peft's folder
         where = path / "adapter_config.json"
@@ -357,12 +357,11 @@ def read_adapter(path):
         st, pt = path / "adapter_model.safetensors", path / "adapter_model.bin"
         if not st.is_file() and not pt.is_file():
             raise CheckpointError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
-        lora = {}
-        for k, t in (read_safetensors(st) if st.is_file() else torch_load(pt)).items():
-            m = re.fullmatch(r"base_model\.model\.model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])\.weight", k)
-            if not m or m[3] not in short:
+        lora = read_safetensors(st) if st.is_file() else torch_load(pt)
+        for k in lora:
+            m = re.fullmatch(r"base_model\.model\.model\.layers\.\d+\.\w+\.(\w+)\.lora_[AB]\.weight", k)
+            if not m or m[1] not in short:
                 raise CheckpointError(f"{path}: tensor {k!r} is not a LoRA weight of a LLaMA linear layer")
-            lora[f"layers.{m[1]}.{short[m[3]]}.lora_{m[4]}"] = (k, t)
         r, alpha, targets = conf.get("r"), conf.get("lora_alpha"), {short[t] for t in targets}
         info = {"base": {"ckpt_dir": conf["base_model_name_or_path"]}} if conf.get("base_model_name_or_path") else {}
         rslora = conf.get("use_rslora")  # rsLoRA scales by α/√r
@@ -370,7 +369,7 @@ def read_adapter(path):
         where, ck = path, torch_load(path)
         if not isinstance(ck, dict) or not isinstance(ck.get("lora"), dict) or not isinstance(ck.get("model_config"), dict):
             raise CheckpointError(f"{path}: not an adapter (expected a dict with 'lora' and 'model_config')")
-        lora = {k: (k, t) for k, t in ck["lora"].items()}
+        lora = ck["lora"]
         r, alpha, targets = ck["model_config"].get("lora_r"), ck["model_config"].get("lora_alpha"), {k.split(".", 2)[2][:-7] for k in lora}
         info, rslora = {k: v for k, v in ck.items() if k not in ("lora", "optimizer", "rng")}, False
     else:
@@ -396,7 +395,8 @@ def load_adapter(model, adapter):
             m.r, m.scaling = 0, 0.0
             continue
         for x, shape in (("A", (a["r"], m.in_features)), ("B", (m.out_features, a["r"]))):
-            k, t = lora.pop(f"{name}.lora_{x}", (f"{peft_name(name)}.lora_{x}.weight" if a["hf"] else f"{name}.lora_{x}", None))
+            k = f"{peft_name(name)}.lora_{x}.weight" if a["hf"] else f"{name}.lora_{x}"  # its name in the file
+            t = lora.pop(k, None)
             if t is None or tuple(t.shape) != shape:
                 raise CheckpointError(f"{a['where']}: tensor {k!r} " + ("missing" if t is None else
                                       f"has shape {tuple(t.shape)}, the model's {name} needs {shape}"))
@@ -405,7 +405,7 @@ def load_adapter(model, adapter):
             setattr(m, f"lora_{x}", torch.nn.Parameter(t.to(m.weight.device, torch.float32).contiguous()))
         m.r, m.scaling = a["r"], a["scaling"]
     if lora:
-        raise CheckpointError(f"{a['where']}: tensor {next(iter(lora.values()))[0]!r} has no layer in this model")
+        raise CheckpointError(f"{a['where']}: tensor {next(iter(lora))!r} has no layer in this model")
     cfg.lora_r, cfg.lora_alpha = a["r"], a["scaling"] * a["r"]  # the model's LoRA is the adapter's now
     return a["info"]
 
