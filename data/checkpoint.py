@@ -430,11 +430,11 @@ def export_merged(model, out_dir, dtype=torch.float16, base=None, progress=True)
     # W = W0 + (α/r)·B A for every adapted layer, one shard (consolidated.00.pth) + params.json. W0 is by default
     # the NF4-rounded base the adapter was trained on (dequantized); with base=FOLDER it is the original 16-bit
     # checkpoint, re-read one weight at a time. merge.json beside params.json records which.
-    out_dir, cfg, names, modules = Path(out_dir), model.config, meta_names(model.config.n_layers), dict(model.named_modules())
+    out_dir, cfg, names = Path(out_dir), model.config, meta_names(model.config.n_layers)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers()), "output.weight": model.output}
     load = open_checkpoint(base, "cpu", torch.float32, progress=False)[1] if base is not None else None
-    linear = {n: m for n in names if isinstance(m := modules.get(n[: -len(".weight")]), LoRALinear)}
+    linear = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     shapes = {n: tuple((linear[n].weight if n in linear else tensors[n]).shape) for n in names}
     prog = Progress("merged", cfg.n_layers, sum(math.prod(s) for s in shapes.values()) * dtype.itemsize, quiet=not progress)
     sd = {}
