@@ -165,13 +165,8 @@ def save_safetensors(tensors, path, metadata=None):
         off += t.nbytes
     h = json.dumps(header, separators=(",", ":")).encode()
     h += b" " * (-len(h) % 8)
-
-    def write(f):
-        f.write(struct.pack("<Q", len(h)) + h)
-        for t in tensors.values():  # little-endian, as every machine torch runs on
-            f.write(t.view(-1).view(torch.uint8).numpy().tobytes())
-
-    atomic_write(path, write)
+    body = [t.view(-1).view(torch.uint8).numpy() for t in tensors.values()]  # little-endian, as every torch machine
+    atomic_write(path, lambda f: f.writelines([struct.pack("<Q", len(h)), h, *body]), 8 + len(h) + off)
 
 
 # -----------------------------------------------------------------------------------------------
