@@ -22,7 +22,7 @@ import sentencepiece as spm
 import torch
 
 from data.files import InputError, atomic_save, atomic_write, atomic_write_bytes, atomic_write_text
-from qlora import LoRALinear, dequantize_nf4
+from qlora import LoRALinear, merge_lora
 
 
 class CheckpointError(InputError):
@@ -113,8 +113,7 @@ def hf_name(name):  # layers.3.attention.wq.weight -> model.layers.3.self_attn.q
 
 
 def peft_name(name):  # layers.3.attention.wq -> base_model.model.model.layers.3.self_attn.q_proj
-    _, i, sub = name.split(".", 2)
-    return f"base_model.model.model.layers.{i}.{LINEARS[sub]}"
+    return "base_model.model." + hf_name(name + ".weight").removesuffix(".weight")
 
 
 def hf_permute(w, n_heads, back=False):
@@ -166,13 +165,8 @@ def save_safetensors(tensors, path, metadata=None):
         off += t.nbytes
     h = json.dumps(header, separators=(",", ":")).encode()
     h += b" " * (-len(h) % 8)
-
-    def write(f):
-        f.write(struct.pack("<Q", len(h)) + h)
-        for t in tensors.values():  # little-endian, as every machine torch runs on
-            f.write(t.view(-1).view(torch.uint8).numpy().tobytes())
-
-    atomic_write(path, write)
+    body = [t.view(-1).view(torch.uint8).numpy() for t in tensors.values()]  # little-endian, as every torch machine
+    atomic_write(path, lambda f: f.writelines([struct.pack("<Q", len(h)), h, *body]), 8 + len(h) + off)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -343,7 +337,7 @@ def open_checkpoint(ckpt_dir, device=None, dtype=torch.bfloat16, tokenizer=None,
 
 
 def read_adapter(path):
-    # -> {"lora": {network name: (name in the file, tensor)}, "r", "scaling", "targets", "hf", "where", "info"}
+    # -> {"lora": {name in the file: tensor}, "r", "scaling", "targets", "hf", "where", "info"}
     path, short = Path(path), {v.split(".")[1]: k for k, v in LINEARS.items()}  # q_proj -> attention.wq
     if path.is_dir():  # peft's folder
         where = path / "adapter_config.json"
@@ -358,12 +352,11 @@ def read_adapter(path):
         st, pt = path / "adapter_model.safetensors", path / "adapter_model.bin"
         if not st.is_file() and not pt.is_file():
             raise CheckpointError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
-        lora = {}
-        for k, t in (read_safetensors(st) if st.is_file() else torch_load(pt)).items():
-            m = re.fullmatch(r"base_model\.model\.model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])\.weight", k)
-            if not m or m[3] not in short:
+        lora = read_safetensors(st) if st.is_file() else torch_load(pt)
+        for k in lora:
+            m = re.fullmatch(r"base_model\.model\.model\.layers\.\d+\.\w+\.(\w+)\.lora_[AB]\.weight", k)
+            if not m or m[1] not in short:
                 raise CheckpointError(f"{path}: tensor {k!r} is not a LoRA weight of a LLaMA linear layer")
-            lora[f"layers.{m[1]}.{short[m[3]]}.lora_{m[4]}"] = (k, t)
         r, alpha, targets = conf.get("r"), conf.get("lora_alpha"), {short[t] for t in targets}
         info = {"base": {"ckpt_dir": conf["base_model_name_or_path"]}} if conf.get("base_model_name_or_path") else {}
         rslora = conf.get("use_rslora")  # rsLoRA scales by α/√r
@@ -371,7 +364,7 @@ def read_adapter(path):
         where, ck = path, torch_load(path)
         if not isinstance(ck, dict) or not isinstance(ck.get("lora"), dict) or not isinstance(ck.get("model_config"), dict):
             raise CheckpointError(f"{path}: not an adapter (expected a dict with 'lora' and 'model_config')")
-        lora = {k: (k, t) for k, t in ck["lora"].items()}
+        lora = ck["lora"]
         r, alpha, targets = ck["model_config"].get("lora_r"), ck["model_config"].get("lora_alpha"), {k.split(".", 2)[2][:-7] for k in lora}
         info, rslora = {k: v for k, v in ck.items() if k not in ("lora", "optimizer", "rng")}, False
     else:
@@ -397,7 +390,8 @@ def load_adapter(model, adapter):
             m.r, m.scaling = 0, 0.0
             continue
         for x, shape in (("A", (a["r"], m.in_features)), ("B", (m.out_features, a["r"]))):
-            k, t = lora.pop(f"{name}.lora_{x}", (f"{peft_name(name)}.lora_{x}.weight" if a["hf"] else f"{name}.lora_{x}", None))
+            k = f"{peft_name(name)}.lora_{x}.weight" if a["hf"] else f"{name}.lora_{x}"  # its name in the file
+            t = lora.pop(k, None)
             if t is None or tuple(t.shape) != shape:
                 raise CheckpointError(f"{a['where']}: tensor {k!r} " + ("missing" if t is None else
                                       f"has shape {tuple(t.shape)}, the model's {name} needs {shape}"))
@@ -406,7 +400,7 @@ def load_adapter(model, adapter):
             setattr(m, f"lora_{x}", torch.nn.Parameter(t.to(m.weight.device, torch.float32).contiguous()))
         m.r, m.scaling = a["r"], a["scaling"]
     if lora:
-        raise CheckpointError(f"{a['where']}: tensor {next(iter(lora.values()))[0]!r} has no layer in this model")
+        raise CheckpointError(f"{a['where']}: tensor {next(iter(lora))!r} has no layer in this model")
     cfg.lora_r, cfg.lora_alpha = a["r"], a["scaling"] * a["r"]  # the model's LoRA is the adapter's now
     return a["info"]
 
@@ -431,24 +425,22 @@ def export_merged(model, out_dir, dtype=torch.float16, base=None, progress=True)
     # W = W0 + (α/r)·B A for every adapted layer, one shard (consolidated.00.pth) + params.json. W0 is by default
     # the NF4-rounded base the adapter was trained on (dequantized); with base=FOLDER it is the original 16-bit
     # checkpoint, re-read one weight at a time. merge.json beside params.json records which.
-    out_dir, cfg, names, modules = Path(out_dir), model.config, meta_names(model.config.n_layers), dict(model.named_modules())
+    out_dir, cfg, names = Path(out_dir), model.config, meta_names(model.config.n_layers)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers()), "output.weight": model.output}
     load = open_checkpoint(base, "cpu", torch.float32, progress=False)[1] if base is not None else None
-    linear = {n: m for n in names if isinstance(m := modules.get(n[: -len(".weight")]), LoRALinear)}
+    linear = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     shapes = {n: tuple((linear[n].weight if n in linear else tensors[n]).shape) for n in names}
     prog = Progress("merged", cfg.n_layers, sum(math.prod(s) for s in shapes.values()) * dtype.itemsize, quiet=not progress)
     sd = {}
     for n in names:  # to host memory one weight at a time: the GPU holds one 16-bit weight at most
         m = linear.get(n)
-        if load is not None:
-            w = load(n, shapes[n])
-        elif m is not None:
-            w = dequantize_nf4(m.weight, torch.float32) if m.quantized else m.weight.float()
+        if load is None:
+            w = merge_lora(m, torch.float32) if m is not None else tensors[n]
         else:
-            w = tensors[n]
-        if m is not None and m.r > 0:
-            w = w.to(m.lora_A.device, torch.float32) + m.scaling * (m.lora_B.float() @ m.lora_A.float())
+            w = load(n, shapes[n])
+            if m is not None and m.r > 0:
+                w = w.to(m.lora_A.device) + m.scaling * (m.lora_B.float() @ m.lora_A.float())
         sd[n] = w.detach().to("cpu", dtype).contiguous()
         prog.step(n, sd[n].nbytes)
     atomic_save(sd, out_dir / "consolidated.00.pth")
