@@ -9,7 +9,6 @@ Memory is reported two ways: the caching allocator's peak (torch.cuda.max_memory
 device-level peak (total minus free, from cudaMemGetInfo), which also counts the paged optimizer state
 that lives in unified memory while it is resident on the GPU.
 """
-import sys
 import threading
 import time
 from functools import partial
@@ -22,7 +21,7 @@ from triton.testing import do_bench
 
 import qlora
 from data.checkpoint import meta_params
-from data.files import InputError, atomic_save, atomic_write_text, flag_help, parse_flags
+from data.files import InputError, atomic_save, atomic_write_text, flag_help, parse_flags, run
 from model import CONFIGS, LLaMA, LLaMAConfig, mfu, paper_hparams
 
 # -----------------------------------------------------------------------------------------------
@@ -185,8 +184,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except InputError as e:  # flags and checkpoints: one line, never a traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(main)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from data.checkpoint import Tokenizer, find_tokenizer, load_adapter, open_checkpoint, read_adapter
-from data.files import InputError, parse_flags
+from data.files import InputError, parse_flags, run
 from data.prepare import ALPACA
 from qlora import DequantBuffer, LoRALinear, quantize_nf4
 
@@ -376,10 +376,4 @@ def chat(argv):
 
 
 if __name__ == "__main__":
-    try:
-        chat(sys.argv[1:])
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run(chat)

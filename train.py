@@ -30,7 +30,7 @@ import torch.distributed as dist
 from data import mmlu as mmlu_eval
 from data.checkpoint import (Tokenizer, export_merged, export_peft, find_tokenizer, load_adapter, read_adapter,
                              read_params, train_tokenizer)
-from data.files import InputError, atomic_save, flag_help, locked_dir, parse_flags
+from data.files import InputError, atomic_save, flag_help, locked_dir, parse_flags, run
 from data.prepare import ALPACA, batch_order, get_batch, read_data, tokenize
 from model import CONFIGS, LLaMA, LLaMAConfig, mfu, paper_hparams
 from qlora import LoRALinear, PagedAdamW
@@ -386,25 +386,22 @@ def main(argv):
     demo = ", ".join(f"--{k} {v}" for k, v in DEMO.items())
     help_text = f"{__doc__.strip()}\n\nflags, default, meaning (the tiny demo's own defaults: {demo}):\n{flag_help(__file__, defaults)}"
     master = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 alone locks out_dir and speaks
+    words, given = parse_flags(argv, defaults, help_text)
+    if words:
+        raise InputError(f"unexpected argument {words[0]!r}: flags are --name value (see --help)")
+    c = resolve(given, defaults)
     try:
-        words, given = parse_flags(argv, defaults, help_text)
-        if words:
-            raise InputError(f"unexpected argument {words[0]!r}: flags are --name value (see --help)")
-        c = resolve(given, defaults)
         with locked_dir(c["out_dir"]) if master else nullcontext():
             try:
                 train(c)
             finally:  # also after an error: a process that leaves without this can abort at exit
                 if dist.is_initialized():
                     dist.destroy_process_group()
-    except InputError as e:  # data, flags, checkpoints, a full disk, a diverged run: one line, never a traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt as e:  # Ctrl-C: one line saying where it stopped and what is on disk
-        if master:
-            print(e.args[0] if e.args else "interrupted before training started", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # rank 0 alone says where it stopped and what is on disk
+        if not master:
+            sys.exit(130)
+        raise KeyboardInterrupt(e.args[0] if e.args else "interrupted before training started") from None
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(main)  # data, flags, checkpoints, a full disk, a diverged run: one line and exit 2; Ctrl-C: exit 130

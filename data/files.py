@@ -1,7 +1,7 @@
 """Files in and out, flags, and the one way a user is told about bad input.
 
 Every error a user can cause (a bad flag, a malformed line, a checkpoint that is not one, a full disk) is
-an InputError: one line naming the file, line or flag, printed instead of a traceback, exit status 2.
+an InputError: one line naming the file, line or flag, printed by run() instead of a traceback, exit status 2.
 Every file the project writes goes through atomic_write: beside the target, fsync, rename, so a
 crash or a power loss leaves either the old file or the new one under the real name, never half.
 """
@@ -93,6 +93,19 @@ def locked_dir(d, flag="--out_dir"):
         os.close(fd)
         if made and not any(d.iterdir()):
             d.rmdir()
+
+
+def run(main):
+    # the one exit path of every command: bad input is one line `error: ...` and exit status 2, Ctrl-C one line
+    # (the interrupt's own message: where it stopped, what is kept) and exit status 130; never a traceback
+    try:
+        main(sys.argv[1:])
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as e:
+        print(e.args[0] if e.args else "interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def flag_help(source, defaults):

@@ -16,7 +16,7 @@ import torch  # only for get_batch
 
 if __name__ == "__main__":  # run as a script: the project folder, not data/, is the import root
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
-from data.files import InputError, atomic_write_text, parse_flags
+from data.files import InputError, atomic_write_text, parse_flags, run
 
 
 class DataError(InputError):
@@ -231,22 +231,19 @@ USAGE = "python data/prepare.py {alpaca,oasst,guanaco} SRC OUT.jsonl [--lang en]
 
 
 def main(args):
-    skipped, dst = Counter(), None
-    try:
-        words, flags = parse_flags(args, {"lang": ""}, f"{__doc__.strip()}\n\nusage: {USAGE}\n  --lang LANG   oasst: keep only trees whose prompt is in this language")
-        if len(words) != 3:
-            raise InputError(f"expected 3 arguments, got {len(words)} (usage: {USAGE})")
-        kind, src, dst = words
-        examples = convert(kind, src, flags.get("lang") or None, skipped)
+    words, flags = parse_flags(args, {"lang": ""}, f"{__doc__.strip()}\n\nusage: {USAGE}\n  --lang LANG   oasst: keep only trees whose prompt is in this language")
+    if len(words) != 3:
+        raise InputError(f"expected 3 arguments, got {len(words)} (usage: {USAGE})")
+    kind, src, dst = words
+    skipped = Counter()
+    examples = convert(kind, src, flags.get("lang") or None, skipped)
+    try:  # reading is checked in read_records: an OSError here is the output's
         atomic_write_text(dst, "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples))
-    except (InputError, OSError) as e:  # reading is checked in read_records: an OSError is the output's
-        why = e if isinstance(e, InputError) else f"cannot write {dst} ({e.strerror})"
-        print(f"prepare.py: {why}", file=sys.stderr)
-        return 2
+    except OSError as e:
+        raise InputError(f"cannot write {dst} ({e.strerror})") from None
     why = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
     print(f"wrote {len(examples)} examples to {dst}, skipped {sum(skipped.values())}" + (f" ({why})" if why else ""))
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run(main)
