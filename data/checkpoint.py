@@ -51,7 +51,7 @@ def train_tokenizer(texts, path, vocab_size, symbols=()):
     # a small BPE model with LLaMA's special ids (unk 0, bos 1, eos 2), for models that come without one.
     # The vocabulary must hold every character of the text and cannot exceed what the text can fill:
     # outside those bounds sentencepiece names the size that works, and we take it. -> the size used
-    for _ in range(2):
+    for retry in (False, True):
         buf = io.BytesIO()
         try:
             spm.SentencePieceTrainer.train(
@@ -61,7 +61,7 @@ def train_tokenizer(texts, path, vocab_size, symbols=()):
             break
         except RuntimeError as e:
             fit = re.search(r"value <= (\d+)|required_chars\. \d+ vs (\d+)", str(e))
-            if not fit:
+            if not fit or retry:  # the size it named failed too
                 raise InputError(f"{path}: cannot train a tokenizer on this data ({str(e).splitlines()[0][:200]})") from None
             vocab_size = int(fit[1] or fit[2])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
