@@ -1848,7 +1848,7 @@ SHOTS = ["Is 2, or 3, prime?\nA. only 2\nB. only 3\nC. both\nD. neither\nAnswer:
          "Two\nlines?\nA. yes\nB. no\nC. maybe\nD. never\nAnswer: A\n\n", "3+3?\nA. 6\nB. 7\nC. 8\nD. 9\nAnswer: A\n\n"]
 FIRST_Q = "5+5?\nA. 10\nB. 11\nC. 12\nD. 13\nAnswer:"
 # answers of the val questions: unequal subject sizes, so the mean over subjects differs from that over questions
-VAL_ANSWERS = {"abstract_algebra": "AC", "philosophy": "ACA", "sports_trivia": "DBAAC"}  # sports_trivia: no category
+VAL_ANSWERS = {"abstract_algebra": "AC", "philosophy": "ACA", "sports_trivia": "DBAAC"}  # sports_trivia: not an MMLU subject
 
 
 def mmlu_row(subject, i, letter):
@@ -1945,7 +1945,6 @@ def test_mmlu_rigged_model_scores_and_macro_average(mmlu_dirs, mmlu_tok):
         share = {s: a.count("A") / len(a) for s, a in VAL_ANSWERS.items()}  # 1/2, 2/3, 2/5
         assert r["subjects"] == pytest.approx(share)
         assert r["accuracy"] == pytest.approx((1 / 2 + 2 / 3 + 2 / 5) / 3)  # over subjects: 0.522, over questions 0.5
-        assert r["categories"] == pytest.approx({"STEM": 1 / 2, "humanities": 2 / 3, "other": 2 / 5})
         assert r["dropped_shots"] == r["cut_prompts"] == 0
 
 
@@ -1990,21 +1989,14 @@ def test_mmlu_padding_does_not_change_predictions(mmlu_dirs, mmlu_tok):
 
 def test_mmlu_log_line_per_evaluation(tmp_path):
     r = {"accuracy": 0.35212, "questions": 1531, "subjects": {"anatomy": 0.5, "virology": 0.2042},
-         "categories": {"other": 0.3521}, "dropped_shots": 0, "cut_prompts": 0, "seconds": 41.2}
+         "dropped_shots": 0, "cut_prompts": 0, "seconds": 41.2}
     assert MM.summary(200, "val", r) == "iter 200: mmlu val 0.352 (2 subjects, 1531 questions, 41 s)"
     MM.append_log(tmp_path, "val", 0, r)
     MM.append_log(tmp_path, "val", 200, dict(r, accuracy=0.4))
     lines = (tmp_path / "mmlu_val.jsonl").read_text().splitlines()
     assert [json.loads(l) for l in lines] == [
-        {"iter": 0, "accuracy": 0.35212, "questions": 1531, "subjects": {"anatomy": 0.5, "virology": 0.2042}, "categories": {"other": 0.3521}},
-        {"iter": 200, "accuracy": 0.4, "questions": 1531, "subjects": {"anatomy": 0.5, "virology": 0.2042}, "categories": {"other": 0.3521}}]
-
-
-def test_mmlu_category_table_has_the_57_subjects():
-    names = [s for v in MM.CATEGORIES.values() for s in v.split()]
-    assert len(names) == len(set(names)) == 57
-    assert [len(v.split()) for v in MM.CATEGORIES.values()] == [18, 13, 12, 14]
-    assert MM.category("high_school_us_history") == "humanities" and MM.category("made_up") == "other"
+        {"iter": 0, "accuracy": 0.35212, "questions": 1531, "subjects": {"anatomy": 0.5, "virology": 0.2042}},
+        {"iter": 200, "accuracy": 0.4, "questions": 1531, "subjects": {"anatomy": 0.5, "virology": 0.2042}}]
 
 
 BAD_MMLU = [  # ({file: text}, text the one-line error must contain)

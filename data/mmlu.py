@@ -22,25 +22,6 @@ from data.prepare import field, read_records
 
 LETTERS = ("A", "B", "C", "D")
 LETTER_PIECES = tuple("\u2581" + x for x in LETTERS)  # "▁A".."▁D": how LLaMA's tokenizer spells them after "Answer:"
-# Hendrycks et al.'s categories.py (subject -> subcategory -> category), flattened; other subjects count as "other"
-CATEGORIES = {
-    "STEM": "abstract_algebra astronomy college_biology college_chemistry college_computer_science college_mathematics "
-            "college_physics computer_security conceptual_physics electrical_engineering elementary_mathematics "
-            "high_school_biology high_school_chemistry high_school_computer_science high_school_mathematics "
-            "high_school_physics high_school_statistics machine_learning",
-    "humanities": "formal_logic high_school_european_history high_school_us_history high_school_world_history "
-                  "international_law jurisprudence logical_fallacies moral_disputes moral_scenarios philosophy "
-                  "prehistory professional_law world_religions",
-    "social sciences": "econometrics high_school_geography high_school_government_and_politics high_school_macroeconomics "
-                       "high_school_microeconomics high_school_psychology human_sexuality professional_psychology "
-                       "public_relations security_studies sociology us_foreign_policy",
-    "other": "anatomy business_ethics clinical_knowledge college_medicine global_facts human_aging management marketing "
-             "medical_genetics miscellaneous nutrition professional_accounting professional_medicine virology",
-}
-
-
-def category(subject):
-    return next((c for c, names in CATEGORIES.items() if subject in names.split()), "other")
 
 
 def read_csv(path):
@@ -139,9 +120,7 @@ def evaluate(model, tok, questions, batch_size, device, max_len, autocast_ctx=No
         model.train(was_training)
     subjects = {s: fmean(p == q["answer"] for q, p in zip(questions, preds) if q["subject"] == s)
                 for s in sorted({q["subject"] for q in questions})}
-    cats = {c: fmean(a for s, a in subjects.items() if category(s) == c)  # means over subjects, as the accuracy is
-            for c in sorted(set(map(category, subjects)))}
-    return {"accuracy": fmean(subjects.values()), "questions": len(questions), "subjects": subjects, "categories": cats,
+    return {"accuracy": fmean(subjects.values()), "questions": len(questions), "subjects": subjects,
             "dropped_shots": sum(p[1] for p in prompts), "cut_prompts": sum(p[2] for p in prompts),
             "predictions": [LETTERS[p] for p in preds], "seconds": time.time() - t0}
 
@@ -155,4 +134,4 @@ def summary(it, split, r):
 def append_log(out_dir, split, it, r):
     # one JSON object per evaluation, written in one piece
     with open(Path(out_dir) / f"mmlu_{split}.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({"iter": it, **{k: r[k] for k in ("accuracy", "questions", "subjects", "categories")}}) + "\n")
+        f.write(json.dumps({"iter": it, **{k: r[k] for k in ("accuracy", "questions", "subjects")}}) + "\n")
