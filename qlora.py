@@ -1,5 +1,4 @@
-"""
-QLoRA (Dettmers et al. 2023, arXiv 2305.14314) in one file, in the paper's order:
+"""QLoRA (Dettmers et al. 2023, arXiv 2305.14314) in one file, in the paper's order:
 
   1. NF4, the 4-bit NormalFloat data type                      (paper §3, table built in nf4_table.py)
   2. blockwise 4-bit quantization, bit-compatible with bitsandbytes' NF4 format
@@ -60,7 +59,6 @@ BLOCKSIZE2 = 256  # second-level block: one c1 per 256 values of c2 (the paper's
 #    blockwise in blocks of BLOCKSIZE2 with the 8-bit map, after subtracting its mean:
 #       c2^FP32 ≈ c1 · DYN8[c2^8bit] + c2_mean.    Cost: 8/64 + 32/(64·256) = 0.127 bit/param.
 
-
 class NF4Weight(nn.Module):
     # A frozen 4-bit weight. Its tensors are buffers so that .to(device) and state_dict() carry them.
     def __init__(self, shape, dtype, blocksize, packed, c2, c1=None, c2_mean=None):
@@ -95,9 +93,6 @@ class NF4Weight(nn.Module):
                 out = fn(t)
                 self._buffers[name] = t.to(out.device) if t.is_floating_point() else out
         return self
-
-    def extra_repr(self):
-        return f"shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, double_quant={self.double_quant}"
 
 
 def quantize_nf4(w, blocksize=64, double_quant=True):
@@ -298,7 +293,6 @@ def nf4_matmul(x, q, buffer=None):
 #    L2 (lora_B) starts at zero, so training starts exactly from the pretrained model; lora_A is
 #    kaiming-uniform. Only lora_A, lora_B are parameters: the 4-bit base sits in buffers, no gradient.
 
-
 class LoRALinear(nn.Module):
     def __init__(self, weight, r=64, alpha=16, dropout=0.0, dequant_buffer=None):
         super().__init__()
@@ -326,9 +320,6 @@ class LoRALinear(nn.Module):
             h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., r)
             y = y + F.linear(h, self.lora_B.to(h.dtype)) * self.scaling
         return y
-
-    def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling}"
 
 
 def merge_lora(layer, dtype=None):
