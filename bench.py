@@ -1,5 +1,4 @@
-"""
-Benchmarks, on one GPU. Three commands:
+"""Benchmarks, on one GPU. Three commands:
 
   python bench.py kernels                       # NF4 dequant GB/s; NF4 linear vs bf16 cuBLAS per shape and M
   python bench.py e2e --model 7B --batch 2 --seq 2048 [--steps 10]   # QLoRA training steps: tok/s, MFU, memory

@@ -1,5 +1,4 @@
-"""
-LLaMA 1 and 2 (and models of the same shape: Mistral, TinyLlama, CodeLlama), quantized to NF4 block by block
+"""LLaMA 1 and 2 (and models of the same shape: Mistral, TinyLlama, CodeLlama), quantized to NF4 block by block
 while loading, with LoRA on every linear layer of every block. The file formats (Meta's raw checkpoints,
 Hugging Face folders, adapters, exports, the tokenizer) live in data/checkpoint.py.
 
@@ -95,7 +94,6 @@ def mfu(n_linear, grad_checkpoint, tok_s, device_name):
 
 # -----------------------------------------------------------------------------------------------
 # the network
-
 
 class RMSNorm(nn.Module):
     def __init__(self, weight, eps):
@@ -324,8 +322,7 @@ def chat(argv):
     adapter = read_adapter(f["adapter"]) if f["adapter"] else None
     info = adapter["info"] if adapter else {}
     base = info.get("base") or {}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # as train.py
+    device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)  # as train.py
     if f["ckpt_dir"] or base.get("ckpt_dir"):
         d = Path(f["ckpt_dir"] or base["ckpt_dir"])
         net = LLaMA.from_checkpoint(d, f["quantize"], device, dtype, lora_r=0)
@@ -342,10 +339,9 @@ def chat(argv):
         load_adapter(net, adapter)
     net.eval()
     template = f["template"] or info.get("template") or ("alpaca" if adapter else "none")
-    if template not in ("alpaca", "guanaco", "none"):
+    wrap = {"alpaca": ALPACA[False], "guanaco": "### Human: {instruction}### Assistant: ", "none": "{instruction}"}.get(template)
+    if wrap is None:
         raise InputError(f"--template: expected alpaca, guanaco or none, got {template!r}")
-    wrap = {"alpaca": lambda s: ALPACA[False].format(instruction=s), "guanaco": lambda s: f"### Human: {s}### Assistant: ",
-            "none": lambda s: s}[template]
     keep = max(net.config.max_seq_len - f["max_new_tokens"], net.config.max_seq_len // 2)  # prompt tokens kept
     torch.manual_seed(f["seed"])
 
@@ -369,7 +365,7 @@ def chat(argv):
     history = [tok.bos_id]
     try:  # --prompt, or one turn per line of stdin until an empty line (or EOF)
         for line in [f["prompt"]] if f["prompt"] else iter(lambda: input("> " * sys.stdin.isatty()).strip(), ""):
-            ids = (history if template == "guanaco" else [tok.bos_id]) + tok.encode(wrap(line))
+            ids = (history if template == "guanaco" else [tok.bos_id]) + tok.encode(wrap.format(instruction=line))
             history = ids + answer(ids)
     except EOFError:
         pass

@@ -1,5 +1,4 @@
-"""
-The two lookup tables QLoRA needs, built exactly the way bitsandbytes builds them so that our 4-bit
+"""The two lookup tables QLoRA needs, built exactly the way bitsandbytes builds them so that our 4-bit
 weights are bit-compatible with its format:
 
   NF4    16 values, "4-bit NormalFloat" (paper §3): the quantiles of N(0, 1), rescaled to [-1, 1].

@@ -1,16 +1,14 @@
-"""
-QLoRA instruction finetuning of LLaMA, with the paper's recipe (Dettmers et al. 2023, §4-5, Guanaco).
+"""QLoRA instruction finetuning of LLaMA, with the paper's recipe (Dettmers et al. 2023, §4-5, Guanaco).
 
   python train.py                                  # tiny random LLaMA on data/sample.jsonl, CPU, ~1 min
   python train.py --model 7B --data my.jsonl       # Meta weights in checkpoints/7B (or --ckpt_dir DIR)
   python train.py --model 65B --init random --max_iters 1      # does it fit? (no download needed)
   torchrun --standalone --nproc_per_node=2 train.py --model 13B # data parallel over 2 GPUs
 
-Every name in the config block below is a flag: --name=value or --name value (--resume alone means True);
-`python train.py --help` lists them. The flow is one way: parse the flags, resolve every default once
-(resolve), lock out_dir, build with the resolved values, train, and save the resolved config beside the
-adapter: what is saved is what ran. Bad input of any kind is one line `error: ...` and exit status 2;
-Ctrl-C is one line and exit status 130, the last checkpoint kept.
+Every name in the config block below is a flag (--name=value or --name value; --resume alone means True;
+--help lists them). One way through: parse the flags, resolve every default once (resolve), lock out_dir,
+build with the resolved values, train, save the resolved config beside the adapter: what is saved is what
+ran. Bad input is one line `error: ...` and exit status 2; Ctrl-C one line and 130, the last checkpoint kept.
 """
 import hashlib
 import math
@@ -78,10 +76,8 @@ DEMO = dict(max_iters=400, batch_size=8, micro_batch=8, learning_rate=2e-3, warm
 
 def resolve(given, defaults):
     # every default, once: the demo's, then the paper's per-size ones (which need the architecture)
-    c = dict(defaults)
-    demo = given.get("model", c["model"]) == "tiny" and not given.get("ckpt_dir") and given.get("init", "random") in ("", "random")
-    c.update(DEMO if demo else {}, **given)
-    c["demo"] = demo
+    demo = given.get("model", defaults["model"]) == "tiny" and not given.get("ckpt_dir") and given.get("init", "random") in ("", "random")
+    c = {**defaults, **(DEMO if demo else {}), **given, "demo": demo}  # the later wins: flags > demo > defaults
     for k in ("batch_size", "micro_batch", "eval_interval", "eval_iters", "log_interval", "lora_r", "source_max_len", "target_max_len"):
         if c[k] < 1:
             raise InputError(f"--{k} must be at least 1, got {c[k]}")

@@ -335,7 +335,6 @@ def open_checkpoint(ckpt_dir, device=None, dtype=torch.bfloat16, tokenizer=None,
 # -----------------------------------------------------------------------------------------------
 # adapters in: ours (adapter.pt) or peft's folder
 
-
 def read_adapter(path):
     # -> {"lora": {name in the file: tensor}, "r", "scaling", "targets", "hf", "where", "info"}
     path, short = Path(path), {v.split(".")[1]: k for k, v in LINEARS.items()}  # q_proj -> attention.wq
@@ -407,7 +406,6 @@ def load_adapter(model, adapter):
 
 # -----------------------------------------------------------------------------------------------
 # export: a merged 16-bit checkpoint in Meta's layout, and the adapter in peft's format
-
 
 def meta_params(cfg):
     # params.json as Meta's loaders read it: they do ModelArgs(**params), so no keys of ours. An explicit

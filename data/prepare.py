@@ -128,7 +128,6 @@ def convert(kind, path, lang=None, skipped=None):
 # reading the project's JSONL for training: each example becomes segments (text, is_response), then
 # token ids with labels that are -100 everywhere but on the responses
 
-
 def segments(obj, where):
     def text(o, key, w=where):
         v = o.get(key)  # o is a dict: checked by the callers
