@@ -319,6 +319,9 @@ def chat(argv):
     if words:
         raise InputError(f"unexpected argument {words[0]!r}: flags are --name value (see --help)")
     f = {**FLAGS, **given}
+    for k, lo, hi in (("max_new_tokens", 0, 1e9), ("top_k", 0, 1e9), ("top_p", 0, 1), ("temperature", 0, 1e4)):
+        if not lo <= f[k] <= hi:  # not NaN either
+            raise InputError(f"--{k} must be in [{lo}, {hi:g}], got {f[k]}")
     adapter = read_adapter(f["adapter"]) if f["adapter"] else None
     info = adapter["info"] if adapter else {}
     base = info.get("base") or {}

@@ -28,7 +28,8 @@ import data.mmlu as MM
 import data.prepare as P
 import model as M
 import qlora
-from data.files import InputError, atomic_save, atomic_write, atomic_write_bytes
+from data.files import InputError, atomic_save, atomic_write, atomic_write_bytes, atomic_write_text
+from data.files import run as files_run
 from data.prepare import DataError, convert
 from nf4_table import NF4_OFFSET, dynamic_map, midpoints, nf4_values
 
@@ -1043,6 +1044,8 @@ def test_tokenizer_special_ids(tokenizer_file):
     ("bad_params", "params.json:1: invalid JSON"),
     ("tokenizer_vocab", "tokenizer has"),
     ("pickle", "cannot load"),
+    ("not_a_dict", "consolidated.01.pth: not a state dict"),
+    ("not_tensors", "consolidated.01.pth: not a state dict"),
 ])
 def test_checkpoint_errors_name_file_and_tensor(tmp_path, meta_ckpt, tokenizer_file, damage, expect):
     src, cfg, weights = meta_ckpt
@@ -1067,6 +1070,8 @@ def test_checkpoint_errors_name_file_and_tensor(tmp_path, meta_ckpt, tokenizer_f
         C.train_tokenizer(WORDS * 5, d / "tokenizer.model", vocab_size=60)
     elif damage == "pickle":  # arbitrary pickled objects are refused (weights_only=True)
         torch.save({"x": __import__("collections").OrderedDict(a=Path("."))}, d / "consolidated.01.pth")
+    elif damage in ("not_a_dict", "not_tensors"):  # plain data weights_only accepts, but no state dict
+        torch.save([1, 2] if damage == "not_a_dict" else {"tok_embeddings.weight": 3}, d / "consolidated.01.pth")
     with pytest.raises(C.CheckpointError, match=re.escape(expect)):
         M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, tokenizer=d / "tokenizer.model" if damage == "tokenizer_vocab" else None)
 
@@ -1249,6 +1254,7 @@ def test_hf_layout_quantized_and_tied(tmp_path, meta_ckpt, tokenizer_file, monke
     ("missing_tensor", "missing tensor 'model.layers.1.post_attention_layernorm.weight'"),
     ("missing_shard", "model-00002-of-00002.safetensors: not found (listed in"),
     ("truncated", "not a valid safetensors file"),
+    ("negative_shape", "not a valid safetensors file (RuntimeError: "),  # (-2)·(-2)·4 bytes: the size agrees
     ("no_weights", "no weights (model.safetensors"),
 ])
 def test_hf_unsupported_is_one_line_before_any_weight_is_read(tmp_path, meta_ckpt, tokenizer_file, monkeypatch, damage, expect):
@@ -1256,9 +1262,11 @@ def test_hf_unsupported_is_one_line_before_any_weight_is_read(tmp_path, meta_ckp
     hf = write_hf(tmp_path / "hf", cfg, weights, tokenizer_file, shards=2 if damage == "missing_shard" else 1,
                   config=hf_config(cfg, **damage) if isinstance(damage, dict) else None)
     st = hf / "model.safetensors"
-    if damage in ("bias_tensor", "f8_dtype", "missing_tensor"):
+    if damage in ("bias_tensor", "f8_dtype", "missing_tensor", "negative_shape"):
         sd = read_safetensors(st)
-        if damage == "bias_tensor":
+        if damage == "negative_shape":
+            sd["model.norm.weight"] = ("F32", [-2, -2], bytes(16))
+        elif damage == "bias_tensor":
             sd["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(cfg.dim)
         elif damage == "f8_dtype":
             sd["model.norm.weight"] = ("F8_E4M3", [cfg.dim], bytes(cfg.dim))
@@ -1371,6 +1379,7 @@ def test_own_adapter_pt_loads_and_returns_its_record(tmp_path, meta_ckpt):
     ("missing", "tensor 'layers.1.feed_forward.w2.lora_B' missing"),
     ("peft_target", 'target_modules ["q_proj", "lm_head"] is not supported (only q_proj, k_proj'),
     ("peft_missing", "tensor 'base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight' missing"),
+    ("peft_bin_list", "adapter_model.bin: not a state dict"),
 ])
 def test_adapter_mismatch_is_one_line(tmp_path, meta_ckpt, damage, expect):
     d, cfg, _ = meta_ckpt
@@ -1381,6 +1390,9 @@ def test_adapter_mismatch_is_one_line(tmp_path, meta_ckpt, damage, expect):
         path, cj = tmp_path / "a", tmp_path / "a" / "adapter_config.json"
         if damage == "peft_target":
             cj.write_text(json.dumps({**json.loads(cj.read_text()), "target_modules": ["q_proj", "lm_head"]}))
+        elif damage == "peft_bin_list":  # plain data weights_only accepts, in peft's pickled format
+            (path / "adapter_model.safetensors").unlink()
+            torch.save([1, 2], path / "adapter_model.bin")
         else:
             sd = read_safetensors(path / "adapter_model.safetensors")
             del sd["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
@@ -1507,6 +1519,9 @@ def test_chat_on_a_peft_adapter_finds_its_base_folder(tmp_path, meta_ckpt, token
     (["--colour", "red"], "error: unknown flag --colour"),
     (["--max_new_tokens", "many"], "error: --max_new_tokens: expected int, got 'many'"),
     (["--prompt", "hi"], "error: --ckpt_dir DIR is needed"),
+    (["--top_k", "-1"], "error: --top_k must be in [0, 1e+09], got -1"),
+    (["--temperature", "nan"], "error: --temperature must be in [0, 10000], got nan"),
+    (["--max_new_tokens", "-5"], "error: --max_new_tokens must be in [0, 1e+09], got -5"),
     (["--adapter", "/nonexistent/adapter.pt"], "error: /nonexistent/adapter.pt: adapter not found"),
 ])
 def test_chat_bad_input_is_one_line(args, expect):
@@ -1537,6 +1552,21 @@ def test_atomic_write_fsyncs_the_file_then_renames_then_fsyncs_the_folder(tmp_pa
     # the data is on disk under the temporary name before the rename; the rename is on disk after the folder's fsync
     assert calls == [("fsync", ("file", 10_000, b"x" * 10_000)), ("replace", "f.bin.tmp", "f.bin"), ("fsync", "folder")]
     assert target.read_bytes() == b"x" * 10_000
+
+
+def test_atomic_write_refuses_what_is_not_a_regular_file(tmp_path):
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "folder").mkdir()
+    for name in ("pipe", "folder"):
+        with pytest.raises(InputError, match=f"{tmp_path / name}: exists and is not a regular file"):
+            atomic_write_text(tmp_path / name, "x")
+    assert stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode) and not any((tmp_path / "folder").iterdir())
+
+
+def test_run_turns_an_os_error_into_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        files_run(lambda argv: open(tmp_path))  # e.g. a folder where the output file goes
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: {tmp_path}: Is a directory\n"
 
 
 def enospc(f):
@@ -1763,7 +1793,11 @@ BAD = [  # (format, file lines, text the one-line error must contain)
                json.dumps({"parent_id": "a", "role": "assistant", "text": "A"})], "in.jsonl:2: missing or invalid field 'message_id'"),
     ("oasst", [json.dumps({"message_id": "a", "parent_id": None, "role": "prompter", "text": "Q"}),
                json.dumps({"message_id": "b", "parent_id": "a", "role": "assistant"})], "in.jsonl:2: missing or invalid field 'text'"),
+    ("oasst", [json.dumps({"message_id": "a", "parent_id": None, "role": "prompter", "text": "Q"}),
+               json.dumps({"message_id": "b", "parent_id": ["a"], "role": "assistant"})], "in.jsonl:2: missing or invalid field 'parent_id'"),
     ("llama", [GOOD_ALPACA], "unknown format 'llama'"),
+    ("alpaca", [GOOD_ALPACA, '{"instruction": "a \\ud83d b", "output": "o"}'], "in.jsonl:2: a lone UTF-16 surrogate"),
+    ("alpaca", [GOOD_ALPACA, "[" * 100_000], "in.jsonl:2: malformed JSON"),  # too deep for the decoder
     ("alpaca", ["[", "  " + GOOD_ALPACA, "]", GOOD_ALPACA], "in.jsonl:4: more after the JSON array that ends on line 3"),
     ("alpaca", [json.dumps([json.loads(GOOD_ALPACA)] * 2) + " " + GOOD_ALPACA], "in.jsonl:1: more after the JSON array"),
 ]
@@ -2093,6 +2127,7 @@ def test_bad_data_gives_one_line_and_exit_2(tmp_path, lines, expect):
     (["--max_iters", "-5"], "--max_iters must be at least 0, got -5"),
     # tiny: dim 128, 4 heads of 32, 2 kv heads -> wk/wv are 64 x 128, the narrowest adapted layer (w1: 352 x 128)
     (["--lora_r", "65"], "--lora_r must be at most 64 for this architecture"),
+    (["--source_max_len", "200", "--target_max_len", "100"], "--target_max_len must be at most 56 (its context less"),  # 256 - 200
     (["--model", "7B", "--init", "random", "--lora_r", "4097"], "--lora_r must be at most 4096"),
     (["stray"], "unexpected argument 'stray'"),
     (["--resume"], "--resume: "),  # an empty out_dir: nothing to resume
@@ -2140,6 +2175,8 @@ def test_resume_gives_the_same_losses(tmp_path, demo_tokenizer):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     changed = run_train(*FAST, "--max_iters", 8, "--out_dir", tmp_path / "b", "--resume", "--batch_size", 8)
     assert changed.returncode == 2 and "was made with --batch_size 4, this run has --batch_size 8" in changed.stderr
+    other = run_train(*FAST, "--max_iters", 8, "--out_dir", tmp_path / "b", "--resume", "--adapter", tmp_path / "a" / "adapter.pt")
+    assert other.returncode == 2 and f"was made with --adapter , this run has --adapter {tmp_path / 'a' / 'adapter.pt'}" in other.stderr
 
 
 def test_ddp_two_gloo_processes_match_one(tmp_path, demo_tokenizer):

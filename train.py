@@ -112,7 +112,9 @@ def resolve(given, defaults):
     for k, ok, want in (*((k, 0 < c[k] < math.inf, "positive") for k in ("learning_rate", "max_grad_norm", "lora_alpha")),
                         *((k, 0 <= c[k] < math.inf, "at least 0") for k in ("weight_decay", "temperature", "max_iters", "sample_tokens", "threads")),
                         *((k, 0 <= c[k] < 1, "in [0, 1)") for k in ("beta1", "beta2", "val_fraction", "lora_dropout")),
-                        ("lora_r", c["lora_r"] <= max_r, f"at most {max_r} for this architecture (the smaller side of its narrowest adapted layer)")):
+                        ("lora_r", c["lora_r"] <= max_r, f"at most {max_r} for this architecture (the smaller side of its narrowest adapted layer)"),
+                        ("target_max_len", c["source_max_len"] + c["target_max_len"] <= arch.max_seq_len,
+                         f"at most {arch.max_seq_len - c['source_max_len']} (its context less --source_max_len)")):
         if not ok:
             raise InputError(f"--{k} must be {want}, got {c[k]}")
     return c
@@ -170,7 +172,8 @@ def read_checkpoint(path, c, world):
         raise InputError(f"--resume: {path}: truncated or damaged ({str(e).splitlines()[0][:100]})") from None
     if not (isinstance(ck, dict) and {"config", "lora", "optimizer", "iter_num", "rng"} <= ck.keys()):
         raise InputError(f"--resume: {path}: not a checkpoint written by train.py" + (" (empty file)" if not path.stat().st_size else ""))
-    for k in ("model", "ckpt_dir", "data", "seed", "batch_size", "micro_batch", "lora_r", "source_max_len", "target_max_len"):
+    for k in ("model", "ckpt_dir", "adapter", "data", "seed", "batch_size", "micro_batch", "lora_r", "source_max_len",
+              "target_max_len"):
         if ck["config"].get(k) != c[k]:  # anything that changes the model or the data stream
             raise InputError(f"--resume: {path} was made with --{k} {ck['config'].get(k)}, this run has --{k} {c[k]}")
     if len(ck["rng"]) != world:

@@ -83,11 +83,15 @@ def read_json(path):
         raise CheckpointError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
-def torch_load(path):
+def torch_load(path, tensors=True):
+    # -> what the file holds; tensors=True: it must be a state dict {name: tensor}
     try:  # weights_only: a checkpoint is data, never code to run; mmap: nothing is read until it is used
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if tensors and not (isinstance(sd, dict) and all(isinstance(k, str) and torch.is_tensor(t) for k, t in sd.items())):
+        raise CheckpointError(f"{path}: not a state dict (a dict of named tensors)")
+    return sd
 
 
 # -----------------------------------------------------------------------------------------------
@@ -151,8 +155,9 @@ def read_safetensors(path):
                     raise ValueError(f"tensor {name!r}: data_offsets disagree with its shape or the file size")
                 raw = buf[8 + n + begin : 8 + n + end]  # viewed as dt in place only where the offset is aligned to it
                 out[name] = (raw if (8 + n + begin) % dt.itemsize == 0 else raw.clone()).view(dt).view(h["shape"])
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not a valid safetensors file ({type(e).__name__}: {e})") from None
+        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:  # RuntimeError: e.g. a shape < 0
+            raise CheckpointError(f"{path}: not a valid safetensors file "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return out
 
 
@@ -360,7 +365,7 @@ def read_adapter(path):
         info = {"base": {"ckpt_dir": conf["base_model_name_or_path"]}} if conf.get("base_model_name_or_path") else {}
         rslora = conf.get("use_rslora")  # rsLoRA scales by α/√r
     elif path.is_file():  # ours: train.py's adapter.pt (or ckpt.pt)
-        where, ck = path, torch_load(path)
+        where, ck = path, torch_load(path, tensors=False)
         if not isinstance(ck, dict) or not isinstance(ck.get("lora"), dict) or not isinstance(ck.get("model_config"), dict):
             raise CheckpointError(f"{path}: not an adapter (expected a dict with 'lora' and 'model_config')")
         lora = ck["lora"]
@@ -368,7 +373,7 @@ def read_adapter(path):
         info, rslora = {k: v for k, v in ck.items() if k not in ("lora", "optimizer", "rng")}, False
     else:
         raise CheckpointError(f"{path}: adapter not found (adapter.pt, or a peft folder with adapter_config.json)")
-    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
+    if type(r) is not int or r < 1 or not isinstance(alpha, (int, float)):
         raise CheckpointError(f"{where}: the rank and alpha must be numbers, got {r!r}, {alpha!r}")
     return dict(lora=lora, r=r, scaling=alpha / (math.sqrt(r) if rslora else r), targets=targets, hf=path.is_dir(),
                 where=str(path), info=info)

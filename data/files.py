@@ -24,6 +24,8 @@ def atomic_write(path, write, size=0):
     # write(f) fills a temporary file beside path; fsync it, rename it over path, fsync the folder.
     # size (bytes, an estimate) only goes into the message when the disk is full.
     path, tmp = Path(path), Path(f"{path}.tmp")
+    if path.exists() and not path.is_file():  # a folder, or a device like /dev/stdout: never renamed over
+        raise InputError(f"{path}: exists and is not a regular file")
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -100,8 +102,8 @@ def run(main):
     # (the interrupt's own message: where it stopped, what is kept) and exit status 130; never a traceback
     try:
         main(sys.argv[1:])
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (InputError, OSError) as e:  # OSError: a folder where a file goes, no permission, ... (the OS's words)
+        print(f"error: {e.filename}: {e.strerror}" if getattr(e, "filename", None) else f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
         print(e.args[0] if e.args else "interrupted", file=sys.stderr)

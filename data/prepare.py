@@ -57,8 +57,12 @@ def read_records(path):
             for line, s in enumerate(text.split("\n"), 1):  # not splitlines(): JSON may hold U+2028
                 if s.strip():
                     records.append((line, json.loads(s)))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno if array else line}: malformed JSON ({e.msg})")
+    except (ValueError, RecursionError) as e:  # also a number of over 4,300 digits, nesting too deep to decode
+        at = e.lineno if array and isinstance(e, json.JSONDecodeError) else line
+        raise DataError(f"{path}:{at}: malformed JSON ({getattr(e, 'msg', e)})")
+    for line, obj in records:  # "\ud83d" alone is valid JSON, but no tokenizer or UTF-8 file takes it
+        if re.search("[\ud800-\udfff]", json.dumps(obj, ensure_ascii=False)):
+            raise DataError(f"{path}:{line}: a lone UTF-16 surrogate (half of an emoji?) in a string")
     return records
 
 
@@ -95,7 +99,7 @@ def convert(kind, path, lang=None, skipped=None):
         # the flat message table: rebuild the trees from parent_id links, roots in file order
         nodes = {field(f"{path}:{line}", m, "message_id"): dict(m, replies=[], line=line) for line, m in records}
         for n in nodes.values():
-            if n.get("parent_id") in nodes:
+            if field(f"{path}:{n['line']}", n, "parent_id", kind=(str, type(None))) in nodes:
                 nodes[n["parent_id"]]["replies"].append(n)
         records = [(n["line"], {"prompt": n}) for n in nodes.values() if n.get("parent_id") is None]
     for line, r in records:
