@@ -1043,7 +1043,7 @@ def test_tokenizer_special_ids(tokenizer_file):
     ("missing_key", "missing tensor 'layers.1.ffn_norm.weight'"),
     ("bad_params", "params.json:1: invalid JSON"),
     ("tokenizer_vocab", "tokenizer has"),
-    ("pickle", "cannot load"),
+    ("pickle", "consolidated.01.pth: cannot load (UnpicklingError: Weights only load failed)"),  # no advice to unpickle
     ("not_a_dict", "consolidated.01.pth: not a state dict"),
     ("not_tensors", "consolidated.01.pth: not a state dict"),
 ])
@@ -1561,6 +1561,9 @@ def test_atomic_write_refuses_what_is_not_a_regular_file(tmp_path):
         with pytest.raises(InputError, match=f"{tmp_path / name}: exists and is not a regular file"):
             atomic_write_text(tmp_path / name, "x")
     assert stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode) and not any((tmp_path / "folder").iterdir())
+    (tmp_path / "file").write_text("")  # any other OSError names the target (not its temporary file)
+    with pytest.raises(InputError, match=re.escape(f"cannot write {tmp_path / 'file' / 'x'} (Not a directory)")):
+        atomic_write_text(tmp_path / "file" / "x", "x")
 
 
 def test_run_turns_an_os_error_into_one_line(tmp_path, capsys):

@@ -77,8 +77,6 @@ def find_tokenizer(ckpt_dir):
 def read_json(path):
     try:
         return json.loads(Path(path).read_text())
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
@@ -88,7 +86,8 @@ def torch_load(path, tensors=True):
     try:  # weights_only: a checkpoint is data, never code to run; mmap: nothing is read until it is used
         sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        why = str(e).splitlines()[0].split(". ")[0][:200]  # its first sentence: never torch's advice to unpickle it anyway
+        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {why})") from None
     if tensors and not (isinstance(sd, dict) and all(isinstance(k, str) and torch.is_tensor(t) for k, t in sd.items())):
         raise CheckpointError(f"{path}: not a state dict (a dict of named tensors)")
     return sd

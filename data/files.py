@@ -34,6 +34,8 @@ def atomic_write(path, write, size=0):
         tmp.replace(path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):  # named by the target, not tmp
+            raise InputError(f"cannot write {path} ({e.strerror})") from None
         while e is not None and not (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
             e = e.__cause__ or e.__context__  # torch.save reports a full disk as a RuntimeError on top of it
         if e is None:

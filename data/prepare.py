@@ -240,10 +240,7 @@ def main(args):
     kind, src, dst = words
     skipped = Counter()
     examples = convert(kind, src, flags.get("lang") or None, skipped)
-    try:  # reading is checked in read_records: an OSError here is the output's
-        atomic_write_text(dst, "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples))
-    except OSError as e:
-        raise InputError(f"cannot write {dst} ({e.strerror})") from None
+    atomic_write_text(dst, "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples))
     why = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
     print(f"wrote {len(examples)} examples to {dst}, skipped {sum(skipped.values())}" + (f" ({why})" if why else ""))
 
