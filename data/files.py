@@ -33,7 +33,8 @@ def atomic_write(path, write, size=0):
             os.fsync(f.fileno())
         tmp.replace(path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        if os.path.lexists(tmp):  # (nothing to remove under a file or a missing folder)
+            tmp.unlink()
         if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):  # named by the target, not tmp
             raise InputError(f"cannot write {path} ({e.strerror})") from None
         while e is not None and not (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
