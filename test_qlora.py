@@ -30,7 +30,7 @@ import model as M
 import qlora
 from data.files import InputError, atomic_save, atomic_write, atomic_write_bytes, atomic_write_text
 from data.files import run as files_run
-from data.prepare import DataError, convert
+from data.prepare import DataError, convert, read_data
 from nf4_table import NF4_OFFSET, dynamic_map, midpoints, nf4_values
 
 # Tests in the order of the sources: nf4_table.py and qlora.py (§1-6), model.py and data/checkpoint.py,
@@ -1817,6 +1817,14 @@ def test_bad_input(tmp_path, kind, lines, error):
     assert error in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not out.exists() and not (tmp_path / "out.jsonl.tmp").exists()
 
+def test_unreadable_data_is_one_line_naming_the_file(tmp_path):
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"instruction": "caf\xe9"}\n')
+    for name, why in [("none.jsonl", "No such file or directory"), ("", "Is a directory"), ("latin1.jsonl", "'utf-8' codec can't")]:
+        with pytest.raises(DataError) as e:
+            read_data(tmp_path / name)
+        assert str(e.value).startswith(f"{tmp_path / name}: cannot read ({why}")
+
+
 def test_failure_keeps_existing_output(tmp_path):
     out = write(tmp_path / "out.jsonl", [GOOD_ALPACA])
     src = write(tmp_path / "in.jsonl", ["not json"])
@@ -2095,7 +2103,7 @@ def run_train(*args, timeout=300):
     (['{"instruction": "a", "output": "b"}', '{"instruction": "a"}'], "bad.jsonl:2: field 'output' must be a non-empty string"),
     (['{"messages": [{"role": "bot", "content": "x"}]}'], "bad.jsonl:1: messages[0].role"),
     (['{"prompt": "a"}'], "bad.jsonl:1: expected fields"),
-    ([], "bad.jsonl: empty"),
+    ([], "bad.jsonl:1: file is empty"),
     (["[", '{"instruction": "a", "output": "b"}', "]", '{"instruction": "c", "output": "d"}'],
      "bad.jsonl:4: more after the JSON array that ends on line 3"),  # not read as the array alone
     (['{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]}'],

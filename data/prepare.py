@@ -37,7 +37,7 @@ def read_records(path):
     try:
         text = open(path, encoding="utf-8-sig").read()  # -sig: tolerate a byte-order mark
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e})")
+        raise DataError(f"{path}: cannot read ({getattr(e, 'strerror', e)})")  # strerror: the path once
     if not text.strip():
         raise DataError(f"{path}:1: file is empty")
     records, array = [], text.lstrip().startswith("[")
@@ -170,11 +170,6 @@ def segments(obj, where):
 
 def read_data(path):
     # -> [(file:line, segments)]: read_records' checks, then every example's fields, before any work is done
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: not found")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: empty (no JSON lines)")
     return [(f"{path}:{n}", segments(obj, f"{path}:{n}")) for n, obj in read_records(path)]
 
 
