@@ -86,8 +86,7 @@ def e2e(model, batch, seq, steps, r, quantize):
     free0 = torch.cuda.mem_get_info()[0] if cuda else 0  # before the model: the CUDA context is not counted
     t0 = time.time()
     net = LLaMA.from_config(cfg, quantize=quantize, device=dev, dtype=dtype)
-    net.grad_checkpoint = True
-    net.train()
+    net.grad_checkpoint = True  # a freshly built module is in training mode, where checkpointing applies
     load_s = time.time() - t0
     load_alloc = torch.cuda.max_memory_allocated() / 1e9 if cuda else 0
     params = [p for p in net.parameters() if p.requires_grad]

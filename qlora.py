@@ -119,8 +119,7 @@ def quantize_nf4(w, blocksize=64, double_quant=True):
 
 def _blockwise(x, blocksize, mids):
     # x (n,) fp32 -> indices (n_blocks · blocksize,) of the nearest code value, absmax (n_blocks,)
-    n_blocks = -(-x.numel() // blocksize)
-    x = F.pad(x, (0, n_blocks * blocksize - x.numel())).view(n_blocks, blocksize)  # ragged tail: zeros
+    x = F.pad(x, (0, -x.numel() % blocksize)).view(-1, blocksize)  # (n_blocks, blocksize), ragged tail: zeros
     absmax = x.abs().amax(dim=1)
     # multiply by the fp32 reciprocal, as bitsandbytes does (x / c can round differently). An
     # all-zero block gives 0 * inf = NaN: we send it to the code of 0 so it dequantizes to exact zeros
@@ -170,14 +169,9 @@ def _c2_of_block(b, mask, c2, c1, c2_mean, dyn8, DOUBLE: tl.constexpr, BLOCKSIZE
     # c2^FP32 of block b; with double quantization dequant(c1, c2) = c1[b // 256] · DYN8[c2[b]] + c2_mean
     if DOUBLE:
         code = tl.load(c2 + b, mask=mask, other=0).to(tl.int32)
-        c = tl.load(dyn8 + code) * tl.load(c1 + b // BLOCKSIZE2, mask=mask, other=0.0) + tl.load(c2_mean)
-    else:
-        c = tl.load(c2 + b, mask=mask, other=0.0)
-    return c
-
-
-def _constants(q):  # the kernels' (c2, c1, c2_mean, nf4, dyn8); without double quantization c1, c2_mean are never read
-    return q.c2, q.c1 if q.double_quant else q.c2, q.c2_mean if q.double_quant else q.c2, q.nf4, q.dyn8
+        return tl.load(dyn8 + code) * tl.load(c1 + b // BLOCKSIZE2, mask=mask, other=0.0) + tl.load(c2_mean)
+    else:  # c1, c2_mean are None (a constant to Triton); `else`: code after the `if` would compile in both cases
+        return tl.load(c2 + b, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -198,7 +192,7 @@ def _dequantize_triton(q, out):
     n_bytes = q.packed.numel()
     block = 1024  # bytes per program (2048 values out): wide coalesced accesses, still thousands of programs per weight
     _dequant_kernel[(triton.cdiv(n_bytes, block),)](
-        q.packed, *_constants(q), out, n_bytes, q.numel(), q.blocksize // 2,
+        q.packed, q.c2, q.c1, q.c2_mean, q.nf4, q.dyn8, out, n_bytes, q.numel(), q.blocksize // 2,
         DOUBLE=q.double_quant, BLOCKSIZE2=BLOCKSIZE2, BLOCK=block)
     return out
 
@@ -233,7 +227,7 @@ def _fused_matmul(x2, q, transpose):
     # BM = FUSED_MAX_M: a small-M call's rows fit one tile (tl.dot needs >= 16); BK × BN: the weight tile
     BM, BN, BK = 16, 64, 64  # dequantized in registers per step, 64 × 64 = 4096 values, 32 per thread of 4 warps
     _fused_matmul_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
-        x2, q.packed, *_constants(q), y, M, N, K,
+        x2, q.packed, q.c2, q.c1, q.c2_mean, q.nf4, q.dyn8, y, M, N, K,
         x2.stride(0), x2.stride(1), y.stride(0), y.stride(1), swn, swk, q.blocksize,
         DOUBLE=q.double_quant, BLOCKSIZE2=BLOCKSIZE2, BM=BM, BN=BN, BK=BK,
         PRECISION="ieee" if x2.dtype == torch.float32 else "tf32")  # fp32 stays fp32 (Triton's default dot is TF32)
