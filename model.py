@@ -315,9 +315,8 @@ FLAGS = dict(ckpt_dir="", adapter="", prompt="", template="", max_new_tokens=256
 
 
 def chat(argv):
-    words, given = parse_flags(argv, FLAGS, __doc__.strip() + "\n\nflags (defaults): " + " ".join(f"--{k} {v!r}" for k, v in FLAGS.items()))
-    if words:
-        raise InputError(f"unexpected argument {words[0]!r}: flags are --name value (see --help)")
+    help_text = __doc__.strip() + "\n\nflags (defaults): " + " ".join(f"--{k} {v!r}" for k, v in FLAGS.items())
+    _, given = parse_flags(argv, FLAGS, help_text, words_ok=False)
     f = {**FLAGS, **given}
     for k, lo, hi in (("max_new_tokens", 0, 1e9), ("top_k", 0, 1e9), ("top_p", 0, 1), ("temperature", 0, 1e4)):
         if not lo <= f[k] <= hi:  # not NaN either

@@ -385,9 +385,7 @@ def main(argv):
     demo = ", ".join(f"--{k} {v}" for k, v in DEMO.items())
     help_text = f"{__doc__.strip()}\n\nflags, default, meaning (the tiny demo's own defaults: {demo}):\n{flag_help(__file__, defaults)}"
     master = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 alone locks out_dir and speaks
-    words, given = parse_flags(argv, defaults, help_text)
-    if words:
-        raise InputError(f"unexpected argument {words[0]!r}: flags are --name value (see --help)")
+    _, given = parse_flags(argv, defaults, help_text, words_ok=False)
     c = resolve(given, defaults)
     try:
         with locked_dir(c["out_dir"]) if master else nullcontext():

@@ -121,9 +121,9 @@ def flag_help(source, defaults):
     return "\n".join(f"  --{k:<16} {v!r:<22} {meaning.get(k, '')}" for k, v in defaults.items())
 
 
-def parse_flags(argv, defaults, help_text):
-    # -> (positional words, {flag: value given}). --key=value or --key value, typed like the default; a
-    # bool flag alone means true. --help (or -h) prints help_text and exits with status 0.
+def parse_flags(argv, defaults, help_text, words_ok=True):
+    # -> (positional words, {flag: value given}); words_ok=False: flags only. --key=value or --key value, typed
+    # like the default; a bool flag alone means true. --help (or -h) prints help_text and exits with status 0.
     if "--help" in argv or "-h" in argv:
         print(help_text)
         sys.exit(0)
@@ -132,6 +132,8 @@ def parse_flags(argv, defaults, help_text):
         arg, i = argv[i], i + 1
         key, eq, val = arg[2:].partition("=")
         if not arg.startswith("--"):
+            if not words_ok:
+                raise InputError(f"unexpected argument {arg!r}: flags are --name value (see --help)")
             words.append(arg)
             continue
         if key not in defaults:

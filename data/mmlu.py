@@ -47,8 +47,6 @@ def read_csv(path):
 def read_mmlu(folder, split="val", max_per_subject=0):
     # -> [{"subject", "header", "shots": [solved question + "\n\n"], "question", "answer": 0..3}]
     folder, out = Path(folder), []
-    if split not in ("val", "test"):
-        raise InputError(f"MMLU split must be val or test, got {split!r}")
     js = folder / f"five_shot_mmlu_{split}.json"
     if js.is_file():  # the paper's files: header and shots already inside "input"
         for line, r in read_records(js):
