@@ -2138,7 +2138,7 @@ def test_bad_data_gives_one_line_and_exit_2(tmp_path, lines, expect):
     (["--max_iters", "-5"], "--max_iters must be at least 0, got -5"),
     # tiny: dim 128, 4 heads of 32, 2 kv heads -> wk/wv are 64 x 128, the narrowest adapted layer (w1: 352 x 128)
     (["--lora_r", "65"], "--lora_r must be at most 64 for this architecture"),
-    (["--source_max_len", "200", "--target_max_len", "100"], "--target_max_len must be at most 56 (its context less"),  # 256 - 200
+    (["--source_max_len", "200", "--target_max_len", "100"], "--target_max_len must be at most the context less --source_max_len, 256 - 200, got 100"),
     (["--model", "7B", "--init", "random", "--lora_r", "4097"], "--lora_r must be at most 4096"),
     (["stray"], "unexpected argument 'stray'"),
     (["--resume"], "--resume: "),  # an empty out_dir: nothing to resume

@@ -114,7 +114,7 @@ def resolve(given, defaults):
                         *((k, 0 <= c[k] < 1, "in [0, 1)") for k in ("beta1", "beta2", "val_fraction", "lora_dropout")),
                         ("lora_r", c["lora_r"] <= max_r, f"at most {max_r} for this architecture (the smaller side of its narrowest adapted layer)"),
                         ("target_max_len", c["source_max_len"] + c["target_max_len"] <= arch.max_seq_len,
-                         f"at most {arch.max_seq_len - c['source_max_len']} (its context less --source_max_len)")):
+                         f"at most the context less --source_max_len, {arch.max_seq_len} - {c['source_max_len']}")):
         if not ok:
             raise InputError(f"--{k} must be {want}, got {c[k]}")
     return c
