@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch  # only for get_batch
+from torch.nn.utils.rnn import pad_sequence
 
 if __name__ == "__main__":  # run as a script: the project folder, not data/, is the import root
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -215,13 +216,8 @@ def batch_order(lengths, epoch, micro_batch, seed, group_by_length=True):
 
 def get_batch(examples, indices):
     # right-padded (B, T) inputs and (B, T) targets; position t predicts token t + 1
-    T = max(len(examples[i][0]) for i in indices)
-    x = torch.zeros(len(indices), T, dtype=torch.long)
-    y = torch.full((len(indices), T), -100, dtype=torch.long)
-    for r, i in enumerate(indices):
-        ids, labels = examples[i]
-        x[r, : len(ids)] = torch.tensor(ids)
-        y[r, : len(ids) - 1] = torch.tensor(labels[1:])
+    x = pad_sequence([torch.tensor(examples[i][0]) for i in indices], batch_first=True)
+    y = pad_sequence([torch.tensor(examples[i][1][1:] + [-100]) for i in indices], batch_first=True, padding_value=-100)
     return x, y
 
 
