@@ -139,17 +139,16 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_head, head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask, causal = None, T > 1
+        mask = None
         if start_pos is not None:  # generation: append to the cache, attend over everything so far
             ck, cv = self.cache
             ck[:B, start_pos : start_pos + T], cv[:B, start_pos : start_pos + T] = k, v
             k, v = ck[:B, : start_pos + T], cv[:B, : start_pos + T]
             if start_pos > 0 and T > 1:  # query i sees keys up to start_pos + i
                 mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
-                causal = False
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         # flash attention on the GPU; grouped-query attention shares each k/v head among n_head/n_kv_head queries
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
