@@ -291,7 +291,8 @@ class LoRALinear(nn.Module):
     def __init__(self, weight, r=64, alpha=16, dropout=0.0, dequant_buffer=None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        if isinstance(weight, NF4Weight):
+        self.quantized = isinstance(weight, NF4Weight)
+        if self.quantized:
             self.weight = weight
         else:  # a 16-bit base (quantize=False): frozen, so a buffer
             self.register_buffer("weight", weight.detach())
@@ -302,10 +303,6 @@ class LoRALinear(nn.Module):
             self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=weight.device))  # (out, r) fp32
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout)
-
-    @property
-    def quantized(self):
-        return isinstance(self.weight, NF4Weight)
 
     def forward(self, x):  # x (..., in) -> (..., out)
         y = nf4_matmul(x, self.weight, self.dequant_buffer) if self.quantized else F.linear(x, self.weight.to(x.dtype))
