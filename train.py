@@ -268,21 +268,25 @@ def train(c):
             orders[epoch] = batch_order([len(ids) for ids, _ in train_set], epoch, micro_batch, c["seed"], c["group_by_length"])
         return orders[epoch][j]
 
-    def run_mmlu(it):
-        r = mmlu_eval.evaluate(raw, tok, questions, micro_batch, device, raw.config.max_seq_len, ctx)
-        print(mmlu_eval.summary(it, c["mmlu_split"], r))
-        mmlu_eval.append_log(out_dir, c["mmlu_split"], it, r)
-
     @torch.no_grad()
-    def evaluate():
-        raw.eval()
-        losses = []
-        for s in range(0, min(len(val_set), c["eval_iters"] * micro_batch), micro_batch):
-            x, y = get_batch(val_set, range(s, min(s + micro_batch, len(val_set))))
-            with ctx:
-                losses.append(raw(x.to(device), y.to(device))[1].item())
-        raw.train()
-        return sum(losses) / max(len(losses), 1)
+    def validate(it):  # rank 0: the val loss (at the end, with its change over this run), then MMLU accuracy
+        nonlocal val0
+        if val_set:
+            raw.eval()
+            losses = []
+            for s in range(0, min(len(val_set), c["eval_iters"] * micro_batch), micro_batch):
+                x, y = get_batch(val_set, range(s, min(s + micro_batch, len(val_set))))
+                with ctx:
+                    losses.append(raw(x.to(device), y.to(device))[1].item())
+            raw.train()
+            val = sum(losses) / max(len(losses), 1)
+            change = f" ({100 * (val / val0 - 1):+.0f}% since iter {iter_num})" if val0 and it >= max_iters else ""
+            val0 = val if val0 is None else val0
+            print(f"iter {it}: val loss {val:.4f}{change}")
+        if questions:
+            r = mmlu_eval.evaluate(raw, tok, questions, micro_batch, device, raw.config.max_seq_len, ctx)
+            print(mmlu_eval.summary(it, c["mmlu_split"], r))
+            mmlu_eval.append_log(out_dir, c["mmlu_split"], it, r)
 
     def save_checkpoint(it):
         # every process's RNG state (dropout), gathered to rank 0, which writes adapter.pt and ckpt.pt atomically
@@ -305,12 +309,8 @@ def train(c):
     it = iter_num
     try:
         for it in range(iter_num, max_iters):
-            if it % c["eval_interval"] == 0 and val_set and master:
-                val = evaluate()
-                val0 = val if val0 is None else val0
-                print(f"iter {it}: val loss {val:.4f}")
-            if it % c["eval_interval"] == 0 and questions and master:
-                run_mmlu(it)
+            if it % c["eval_interval"] == 0 and master:
+                validate(it)
             lr = c["learning_rate"] * min(1.0, (it + 1) / (warmup + 1))  # linear warmup, then constant
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -351,11 +351,7 @@ def train(c):
                 save_checkpoint(it + 1)
         it = max(max_iters, iter_num)
         if master:
-            if val_set:
-                val = evaluate()
-                print(f"iter {it}: val loss {val:.4f}" + (f" ({100 * (val / val0 - 1):+.0f}% since iter {iter_num})" if val0 else ""))
-            if questions:
-                run_mmlu(it)
+            validate(it)
             done = (f"trained {max_iters - iter_num} iters in {time.time() - t_start:.1f}s" if max_iters > iter_num else
                     f"nothing to train (--max_iters {max_iters}" + (f", the checkpoint is at iter {iter_num})" if iter_num else ")"))
             print(f"{done}; " + (f"adapter (iter {saved}) in {out_dir / 'adapter.pt'}" if saved is not None else "no adapter written"))
