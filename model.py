@@ -298,8 +298,8 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):
         logits = logits.masked_fill(logits < kth, -float("inf"))
     if top_p is not None:  # nucleus: the smallest set of tokens whose probability reaches top_p
         sorted_logits, order = logits.sort(descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the token that crosses top_p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the token that crosses top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -float("inf")))
     return torch.multinomial(logits.softmax(-1), 1)[:, 0]
 

@@ -422,7 +422,7 @@ class PagedAdamW(torch.optim.Optimizer):
                     _prefetch(m, p.device), _prefetch(v, p.device)
                 st["step"] += 1
                 t = st["step"].item()
-                g = p.grad.float() if p.dtype != torch.float32 else p.grad
+                g = p.grad.float()  # the gradient itself when it is fp32 already
                 p.mul_(1 - lr * wd)
                 m.lerp_(g, 1 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)

@@ -70,7 +70,7 @@ def atomic_write_text(path, text):
 
 
 @contextmanager
-def locked_dir(d, flag="--out_dir"):
+def locked_dir(d):
     # make d if needed and hold an exclusive lock on d/.lock (which holds our pid) until the block ends, so
     # that two runs never write one folder. The lock file is removed while still held, and a folder made
     # here and left empty is removed too.
@@ -87,10 +87,10 @@ def locked_dir(d, flag="--out_dir"):
     except BlockingIOError:  # from flock (or the check above): another run holds the lock
         pid = os.pread(fd, 20, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise InputError(f"{flag} {d}: in use by another run (pid {pid}); "
-                         f"wait for it or choose another {flag}") from None
+        raise InputError(f"--out_dir {d}: in use by another run (pid {pid}); "
+                         "wait for it or choose another --out_dir") from None
     except OSError as e:
-        raise InputError(f"{flag} {d}: " + ("is a file, not a folder" if d.is_file() else f"cannot write there ({e.strerror})")) from None
+        raise InputError(f"--out_dir {d}: " + ("is a file, not a folder" if d.is_file() else f"cannot write there ({e.strerror})")) from None
     try:
         yield d
     finally:
