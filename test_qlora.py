@@ -1043,7 +1043,15 @@ def test_tokenizer_special_ids(tokenizer_file):
     ("missing_key", "missing tensor 'layers.1.ffn_norm.weight'"),
     ("bad_params", "params.json:1: invalid JSON"),
     ("tokenizer_vocab", "tokenizer has"),
-    ("pickle", "consolidated.01.pth: cannot load (UnpicklingError: Weights only load failed)"),  # no advice to unpickle
+    ("pickle", "consolidated.01.pth: holds more than tensors and plain data; refusing to unpickle it"),  # no advice to do it anyway
+    ("legacy_pickle", "consolidated.01.pth: not in torch.save's zip format"),  # not torch.save's zip format
+    ("params_string", 'params.json: dim must be a positive integer, got "64"'),  # a hand-edited params.json
+    ("params_negative", "params.json: n_heads must be a positive integer, got -4"),
+    ("params_bool", "params.json: n_layers must be a positive integer, got true"),
+    ("params_nan", "params.json: norm_eps must be a positive number, got NaN"),
+    ("params_list", "params.json: expected a JSON object {...}, got list"),
+    ("params_missing", "params.json: missing field 'n_heads'"),
+    ("params_latin1", "params.json: invalid JSON (UnicodeDecodeError)"),
     ("not_a_dict", "consolidated.01.pth: not a state dict"),
     ("not_tensors", "consolidated.01.pth: not a state dict"),
 ])
@@ -1066,6 +1074,16 @@ def test_checkpoint_errors_name_file_and_tensor(tmp_path, meta_ckpt, tokenizer_f
         torch.save(sd, d / "consolidated.01.pth")
     elif damage == "bad_params":
         (d / "params.json").write_text("{dim: 64")
+    elif damage.startswith("params_"):
+        p, change = json.loads((d / "params.json").read_text()), damage.removeprefix("params_")
+        p.update({"string": {"dim": str(p["dim"])}, "negative": {"n_heads": -4}, "bool": {"n_layers": True},
+                  "nan": {"norm_eps": float("nan")}}.get(change, {}))
+        if change == "missing":
+            del p["n_heads"]
+        raw = {"list": b"[1]", "latin1": '{"dim": 64, "x": "caf\xe9"}'.encode("latin-1")}.get(change, json.dumps(p).encode())
+        (d / "params.json").write_bytes(raw)
+    elif damage == "legacy_pickle":
+        torch.save({"x": torch.zeros(1)}, d / "consolidated.01.pth", _use_new_zipfile_serialization=False)
     elif damage == "tokenizer_vocab":
         C.train_tokenizer(WORDS * 5, d / "tokenizer.model", vocab_size=60)
     elif damage == "pickle":  # arbitrary pickled objects are refused (weights_only=True)
@@ -1256,6 +1274,12 @@ def test_hf_layout_quantized_and_tied(tmp_path, meta_ckpt, tokenizer_file, monke
     ("truncated", "not a valid safetensors file"),
     ("negative_shape", "not a valid safetensors file (RuntimeError: "),  # (-2)·(-2)·4 bytes: the size agrees
     ("no_weights", "no weights (model.safetensors"),
+    (dict(hidden_size="64"), 'config.json: hidden_size must be a positive integer, got "64"'),  # hand-edited config.json
+    (dict(rms_norm_eps=0), "config.json: rms_norm_eps must be a positive number, got 0"),
+    (dict(sliding_window="4096"), 'config.json: sliding_window must be a positive integer, got "4096"'),
+    (dict(tie_word_embeddings="false"), 'config.json: tie_word_embeddings must be true or false, got "false"'),
+    ("config_list", "config.json: expected a JSON object {...}, got list"),
+    (dict(intermediate_size=None), "config.json: missing field 'intermediate_size'"),  # null: as if absent
 ])
 def test_hf_unsupported_is_one_line_before_any_weight_is_read(tmp_path, meta_ckpt, tokenizer_file, monkeypatch, damage, expect):
     _, cfg, weights = meta_ckpt
@@ -1280,6 +1304,8 @@ def test_hf_unsupported_is_one_line_before_any_weight_is_read(tmp_path, meta_ckp
         (hf / "model-00002-of-00002.safetensors").unlink()
     elif damage == "truncated":
         st.write_bytes(st.read_bytes()[:100])
+    elif damage == "config_list":
+        (hf / "config.json").write_text("[]")
     elif damage == "no_weights":
         st.unlink()
 
@@ -1290,6 +1316,16 @@ def test_hf_unsupported_is_one_line_before_any_weight_is_read(tmp_path, meta_ckp
     with pytest.raises(C.CheckpointError, match=re.escape(expect)) as e:
         M.LLaMA.from_checkpoint(hf, dtype=torch.float32, context=100, progress=False)
     assert "\n" not in str(e.value)
+
+
+def test_config_files_saved_as_utf16_are_read(tmp_path, meta_ckpt, tokenizer_file):
+    # some Windows editors save JSON as UTF-16 with a byte-order mark; json reads it from the bytes
+    src, cfg, weights = meta_ckpt
+    d, hf = tmp_path / "meta", write_hf(tmp_path / "hf", cfg, weights, tokenizer_file)
+    shutil.copytree(src, d)
+    for f in (d / "params.json", hf / "config.json"):
+        f.write_text(f.read_text(), encoding="utf-16")
+    assert C.read_params(d) == C.read_params(src) and C.read_params(hf)["dim"] == cfg.dim
 
 
 # config.json of published models (as on the Hugging Face hub) and their published parameter counts
@@ -2253,17 +2289,17 @@ def test_resume_refuses_damaged_or_foreign_checkpoints(tmp_path):
     torch.save({"lora": {"w": torch.zeros(1000)}, "config": {}}, real)
     foreign = io.BytesIO()
     torch.save({"config": Path("x")}, foreign)  # a class weights_only will not unpickle
-    cases = [(b"", "not a checkpoint written by train.py (empty file)"),
+    cases = [(b"", "not in torch.save's zip format (empty file)"),
              (real.getvalue()[: len(real.getvalue()) // 2], "truncated or damaged"),
-             (foreign.getvalue(), "not a checkpoint written by train.py; refusing to unpickle it"),
-             (b"\x80\x04K\x01.", "not a checkpoint written by train.py"),  # a bare pickle, not torch's zip
+             (foreign.getvalue(), "holds more than tensors and plain data; refusing to unpickle it"),
+             (b"\x80\x04K\x01.", "not in torch.save's zip format"),  # a bare pickle, not torch's zip
              (real.getvalue(), "not a checkpoint written by train.py")]  # a torch file, but not ours
     for i, (content, expect) in enumerate(cases):
         d = tmp_path / str(i)
         d.mkdir()
         (d / "ckpt.pt").write_bytes(content)
         r = run_train("--resume", "--out_dir", d, "--max_iters", 1)
-        assert r.returncode == 2 and f"--resume: {d / 'ckpt.pt'}: {expect}" in r.stderr, (expect, r.stderr)
+        assert r.returncode == 2 and f"{d / 'ckpt.pt'}: {expect}" in r.stderr, (expect, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr and "weights_only" not in r.stderr
         assert (d / "ckpt.pt").read_bytes() == content and "model " not in r.stdout  # untouched; refused before the build
 

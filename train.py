@@ -13,7 +13,6 @@ ran. Bad input is one line `error: ...` and exit status 2; Ctrl-C one line and 1
 import hashlib
 import math
 import os
-import pickle
 import random
 import resource
 import sys
@@ -27,7 +26,7 @@ import torch.distributed as dist
 
 from data import mmlu as mmlu_eval
 from data.checkpoint import (Tokenizer, export_merged, export_peft, find_tokenizer, load_adapter, read_adapter,
-                             read_params, train_tokenizer)
+                             read_params, torch_load, train_tokenizer)
 from data.files import InputError, atomic_save, flag_help, locked_dir, parse_flags, run
 from data.prepare import ALPACA, batch_order, get_batch, read_data, tokenize
 from model import CONFIGS, LLaMA, LLaMAConfig, mfu, paper_hparams
@@ -157,21 +156,12 @@ def build_model(c, tok, device, dtype, master):
 
 
 def read_checkpoint(path, c, world):
-    # ckpt.pt as save_checkpoint wrote it for this run's model and data, or one line saying why not (never
-    # torch's advice to unpickle it anyway). Memory-mapped: the states go from the file to paged memory.
+    # ckpt.pt as save_checkpoint wrote it for this run's model and data; memory-mapped: file -> paged memory
     if not path.is_file():
         raise InputError(f"--resume: {path} not found")
-    try:
-        with open(path, "rb") as f:
-            zipped = f.read(4) == b"PK\x03\x04"  # torch.save's format
-        with warnings.catch_warnings(action="ignore"):
-            ck = torch.load(path, map_location="cpu", weights_only=True, mmap=True) if zipped else None
-    except pickle.UnpicklingError:
-        raise InputError(f"--resume: {path}: not a checkpoint written by train.py; refusing to unpickle it") from None
-    except Exception as e:  # a zip cut short, or damaged
-        raise InputError(f"--resume: {path}: truncated or damaged ({str(e).splitlines()[0][:100]})") from None
+    ck = torch_load(path, tensors=False)  # one line naming the file if it is not torch.save's
     if not (isinstance(ck, dict) and {"config", "lora", "optimizer", "iter_num", "rng"} <= ck.keys()):
-        raise InputError(f"--resume: {path}: not a checkpoint written by train.py" + (" (empty file)" if not path.stat().st_size else ""))
+        raise InputError(f"--resume: {path}: not a checkpoint written by train.py")
     for k in ("model", "ckpt_dir", "adapter", "data", "seed", "batch_size", "micro_batch", "lora_r", "source_max_len",
               "target_max_len"):
         if ck["config"].get(k) != c[k]:  # anything that changes the model or the data stream

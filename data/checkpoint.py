@@ -12,6 +12,7 @@ time under Meta's names, so that each weight can be quantized the moment it arri
 import io
 import json
 import math
+import pickle
 import re
 import struct
 import sys
@@ -75,19 +76,40 @@ def find_tokenizer(ckpt_dir):
 
 
 def read_json(path):
+    # -> the JSON object in the file (UTF-8, or UTF-16/32 as some editors save it: json.loads detects it from bytes)
     try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        d = json.loads(Path(path).read_bytes())
+    except (ValueError, RecursionError) as e:  # also: not UTF-8/16/32 text (UnicodeDecodeError), nested too deep
+        at = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise CheckpointError(f"{path}{at}: invalid JSON ({getattr(e, 'msg', type(e).__name__)})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object {{...}}, got {type(d).__name__}")
+    return d
+
+
+def check_fields(c, where, need, ints=(), floats=(), bools=()):
+    # a config edited by hand: the fields in need present, each field a positive int, positive number or true/false
+    for k in need:
+        if k not in c:
+            raise CheckpointError(f"{where}: missing field {k!r}")
+    for keys, types, want in ((ints, (int,), "a positive integer"), (floats, (int, float), "a positive number"),
+                              (bools, (bool,), "true or false")):
+        for k in keys:
+            if k in c and not (type(c[k]) in types and (bool in types or 0 < c[k] < math.inf)):
+                raise CheckpointError(f"{where}: {k} must be {want}, got {json.dumps(c[k])}")
 
 
 def torch_load(path, tensors=True):
-    # -> what the file holds; tensors=True: it must be a state dict {name: tensor}
+    # -> what torch.save wrote; tensors=True: it must be a state dict {name: tensor}. One line when refused.
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # torch.save's zip format, the one that can be memory-mapped
+            raise CheckpointError(f"{path}: not in torch.save's zip format" + (" (empty file)" if not f.tell() else ""))
     try:  # weights_only: a checkpoint is data, never code to run; mmap: nothing is read until it is used
         sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:
-        why = str(e).splitlines()[0].split(". ")[0][:200]  # its first sentence: never torch's advice to unpickle it anyway
-        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {why})") from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: holds more than tensors and plain data; refusing to unpickle it") from None
+    except Exception as e:  # a zip cut short, or damaged
+        raise CheckpointError(f"{path}: truncated or damaged ({str(e).splitlines()[0][:100]})") from None
     if tensors and not (isinstance(sd, dict) and all(isinstance(k, str) and torch.is_tensor(t) for k, t in sd.items())):
         raise CheckpointError(f"{path}: not a state dict (a dict of named tensors)")
     return sd
@@ -189,10 +211,8 @@ def read_params(ckpt_dir, context=None):
     if not pj.is_file():
         raise CheckpointError(f"{pj}: not found (expected Meta's layout: params.json + consolidated.NN.pth, "
                               f"or Hugging Face's: config.json + weights)")
-    params = {k: v for k, v in read_json(pj).items() if k in META_KEYS and v is not None}
-    for k in ("dim", "n_layers", "n_heads"):
-        if k not in params:
-            raise CheckpointError(f"{pj}: missing field {k!r}")
+    params = {k: v for k, v in read_json(pj).items() if k in META_KEYS and v is not None and (k, v) != ("vocab_size", -1)}
+    check_fields(params, pj, ("dim", "n_layers", "n_heads"), ints=META_KEYS[:6], floats=META_KEYS[6:])
     return params
 
 
@@ -211,7 +231,7 @@ def _read_meta(d):
         for k in expected:
             if k not in sd:
                 raise CheckpointError(f"{s}: missing tensor {k!r}")
-    if params.get("vocab_size", -1) <= 0:  # LLaMA-1 params.json says -1: the embedding knows
+    if "vocab_size" not in params:  # LLaMA-1's params.json says -1: the embedding knows
         params["vocab_size"] = sds[0]["tok_embeddings.weight"].shape[0]
 
     def take(name):
@@ -230,23 +250,25 @@ def hf_params(c, where, context=None):
     def refuse(why):
         raise CheckpointError(f"{where}: {why}")
 
+    c = {k: v for k, v in c.items() if v is not None}  # null: the field's default
+    check_fields(c, where, ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"),
+                 ints=("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+                       "intermediate_size", "max_position_embeddings", "head_dim", "sliding_window"),
+                 floats=("rms_norm_eps", "rope_theta"), bools=("tie_word_embeddings", "attention_bias", "mlp_bias"))
     arch = c.get("architectures") or ["LlamaForCausalLM"]
     if arch not in (["LlamaForCausalLM"], ["MistralForCausalLM"]):
         refuse(f"architectures {arch}: only LlamaForCausalLM and MistralForCausalLM are implemented")
     if c.get("attention_bias") or c.get("mlp_bias"):
         refuse("attention or MLP biases (attention_bias/mlp_bias true) are not implemented")
-    if c.get("rope_scaling") is not None:
+    if "rope_scaling" in c:
         refuse(f"rope_scaling {json.dumps(c['rope_scaling'])} is not implemented (only null)")
     if c.get("hidden_act", "silu") != "silu":
         refuse(f"hidden_act {c['hidden_act']!r} is not implemented (only silu)")
-    try:
-        dim, heads = c["hidden_size"], c["num_attention_heads"]
-        p = dict(dim=dim, n_layers=c["num_hidden_layers"], n_heads=heads, n_kv_heads=c.get("num_key_value_heads") or heads,
-                 vocab_size=c["vocab_size"], ffn_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
-                 rope_theta=c.get("rope_theta", 10000.0), max_seq_len=c.get("max_position_embeddings", 2048),
-                 tie_embeddings=bool(c.get("tie_word_embeddings", False)))
-    except KeyError as e:
-        refuse(f"missing field {e}")
+    dim, heads = c["hidden_size"], c["num_attention_heads"]
+    p = dict(dim=dim, n_layers=c["num_hidden_layers"], n_heads=heads, n_kv_heads=c.get("num_key_value_heads", heads),
+             vocab_size=c["vocab_size"], ffn_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
+             rope_theta=c.get("rope_theta", 10000.0), max_seq_len=c.get("max_position_embeddings", 2048),
+             tie_embeddings=c.get("tie_word_embeddings", False))
     if c.get("head_dim") not in (None, dim // heads):
         refuse(f"head_dim {c['head_dim']} differs from hidden_size / num_attention_heads = {dim // heads} (not implemented)")
     window = c.get("sliding_window")
