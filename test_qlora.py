@@ -1049,7 +1049,7 @@ def test_tokenizer_special_ids(tokenizer_file):
     ("params_negative", "params.json: n_heads must be a positive integer, got -4"),
     ("params_bool", "params.json: n_layers must be a positive integer, got true"),
     ("params_nan", "params.json: norm_eps must be a positive number, got NaN"),
-    ("params_list", "params.json: expected a JSON object {...}, got list"),
+    ("params_list", "params.json: expected a JSON object {...}, got [1]"),
     ("params_missing", "params.json: missing field 'n_heads'"),
     ("params_latin1", "params.json: invalid JSON (UnicodeDecodeError)"),
     ("not_a_dict", "consolidated.01.pth: not a state dict"),
@@ -1278,7 +1278,7 @@ def test_hf_layout_quantized_and_tied(tmp_path, meta_ckpt, tokenizer_file, monke
     (dict(rms_norm_eps=0), "config.json: rms_norm_eps must be a positive number, got 0"),
     (dict(sliding_window="4096"), 'config.json: sliding_window must be a positive integer, got "4096"'),
     (dict(tie_word_embeddings="false"), 'config.json: tie_word_embeddings must be true or false, got "false"'),
-    ("config_list", "config.json: expected a JSON object {...}, got list"),
+    ("config_list", "config.json: expected a JSON object {...}, got []"),
     (dict(intermediate_size=None), "config.json: missing field 'intermediate_size'"),  # null: as if absent
 ])
 def test_hf_unsupported_is_one_line_before_any_weight_is_read(tmp_path, meta_ckpt, tokenizer_file, monkeypatch, damage, expect):

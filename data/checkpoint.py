@@ -83,7 +83,7 @@ def read_json(path):
         at = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
         raise CheckpointError(f"{path}{at}: invalid JSON ({getattr(e, 'msg', type(e).__name__)})") from None
     if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: expected a JSON object {{...}}, got {type(d).__name__}")
+        raise CheckpointError(f"{path}: expected a JSON object {{...}}, got {json.dumps(d)[:40]}")
     return d
 
 
