@@ -20,7 +20,7 @@ from triton.testing import do_bench
 
 import qlora
 from data.checkpoint import meta_params
-from data.files import InputError, atomic_save, atomic_write_text, flag_help, parse_flags, run
+from data.files import InputError, atomic_save, atomic_write_bytes, flag_help, parse_flags, run
 from model import CONFIGS, LLaMA, LLaMAConfig, mfu, paper_hparams
 
 # -----------------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def write_random_checkpoint(name, d):
     sd["output.weight"] = sd.pop("output")
     Path(d).mkdir(parents=True, exist_ok=True)
     atomic_save(sd, Path(d) / "consolidated.00.pth")
-    atomic_write_text(Path(d) / "params.json", meta_params(cfg))
+    atomic_write_bytes(Path(d) / "params.json", meta_params(cfg).encode())
     print(f"wrote {sum(t.numel() for t in sd.values()) / 1e6:.0f}M params to {d}")
 
 

@@ -28,7 +28,7 @@ import data.mmlu as MM
 import data.prepare as P
 import model as M
 import qlora
-from data.files import InputError, atomic_save, atomic_write, atomic_write_bytes, atomic_write_text
+from data.files import InputError, atomic_save, atomic_write, atomic_write_bytes
 from data.files import run as files_run
 from data.prepare import DataError, convert, read_data
 from nf4_table import NF4_OFFSET, dynamic_map, midpoints, nf4_values
@@ -1595,11 +1595,11 @@ def test_atomic_write_refuses_what_is_not_a_regular_file(tmp_path):
     (tmp_path / "folder").mkdir()
     for name in ("pipe", "folder"):
         with pytest.raises(InputError, match=f"{tmp_path / name}: exists and is not a regular file"):
-            atomic_write_text(tmp_path / name, "x")
+            atomic_write_bytes(tmp_path / name, b"x")
     assert stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode) and not any((tmp_path / "folder").iterdir())
     (tmp_path / "file").write_text("")  # any other OSError names the target (not its temporary file)
     with pytest.raises(InputError, match=re.escape(f"cannot write {tmp_path / 'file' / 'x'} (Not a directory)")):
-        atomic_write_text(tmp_path / "file" / "x", "x")
+        atomic_write_bytes(tmp_path / "file" / "x", b"x")
 
 
 def test_run_turns_an_os_error_into_one_line(tmp_path, capsys):

@@ -22,7 +22,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from data.files import InputError, atomic_save, atomic_write, atomic_write_bytes, atomic_write_text
+from data.files import InputError, atomic_save, atomic_write, atomic_write_bytes
 from qlora import LoRALinear, merge_lora
 
 
@@ -468,11 +468,11 @@ def export_merged(model, out_dir, dtype=torch.float16, base=None, progress=True)
         sd[n] = w.detach().to("cpu", dtype).contiguous()
         prog.step(n, sd[n].nbytes)
     atomic_save(sd, out_dir / "consolidated.00.pth")
-    atomic_write_text(out_dir / "params.json", meta_params(cfg))
+    atomic_write_bytes(out_dir / "params.json", meta_params(cfg).encode())
     kind = "original" if base is not None else "nf4-dequantized" if model.quantize else "as-loaded"
-    atomic_write_text(out_dir / "merge.json", json.dumps({"base": kind, "base_dir": str(base) if base is not None else None,
-                                                          "dtype": str(dtype).removeprefix("torch."), "lora_r": cfg.lora_r,
-                                                          "lora_alpha": cfg.lora_alpha}, indent=2))
+    merge = {"base": kind, "base_dir": str(base) if base is not None else None, "dtype": str(dtype).removeprefix("torch."),
+             "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha}
+    atomic_write_bytes(out_dir / "merge.json", json.dumps(merge, indent=2).encode())
     prog.close()
 
 
@@ -493,4 +493,4 @@ def export_peft(model, out_dir, base=None):
             "lora_dropout": cfg.lora_dropout, "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False,
             "inference_mode": True, "base_model_name_or_path": str(base) if base is not None else None}
     save_safetensors(sd, out_dir / "adapter_model.safetensors", {"format": "pt"})
-    atomic_write_text(out_dir / "adapter_config.json", json.dumps(conf, indent=2))
+    atomic_write_bytes(out_dir / "adapter_config.json", json.dumps(conf, indent=2).encode())

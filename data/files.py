@@ -65,10 +65,6 @@ def atomic_write_bytes(path, data):
     atomic_write(path, lambda f: f.write(data), len(data))
 
 
-def atomic_write_text(path, text):
-    atomic_write_bytes(path, text.encode())
-
-
 @contextmanager
 def locked_dir(d):
     # make d if needed and hold an exclusive lock on d/.lock (which holds our pid) until the block ends, so

@@ -17,7 +17,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 if __name__ == "__main__":  # run as a script: the project folder, not data/, is the import root
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
-from data.files import InputError, atomic_write_text, parse_flags, run
+from data.files import InputError, atomic_write_bytes, parse_flags, run
 
 
 class DataError(InputError):
@@ -231,7 +231,7 @@ def main(args):
     kind, src, dst = words
     skipped = Counter()
     examples = convert(kind, src, flags.get("lang") or None, skipped)
-    atomic_write_text(dst, "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples))
+    atomic_write_bytes(dst, "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples).encode())
     why = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
     print(f"wrote {len(examples)} examples to {dst}, skipped {sum(skipped.values())}" + (f" ({why})" if why else ""))
 
