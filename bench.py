@@ -48,8 +48,7 @@ def kernels():
     header()
     ms = partial(do_bench, warmup=50, rep=300, return_mode="median")  # ms(fn): median milliseconds per call
     print("\n## NF4 dequantize (double-quant), bf16 out: effective bandwidth = bytes read + written")
-    print("| shape | ms | GB/s |")
-    print("|---|---|---|")
+    print("| shape | ms | GB/s |\n|---|---|---|")
     for n, k in SHAPES_7B + [(8192, 28672)]:
         q = qlora.quantize_nf4(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
         out = torch.empty(n, k, device="cuda", dtype=torch.bfloat16)
@@ -58,8 +57,7 @@ def kernels():
         print(f"| {n}x{k} | {t:.3f} | {nbytes / t / 1e6:.0f} |")
 
     print("\n## NF4 linear vs bf16 cuBLAS (ratio < 1: faster than bf16)")
-    print("| out x in | M | bf16 fwd ms | nf4 fwd ms | ratio | fused ms | dequant+mm ms | bf16 fwd+bwd ms | nf4 fwd+bwd ms | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| out x in | M | bf16 fwd ms | nf4 fwd ms | ratio | fused ms | dequant+mm ms | bf16 fwd+bwd ms | nf4 fwd+bwd ms | ratio |\n|---|---|---|---|---|---|---|---|---|---|")
     buf = qlora.DequantBuffer()  # one for all shapes, as in a model
     for n, k in SHAPES_7B:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -109,8 +107,7 @@ def e2e(model, batch, seq, steps, r, quantize):
     n_lin = sum(m.in_features * m.out_features for m in net.modules() if isinstance(m, qlora.LoRALinear))
     tok_s = batch * seq / dt
     alloc = torch.cuda.max_memory_allocated() / 1e9 if cuda else 0
-    print("| model | batch x seq | tok/s | MFU | peak allocated GB | device-level peak GB | build s | build peak GB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | batch x seq | tok/s | MFU | peak allocated GB | device-level peak GB | build s | build peak GB |\n|---|---|---|---|---|---|---|---|")
     print(f"| {model} {'NF4' if quantize else 'bf16'} r={r} | {batch} x {seq} | {tok_s:.0f} | "
           f"{mfu(n_lin, True, tok_s, name)} | {alloc:.2f} | {device_peak / 1e9:.2f} | {load_s:.1f} | {load_alloc:.2f} |")
     print(f"loss {loss.item():.3f}, step times ms: {', '.join(f'{1000 * t:.0f}' for t in times)}")
@@ -149,8 +146,7 @@ def load(ckpt_dir, quantize):
     model_gb = sum(b.numel() * b.element_size() for b in net.buffers()) / 1e9
     gpu = f"{torch.cuda.max_memory_allocated() / 1e9:.2f}" if cuda else "-"
     header()
-    print("| checkpoint | load s | model GB (buffers) | host private GB: before, peak | peak host RSS GB (incl. mmap) | peak GPU allocated GB |")
-    print("|---|---|---|---|---|---|")
+    print("| checkpoint | load s | model GB (buffers) | host private GB: before, peak | peak host RSS GB (incl. mmap) | peak GPU allocated GB |\n|---|---|---|---|---|---|")
     print(f"| {ckpt_dir} | {dt:.1f} | {model_gb:.2f} | {base / 1e9:.2f}, {peak['RssAnon'] / 1e9:.2f} | {peak['VmRSS'] / 1e9:.2f} | {gpu} |")
 
 

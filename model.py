@@ -204,15 +204,14 @@ class LLaMA(nn.Module):
         self.norm = RMSNorm(load("norm.weight", (cfg.dim,)), cfg.norm_eps)
         out = emb if cfg.tie_embeddings else load("output.weight", (cfg.vocab_size, cfg.dim))
         self.register_buffer("output", out)  # the head, frozen
-        cos, sin = rope_tables(cfg.head_dim, 2 * cfg.max_seq_len, cfg.rope_theta, emb.device)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        cos_sin = torch.stack(rope_tables(cfg.head_dim, 2 * cfg.max_seq_len, cfg.rope_theta, emb.device))
+        self.register_buffer("rope", cos_sin, persistent=False)  # (2, 2·max_seq_len, head_dim/2): cos, sin
 
     def forward(self, idx, targets=None, start_pos=None):
         # idx (B, T) -> logits (B, T, vocab), or with targets (B, T): (None, mean cross-entropy)
         B, T = idx.shape
         p0 = start_pos or 0
-        cos, sin = self.rope_cos[p0 : p0 + T], self.rope_sin[p0 : p0 + T]
+        cos, sin = self.rope[:, p0 : p0 + T]
         x = self.tok_embeddings(idx)  # (B, T, dim)
         for layer in self.layers:
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
@@ -280,8 +279,7 @@ class LLaMA(nn.Module):
     @classmethod
     def from_checkpoint(cls, ckpt_dir, quantize=True, device=None, dtype=torch.bfloat16, tokenizer=None, context=None,
                         progress=True, **lora):
-        # Meta's raw layout or a Hugging Face folder, told apart by their files; each tensor is read as the
-        # network asks for it. context: the longest sequence to be used (checked against a sliding window).
+        # Meta's layout or HF's (told apart by their files), read tensor by tensor; context: the longest sequence
         params, load, prog = open_checkpoint(ckpt_dir, device, dtype, tokenizer, context, progress)
         net = cls(LLaMAConfig(**params, **lora), load, quantize)
         prog.close()
@@ -346,28 +344,25 @@ def chat(argv):
     keep = max(net.config.max_seq_len - f["max_new_tokens"], net.config.max_seq_len // 2)  # prompt tokens kept
     torch.manual_seed(f["seed"])
 
-    def answer(ids):  # prints the answer as it is produced: decode the growing answer, print the new suffix
-        out, shown = [], ""
-
-        def show(nxt):
-            nonlocal shown
-            out.append(nxt.item())
-            text = tok.decode(out).rstrip("\ufffd")  # hold back a character whose bytes are not all there yet
-            if text.startswith(shown):
-                print(text[len(shown):], end="", flush=True)
-                shown = text
-
-        with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
-            net.generate(torch.tensor([ids[-keep:]], device=device), f["max_new_tokens"], f["temperature"],
-                         f["top_k"] or None, f["top_p"] if f["top_p"] < 1 else None, tok.eos_id, show)
-        print(flush=True)
-        return out if out[-1:] == [tok.eos_id] else out + [tok.eos_id]
-
     history = [tok.bos_id]
     try:  # --prompt, or one turn per line of stdin until an empty line (or EOF)
         for line in [f["prompt"]] if f["prompt"] else iter(lambda: input("> " * sys.stdin.isatty()).strip(), ""):
             ids = (history if template == "guanaco" else [tok.bos_id]) + tok.encode(wrap.format(instruction=line))
-            history = ids + answer(ids)
+            out, shown = [], ""  # the answer is printed as it is produced: decode it as it grows, print the new suffix
+
+            def show(nxt):
+                nonlocal shown
+                out.append(nxt.item())
+                text = tok.decode(out).rstrip("\ufffd")  # hold back a character whose bytes are not all there yet
+                if text.startswith(shown):
+                    print(text[len(shown):], end="", flush=True)
+                    shown = text
+
+            with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
+                net.generate(torch.tensor([ids[-keep:]], device=device), f["max_new_tokens"], f["temperature"],
+                             f["top_k"] or None, f["top_p"] if f["top_p"] < 1 else None, tok.eos_id, show)
+            print(flush=True)
+            history = ids + out + [tok.eos_id] * (out[-1:] != [tok.eos_id])
     except EOFError:
         pass
 

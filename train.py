@@ -263,11 +263,10 @@ def train(c):
         nonlocal val0
         if val_set:
             raw.eval()
-            losses = []
-            for s in range(0, min(len(val_set), c["eval_iters"] * micro_batch), micro_batch):
-                x, y = get_batch(val_set, range(s, min(s + micro_batch, len(val_set))))
-                with ctx:
-                    losses.append(raw(x.to(device), y.to(device))[1].item())
+            batches = [get_batch(val_set, range(s, min(s + micro_batch, len(val_set))))
+                       for s in range(0, min(len(val_set), c["eval_iters"] * micro_batch), micro_batch)]
+            with ctx:
+                losses = [raw(x.to(device), y.to(device))[1].item() for x, y in batches]
             raw.train()
             val = sum(losses) / max(len(losses), 1)
             change = f" ({100 * (val / val0 - 1):+.0f}% since iter {iter_num})" if val0 and it >= max_iters else ""
@@ -293,8 +292,6 @@ def train(c):
 
     name = torch.cuda.get_device_name() if device.startswith("cuda") else ""
     max_iters, warmup = c["max_iters"], c["warmup_iters"]
-
-    raw.train()
     t_start, dt_avg, val0 = time.time(), None, None
     it = iter_num
     try:

@@ -225,12 +225,10 @@ def _read_meta(d):
             raise CheckpointError(f"{d / f'consolidated.{i:02d}.pth'}: shard missing ({len(shards)} shards found)")
     sds, expected = [torch_load(s) for s in shards], meta_names(params["n_layers"])
     for s, sd in zip(shards, sds):
-        for k in sd:
-            if k not in expected and k != "rope.freqs":  # rope.freqs is recomputed
-                raise CheckpointError(f"{s}: unexpected tensor {k!r}")
-        for k in expected:
-            if k not in sd:
-                raise CheckpointError(f"{s}: missing tensor {k!r}")
+        odd = [f"unexpected tensor {k!r}" for k in sd if k not in expected and k != "rope.freqs"]  # rope.freqs: recomputed
+        odd += [f"missing tensor {k!r}" for k in expected if k not in sd]
+        if odd:
+            raise CheckpointError(f"{s}: {odd[0]}")
     if "vocab_size" not in params:  # LLaMA-1's params.json says -1: the embedding knows
         params["vocab_size"] = sds[0]["tok_embeddings.weight"].shape[0]
 
@@ -271,10 +269,9 @@ def hf_params(c, where, context=None):
              tie_embeddings=c.get("tie_word_embeddings", False))
     if c.get("head_dim") not in (None, dim // heads):
         refuse(f"head_dim {c['head_dim']} differs from hidden_size / num_attention_heads = {dim // heads} (not implemented)")
-    window = c.get("sliding_window")
-    if window and context and context > window:
-        refuse(f"sliding_window {window} is shorter than the context of {context} tokens (sliding-window attention is not implemented)")
-    if window:  # within the window, full causal attention is what the model computes
+    if window := c.get("sliding_window"):  # within the window, full causal attention is what the model computes
+        if context and context > window:
+            refuse(f"sliding_window {window} is shorter than the context of {context} tokens (sliding-window attention is not implemented)")
         p["max_seq_len"] = min(p["max_seq_len"], window)
     return p
 
