@@ -1039,6 +1039,7 @@ def test_tokenizer_special_ids(tokenizer_file):
     ("no_params", "params.json: not found"),
     ("no_shard0", "consolidated.00.pth: shard missing"),
     ("one_shard_only", "tok_embeddings.weight has shape"),
+    ("shards_disagree", "tok_embeddings.weight has shapes [(V, 32), (100, 32)] in its shards: they do not fit"),
     ("extra_key", "unexpected tensor 'layers.0.attention.bias'"),
     ("missing_key", "missing tensor 'layers.1.ffn_norm.weight'"),
     ("bad_params", "params.json:1: invalid JSON"),
@@ -1065,9 +1066,11 @@ def test_checkpoint_errors_name_file_and_tensor(tmp_path, meta_ckpt, tokenizer_f
         (d / "consolidated.00.pth").unlink()
     elif damage == "one_shard_only":  # a checkpoint for 2-way model parallelism with a shard lost
         (d / "consolidated.01.pth").unlink()
-    elif damage in ("extra_key", "missing_key"):
+    elif damage in ("extra_key", "missing_key", "shards_disagree"):
         sd = torch.load(d / "consolidated.01.pth")
-        if damage == "extra_key":
+        if damage == "shards_disagree":  # the second shard of another model (a smaller vocabulary)
+            sd["tok_embeddings.weight"] = sd["tok_embeddings.weight"][:100].clone()
+        elif damage == "extra_key":
             sd["layers.0.attention.bias"] = torch.zeros(1)
         else:
             del sd["layers.1.ffn_norm.weight"]
@@ -1090,7 +1093,7 @@ def test_checkpoint_errors_name_file_and_tensor(tmp_path, meta_ckpt, tokenizer_f
         torch.save({"x": __import__("collections").OrderedDict(a=Path("."))}, d / "consolidated.01.pth")
     elif damage in ("not_a_dict", "not_tensors"):  # plain data weights_only accepts, but no state dict
         torch.save([1, 2] if damage == "not_a_dict" else {"tok_embeddings.weight": 3}, d / "consolidated.01.pth")
-    with pytest.raises(C.CheckpointError, match=re.escape(expect)):
+    with pytest.raises(C.CheckpointError, match=re.escape(expect.replace("(V,", f"({cfg.vocab_size},"))):
         M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, tokenizer=d / "tokenizer.model" if damage == "tokenizer_vocab" else None)
 
 
@@ -1271,6 +1274,9 @@ def test_hf_layout_quantized_and_tied(tmp_path, meta_ckpt, tokenizer_file, monke
     (dict(hidden_act="gelu"), "hidden_act 'gelu' is not implemented"),
     ("missing_tensor", "missing tensor 'model.layers.1.post_attention_layernorm.weight'"),
     ("missing_shard", "model-00002-of-00002.safetensors: not found (listed in"),
+    ("index_map_list", 'model.safetensors.index.json: weight_map must map tensor names to file names, got ["model-0'),
+    ("index_map_null", "model.safetensors.index.json: weight_map must map tensor names to file names, got null"),
+    ("index_file_int", 'model.safetensors.index.json: weight_map must map tensor names to file names, got {"model.'),
     ("truncated", "not a valid safetensors file"),
     ("negative_shape", "not a valid safetensors file (RuntimeError: "),  # (-2)·(-2)·4 bytes: the size agrees
     ("no_weights", "no weights (model.safetensors"),
@@ -1283,7 +1289,7 @@ def test_hf_layout_quantized_and_tied(tmp_path, meta_ckpt, tokenizer_file, monke
 ])
 def test_hf_unsupported_is_one_line_before_any_weight_is_read(tmp_path, meta_ckpt, tokenizer_file, monkeypatch, damage, expect):
     _, cfg, weights = meta_ckpt
-    hf = write_hf(tmp_path / "hf", cfg, weights, tokenizer_file, shards=2 if damage == "missing_shard" else 1,
+    hf = write_hf(tmp_path / "hf", cfg, weights, tokenizer_file, shards=2 if damage in ("missing_shard", "index_map_list", "index_map_null", "index_file_int") else 1,
                   config=hf_config(cfg, **damage) if isinstance(damage, dict) else None)
     st = hf / "model.safetensors"
     if damage in ("bias_tensor", "f8_dtype", "missing_tensor", "negative_shape"):
@@ -1302,6 +1308,11 @@ def test_hf_unsupported_is_one_line_before_any_weight_is_read(tmp_path, meta_ckp
         (hf / "tokenizer.json").write_text("{}")
     elif damage == "missing_shard":
         (hf / "model-00002-of-00002.safetensors").unlink()
+    elif damage in ("index_map_list", "index_map_null", "index_file_int"):  # an index edited by hand or written by another tool
+        index = hf / "model.safetensors.index.json"
+        wm = json.loads(index.read_text())["weight_map"]
+        wm = {"index_map_list": sorted(set(wm.values())), "index_map_null": None}.get(damage, {k: 1 for k in wm})
+        index.write_text(json.dumps({"weight_map": wm}))
     elif damage == "truncated":
         st.write_bytes(st.read_bytes()[:100])
     elif damage == "config_list":
@@ -1395,6 +1406,10 @@ def test_peft_export_loads_back_through_load_adapter(tmp_path, meta_ckpt, tokeni
     idx = torch.randint(cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(8))
     ref = reference_forward(merged_weights(weights, net), cfg, idx)
     assert rel_err(fresh(idx)[0], ref) < 1e-4 and rel_err(fresh(idx)[0], net(idx)[0]) < 1e-5
+    # base_model_name_or_path is only a hint: null (peft's "unknown") or a non-string records no base
+    for base in (None, 5, ["x"], ""):
+        (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**conf, "base_model_name_or_path": base}))
+        assert C.read_adapter(tmp_path / "peft")["info"] == {}
 
 
 def test_own_adapter_pt_loads_and_returns_its_record(tmp_path, meta_ckpt):
@@ -1416,6 +1431,9 @@ def test_own_adapter_pt_loads_and_returns_its_record(tmp_path, meta_ckpt):
     ("peft_target", 'target_modules ["q_proj", "lm_head"] is not supported (only q_proj, k_proj'),
     ("peft_missing", "tensor 'base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight' missing"),
     ("peft_bin_list", "adapter_model.bin: not a state dict"),
+    ("bad_name", "adapter.pt: tensor 'x' has no layer in this model"),  # adapter.pt written by another program
+    ("not_tensor", "adapter.pt: not an adapter (expected a dict with 'lora' (named tensors) and 'model_config')"),
+    ("empty", "adapter.pt: not an adapter"),
 ])
 def test_adapter_mismatch_is_one_line(tmp_path, meta_ckpt, damage, expect):
     d, cfg, _ = meta_ckpt
@@ -1438,6 +1456,12 @@ def test_adapter_mismatch_is_one_line(tmp_path, meta_ckpt, damage, expect):
             lora["layers.0.attention.wq.lora_A"] = torch.zeros(2, 10)
         elif damage == "extra_layer":
             lora["layers.7.attention.wq.lora_A"] = torch.zeros(2, cfg.dim)
+        elif damage == "bad_name":
+            lora["x"] = torch.zeros(1)
+        elif damage == "not_tensor":
+            lora["layers.0.attention.wq.lora_A"] = 1
+        elif damage == "empty":
+            lora = {}
         else:
             del lora["layers.1.feed_forward.w2.lora_B"]
         path = tmp_path / "adapter.pt"
@@ -2302,6 +2326,26 @@ def test_resume_refuses_damaged_or_foreign_checkpoints(tmp_path):
         assert r.returncode == 2 and f"{d / 'ckpt.pt'}: {expect}" in r.stderr, (expect, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr and "weights_only" not in r.stderr
         assert (d / "ckpt.pt").read_bytes() == content and "model " not in r.stdout  # untouched; refused before the build
+
+
+def test_resume_refuses_a_checkpoint_edited_by_hand(tmp_path, demo_tokenizer):
+    # this run's own ckpt.pt, edited: one line naming it, never a traceback, never some LoRA silently started afresh
+    src = fresh_out_dir(tmp_path / "src", demo_tokenizer)
+    assert run_train(*FAST, "--max_iters", 1, "--out_dir", src).returncode == 0
+    ck = torch.load(src / "ckpt.pt", weights_only=True)
+    lora, k = ck["lora"], "layers.0.attention.wq.lora_A"
+    cases = [({"lora": {n: t for n, t in lora.items() if n != k}}, f"its LoRA weights are not this model's ({k})"),
+             ({"lora": {**lora, k: lora[k][:1]}}, f"cannot restore it (Error(s) in loading state_dict for LLaMA: size mismatch for {k}:"),
+             ({"optimizer": {}}, "cannot restore it ('state')"),
+             ({"rng": [5]}, "cannot restore it ("),
+             ({"iter_num": "1"}, "not a checkpoint written by train.py"),
+             ({"config": [1]}, "not a checkpoint written by train.py")]
+    for i, (change, expect) in enumerate(cases):
+        d = fresh_out_dir(tmp_path / str(i), demo_tokenizer)
+        torch.save({**ck, **change}, d / "ckpt.pt")
+        r = run_train(*FAST, "--max_iters", 2, "--out_dir", d, "--resume")
+        assert r.returncode == 2 and f"error: --resume: {d / 'ckpt.pt'}: {expect}" in r.stderr, (change, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and not (d / "adapter.pt").exists()
 
 
 def test_new_run_into_an_out_dir_holding_one_is_refused(tmp_path, demo_tokenizer):

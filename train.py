@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from data import mmlu as mmlu_eval
-from data.checkpoint import (Tokenizer, export_merged, export_peft, find_tokenizer, load_adapter, read_adapter,
-                             read_params, torch_load, train_tokenizer)
+from data.checkpoint import (Tokenizer, export_merged, export_peft, find_tokenizer, is_state_dict, load_adapter,
+                             read_adapter, read_params, torch_load, train_tokenizer)
 from data.files import InputError, atomic_save, flag_help, locked_dir, parse_flags, run
 from data.prepare import ALPACA, batch_order, get_batch, read_data, tokenize
 from model import CONFIGS, LLaMA, LLaMAConfig, mfu, paper_hparams
@@ -160,7 +160,8 @@ def read_checkpoint(path, c, world):
     if not path.is_file():
         raise InputError(f"--resume: {path} not found")
     ck = torch_load(path, tensors=False)  # one line naming the file if it is not torch.save's
-    if not (isinstance(ck, dict) and {"config", "lora", "optimizer", "iter_num", "rng"} <= ck.keys()):
+    if not (isinstance(ck, dict) and {"config", "lora", "optimizer", "iter_num", "rng"} <= ck.keys() and is_state_dict(ck["lora"])
+            and isinstance(ck["config"], dict) and isinstance(ck["rng"], list) and type(ck["iter_num"]) is int and ck["iter_num"] >= 0):
         raise InputError(f"--resume: {path}: not a checkpoint written by train.py")
     for k in ("model", "ckpt_dir", "adapter", "data", "seed", "batch_size", "micro_batch", "lora_r", "source_max_len",
               "target_max_len"):
@@ -239,12 +240,18 @@ def train(c):
     optimizer = PagedAdamW(params, lr=c["learning_rate"], betas=(c["beta1"], c["beta2"]), weight_decay=c["weight_decay"])
     iter_num, saved = 0, None  # saved: the iteration of the last checkpoint
     if ck:
-        raw.load_state_dict(ck["lora"], strict=False)
-        optimizer.load_state_dict(ck["optimizer"])
+        lora = {k for k in raw.state_dict() if ".lora_" in k}
+        if ck["lora"].keys() != lora:  # resuming would start some layers' LoRA afresh
+            raise InputError(f"--resume: {ckpt_path}: its LoRA weights are not this model's ({min(lora ^ ck['lora'].keys())})")
+        try:  # edited by hand, or more than the GPU holds: one line
+            raw.load_state_dict(ck["lora"], strict=False)  # strict=False: the frozen base is not in it
+            optimizer.load_state_dict(ck["optimizer"])
+            torch.set_rng_state(ck["rng"][rank]["torch"])  # each process continues its own dropout stream
+            if ck["rng"][rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(ck["rng"][rank]["cuda"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise InputError(f"--resume: {ckpt_path}: cannot restore it ({' '.join(str(e).split())[:200]})") from None
         iter_num = saved = ck["iter_num"]
-        torch.set_rng_state(ck["rng"][rank]["torch"])  # each process continues its own dropout stream
-        if ck["rng"][rank]["cuda"] is not None:
-            torch.cuda.set_rng_state(ck["rng"][rank]["cuda"])
         if master:
             print(f"resumed from {ckpt_path} at iter {iter_num}")
         del ck  # unmaps the file

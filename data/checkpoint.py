@@ -99,6 +99,10 @@ def check_fields(c, where, need, ints=(), floats=(), bools=()):
                 raise CheckpointError(f"{where}: {k} must be {want}, got {json.dumps(c[k])}")
 
 
+def is_state_dict(sd):  # {name: tensor}, what torch's state_dict() returns
+    return isinstance(sd, dict) and all(isinstance(k, str) and torch.is_tensor(t) for k, t in sd.items())
+
+
 def torch_load(path, tensors=True):
     # -> what torch.save wrote; tensors=True: it must be a state dict {name: tensor}. One line when refused.
     with open(path, "rb") as f:
@@ -110,7 +114,7 @@ def torch_load(path, tensors=True):
         raise CheckpointError(f"{path}: holds more than tensors and plain data; refusing to unpickle it") from None
     except Exception as e:  # a zip cut short, or damaged
         raise CheckpointError(f"{path}: truncated or damaged ({str(e).splitlines()[0][:100]})") from None
-    if tensors and not (isinstance(sd, dict) and all(isinstance(k, str) and torch.is_tensor(t) for k, t in sd.items())):
+    if tensors and not is_state_dict(sd):
         raise CheckpointError(f"{path}: not a state dict (a dict of named tensors)")
     return sd
 
@@ -238,7 +242,10 @@ def _read_meta(d):
         parts = [sd[name] for sd in sds]
         if len(parts) == 1 or name.endswith("norm.weight"):
             return parts[0]
-        return torch.cat(parts, 1 if name == "tok_embeddings.weight" or name.endswith(("wo.weight", "w2.weight")) else 0)
+        try:
+            return torch.cat(parts, 1 if name == "tok_embeddings.weight" or name.endswith(("wo.weight", "w2.weight")) else 0)
+        except RuntimeError:  # shards of different models
+            raise CheckpointError(f"{d}: {name} has shapes {[tuple(t.shape) for t in parts]} in its shards: they do not fit") from None
 
     return params, take, sum(sd[k].nbytes for sd in sds for k in expected), f"{d}/consolidated.*.pth"
 
@@ -282,7 +289,10 @@ def _read_hf(d, context):
                   if f.is_file()), None)  # an index before its single file, safetensors before pickles
     if first is None:
         raise CheckpointError(f"{d}: no weights (model.safetensors, pytorch_model.bin, or their .index.json)")
-    files = sorted({d / f for f in read_json(first).get("weight_map", {}).values()}) if first.suffix == ".json" else [first]
+    wm = read_json(first).get("weight_map") if first.suffix == ".json" else {"": first.name}  # {tensor: file}; or the one file
+    if not (isinstance(wm, dict) and all(isinstance(f, str) for f in wm.values())):
+        raise CheckpointError(f"{first}: weight_map must map tensor names to file names, got {json.dumps(wm)[:60]}")
+    files = sorted({d / f for f in wm.values()})
     for f in files:
         if not f.is_file():
             raise CheckpointError(f"{f}: not found (listed in the folder's .index.json)")
@@ -380,14 +390,16 @@ def read_adapter(path):
             if not m or m[1] not in short:
                 raise CheckpointError(f"{path}: tensor {k!r} is not a LoRA weight of a LLaMA linear layer")
         r, alpha, targets = conf.get("r"), conf.get("lora_alpha"), {short[t] for t in targets}
-        info = {"base": {"ckpt_dir": conf["base_model_name_or_path"]}} if conf.get("base_model_name_or_path") else {}
+        base = conf.get("base_model_name_or_path")  # a folder (ours), a hub name, or null
+        info = {"base": {"ckpt_dir": base}} if isinstance(base, str) and base else {}
         rslora = conf.get("use_rslora")  # rsLoRA scales by α/√r
     elif path.is_file():  # ours: train.py's adapter.pt (or ckpt.pt)
         where, ck = path, torch_load(path, tensors=False)
-        if not isinstance(ck, dict) or not isinstance(ck.get("lora"), dict) or not isinstance(ck.get("model_config"), dict):
-            raise CheckpointError(f"{path}: not an adapter (expected a dict with 'lora' and 'model_config')")
-        lora = ck["lora"]
-        r, alpha, targets = ck["model_config"].get("lora_r"), ck["model_config"].get("lora_alpha"), {k.split(".", 2)[2][:-7] for k in lora}
+        if not (isinstance(ck, dict) and is_state_dict(ck.get("lora")) and ck["lora"] and isinstance(ck.get("model_config"), dict)):
+            raise CheckpointError(f"{path}: not an adapter (expected a dict with 'lora' (named tensors) and 'model_config')")
+        lora = ck["lora"]  # names layers.3.attention.wq.lora_A: a name of no layer is refused by load_adapter
+        r, alpha = ck["model_config"].get("lora_r"), ck["model_config"].get("lora_alpha")
+        targets = {sub for sub in LINEARS if any(f".{sub}.lora_" in k for k in lora)}
         info, rslora = {k: v for k, v in ck.items() if k not in ("lora", "optimizer", "rng")}, False
     else:
         raise CheckpointError(f"{path}: adapter not found (adapter.pt, or a peft folder with adapter_config.json)")
