@@ -136,8 +136,7 @@ def load(ckpt_dir, quantize):
             peak.update({k: max(peak[k], v) for k, v in status().items()})
 
     threading.Thread(target=watch, daemon=True).start()
-    cuda = torch.cuda.is_available()
-    t0 = time.time()
+    cuda, t0 = torch.cuda.is_available(), time.time()
     net = LLaMA.from_checkpoint(ckpt_dir, quantize=quantize, device="cuda" if cuda else "cpu", dtype=torch.bfloat16)
     if cuda:
         torch.cuda.synchronize()

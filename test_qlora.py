@@ -30,7 +30,7 @@ import model as M
 import qlora
 from data.files import InputError, atomic_save, atomic_write, atomic_write_bytes
 from data.files import run as files_run
-from data.prepare import DataError, convert, read_data
+from data.prepare import convert, read_data
 from nf4_table import NF4_OFFSET, dynamic_map, midpoints, nf4_values
 
 # Tests in the order of the sources: nf4_table.py and qlora.py (§1-6), model.py and data/checkpoint.py,
@@ -1722,7 +1722,7 @@ def test_truncation_limits_and_dropped_examples():
     ids, labels = ex[0]
     assert len(ids) == 1 + 3 + 2 and labels[-2:] == CharTok().encode("xy")  # eos cut with the response tail
     assert (truncated, dropped) == (1, 0)
-    with pytest.raises(DataError, match="no usable examples"):  # nothing of any response fits
+    with pytest.raises(InputError, match="no usable examples"):  # nothing of any response fits
         P.tokenize([("f:1", [("ab", False), ("c", True)])], CharTok(), 3, 0)
 
 
@@ -1868,7 +1868,7 @@ BAD = [  # (format, file lines, text the one-line error must contain)
 @pytest.mark.parametrize("kind,lines,error", BAD)
 def test_bad_input(tmp_path, kind, lines, error):
     src = write(tmp_path / "in.jsonl", lines)  # no lines: an empty file
-    with pytest.raises(DataError) as e:
+    with pytest.raises(InputError) as e:
         convert(kind, src)
     assert error in str(e.value) and "\n" not in str(e.value)
     out = tmp_path / "out.jsonl"
@@ -1880,7 +1880,7 @@ def test_bad_input(tmp_path, kind, lines, error):
 def test_unreadable_data_is_one_line_naming_the_file(tmp_path):
     (tmp_path / "latin1.jsonl").write_bytes(b'{"instruction": "caf\xe9"}\n')
     for name, why in [("none.jsonl", "No such file or directory"), ("", "Is a directory"), ("latin1.jsonl", "'utf-8' codec can't")]:
-        with pytest.raises(DataError) as e:
+        with pytest.raises(InputError) as e:
             read_data(tmp_path / name)
         assert str(e.value).startswith(f"{tmp_path / name}: cannot read ({why}")
 

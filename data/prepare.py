@@ -20,10 +20,6 @@ if __name__ == "__main__":  # run as a script: the project folder, not data/, is
 from data.files import InputError, atomic_write_bytes, parse_flags, run
 
 
-class DataError(InputError):
-    pass
-
-
 ALPACA = {  # the Alpaca template, as in the paper's code
     True: "Below is an instruction that describes a task, paired with an input that provides further context. "
           "Write a response that appropriately completes the request.\n\n"
@@ -38,9 +34,9 @@ def read_records(path):
     try:
         text = open(path, encoding="utf-8-sig").read()  # -sig: tolerate a byte-order mark
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({getattr(e, 'strerror', e)})")  # strerror: the path once
+        raise InputError(f"{path}: cannot read ({getattr(e, 'strerror', e)})")  # strerror: the path once
     if not text.strip():
-        raise DataError(f"{path}:1: file is empty")
+        raise InputError(f"{path}:1: file is empty")
     records, array = [], text.lstrip().startswith("[")
     try:
         if array:
@@ -53,27 +49,27 @@ def read_records(path):
             after = re.compile(r"\s*").match(text, pos + 1).end()
             if after < len(text):  # more after the array: refused rather than dropped unread
                 at, end = text.count("\n", 0, after) + 1, text.count("\n", 0, pos) + 1
-                raise DataError(f"{path}:{at}: more after the JSON array that ends on line {end} (one array, or one object per line)")
+                raise InputError(f"{path}:{at}: more after the JSON array that ends on line {end} (one array, or one object per line)")
         else:
             for line, s in enumerate(text.split("\n"), 1):  # not splitlines(): JSON may hold U+2028
                 if s.strip():
                     records.append((line, json.loads(s)))
     except (ValueError, RecursionError) as e:  # also a number of over 4,300 digits, nesting too deep to decode
         at = e.lineno if array and isinstance(e, json.JSONDecodeError) else line
-        raise DataError(f"{path}:{at}: malformed JSON ({getattr(e, 'msg', e)})")
+        raise InputError(f"{path}:{at}: malformed JSON ({getattr(e, 'msg', e)})")
     for line, obj in records:  # "\ud83d" alone is valid JSON, but no tokenizer or UTF-8 file takes it
         if re.search("[\ud800-\udfff]", json.dumps(obj, ensure_ascii=False)):
-            raise DataError(f"{path}:{line}: a lone UTF-16 surrogate (half of an emoji?) in a string")
+            raise InputError(f"{path}:{line}: a lone UTF-16 surrogate (half of an emoji?) in a string")
     return records
 
 
 def field(where, obj, key, default=None, choices=None, kind=str):
     # every record is checked before use, so bad data fails with its location rather than a KeyError
     if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object")
+        raise InputError(f"{where}: expected a JSON object")
     val = obj.get(key, default)
     if not isinstance(val, kind) or (choices and val not in choices):
-        raise DataError(f"{where}: missing or invalid field '{key}'")
+        raise InputError(f"{where}: missing or invalid field '{key}'")
     return val
 
 
@@ -94,7 +90,7 @@ def best_path(path, line, node):
 def convert(kind, path, lang=None, skipped=None):
     skipped = Counter() if skipped is None else skipped  # reason -> count, for the summary line
     if kind not in ("alpaca", "oasst", "guanaco"):
-        raise DataError(f"unknown format '{kind}' (expected alpaca, oasst or guanaco)")
+        raise InputError(f"unknown format '{kind}' (expected alpaca, oasst or guanaco)")
     out, records = [], read_records(path)
     if kind == "oasst" and records and isinstance(records[0][1], dict) and "message_id" in records[0][1]:
         # the flat message table: rebuild the trees from parent_id links, roots in file order
@@ -114,7 +110,7 @@ def convert(kind, path, lang=None, skipped=None):
         elif kind == "guanaco":
             text = field(where, r, "text")
             if not text.startswith("### Human:") or "### Assistant:" not in text:
-                raise DataError(f"{where}: field 'text' is not '### Human: ... ### Assistant: ...'")
+                raise InputError(f"{where}: field 'text' is not '### Human: ... ### Assistant: ...'")
             out.append({"text": text})
         else:
             prompt = field(where, r, "prompt", kind=dict)
@@ -125,7 +121,7 @@ def convert(kind, path, lang=None, skipped=None):
             else:
                 skipped["without an assistant reply"] += 1
     if not out:
-        raise DataError(f"{path}: no examples left to write")
+        raise InputError(f"{path}: no examples left to write")
     return out
 
 
@@ -137,25 +133,25 @@ def segments(obj, where):
     def text(o, key, w=where):
         v = o.get(key)  # o is a dict: checked by the callers
         if not isinstance(v, str) or (key != "input" and not v.strip()):
-            raise DataError(f"{w}: field '{key}' must be a non-empty string")
+            raise InputError(f"{w}: field '{key}' must be a non-empty string")
         return v
 
     if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object")
+        raise InputError(f"{where}: expected a JSON object")
     if "messages" not in obj and "text" not in obj:  # Alpaca
         if "output" not in obj and "instruction" not in obj:
-            raise DataError(f"{where}: expected fields instruction/input/output, text, or messages")
+            raise InputError(f"{where}: expected fields instruction/input/output, text, or messages")
         inp = text(obj, "input") if "input" in obj else ""
         prompt = ALPACA[bool(inp.strip())].format(instruction=text(obj, "instruction"), input=inp)
         return [(prompt, False), (text(obj, "output"), True)]
     if "messages" in obj:
         msgs, out = obj["messages"], []
         if not isinstance(msgs, list) or not msgs:
-            raise DataError(f"{where}: field 'messages' must be a non-empty list")
+            raise InputError(f"{where}: field 'messages' must be a non-empty list")
         for j, m in enumerate(msgs):
             role = m.get("role") if isinstance(m, dict) else None
             if role not in ("system", "user", "assistant"):
-                raise DataError(f"{where}: messages[{j}].role must be system, user or assistant")
+                raise InputError(f"{where}: messages[{j}].role must be system, user or assistant")
             c = text(m, "content", f"{where}: messages[{j}]")
             turn = {"system": c + "\n", "user": f"### Human: {c}### Assistant: ", "assistant": c}  # Guanaco's turn markers
             out.append((turn[role], role == "assistant"))
@@ -165,7 +161,7 @@ def segments(obj, where):
         for marker, body in zip(parts[1::2], parts[2::2]):
             out += [(f"{marker} {body.strip()}", False)] if marker == "### Human:" else [("### Assistant: ", False), (body.strip(), True)]
     if not out or not out[-1][1]:  # refused: neither trained on as prompt text nor dropped unseen
-        raise DataError(f"{where}: the conversation must end with an assistant reply")
+        raise InputError(f"{where}: the conversation must end with an assistant reply")
     return out
 
 
@@ -194,7 +190,7 @@ def tokenize(items, tok, source_max_len, target_max_len, train_on_source=False):
         else:
             examples.append((ids, labels))
     if not examples:
-        raise DataError(f"no usable examples ({dropped} had no response tokens left after truncation)")
+        raise InputError(f"no usable examples ({dropped} had no response tokens left after truncation)")
     return examples, truncated, dropped
 
 
