@@ -315,7 +315,7 @@ def chat(argv):
     help_text = __doc__.strip() + "\n\nflags (defaults): " + " ".join(f"--{k} {v!r}" for k, v in FLAGS.items())
     _, given = parse_flags(argv, FLAGS, help_text, words_ok=False)
     f = {**FLAGS, **given}
-    for k, lo, hi in (("max_new_tokens", 0, 1e9), ("top_k", 0, 1e9), ("top_p", 0, 1), ("temperature", 0, 1e4)):
+    for k, lo, hi in (("max_new_tokens", 0, 1e9), ("top_k", 0, 1e9), ("top_p", 0, 1), ("temperature", 0, 1e4), ("seed", 0, 2**63 - 1)):
         if not lo <= f[k] <= hi:  # not NaN either
             raise InputError(f"--{k} must be in [{lo}, {hi:g}], got {f[k]}")
     adapter = read_adapter(f["adapter"]) if f["adapter"] else None

@@ -108,8 +108,9 @@ def resolve(given, defaults):
     # the adapted layers: wq, wo (n_heads·head_dim × dim), wk, wv (n_kv_heads·head_dim × dim), w1-w3 (hidden_dim × dim);
     # a rank above the smaller side of one adds nothing there (rank BA <= min(in, out))
     max_r = min(arch.dim, arch.n_heads * arch.head_dim, arch.n_kv_heads * arch.head_dim, arch.hidden_dim)
-    for k, ok, want in (*((k, 0 < c[k] < math.inf, "positive") for k in ("learning_rate", "max_grad_norm", "lora_alpha")),
-                        *((k, 0 <= c[k] < math.inf, "at least 0") for k in ("weight_decay", "temperature", "max_iters", "sample_tokens", "threads")),
+    for k, ok, want in (*((k, 0 < c[k] < 1e9, "positive (below 1e9)") for k in ("learning_rate", "max_grad_norm", "lora_alpha")),
+                        *((k, 0 <= c[k] < 2**63, "at least 0 (below 2^63)") for k in ("weight_decay", "temperature", "max_iters", "sample_tokens", "seed")),
+                        ("threads", 0 < c["threads"] <= os.cpu_count(), f"in [1, {os.cpu_count()}], the CPUs here"),
                         *((k, 0 <= c[k] < 1, "in [0, 1)") for k in ("beta1", "beta2", "val_fraction", "lora_dropout")),
                         ("lora_r", c["lora_r"] <= max_r, f"at most {max_r} for this architecture (the smaller side of its narrowest adapted layer)"),
                         ("target_max_len", c["source_max_len"] + c["target_max_len"] <= arch.max_seq_len,
