@@ -290,7 +290,8 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):
     # logits (B, vocab) -> (B,) token ids; temperature 0 is greedy
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.double()  # fp64, as the temperature itself: a tiny one does not round to 0
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature  # ≤ 0: cannot overflow to inf - inf = nan
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -float("inf"))

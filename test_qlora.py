@@ -1018,6 +1018,8 @@ def test_generate_stops_at_eos_and_sampling_filters(meta_ckpt):
     assert set(draws.flatten().tolist()) == {1, 2}
     draws = torch.stack([M.sample(logits, 1.0, top_p=0.5) for _ in range(200)])
     assert set(draws.flatten().tolist()) == {1}  # token 1 alone has p = 0.64 > 0.5
+    for t in (1e-300, 5e-324):  # logits / t would overflow to inf - inf = nan: a near-zero temperature is greedy
+        assert all(M.sample(logits, t, top_k=3, top_p=0.9).item() == 1 for _ in range(20))
 
 
 def test_random_init_named_config_builds_quantized():
