@@ -346,8 +346,11 @@ def chat(argv):
     torch.manual_seed(f["seed"])
 
     history = [tok.bos_id]
+    sys.stdin.reconfigure(errors="surrogateescape")  # bytes that are not UTF-8 reach the check below, in any locale
     try:  # --prompt, or one turn per line of stdin until an empty line (or EOF)
         for line in [f["prompt"]] if f["prompt"] else iter(lambda: input("> " * sys.stdin.isatty()).strip(), ""):
+            if any("\ud800" <= ch <= "\udfff" for ch in line):  # such bytes, as Python escapes them
+                raise InputError(f"{'--prompt' if f['prompt'] else 'stdin'}: not UTF-8 text")
             ids = (history if template == "guanaco" else [tok.bos_id]) + tok.encode(wrap.format(instruction=line))
             out, shown = [], ""  # the answer is printed as it is produced: decode it as it grows, print the new suffix
 

@@ -1549,6 +1549,16 @@ def test_chat_answers_a_prompt_in_the_alpaca_template(demo_adapter, monkeypatch)
     assert expect.strip() and r.stdout == expect + "\n"
 
 
+def test_chat_refuses_text_that_is_not_utf8(demo_adapter):
+    # a Latin-1 terminal: bytes that are not UTF-8, in argv or on stdin, are one line, not a tokenizer traceback
+    cmd = [sys.executable, str(ROOT / "model.py"), "--adapter", str(demo_adapter[0]), "--max_new_tokens", "2"]
+    for extra, stdin, expect in (([b"--prompt", b"caf\xe9"], b"", b"error: --prompt: not UTF-8 text"),
+                                 ([], b"hello\ncaf\xe9\n", b"error: stdin: not UTF-8 text")):
+        for lang in ("C", "C.UTF-8", "en_US.UTF-8"):  # Python decodes stdin strictly in some locales
+            r = subprocess.run(cmd + extra, cwd=ROOT, capture_output=True, timeout=300, env={**ENV, "LC_ALL": lang}, input=stdin)
+            assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == expect and b"Traceback" not in r.stderr, r.stderr
+
+
 def test_chat_interactive_keeps_the_guanaco_conversation(demo_adapter, monkeypatch, tmp_path):
     path, net, tok = demo_adapter
     monkeypatch.setenv("TRITON_INTERPRET", "0")
