@@ -1865,6 +1865,7 @@ BAD = [  # (format, file lines, text the one-line error must contain)
     ("oasst", [json.dumps(TREE), json.dumps({"message_tree_id": "t9"})], "in.jsonl:2: missing or invalid field 'prompt'"),
     ("oasst", [json.dumps({"prompt": msg("prompter", "Q", replies=[msg("assistant", None)])})], "in.jsonl:1: missing or invalid field 'text'"),
     ("oasst", [json.dumps({"prompt": msg("user", "Q")})], "in.jsonl:1: missing or invalid field 'role'"),
+    ("oasst", [json.dumps({"prompt": {**msg("prompter", "Q"), "replies": 5}})], "in.jsonl:1: missing or invalid field 'replies'"),
     ("oasst", [json.dumps({"message_id": "a", "parent_id": None, "role": "prompter", "text": "Q"}),
                json.dumps({"parent_id": "a", "role": "assistant", "text": "A"})], "in.jsonl:2: missing or invalid field 'message_id'"),
     ("oasst", [json.dumps({"message_id": "a", "parent_id": None, "role": "prompter", "text": "Q"}),
