@@ -29,7 +29,7 @@ ckpt_dir = "checkpoints/7B"  # load: the Meta checkpoint folder
 write = ""  # load: first write a random checkpoint of this architecture (7B, 13B, ...) into --ckpt_dir
 model = "7B"  # e2e: the architecture, random weights (on a CPU, only when named)
 batch = 2  # e2e: sequences per step
-seq = 2048  # e2e: tokens per sequence
+seq = 2048  # e2e: tokens per sequence (past the architecture's context, the context is stretched)
 steps = 10  # e2e: steps timed (the first, warm-up, left out of the median)
 lora_r = 64  # e2e: LoRA rank
 no_quant = False  # e2e, load: a 16-bit base (plain LoRA) for comparison
@@ -79,14 +79,14 @@ def kernels():
 def e2e(model, batch, seq, steps, r, quantize):
     name = header()
     cfg = LLaMAConfig(**{**CONFIGS[model], "lora_r": r, "lora_alpha": 16, "lora_dropout": paper_hparams(CONFIGS[model]["dim"])["lora_dropout"]})
+    cfg.max_seq_len = max(cfg.max_seq_len, seq)  # random weights: the context stretches to --seq
     cuda = torch.cuda.is_available()
     dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     free0 = torch.cuda.mem_get_info()[0] if cuda else 0  # before the model: the CUDA context is not counted
     t0 = time.time()
     net = LLaMA.from_config(cfg, quantize=quantize, device=dev, dtype=dtype)
     net.grad_checkpoint = True  # a freshly built module is in training mode, where checkpointing applies
-    load_s = time.time() - t0
-    load_alloc = torch.cuda.max_memory_allocated() / 1e9 if cuda else 0
+    load_s, load_alloc = time.time() - t0, torch.cuda.max_memory_allocated() / 1e9 if cuda else 0
     params = [p for p in net.parameters() if p.requires_grad]
     opt = qlora.PagedAdamW(params, lr=2e-4)
     x = torch.randint(cfg.vocab_size, (batch, seq + 1), device=dev)

@@ -2467,6 +2467,13 @@ def test_bench_command_line(args, expect):
     assert r.returncode == 2 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
+def test_bench_e2e_runs_past_the_architectures_context():
+    # tiny's context is 256 (RoPE tables for 512): a longer --seq stretches it, as a long-context benchmark needs
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "e2e", "--model", "tiny", "--batch", "1", "--seq", "600", "--steps", "2",
+                        "--lora_r", "8"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0 and "| tiny NF4 r=8 | 1 x 600 |" in r.stdout, r.stderr
+
+
 def test_bench_and_prepare_help():
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and all(w in r.stdout for w in ("bench.py kernels", "bench.py e2e", "bench.py load"))
