@@ -159,8 +159,8 @@ def main(argv):
         if f[k] and f[k] not in CONFIGS:
             raise InputError(f"--{k} {f[k]}: unknown architecture (known: {', '.join(CONFIGS)})")
     for k in ("batch", "seq", "steps", "lora_r"):
-        if f[k] < 1:
-            raise InputError(f"--{k} must be at least 1, got {f[k]}")
+        if not 1 <= f[k] < 2**31:
+            raise InputError(f"--{k} must be at least 1 (below 2^31), got {f[k]}")
     if words == ["kernels"]:
         if not cuda:
             raise InputError("bench.py kernels needs a CUDA GPU")

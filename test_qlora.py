@@ -2199,6 +2199,7 @@ def test_bad_data_gives_one_line_and_exit_2(tmp_path, lines, expect):
     (["--max_iters", "many"], "--max_iters: expected int, got 'many'"),
     (["--ckpt_dir", "/nonexistent/7B"], "/nonexistent/7B/params.json: not found"),
     (["--micro_batch", "0"], "--micro_batch must be at least 1"),
+    (["--batch_size", str(2**80)], f"--batch_size must be at least 1 (below 2^31), got {2**80}"),  # loss / 2^80 overflows
     (["--lora_r", "0"], "--lora_r must be at least 1"),
     (["--export", "gguf"], "--export: expected merged, peft"),
     (["--learning_rate", "-1"], "--learning_rate must be positive (below 1e9), got -1.0"),
@@ -2458,6 +2459,7 @@ def test_help_lists_every_flag_with_default_and_meaning():
     (["load", "--write", "5B"], "--write 5B: unknown architecture"),
     (["e2e", "--model", "5B"], "--model 5B: unknown architecture"),
     (["e2e", "--model", "tiny", "--batch", "0"], "--batch must be at least 1"),
+    (["e2e", "--model", "tiny", "--seq", str(2**70)], f"--seq must be at least 1 (below 2^31), got {2**70}"),
     (["e2e", "--colour", "red"], "unknown flag --colour"),
     pytest.param(["e2e"], "would build a random 7B on the CPU", marks=pytest.mark.skipif(CUDA, reason="CPU only")),
     pytest.param(["kernels"], "needs a CUDA GPU", marks=pytest.mark.skipif(CUDA, reason="CPU only")),

@@ -78,8 +78,8 @@ def resolve(given, defaults):
     demo = given.get("model", defaults["model"]) == "tiny" and not given.get("ckpt_dir") and given.get("init", "random") in ("", "random")
     c = {**defaults, **(DEMO if demo else {}), **given, "demo": demo}  # the later wins: flags > demo > defaults
     for k in ("batch_size", "micro_batch", "eval_interval", "eval_iters", "log_interval", "lora_r", "source_max_len", "target_max_len"):
-        if c[k] < 1:
-            raise InputError(f"--{k} must be at least 1, got {c[k]}")
+        if not 1 <= c[k] < 2**31:  # a batch of 2^31 examples overflows before it is built
+            raise InputError(f"--{k} must be at least 1 (below 2^31), got {c[k]}")
     if set(filter(None, c["export"].split(","))) - {"merged", "peft"}:
         raise InputError(f"--export: expected merged, peft or merged,peft, got {c['export']!r}")
     c["init"] = c["init"] or ("random" if demo else "checkpoint")
