@@ -1431,6 +1431,9 @@ def test_own_adapter_pt_loads_and_returns_its_record(tmp_path, meta_ckpt):
     ("extra_layer", "tensor 'layers.7.attention.wq.lora_A' has no layer in this model"),
     ("missing", "tensor 'layers.1.feed_forward.w2.lora_B' missing"),
     ("peft_target", 'target_modules ["q_proj", "lm_head"] is not supported (only q_proj, k_proj'),
+    ("peft_target_nested", 'target_modules [["q_proj"]] is not supported'),
+    ("peft_target_empty", "target_modules [] is not supported"),  # adapts nothing: an empty optimizer
+    ("peft_alpha_nan", "the rank and alpha must be finite numbers, got 2, nan"),  # NaN logits in chat
     ("peft_missing", "tensor 'base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight' missing"),
     ("peft_bin_list", "adapter_model.bin: not a state dict"),
     ("bad_name", "adapter.pt: tensor 'x' has no layer in this model"),  # adapter.pt written by another program
@@ -1444,8 +1447,11 @@ def test_adapter_mismatch_is_one_line(tmp_path, meta_ckpt, damage, expect):
     if damage.startswith("peft"):
         C.export_peft(net, tmp_path / "a")
         path, cj = tmp_path / "a", tmp_path / "a" / "adapter_config.json"
-        if damage == "peft_target":
-            cj.write_text(json.dumps({**json.loads(cj.read_text()), "target_modules": ["q_proj", "lm_head"]}))
+        if damage.startswith("peft_target"):
+            targets = {"peft_target": ["q_proj", "lm_head"], "peft_target_nested": [["q_proj"]], "peft_target_empty": []}[damage]
+            cj.write_text(json.dumps({**json.loads(cj.read_text()), "target_modules": targets}))
+        elif damage == "peft_alpha_nan":
+            cj.write_text(json.dumps({**json.loads(cj.read_text()), "lora_alpha": float("nan")}))
         elif damage == "peft_bin_list":  # plain data weights_only accepts, in peft's pickled format
             (path / "adapter_model.safetensors").unlink()
             torch.save([1, 2], path / "adapter_model.bin")

@@ -379,7 +379,7 @@ def read_adapter(path):
             if (conf.get(key) or ok) != ok:
                 raise CheckpointError(f"{where}: {key} {json.dumps(conf[key])} is not supported")
         targets = conf.get("target_modules")
-        if not isinstance(targets, list) or not set(targets) <= set(short):
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t in short for t in targets):
             raise CheckpointError(f"{where}: target_modules {json.dumps(targets)} is not supported (only {', '.join(short)})")
         st, pt = path / "adapter_model.safetensors", path / "adapter_model.bin"
         if not st.is_file() and not pt.is_file():
@@ -403,8 +403,8 @@ def read_adapter(path):
         info, rslora = {k: v for k, v in ck.items() if k not in ("lora", "optimizer", "rng")}, False
     else:
         raise CheckpointError(f"{path}: adapter not found (adapter.pt, or a peft folder with adapter_config.json)")
-    if type(r) is not int or r < 1 or not isinstance(alpha, (int, float)):
-        raise CheckpointError(f"{where}: the rank and alpha must be numbers, got {r!r}, {alpha!r}")
+    if type(r) is not int or r < 1 or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise CheckpointError(f"{where}: the rank and alpha must be finite numbers, got {r!r}, {alpha!r}")
     return dict(lora=lora, r=r, scaling=alpha / (math.sqrt(r) if rslora else r), targets=targets, hf=path.is_dir(),
                 where=str(path), info=info)
 
