@@ -1897,6 +1897,16 @@ def test_bad_input(tmp_path, kind, lines, error):
     assert error in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not out.exists() and not (tmp_path / "out.jsonl.tmp").exists()
 
+def test_nesting_too_deep_is_one_line_at_any_depth(tmp_path):
+    # json decodes a little deeper than it encodes: the surrogate check's json.dumps must be caught too
+    for depth in range(800, 1000):
+        src = write(tmp_path / "in.jsonl", ["[", '{"instruction": "i", "output": "o", "z": ' + "[" * depth + "]" * depth + "}", "]"])
+        try:
+            convert("alpaca", src)
+        except InputError as e:
+            assert str(e).startswith(f"{src}:2: malformed JSON (maximum recursion depth exceeded"), e
+
+
 def test_unreadable_data_is_one_line_naming_the_file(tmp_path):
     (tmp_path / "latin1.jsonl").write_bytes(b'{"instruction": "caf\xe9"}\n')
     for name, why in [("none.jsonl", "No such file or directory"), ("", "Is a directory"), ("latin1.jsonl", "'utf-8' codec can't")]:

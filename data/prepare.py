@@ -54,12 +54,12 @@ def read_records(path):
             for line, s in enumerate(text.split("\n"), 1):  # not splitlines(): JSON may hold U+2028
                 if s.strip():
                     records.append((line, json.loads(s)))
-    except (ValueError, RecursionError) as e:  # also a number of over 4,300 digits, nesting too deep to decode
+        for line, obj in records:  # "\ud83d" alone is valid JSON, but no tokenizer or UTF-8 file takes it
+            if re.search("[\ud800-\udfff]", json.dumps(obj, ensure_ascii=False)):
+                raise InputError(f"{path}:{line}: a lone UTF-16 surrogate (half of an emoji?) in a string")
+    except (ValueError, RecursionError) as e:  # also a number of over 4,300 digits, nesting too deep to decode or encode
         at = e.lineno if array and isinstance(e, json.JSONDecodeError) else line
         raise InputError(f"{path}:{at}: malformed JSON ({getattr(e, 'msg', e)})")
-    for line, obj in records:  # "\ud83d" alone is valid JSON, but no tokenizer or UTF-8 file takes it
-        if re.search("[\ud800-\udfff]", json.dumps(obj, ensure_ascii=False)):
-            raise InputError(f"{path}:{line}: a lone UTF-16 surrogate (half of an emoji?) in a string")
     return records
 
 
