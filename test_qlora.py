@@ -1095,7 +1095,7 @@ def test_checkpoint_errors_name_file_and_tensor(tmp_path, meta_ckpt, tokenizer_f
         torch.save({"x": __import__("collections").OrderedDict(a=Path("."))}, d / "consolidated.01.pth")
     elif damage in ("not_a_dict", "not_tensors"):  # plain data weights_only accepts, but no state dict
         torch.save([1, 2] if damage == "not_a_dict" else {"tok_embeddings.weight": 3}, d / "consolidated.01.pth")
-    with pytest.raises(C.CheckpointError, match=re.escape(expect.replace("(V,", f"({cfg.vocab_size},"))):
+    with pytest.raises(InputError, match=re.escape(expect.replace("(V,", f"({cfg.vocab_size},"))):
         M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, tokenizer=d / "tokenizer.model" if damage == "tokenizer_vocab" else None)
 
 
@@ -1326,7 +1326,7 @@ def test_hf_unsupported_is_one_line_before_any_weight_is_read(tmp_path, meta_ckp
         raise AssertionError("weights were read")
 
     monkeypatch.setattr(M.LLaMA, "__init__", build)  # the network asks for the weights: it must not be reached
-    with pytest.raises(C.CheckpointError, match=re.escape(expect)) as e:
+    with pytest.raises(InputError, match=re.escape(expect)) as e:
         M.LLaMA.from_checkpoint(hf, dtype=torch.float32, context=100, progress=False)
     assert "\n" not in str(e.value)
 
@@ -1368,7 +1368,7 @@ def test_published_hf_configs(name, conf, n_params):
     h = int(p.get("ffn_dim_multiplier", 1.0) * h)
     assert p["multiple_of"] * ((h + p["multiple_of"] - 1) // p["multiple_of"]) == conf["intermediate_size"]
     if name.startswith("Mistral"):
-        with pytest.raises(C.CheckpointError, match="sliding_window 4096 is shorter than the context of 8192"):
+        with pytest.raises(InputError, match="sliding_window 4096 is shorter than the context of 8192"):
             C.hf_params(conf, name, context=8192)
 
 
@@ -1474,7 +1474,7 @@ def test_adapter_mismatch_is_one_line(tmp_path, meta_ckpt, damage, expect):
             del lora["layers.1.feed_forward.w2.lora_B"]
         path = tmp_path / "adapter.pt"
         torch.save({"lora": lora, "model_config": vars(net.config)}, path)
-    with pytest.raises(C.CheckpointError, match=re.escape(expect)):
+    with pytest.raises(InputError, match=re.escape(expect)):
         C.load_adapter(net, path)
 
 

@@ -26,19 +26,15 @@ from data.files import InputError, atomic_save, atomic_write, atomic_write_bytes
 from qlora import LoRALinear, merge_lora
 
 
-class CheckpointError(InputError):
-    pass
-
-
 class Tokenizer:
     def __init__(self, path):
         self.path = path = Path(path)
         if not path.is_file():
-            raise CheckpointError(f"{path}: tokenizer not found")
+            raise InputError(f"{path}: tokenizer not found")
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError):  # empty, truncated, or some other file
-            raise CheckpointError(f"{path}: not a sentencepiece tokenizer model (cannot parse it)") from None
+            raise InputError(f"{path}: not a sentencepiece tokenizer model (cannot parse it)") from None
         self.n_words, self.bos_id, self.eos_id = self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id()  # LLaMA: bos 1, eos 2
 
     def encode(self, s, bos=False, eos=False):
@@ -81,9 +77,9 @@ def read_json(path):
         d = json.loads(Path(path).read_bytes())
     except (ValueError, RecursionError) as e:  # also: not UTF-8/16/32 text (UnicodeDecodeError), nested too deep
         at = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
-        raise CheckpointError(f"{path}{at}: invalid JSON ({getattr(e, 'msg', type(e).__name__)})") from None
+        raise InputError(f"{path}{at}: invalid JSON ({getattr(e, 'msg', type(e).__name__)})") from None
     if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: expected a JSON object {{...}}, got {json.dumps(d)[:40]}")
+        raise InputError(f"{path}: expected a JSON object {{...}}, got {json.dumps(d)[:40]}")
     return d
 
 
@@ -91,12 +87,12 @@ def check_fields(c, where, need, ints=(), floats=(), bools=()):
     # a config edited by hand: the fields in need present, each field a positive int, positive number or true/false
     for k in need:
         if k not in c:
-            raise CheckpointError(f"{where}: missing field {k!r}")
+            raise InputError(f"{where}: missing field {k!r}")
     for keys, types, want in ((ints, (int,), "a positive integer"), (floats, (int, float), "a positive number"),
                               (bools, (bool,), "true or false")):
         for k in keys:
             if k in c and not (type(c[k]) in types and (bool in types or 0 < c[k] < math.inf)):
-                raise CheckpointError(f"{where}: {k} must be {want}, got {json.dumps(c[k])}")
+                raise InputError(f"{where}: {k} must be {want}, got {json.dumps(c[k])}")
 
 
 def is_state_dict(sd):  # {name: tensor}, what torch's state_dict() returns
@@ -107,15 +103,15 @@ def torch_load(path, tensors=True):
     # -> what torch.save wrote; tensors=True: it must be a state dict {name: tensor}. One line when refused.
     with open(path, "rb") as f:
         if f.read(4) != b"PK\x03\x04":  # torch.save's zip format, the one that can be memory-mapped
-            raise CheckpointError(f"{path}: not in torch.save's zip format" + (" (empty file)" if not f.tell() else ""))
+            raise InputError(f"{path}: not in torch.save's zip format" + (" (empty file)" if not f.tell() else ""))
     try:  # weights_only: a checkpoint is data, never code to run; mmap: nothing is read until it is used
         sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError:
-        raise CheckpointError(f"{path}: holds more than tensors and plain data; refusing to unpickle it") from None
+        raise InputError(f"{path}: holds more than tensors and plain data; refusing to unpickle it") from None
     except Exception as e:  # a zip cut short, or damaged
-        raise CheckpointError(f"{path}: truncated or damaged ({str(e).splitlines()[0][:100]})") from None
+        raise InputError(f"{path}: truncated or damaged ({str(e).splitlines()[0][:100]})") from None
     if tensors and not is_state_dict(sd):
-        raise CheckpointError(f"{path}: not a state dict (a dict of named tensors)")
+        raise InputError(f"{path}: not a state dict (a dict of named tensors)")
     return sd
 
 
@@ -174,14 +170,14 @@ def read_safetensors(path):
             buf = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
             for name, h in header.items():
                 if h["dtype"] not in ST_DTYPES:
-                    raise CheckpointError(f"{path}: tensor {name!r} has dtype {h['dtype']}; only F16, BF16 and F32 are read")
+                    raise InputError(f"{path}: tensor {name!r} has dtype {h['dtype']}; only F16, BF16 and F32 are read")
                 (begin, end), dt = h["data_offsets"], ST_DTYPES[h["dtype"]]
                 if not 0 <= begin <= end <= size - 8 - n or end - begin != math.prod(h["shape"]) * dt.itemsize:
                     raise ValueError(f"tensor {name!r}: data_offsets disagree with its shape or the file size")
                 raw = buf[8 + n + begin : 8 + n + end]  # viewed as dt in place only where the offset is aligned to it
                 out[name] = (raw if (8 + n + begin) % dt.itemsize == 0 else raw.clone()).view(dt).view(h["shape"])
         except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:  # RuntimeError: e.g. a shape < 0
-            raise CheckpointError(f"{path}: not a valid safetensors file "
+            raise InputError(f"{path}: not a valid safetensors file "
                                   f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return out
 
@@ -213,7 +209,7 @@ def read_params(ckpt_dir, context=None):
         return hf_params(read_json(d / "config.json"), d / "config.json", context)
     pj = d / "params.json"
     if not pj.is_file():
-        raise CheckpointError(f"{pj}: not found (expected Meta's layout: params.json + consolidated.NN.pth, "
+        raise InputError(f"{pj}: not found (expected Meta's layout: params.json + consolidated.NN.pth, "
                               f"or Hugging Face's: config.json + weights)")
     params = {k: v for k, v in read_json(pj).items() if k in META_KEYS and v is not None and (k, v) != ("vocab_size", -1)}
     check_fields(params, pj, ("dim", "n_layers", "n_heads"), ints=META_KEYS[:6], floats=META_KEYS[6:])
@@ -223,16 +219,16 @@ def read_params(ckpt_dir, context=None):
 def _read_meta(d):
     params, shards = read_params(d), sorted(d.glob("consolidated.*.pth"))
     if not shards:
-        raise CheckpointError(f"{d}: no consolidated.NN.pth checkpoint shards")
+        raise InputError(f"{d}: no consolidated.NN.pth checkpoint shards")
     for i, s in enumerate(shards):
         if s.name != f"consolidated.{i:02d}.pth":
-            raise CheckpointError(f"{d / f'consolidated.{i:02d}.pth'}: shard missing ({len(shards)} shards found)")
+            raise InputError(f"{d / f'consolidated.{i:02d}.pth'}: shard missing ({len(shards)} shards found)")
     sds, expected = [torch_load(s) for s in shards], meta_names(params["n_layers"])
     for s, sd in zip(shards, sds):
         odd = [f"unexpected tensor {k!r}" for k in sd if k not in expected and k != "rope.freqs"]  # rope.freqs: recomputed
         odd += [f"missing tensor {k!r}" for k in expected if k not in sd]
         if odd:
-            raise CheckpointError(f"{s}: {odd[0]}")
+            raise InputError(f"{s}: {odd[0]}")
     if "vocab_size" not in params:  # LLaMA-1's params.json says -1: the embedding knows
         params["vocab_size"] = sds[0]["tok_embeddings.weight"].shape[0]
 
@@ -245,7 +241,7 @@ def _read_meta(d):
         try:
             return torch.cat(parts, 1 if name == "tok_embeddings.weight" or name.endswith(("wo.weight", "w2.weight")) else 0)
         except RuntimeError:  # shards of different models
-            raise CheckpointError(f"{d}: {name} has shapes {[tuple(t.shape) for t in parts]} in its shards: they do not fit") from None
+            raise InputError(f"{d}: {name} has shapes {[tuple(t.shape) for t in parts]} in its shards: they do not fit") from None
 
     return params, take, sum(sd[k].nbytes for sd in sds for k in expected), f"{d}/consolidated.*.pth"
 
@@ -253,7 +249,7 @@ def _read_meta(d):
 def hf_params(c, where, context=None):
     # config.json -> LLaMAConfig fields. What the network does not implement is refused here, before any weight is read.
     def refuse(why):
-        raise CheckpointError(f"{where}: {why}")
+        raise InputError(f"{where}: {why}")
 
     c = {k: v for k, v in c.items() if v is not None}  # null: the field's default
     check_fields(c, where, ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"),
@@ -288,14 +284,14 @@ def _read_hf(d, context):
     first = next((f for s in ("model.safetensors", "pytorch_model.bin") for f in (d / f"{s}.index.json", d / s)
                   if f.is_file()), None)  # an index before its single file, safetensors before pickles
     if first is None:
-        raise CheckpointError(f"{d}: no weights (model.safetensors, pytorch_model.bin, or their .index.json)")
+        raise InputError(f"{d}: no weights (model.safetensors, pytorch_model.bin, or their .index.json)")
     wm = read_json(first).get("weight_map") if first.suffix == ".json" else {"": first.name}  # {tensor: file}; or the one file
     if not (isinstance(wm, dict) and all(isinstance(f, str) for f in wm.values())):
-        raise CheckpointError(f"{first}: weight_map must map tensor names to file names, got {json.dumps(wm)[:60]}")
+        raise InputError(f"{first}: weight_map must map tensor names to file names, got {json.dumps(wm)[:60]}")
     files = sorted({d / f for f in wm.values()})
     for f in files:
         if not f.is_file():
-            raise CheckpointError(f"{f}: not found (listed in the folder's .index.json)")
+            raise InputError(f"{f}: not found (listed in the folder's .index.json)")
     read = read_safetensors if ".safetensors" in first.name else torch_load
     tensors = {k: t for f in files for k, t in read(f).items()}
     names = {n: hf_name(n) for n in meta_names(params["n_layers"])}
@@ -303,14 +299,14 @@ def _read_hf(d, context):
         names["output.weight"] = names["tok_embeddings.weight"]
     for k, t in tensors.items():
         if k.endswith(".bias"):
-            raise CheckpointError(f"{d}: tensor {k!r}: biases are not implemented")
+            raise InputError(f"{d}: tensor {k!r}: biases are not implemented")
         if k not in names.values() and not k.endswith("rotary_emb.inv_freq") and k != "lm_head.weight":  # inv_freq: recomputed
-            raise CheckpointError(f"{d}: unexpected tensor {k!r}")
+            raise InputError(f"{d}: unexpected tensor {k!r}")
         if t.dtype not in ST_DTYPES.values():
-            raise CheckpointError(f"{d}: tensor {k!r} has dtype {t.dtype}; only float16, bfloat16 and float32 are read")
+            raise InputError(f"{d}: tensor {k!r} has dtype {t.dtype}; only float16, bfloat16 and float32 are read")
     for k in names.values():
         if k not in tensors:
-            raise CheckpointError(f"{d}: missing tensor {k!r}")
+            raise InputError(f"{d}: missing tensor {k!r}")
     total = sum(tensors[k].nbytes for k in set(names.values()))  # a tied head is the embedding, counted once
     return params, lambda name: tensors[names[name]], total, str(d)
 
@@ -344,17 +340,17 @@ def open_checkpoint(ckpt_dir, device=None, dtype=torch.bfloat16, tokenizer=None,
     params, take, total, where = _read_hf(d, context) if hf else _read_meta(d)
     tok = tokenizer if tokenizer is not None else find_tokenizer(d)
     if tok is None and (d / "tokenizer.json").is_file():
-        raise CheckpointError(f"{d}: only tokenizer.json (Hugging Face tokenizers, e.g. Llama 3); a sentencepiece tokenizer.model is needed")
+        raise InputError(f"{d}: only tokenizer.json (Hugging Face tokenizers, e.g. Llama 3); a sentencepiece tokenizer.model is needed")
     n_words = Tokenizer(tok).n_words if tok is not None else params["vocab_size"]
     if n_words > params["vocab_size"] or not hf and n_words != params["vocab_size"]:  # HF may pad the embedding
-        raise CheckpointError(f"{tok}: tokenizer has {n_words} tokens, the checkpoint's embedding has {params['vocab_size']}")
+        raise InputError(f"{tok}: tokenizer has {n_words} tokens, the checkpoint's embedding has {params['vocab_size']}")
     prog = Progress("loaded", params["n_layers"], total, quiet=not progress)
 
     def load(name, shape):
         t = take(name)
         if tuple(t.shape) != tuple(shape):
             src = "config.json" if hf else "params.json"
-            raise CheckpointError(f"{where}: {hf_name(name) if hf else name} has shape {tuple(t.shape)}, {src} implies "
+            raise InputError(f"{where}: {hf_name(name) if hf else name} has shape {tuple(t.shape)}, {src} implies "
                                   f"{tuple(shape)} (missing shard or wrong {src}?)")
         nbytes, t = t.nbytes, t.to(device=device, dtype=dtype)
         if hf and name.endswith(("wq.weight", "wk.weight")):  # back to Meta's interleaved rotary layout
@@ -377,18 +373,18 @@ def read_adapter(path):
         for key, ok in (("peft_type", "LORA"), ("bias", "none"), ("use_dora", False), ("fan_in_fan_out", False),
                         ("rank_pattern", {}), ("alpha_pattern", {})):
             if (conf.get(key) or ok) != ok:
-                raise CheckpointError(f"{where}: {key} {json.dumps(conf[key])} is not supported")
+                raise InputError(f"{where}: {key} {json.dumps(conf[key])} is not supported")
         targets = conf.get("target_modules")
         if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t in short for t in targets):
-            raise CheckpointError(f"{where}: target_modules {json.dumps(targets)} is not supported (only {', '.join(short)})")
+            raise InputError(f"{where}: target_modules {json.dumps(targets)} is not supported (only {', '.join(short)})")
         st, pt = path / "adapter_model.safetensors", path / "adapter_model.bin"
         if not st.is_file() and not pt.is_file():
-            raise CheckpointError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
+            raise InputError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
         lora = read_safetensors(st) if st.is_file() else torch_load(pt)
         for k in lora:
             m = re.fullmatch(r"base_model\.model\.model\.layers\.\d+\.\w+\.(\w+)\.lora_[AB]\.weight", k)
             if not m or m[1] not in short:
-                raise CheckpointError(f"{path}: tensor {k!r} is not a LoRA weight of a LLaMA linear layer")
+                raise InputError(f"{path}: tensor {k!r} is not a LoRA weight of a LLaMA linear layer")
         r, alpha, targets = conf.get("r"), conf.get("lora_alpha"), {short[t] for t in targets}
         base = conf.get("base_model_name_or_path")  # a folder (ours), a hub name, or null
         info = {"base": {"ckpt_dir": base}} if isinstance(base, str) and base else {}
@@ -396,15 +392,15 @@ def read_adapter(path):
     elif path.is_file():  # ours: train.py's adapter.pt (or ckpt.pt)
         where, ck = path, torch_load(path, tensors=False)
         if not (isinstance(ck, dict) and is_state_dict(ck.get("lora")) and ck["lora"] and isinstance(ck.get("model_config"), dict)):
-            raise CheckpointError(f"{path}: not an adapter (expected a dict with 'lora' (named tensors) and 'model_config')")
+            raise InputError(f"{path}: not an adapter (expected a dict with 'lora' (named tensors) and 'model_config')")
         lora = ck["lora"]  # names layers.3.attention.wq.lora_A: a name of no layer is refused by load_adapter
         r, alpha = ck["model_config"].get("lora_r"), ck["model_config"].get("lora_alpha")
         targets = {sub for sub in LINEARS if any(f".{sub}.lora_" in k for k in lora)}
         info, rslora = {k: v for k, v in ck.items() if k not in ("lora", "optimizer", "rng")}, False
     else:
-        raise CheckpointError(f"{path}: adapter not found (adapter.pt, or a peft folder with adapter_config.json)")
+        raise InputError(f"{path}: adapter not found (adapter.pt, or a peft folder with adapter_config.json)")
     if type(r) is not int or r < 1 or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise CheckpointError(f"{where}: the rank and alpha must be finite numbers, got {r!r}, {alpha!r}")
+        raise InputError(f"{where}: the rank and alpha must be finite numbers, got {r!r}, {alpha!r}")
     return dict(lora=lora, r=r, scaling=alpha / (math.sqrt(r) if rslora else r), targets=targets, hf=path.is_dir(),
                 where=str(path), info=info)
 
@@ -427,14 +423,14 @@ def load_adapter(model, adapter):
             k = f"{peft_name(name)}.lora_{x}.weight" if a["hf"] else f"{name}.lora_{x}"  # its name in the file
             t = lora.pop(k, None)
             if t is None or tuple(t.shape) != shape:
-                raise CheckpointError(f"{a['where']}: tensor {k!r} " + ("missing" if t is None else
+                raise InputError(f"{a['where']}: tensor {k!r} " + ("missing" if t is None else
                                       f"has shape {tuple(t.shape)}, the model's {name} needs {shape}"))
             if x == "B" and a["hf"] and sub in ("attention.wq", "attention.wk"):
                 t = hf_permute(t, cfg.n_heads if sub == "attention.wq" else cfg.n_kv_heads, back=True)
             setattr(m, f"lora_{x}", torch.nn.Parameter(t.to(m.weight.device, torch.float32).contiguous()))
         m.r, m.scaling = a["r"], a["scaling"]
     if lora:
-        raise CheckpointError(f"{a['where']}: tensor {next(iter(lora))!r} has no layer in this model")
+        raise InputError(f"{a['where']}: tensor {next(iter(lora))!r} has no layer in this model")
     cfg.lora_r, cfg.lora_alpha = a["r"], a["scaling"] * a["r"]  # the model's LoRA is the adapter's now
     return a["info"]
 
