@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 import torch.nn.functional as F
 
 import data.checkpoint as C
@@ -1035,6 +1036,17 @@ def test_tokenizer_special_ids(tokenizer_file):
     assert (tok.bos_id, tok.eos_id) == (1, 2)  # LLaMA's ids, read from the model file
     ids = tok.encode("the lazy dog", bos=True, eos=True)
     assert ids[0] == 1 and ids[-1] == 2 and tok.decode(ids) == "the lazy dog"
+
+
+def test_tokenizer_without_bos_or_eos_is_refused(tmp_path):
+    # e.g. T5's sentencepiece model (no bos): the id -1 would index the embedding
+    for bos, eos in ((-1, 2), (1, -1)):
+        buf = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(WORDS * 10), model_writer=buf, vocab_size=40, unk_id=0,
+                                       bos_id=bos, eos_id=eos, pad_id=-1, minloglevel=2)
+        (tmp_path / "t.model").write_bytes(buf.getvalue())
+        with pytest.raises(InputError, match=re.escape(f"t.model: the tokenizer has no bos or no eos token (bos_id {bos}, eos_id {eos})")):
+            C.Tokenizer(tmp_path / "t.model")
 
 
 @pytest.mark.parametrize("damage, expect", [

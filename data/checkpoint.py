@@ -36,6 +36,8 @@ class Tokenizer:
         except (RuntimeError, OSError):  # empty, truncated, or some other file
             raise InputError(f"{path}: not a sentencepiece tokenizer model (cannot parse it)") from None
         self.n_words, self.bos_id, self.eos_id = self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id()  # LLaMA: bos 1, eos 2
+        if min(self.bos_id, self.eos_id) < 0:  # every example is bos ... eos: a model without them cannot read them
+            raise InputError(f"{path}: the tokenizer has no bos or no eos token (bos_id {self.bos_id}, eos_id {self.eos_id})")
 
     def encode(self, s, bos=False, eos=False):
         return [self.bos_id] * bos + self.sp.encode(s) + [self.eos_id] * eos
