@@ -180,7 +180,7 @@ def read_safetensors(path):
                 out[name] = (raw if (8 + n + begin) % dt.itemsize == 0 else raw.clone()).view(dt).view(h["shape"])
         except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:  # RuntimeError: e.g. a shape < 0
             raise InputError(f"{path}: not a valid safetensors file "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+                             f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return out
 
 
@@ -212,7 +212,7 @@ def read_params(ckpt_dir, context=None):
     pj = d / "params.json"
     if not pj.is_file():
         raise InputError(f"{pj}: not found (expected Meta's layout: params.json + consolidated.NN.pth, "
-                              f"or Hugging Face's: config.json + weights)")
+                         f"or Hugging Face's: config.json + weights)")
     params = {k: v for k, v in read_json(pj).items() if k in META_KEYS and v is not None and (k, v) != ("vocab_size", -1)}
     check_fields(params, pj, ("dim", "n_layers", "n_heads"), ints=META_KEYS[:6], floats=META_KEYS[6:])
     return params
@@ -353,7 +353,7 @@ def open_checkpoint(ckpt_dir, device=None, dtype=torch.bfloat16, tokenizer=None,
         if tuple(t.shape) != tuple(shape):
             src = "config.json" if hf else "params.json"
             raise InputError(f"{where}: {hf_name(name) if hf else name} has shape {tuple(t.shape)}, {src} implies "
-                                  f"{tuple(shape)} (missing shard or wrong {src}?)")
+                             f"{tuple(shape)} (missing shard or wrong {src}?)")
         nbytes, t = t.nbytes, t.to(device=device, dtype=dtype)
         if hf and name.endswith(("wq.weight", "wk.weight")):  # back to Meta's interleaved rotary layout
             t = hf_permute(t, params["n_heads" if name.endswith("wq.weight") else "n_kv_heads"], back=True)
@@ -426,7 +426,7 @@ def load_adapter(model, adapter):
             t = lora.pop(k, None)
             if t is None or tuple(t.shape) != shape:
                 raise InputError(f"{a['where']}: tensor {k!r} " + ("missing" if t is None else
-                                      f"has shape {tuple(t.shape)}, the model's {name} needs {shape}"))
+                                 f"has shape {tuple(t.shape)}, the model's {name} needs {shape}"))
             if x == "B" and a["hf"] and sub in ("attention.wq", "attention.wk"):
                 t = hf_permute(t, cfg.n_heads if sub == "attention.wq" else cfg.n_kv_heads, back=True)
             setattr(m, f"lora_{x}", torch.nn.Parameter(t.to(m.weight.device, torch.float32).contiguous()))
