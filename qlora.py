@@ -193,7 +193,7 @@ def _dequantize_triton(q, out):
     block = 1024  # bytes per program (2048 values out): wide coalesced accesses, still thousands of programs per weight
     _dequant_kernel[(triton.cdiv(n_bytes, block),)](
         q.packed, q.c2, q.c1, q.c2_mean, q.nf4, q.dyn8, out, n_bytes, q.numel(), q.blocksize // 2,
-        DOUBLE=q.double_quant, BLOCKSIZE2=BLOCKSIZE2, BLOCK=block)
+        DOUBLE=q.double_quant, BLOCKSIZE2=BLOCKSIZE2, BLOCK=block, enable_fp_fusion=False)  # no FMA: bitsandbytes' rounding
     return out
 
 
