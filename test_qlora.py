@@ -1543,15 +1543,15 @@ def greedy(net, ids, n, eos):  # without the KV cache: the whole sequence again 
     return out
 
 
-def run_chat(*args, input=None):
+def run_chat(*args, input=None, cpu=False):
     return subprocess.run([sys.executable, str(ROOT / "model.py"), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=ENV, input=input)
+                          timeout=300, env=CPU_ENV if cpu else ENV, input=input)
 
 
 def test_chat_answers_a_prompt_in_the_alpaca_template(demo_adapter, monkeypatch):
     path, net, tok = demo_adapter
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # as in the subprocess
-    r = run_chat("--adapter", path, "--prompt", "the lazy dog", "--temperature", 0, "--max_new_tokens", 10)
+    r = run_chat("--adapter", path, "--prompt", "the lazy dog", "--temperature", 0, "--max_new_tokens", 10, cpu=True)
     assert r.returncode == 0, r.stderr
     prompt = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n" \
              "### Instruction:\nthe lazy dog\n\n### Response: "
@@ -1565,7 +1565,7 @@ def test_chat_refuses_text_that_is_not_utf8(demo_adapter):
     for extra, stdin, expect in (([b"--prompt", b"caf\xe9"], b"", b"error: --prompt: not UTF-8 text"),
                                  ([], b"hello\ncaf\xe9\n", b"error: stdin: not UTF-8 text")):
         for lang in ("C", "C.UTF-8", "en_US.UTF-8"):  # Python decodes stdin strictly in some locales
-            r = subprocess.run(cmd + extra, cwd=ROOT, capture_output=True, timeout=300, env={**ENV, "LC_ALL": lang}, input=stdin)
+            r = subprocess.run(cmd + extra, cwd=ROOT, capture_output=True, timeout=300, env={**CPU_ENV, "LC_ALL": lang}, input=stdin)
             assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == expect and b"Traceback" not in r.stderr, r.stderr
 
 
@@ -1573,7 +1573,7 @@ def test_chat_interactive_keeps_the_guanaco_conversation(demo_adapter, monkeypat
     path, net, tok = demo_adapter
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     r = run_chat("--adapter", path, "--template", "guanaco", "--temperature", 0, "--max_new_tokens", 6,
-                 input="the brown fox\nseven birds\n\nnever read\n")
+                 input="the brown fox\nseven birds\n\nnever read\n", cpu=True)
     assert r.returncode == 0, r.stderr
     ids, answers = [tok.bos_id], []
     for line in ("the brown fox", "seven birds"):  # stops at the empty line
@@ -2185,11 +2185,12 @@ def test_mmlu_tokenizer_without_single_letter_tokens(tokenizer_file):
 # adapters, the chat command on the result)
 
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # train.py runs at normal speed
+CPU_ENV = {**ENV, "CUDA_VISIBLE_DEVICES": ""}  # where a run is compared with a CPU reference, on a GPU machine too
 
 
-def run_train(*args, timeout=300):
+def run_train(*args, timeout=300, env=ENV):
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=ENV)
+                          text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.parametrize("lines, expect", [
@@ -2293,13 +2294,13 @@ def test_ddp_two_gloo_processes_match_one(tmp_path, demo_tokenizer):
         (tmp_path / sub).mkdir()
         shutil.copy(demo_tokenizer, tmp_path / sub / demo_tokenizer.name)
     args = [*FAST, "--max_iters", 2, "--lora_dropout", 0.0]
-    one = run_train(*args, "--out_dir", tmp_path / "one")
+    one = run_train(*args, "--out_dir", tmp_path / "one", env=CPU_ENV)  # gloo on CPUs: any machine has two
     with socket.socket() as s:  # a port the kernel says is free, for this run's rendezvous alone
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                           f"--master_port={port}", str(ROOT / "train.py"), *map(str, args), "--out_dir", str(tmp_path / "two")],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**ENV, "OMP_NUM_THREADS": "1"},
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**CPU_ENV, "OMP_NUM_THREADS": "1"},
                          start_new_session=True)
     try:
         out, err = p.communicate(timeout=300)
