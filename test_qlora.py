@@ -2315,6 +2315,13 @@ def test_ddp_two_gloo_processes_match_one(tmp_path, demo_tokenizer):
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)  # it did train
 
 
+@needs_cuda
+def test_more_processes_than_gpus_is_one_line(tmp_path):
+    n = torch.cuda.device_count()  # this process would be the (n+1)th on a machine with n GPUs
+    r = run_train(*FAST, "--max_iters", 1, "--out_dir", tmp_path, env={**ENV, "RANK": "0", "LOCAL_RANK": str(n), "WORLD_SIZE": "1"})
+    assert r.returncode == 2 and r.stderr.strip() == f"error: process {n} on this machine would use cuda:{n}; it has {n} GPU(s)"
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, demo_tokenizer):
     shutil.copy(demo_tokenizer, tmp_path / demo_tokenizer.name)
     r = run_train(*FAST, "--eval_interval", 1, "--max_iters", 8, "--learning_rate", 1e8, "--warmup_iters", 0, "--out_dir", tmp_path)

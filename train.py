@@ -179,6 +179,8 @@ def train(c):
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     if torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        if int(device[5:]) >= torch.cuda.device_count():  # torchrun --nproc_per_node above the GPUs here
+            raise InputError(f"process {device[5:]} on this machine would use {device}; it has {torch.cuda.device_count()} GPU(s)")
         torch.cuda.set_device(device)
     else:
         device = "cpu"
