@@ -80,8 +80,7 @@ def e2e(model, batch, seq, steps, r, quantize):
     name = header()
     cfg = LLaMAConfig(**{**CONFIGS[model], "lora_r": r, "lora_alpha": 16, "lora_dropout": paper_hparams(CONFIGS[model]["dim"])["lora_dropout"]})
     cfg.max_seq_len = max(cfg.max_seq_len, seq)  # random weights: the context stretches to --seq
-    cuda = torch.cuda.is_available()
-    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    dev, dtype = ("cuda", torch.bfloat16) if (cuda := torch.cuda.is_available()) else ("cpu", torch.float32)
     free0 = torch.cuda.mem_get_info()[0] if cuda else 0  # before the model: the CUDA context is not counted
     t0 = time.time()
     net = LLaMA.from_config(cfg, quantize=quantize, device=dev, dtype=dtype)
@@ -110,7 +109,7 @@ def e2e(model, batch, seq, steps, r, quantize):
     print("| model | batch x seq | tok/s | MFU | peak allocated GB | device-level peak GB | build s | build peak GB |\n|---|---|---|---|---|---|---|---|")
     print(f"| {model} {'NF4' if quantize else 'bf16'} r={r} | {batch} x {seq} | {tok_s:.0f} | "
           f"{mfu(n_lin, True, tok_s, name)} | {alloc:.2f} | {device_peak / 1e9:.2f} | {load_s:.1f} | {load_alloc:.2f} |")
-    print(f"loss {loss.item():.3f}, step times ms: {', '.join(f'{1000 * t:.0f}' for t in times)}")
+    print(f"loss {loss.item():.3f}, optimizer state in {opt.memory} memory, step times ms: {', '.join(f'{1000 * t:.0f}' for t in times)}")
 
 
 def write_random_checkpoint(name, d):
