@@ -151,11 +151,12 @@ def _dequantize_torch(q, out):
 # -----------------------------------------------------------------------------------------------
 # 4. Triton kernels. Training is matmul-bound at large M (rows = batch · sequence): there the cheapest
 #    route is to dequantize into a reused 16-bit buffer (one pass, ~4.25 bits read + 16 written per
-#    weight) and hand it to cuBLAS. At small M (decoding) the matmul is bound by reading the weight,
-#    so a fused kernel that reads only the 4-bit weight and dequantizes in registers wins.
-#    Both run on CPU tensors too under TRITON_INTERPRET=1, which is how the tests check them.
+#    weight) and hand it to cuBLAS. At small M (decoding) the matmul is bound by reading the weight, so a
+#    fused kernel that reads only the 4-bit weight should win; this one does not yet (H200, 2026-12-04, 4096x4096,
+#    M = 1: 1.03 ms; dequantize + cuBLAS 0.027, bf16 0.019; slower at every M up to 256), so FUSED_MAX_M, the rows
+#    up to which nf4_matmul takes it, is 0. Both run on CPU tensors under TRITON_INTERPRET=1 for the tests.
 
-FUSED_MAX_M = 16  # rows at or below which nf4_matmul takes the fused kernel; bench.py measures the crossover
+FUSED_MAX_M = 0
 
 
 def _use_triton(t):
@@ -224,7 +225,7 @@ def _fused_matmul(x2, q, transpose):
     (M, _), (n_out, k_in) = x2.shape, q.shape
     N, K, swn, swk = (k_in, n_out, 1, k_in) if transpose else (n_out, k_in, k_in, 1)
     y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-    # BM = FUSED_MAX_M: a small-M call's rows fit one tile (tl.dot needs >= 16); BK × BN: the weight tile
+    # BM = 16: a small-M call's rows fit one tile (tl.dot needs >= 16); BK × BN: the weight tile
     BM, BN, BK = 16, 64, 64  # dequantized in registers per step, 64 × 64 = 4096 values, 32 per thread of 4 warps
     _fused_matmul_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
         x2, q.packed, q.c2, q.c1, q.c2_mean, q.nf4, q.dyn8, y, M, N, K,

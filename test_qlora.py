@@ -407,6 +407,7 @@ def test_nf4_matmul_autograd(route, monkeypatch):
         if CUDA:
             pytest.skip("CUDA tensors always take the Triton kernels")
         monkeypatch.setenv("TRITON_INTERPRET", "0")  # read at each call
+    monkeypatch.setattr(qlora, "FUSED_MAX_M", 16)  # the kernel is off by default (too slow yet) but kept correct
     M = 5 if route == "fused" else qlora.FUSED_MAX_M + 3
     fused = _spy(monkeypatch, "_fused_matmul")
     torch_deq = _spy(monkeypatch, "_dequantize_torch")
@@ -426,7 +427,8 @@ def test_nf4_matmul_autograd(route, monkeypatch):
 
 
 @pytest.mark.parametrize("T", [3, 12])  # M = 6 (fused kernel) and 24 (dequantize + matmul)
-def test_nf4_matmul_3d_input(T):
+def test_nf4_matmul_3d_input(T, monkeypatch):
+    monkeypatch.setattr(qlora, "FUSED_MAX_M", 16)
     q = qlora.quantize_nf4(weight((40, 96), seed=9).to(DEV))
     x = torch.randn(2, T, 96).to(DT).to(DEV).requires_grad_()
     y = qlora.nf4_matmul(x, q)
