@@ -797,6 +797,34 @@ def test_paged_step_when_gpu_memory_is_almost_full():
 
 
 @needs_cuda
+def test_paged_state_makes_room_for_activations():
+    # the case paged optimizers exist for (paper §3): after a step the state is resident on the GPU, then a later
+    # step's activations need more than is free. The state must give way to them (managed pages evicted to the
+    # host) instead of the allocation failing. The managed memory asked for stays far below what is free.
+    GiB = 1 << 30
+    ps = [torch.nn.Parameter(torch.randn(64 << 20, device="cuda")) for _ in range(4)]  # 1 GiB: 2 GiB of state
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt = qlora.PagedAdamW(ps, paging="managed")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # earlier tests' cached blocks: not counted in the difference below
+    before = torch.cuda.mem_get_info()[0]
+    opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # the update's temporaries go back to the device
+    free = torch.cuda.mem_get_info()[0]
+    assert opt.memory == "managed" and before - free >= 1.9 * GiB  # the state is resident on the GPU
+    filler = torch.empty(free - GiB // 2, dtype=torch.uint8, device="cuda")  # half a GiB stays free
+    try:
+        act = torch.empty(GiB, dtype=torch.uint8, device="cuda").fill_(1)  # more than is free, less than free + state
+        torch.cuda.synchronize()
+        del act
+    finally:
+        del filler
+        torch.cuda.empty_cache()
+
+
+@needs_cuda
 def test_pinned_fallback_matches_torch_adamw():
     ps, rs = make_params(device="cuda"), make_params(device="cuda")
     opt = qlora.PagedAdamW(ps, paging="pinned", **HP)
