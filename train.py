@@ -178,9 +178,9 @@ def train(c):
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     if torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        if int(device[5:]) >= torch.cuda.device_count():  # torchrun --nproc_per_node above the GPUs here
-            raise InputError(f"process {device[5:]} on this machine would use {device}; it has {torch.cuda.device_count()} GPU(s)")
+        if (local := int(os.environ.get("LOCAL_RANK", 0))) >= torch.cuda.device_count():  # torchrun: more processes than GPUs
+            raise InputError(f"process {local} on this machine would use cuda:{local}; it has {torch.cuda.device_count()} GPU(s)")
+        device = f"cuda:{local}"
         torch.cuda.set_device(device)
     else:
         device = "cpu"
