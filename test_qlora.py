@@ -1573,15 +1573,15 @@ def greedy(net, ids, n, eos):  # without the KV cache: the whole sequence again 
     return out
 
 
-def run_chat(*args, input=None, cpu=False):
+def run_chat(*args, input=None, env=None):
     return subprocess.run([sys.executable, str(ROOT / "model.py"), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=CPU_ENV if cpu else ENV, input=input)
+                          timeout=300, env=env or ENV, input=input)
 
 
 def test_chat_answers_a_prompt_in_the_alpaca_template(demo_adapter, monkeypatch):
     path, net, tok = demo_adapter
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # as in the subprocess
-    r = run_chat("--adapter", path, "--prompt", "the lazy dog", "--temperature", 0, "--max_new_tokens", 10, cpu=True)
+    r = run_chat("--adapter", path, "--prompt", "the lazy dog", "--temperature", 0, "--max_new_tokens", 10, env=CPU_ENV)
     assert r.returncode == 0, r.stderr
     prompt = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n" \
              "### Instruction:\nthe lazy dog\n\n### Response: "
@@ -1603,7 +1603,7 @@ def test_chat_interactive_keeps_the_guanaco_conversation(demo_adapter, monkeypat
     path, net, tok = demo_adapter
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     r = run_chat("--adapter", path, "--template", "guanaco", "--temperature", 0, "--max_new_tokens", 6,
-                 input="the brown fox\nseven birds\n\nnever read\n", cpu=True)
+                 input="the brown fox\nseven birds\n\nnever read\n", env=CPU_ENV)
     assert r.returncode == 0, r.stderr
     ids, answers = [tok.bos_id], []
     for line in ("the brown fox", "seven birds"):  # stops at the empty line
