@@ -19,6 +19,7 @@ import triton
 from triton.testing import do_bench
 
 import qlora
+import train as recipe  # the recipe's defaults (LoRA r and α, AdamW, clipping) live in train.py's config block
 from data.checkpoint import meta_params
 from data.files import InputError, atomic_save, atomic_write_bytes, flag_help, parse_flags, run
 from model import CONFIGS, LLaMA, LLaMAConfig, mfu, paper_hparams
@@ -31,7 +32,7 @@ model = "7B"  # e2e: the architecture, random weights (on a CPU, only when named
 batch = 2  # e2e: sequences per step
 seq = 2048  # e2e: tokens per sequence (past the architecture's context, the context is stretched)
 steps = 10  # e2e: steps timed (the first, warm-up, left out of the median)
-lora_r = 64  # e2e: LoRA rank
+lora_r = recipe.lora_r  # e2e: LoRA rank
 no_quant = False  # e2e, load: a 16-bit base (plain LoRA) for comparison
 # -----------------------------------------------------------------------------------------------
 
@@ -78,7 +79,8 @@ def kernels():
 
 def e2e(model, batch, seq, steps, r, quantize):
     name = header()
-    cfg = LLaMAConfig(**{**CONFIGS[model], "lora_r": r, "lora_alpha": 16, "lora_dropout": paper_hparams(CONFIGS[model]["dim"])["lora_dropout"]})
+    paper = paper_hparams(CONFIGS[model]["dim"])  # the learning rate and dropout of the recipe, per size
+    cfg = LLaMAConfig(**{**CONFIGS[model], "lora_r": r, "lora_alpha": recipe.lora_alpha, "lora_dropout": paper["lora_dropout"]})
     cfg.max_seq_len = max(cfg.max_seq_len, seq)  # random weights: the context stretches to --seq
     dev, dtype = ("cuda", torch.bfloat16) if (cuda := torch.cuda.is_available()) else ("cpu", torch.float32)
     free0 = torch.cuda.mem_get_info()[0] if cuda else 0  # before the model: the CUDA context is not counted
@@ -87,7 +89,7 @@ def e2e(model, batch, seq, steps, r, quantize):
     net.grad_checkpoint = True  # a freshly built module is in training mode, where checkpointing applies
     load_s, load_alloc = time.time() - t0, torch.cuda.max_memory_allocated() / 1e9 if cuda else 0
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = qlora.PagedAdamW(params, lr=2e-4)
+    opt = qlora.PagedAdamW(params, paper["learning_rate"], (recipe.beta1, recipe.beta2), weight_decay=recipe.weight_decay)
     x = torch.randint(cfg.vocab_size, (batch, seq + 1), device=dev)
     device_peak, times = 0, []
     for step in range(steps):
@@ -95,7 +97,7 @@ def e2e(model, batch, seq, steps, r, quantize):
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda):
             _, loss = net(x[:, :-1], x[:, 1:])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if cuda:
@@ -104,8 +106,7 @@ def e2e(model, batch, seq, steps, r, quantize):
         times.append(time.time() - t)
     dt = sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median, first step (warm-up) excluded
     n_lin = sum(m.in_features * m.out_features for m in net.modules() if isinstance(m, qlora.LoRALinear))
-    tok_s = batch * seq / dt
-    alloc = torch.cuda.max_memory_allocated() / 1e9 if cuda else 0
+    tok_s, alloc = batch * seq / dt, torch.cuda.max_memory_allocated() / 1e9 if cuda else 0
     print("| model | batch x seq | tok/s | MFU | peak allocated GB | device-level peak GB | build s | build peak GB |\n|---|---|---|---|---|---|---|---|")
     print(f"| {model} {'NF4' if quantize else 'bf16'} r={r} | {batch} x {seq} | {tok_s:.0f} | "
           f"{mfu(n_lin, True, tok_s, name)} | {alloc:.2f} | {device_peak / 1e9:.2f} | {load_s:.1f} | {load_alloc:.2f} |")

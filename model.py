@@ -191,7 +191,6 @@ class LLaMA(nn.Module):
         super().__init__()
         self.config, self.quantize = cfg, quantize
         self.grad_checkpoint, self.ce_chunk = False, 2048
-
         buffer = DequantBuffer()  # the layers run one at a time: one dequantization buffer serves them all
 
         def linear(name, shape):
