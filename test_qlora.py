@@ -331,6 +331,24 @@ def test_bits_per_param():
     assert expected == pytest.approx(4.127, abs=1e-3)
 
 
+def test_dequant_with_many_second_level_blocks():
+    # 2,048 blocks of 64: eight c1 (one per 256 c2), of different sizes. Block b must use c1[b // 256] on every path.
+    w = weight((256, 512), seed=8)
+    w[:128] *= 5
+    q = qlora.quantize_nf4(w.to(DEV))
+    assert q.c1.numel() == 8 and q.c1.unique().numel() == 8
+    assert torch.equal(qlora._dequantize_torch(q, torch.empty(q.shape, device=DEV)).cpu(), ref_dequant(q, torch.float32))
+    assert_dequant_equal(qlora._dequantize_triton(q, torch.empty(q.shape, device=DEV)), q)
+
+
+def test_quantize_across_its_internal_chunks():
+    # quantize_nf4 works in chunks of 2^24 elements: a weight just longer than one chunk gets every block's absmax
+    w = weight(((1 << 24) + 128,), seed=9)
+    q = qlora.quantize_nf4(w, double_quant=False)
+    assert torch.equal(q.c2, w.view(-1, 64).abs().amax(1))
+    assert torch.equal(ref_unpack(q.packed, q.numel())[-128:], ref_codes(w[-128:], 64)[0])
+
+
 # ------------------------------------------------------------------------------------------------
 # 4. Triton dequantization kernel, and dequantize_nf4
 
@@ -352,6 +370,12 @@ def test_public_dequantize_uses_weight_dtype():
     wh = qlora.dequantize_nf4(q)
     assert wh.dtype == DT and wh.shape == (40, 96) and wh.device.type == DEV
     assert_dequant_equal(wh, q)
+
+
+def test_bf16_dequantize_is_exact_on_every_device():
+    # on the CPU bf16 takes the torch path (the interpreter mishandles bf16), on a GPU the Triton kernel
+    q = qlora.quantize_nf4(weight((40, 96), seed=10).to(DEV))
+    assert_dequant_equal(qlora.dequantize_nf4(q, torch.bfloat16), q)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -451,6 +475,14 @@ def test_nf4_matmul_under_autocast(monkeypatch):
     assert rel_err(y, x.cpu().double() @ ref_dequant(q).T) < TOL[D16]
 
 
+def test_autocast_dequantizes_in_the_autocast_dtype():
+    # under autocast x is cast before the matmul, so Ŵ is dequantized in 16 bits, not in x's fp32 (twice the memory)
+    q, buf = qlora.quantize_nf4(weight((40, 96), seed=10).to(DEV)), qlora.DequantBuffer()
+    with torch.autocast(DEV, dtype=D16):
+        y = qlora.nf4_matmul(torch.randn(20, 96, device=DEV), q, buf)
+    assert y.dtype == D16 and list(buf.buffers) == [(q.device, D16)]
+
+
 def test_dequant_buffer_is_shared_and_reused():
     # one buffer per (device, dtype) for all the layers given it, sized by the largest weight; a layer
     # built alone gets its own
@@ -477,8 +509,9 @@ def test_dequant_buffer_is_shared_and_reused():
     (lambda: qlora.quantize_nf4(torch.empty(0, 8)), "non-empty", "(0, 8)"),
     (lambda: qlora.quantize_nf4(torch.randn(64), blocksize=48), "power of two", "got 48"),
     (lambda: qlora.quantize_nf4(torch.randn(64), blocksize=0), "power of two", "got 0"),
+    (lambda: qlora.quantize_nf4(torch.randn(64), blocksize=1), "power of two", "got 1"),
     (lambda: qlora.nf4_matmul(torch.randn(2, 33), qlora.quantize_nf4(torch.randn(8, 32))), "32", "(2, 33)"),
-], ids=["int", "empty", "blocksize48", "blocksize0", "x_last_dim"])
+], ids=["int", "empty", "blocksize48", "blocksize0", "blocksize1", "x_last_dim"])
 def test_bad_input_raises(call, expected, got):
     with pytest.raises(ValueError) as e:
         call()
@@ -513,7 +546,7 @@ def test_lora_init():
     A, B = layer.lora_A, layer.lora_B
     assert A.shape == (8, 96) and B.shape == (40, 8) and A.dtype == B.dtype == torch.float32
     bound = 1 / math.sqrt(96)  # kaiming_uniform(a=√5) on (r, in)
-    assert A.abs().max() <= bound and A.abs().max() > 0.9 * bound
+    assert A.abs().max() <= bound and A.abs().max() > 0.99 * bound  # 768 draws reach the bound (a=√6 would not)
     assert A.unique().numel() > A.numel() // 2  # random, not constant
     assert (B == 0).all()
     x = torch.randn(5, 96).to(DT).to(DEV)
@@ -633,6 +666,32 @@ def test_state_dict_holds_quantized_weight(double_quant):
     assert torch.equal(other(x), layer(x))
 
 
+def test_lora_dropout_acts_on_the_adapter_input():
+    # training mode: y = x Ŵᵀ + s · (dropout(x) Aᵀ) Bᵀ, with dropout's mask and its 1/(1-p) scaling; the base sees x whole
+    layer = make_layer(dropout=0.5).train()
+    randomize_B(layer)
+    x = torch.randn(5, 96, device=DEV)
+    torch.manual_seed(3)
+    y = layer(x)
+    torch.manual_seed(3)
+    mask = F.dropout(torch.ones_like(x), 0.5, True)  # the same draw nn.Dropout makes: zeros and 2s
+    assert set(mask.unique().tolist()) == {0.0, 2.0}
+    A, B = layer.lora_A.detach().double().cpu(), layer.lora_B.detach().double().cpu()
+    x64, xm64 = x.double().cpu(), (x * mask).double().cpu()
+    assert rel_err(y, x64 @ ref_dequant(layer.weight).T + 16 / 8 * (xm64 @ A.T) @ B.T) < 1e-5
+
+
+def test_merge_lora_dtype_and_rank_zero():
+    layer = make_layer()
+    randomize_B(layer)
+    assert qlora.merge_lora(layer, torch.float16).dtype == torch.float16 and qlora.merge_lora(layer).dtype == torch.float32
+    plain = qlora.LoRALinear(layer.weight, r=0)  # no adapter: the merge is the dequantized base
+    assert not list(plain.parameters())
+    assert torch.equal(qlora.merge_lora(plain).cpu(), ref_dequant(layer.weight, torch.float32))
+    x = torch.randn(3, 96, device=DEV)
+    assert torch.equal(plain(x), qlora.nf4_matmul(x, layer.weight))
+
+
 # ------------------------------------------------------------------------------------------------
 # 6. PagedAdamW
 
@@ -713,6 +772,23 @@ def test_paged_adamw_state_dict_round_trip():
         set_grads([ps, rs], step)
         opt.step(), ref.step()
         assert_same(ps, rs)
+
+
+def test_paged_adamw_load_state_dict_copies_the_moments():
+    # the loaded state is the optimizer's own memory: stepping it must not write into the dict it came from
+    ps = make_params()
+    opt = qlora.PagedAdamW(ps, **HP)
+    for step in range(3):
+        set_grads([ps], step)
+        opt.step()
+    sd = opt.state_dict()
+    before = [opt.state[p]["exp_avg"].clone() for p in ps]
+    fresh = qlora.PagedAdamW(ps, **HP)
+    fresh.load_state_dict(sd)
+    set_grads([ps], 3)
+    fresh.step()
+    assert all(torch.equal(opt.state[p]["exp_avg"], b) for p, b in zip(ps, before))
+    assert fresh.memory == opt.memory
 
 
 def test_paged_adamw_resume_keeps_fp32_state_for_bf16_params():
