@@ -1129,6 +1129,111 @@ def test_random_init_named_config_builds_quantized():
     assert net(torch.zeros(1, 3, dtype=torch.long))[0].isfinite().all()
 
 
+def small_net(**kw):
+    # a 16-bit fp32 LLaMA with random weights and no LoRA: the network alone
+    cfg = M.LLaMAConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=32, max_seq_len=64, lora_r=0, **kw)
+    return M.LLaMA.from_config(cfg, quantize=False, dtype=torch.float32).eval()
+
+
+def test_config_defaults_and_ffn_width():
+    assert M.LLaMAConfig(dim=64, n_heads=4).n_kv_heads == 4  # no n_kv_heads in params.json: no grouped-query attention
+    assert M.LLaMAConfig(dim=48, multiple_of=32).hidden_dim == 128  # int(8·48/3) = 128, a multiple already: kept
+    assert M.LLaMAConfig(dim=64, multiple_of=32, ffn_dim_multiplier=1.3).hidden_dim == 224  # int(1.3 · 170) = 221 -> 224
+    assert M.paper_hparams(6656) == dict(learning_rate=1e-4, lora_dropout=0.05)  # 33B is "big" (§5)
+    assert M.paper_hparams(5120) == dict(learning_rate=2e-4, lora_dropout=0.1)
+
+
+def test_mfu_counts_six_or_four_flops_per_parameter_and_token():
+    # forward 2N, input-gradient backward 2N, recomputation 2N (gradient checkpointing) per token, over 989 TFLOP/s
+    assert M.mfu(1e9, True, 1e4, "NVIDIA H100 80GB HBM3") == f"{100 * 6e13 / 989e12:.1f}%"
+    assert M.mfu(1e9, False, 1e4, "NVIDIA A100-SXM4-80GB") == f"{100 * 4e13 / 312e12:.1f}%"
+    assert M.mfu(1e9, True, 1e4, "") == "-"
+
+
+def test_rmsnorm_rounds_before_the_weight_as_meta_does():
+    # Meta: self._norm(x.float()).type_as(x) * self.weight: in bf16 the normalised x is rounded, then multiplied
+    g = torch.Generator().manual_seed(5)
+    w, x = (1 + 0.1 * torch.randn(64, generator=g)).bfloat16(), torch.randn(8, 64, generator=g).bfloat16()
+    x32 = x.float()
+    assert torch.equal(M.RMSNorm(w, 1e-5)(x), (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16() * w)
+
+
+def test_rope_theta_sets_the_rotation_frequencies():
+    # CodeLlama's θ = 1e6: angle of pair i at position t is t · θ^(-2i/d)
+    net = small_net(rope_theta=1e6)
+    angles = torch.arange(10, dtype=torch.float64)[:, None] * 1e6 ** -(torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    assert torch.allclose(net.rope[0, :10].double(), angles.cos(), atol=1e-6)
+    assert torch.allclose(net.rope[1, :10].double(), angles.sin(), atol=1e-6)
+
+
+def test_tied_embeddings_share_one_tensor():
+    net = small_net(tie_embeddings=True)
+    assert net.output.data_ptr() == net.tok_embeddings.weight.data_ptr()
+
+
+def test_prefill_in_two_chunks_equals_one_pass():
+    # the KV cache with start_pos > 0 and several new tokens: query i of the chunk sees keys up to start_pos + i
+    net = small_net()
+    idx = torch.randint(50, (2, 9), generator=torch.Generator().manual_seed(0))
+    for layer in net.layers:
+        layer.attention.cache = (torch.zeros(2, 9, 2, 16), torch.zeros(2, 9, 2, 16))
+    with torch.no_grad():
+        a, b, full = net(idx[:, :4], start_pos=0)[0], net(idx[:, 4:], start_pos=4)[0], net(idx)[0]
+    assert torch.allclose(torch.cat([a, b], 1), full, atol=1e-5)
+
+
+def test_loss_with_every_target_ignored_is_zero():
+    _, loss = small_net()(torch.zeros(1, 5, dtype=torch.long), torch.full((1, 5), -100))
+    assert loss.item() == 0.0  # not 0/0
+
+
+def test_generate_batch_with_eos_and_the_context_limit():
+    net = small_net()
+    g = torch.Generator().manual_seed(1)
+    while True:  # a batch of two prompts whose first greedy tokens differ
+        idx = torch.randint(50, (2, 4), generator=g)
+        first = net.generate(idx, 1, temperature=0)[:, -1]
+        if first[0] != first[1]:
+            break
+    eos = first[0].item()  # row 0 ends at once, row 1 goes on
+    out = net.generate(idx, 6, temperature=0, eos_id=eos)
+    alone = net.generate(idx[1:], 6, temperature=0, eos_id=eos)
+    assert (out[0, 4:] == eos).all()  # a finished row is padded with eos
+    assert out.shape[1] == alone.shape[1] and torch.equal(out[1], alone[0])  # the other row as if alone
+    net.config.max_seq_len = 12
+    assert net.generate(torch.zeros(1, 5, dtype=torch.long), 20, temperature=0).shape == (1, 12)  # prompt + new <= context
+
+
+def test_sample_temperature_top_k_top_p(monkeypatch):
+    seen, multinomial = [], torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda p, n: seen.append(p.clone()) or multinomial(p, n))
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0]])
+    M.sample(logits, 0.5)
+    M.sample(logits, 1.0, top_k=10)  # more than the vocabulary: all of it
+    M.sample(logits, 1.0, top_k=2)
+    M.sample(torch.tensor([[0.5, 0.3, 0.2]]).log(), 1.0, top_p=0.85)  # 0.5 + 0.3 < 0.85: the third token is needed
+    M.sample(torch.tensor([[0.5, 0.3, 0.2]]).log(), 1.0, top_p=0.75)  # 0.5 + 0.3 reaches it
+    assert torch.allclose(seen[0], (logits.double() / 0.5).softmax(-1))
+    assert torch.allclose(seen[1], logits.double().softmax(-1))
+    e = torch.tensor([3.0, 2.0]).double().exp()
+    assert torch.allclose(seen[2], torch.tensor([[0, e[0] / e.sum(), e[1] / e.sum(), 0, 0]], dtype=torch.float64))  # the 2 likeliest, renormalised
+    assert (seen[3] > 0).all() and seen[4][0, 2] == 0 and (seen[4][0, :2] > 0).all()
+
+
+def test_gradient_checkpointing_recomputes_each_block(monkeypatch):
+    # same gradients either way (above); here: the block's forward really runs again in backward
+    calls, forward = [], M.FeedForward.forward
+    monkeypatch.setattr(M.FeedForward, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    cfg = M.LLaMAConfig(dim=64, n_layers=1, n_heads=4, vocab_size=50, multiple_of=32, max_seq_len=64, lora_r=4, lora_dropout=0.0)
+    net = M.LLaMA.from_config(cfg, quantize=False, dtype=torch.float32).train()
+    for grad_checkpoint, n in ((False, 1), (True, 2)):
+        calls.clear()
+        net.grad_checkpoint = grad_checkpoint
+        idx = torch.zeros(1, 4, dtype=torch.long)
+        net(idx, idx)[1].backward()
+        assert len(calls) == n
+
+
 def test_tokenizer_special_ids(tokenizer_file):
     tok = C.Tokenizer(tokenizer_file)
     assert (tok.bos_id, tok.eos_id) == (1, 2)  # LLaMA's ids, read from the model file
