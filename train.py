@@ -279,7 +279,7 @@ def train(c):
                 losses = [raw(x.to(device), y.to(device))[1].item() for x, y in batches]
             raw.train()
             val = sum(losses) / max(len(losses), 1)
-            change = f" ({100 * (val / val0 - 1):+.0f}% since iter {iter_num})" if val0 and it >= max_iters else ""
+            change = f" ({round(100 * (val / val0 - 1)):+d}% since iter {iter_num})" if val0 and it >= max_iters else ""
             val0 = val if val0 is None else val0
             print(f"iter {it}: val loss {val:.4f}{change}")
         if questions:
