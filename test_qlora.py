@@ -1130,8 +1130,8 @@ def test_random_init_named_config_builds_quantized():
 
 
 def small_net(**kw):
-    # a 16-bit fp32 LLaMA with random weights and no LoRA: the network alone
-    cfg = M.LLaMAConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=32, max_seq_len=64, lora_r=0, **kw)
+    # a 16-bit fp32 LLaMA with random weights and (unless kw says otherwise) no LoRA: the network alone
+    cfg = M.LLaMAConfig(**{**dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=32, max_seq_len=64, lora_r=0), **kw})
     return M.LLaMA.from_config(cfg, quantize=False, dtype=torch.float32).eval()
 
 
@@ -1224,8 +1224,7 @@ def test_gradient_checkpointing_recomputes_each_block(monkeypatch):
     # same gradients either way (above); here: the block's forward really runs again in backward
     calls, forward = [], M.FeedForward.forward
     monkeypatch.setattr(M.FeedForward, "forward", lambda self, x: calls.append(1) or forward(self, x))
-    cfg = M.LLaMAConfig(dim=64, n_layers=1, n_heads=4, vocab_size=50, multiple_of=32, max_seq_len=64, lora_r=4, lora_dropout=0.0)
-    net = M.LLaMA.from_config(cfg, quantize=False, dtype=torch.float32).train()
+    net = small_net(n_layers=1, lora_r=4, lora_dropout=0.0).train()
     for grad_checkpoint, n in ((False, 1), (True, 2)):
         calls.clear()
         net.grad_checkpoint = grad_checkpoint
