@@ -49,7 +49,7 @@ NF4 = nf4_values()  # (16,) float32
 NF4_MID = midpoints(NF4)  # (15,) decision boundaries, as in bitsandbytes' decision tree
 DYN8 = dynamic_map()  # (256,) signed 8-bit dynamic map, the code of c2^8bit
 DYN8_MID = (DYN8[:-1] + DYN8[1:]) * 0.5  # (255,) float32 midpoints, as bitsandbytes' kernel computes them
-# (a constant exactly on one may round the other way in bitsandbytes' binary search: rare, and either byte decodes the same)
+# (a constant exactly on one may take the upper code in bitsandbytes' binary search, the lower here: rare, one step apart)
 BLOCKSIZE2 = 256  # second-level block: one c1 per 256 values of c2 (the paper's choice, and bitsandbytes')
 
 # -----------------------------------------------------------------------------------------------
@@ -120,11 +120,11 @@ def quantize_nf4(w, blocksize=64, double_quant=True):
 def _blockwise(x, blocksize, mids):
     # x (n,) fp32 -> indices (n_blocks · blocksize,) of the nearest code value, absmax (n_blocks,)
     x = F.pad(x, (0, -x.numel() % blocksize)).view(-1, blocksize)  # (n_blocks, blocksize), ragged tail: zeros
-    absmax = x.abs().amax(dim=1)
-    # multiply by the fp32 reciprocal, as bitsandbytes does (x / c can round differently). An
-    # all-zero block gives 0 * inf = NaN: we send it to the code of 0 so it dequantizes to exact zeros
-    # whatever its (double-quantized, hence only approximately 0) c2. bitsandbytes writes index 0
-    # there (its zero block then decodes to ±c2, not 0); both bytes decode in the same format.
+    absmax = x.abs().nan_to_num(0.0, math.inf).amax(dim=1)  # a NaN is skipped, as by fmaxf in bitsandbytes' kernel
+    # multiply by the fp32 reciprocal, as bitsandbytes does (x / c can round differently). An all-zero block
+    # gives 0 * inf = NaN, and a NaN weight stays NaN: we send both to the code of 0, so a zero block dequantizes to
+    # exact zeros whatever its (double-quantized, hence only approximately 0) c2. bitsandbytes writes index 0 there
+    # (decoding to -c2, not 0); both bytes decode in the same format, and one NaN spoils no other weight.
     xn = (x * (1.0 / absmax)[:, None]).nan_to_num(nan=0.0)
     # nearest value; right=False puts a value exactly on a midpoint in the lower bin, like `x > mid`
     return torch.bucketize(xn, mids.to(x.device), out_int32=True).to(torch.uint8).view(-1), absmax

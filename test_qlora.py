@@ -288,6 +288,17 @@ def test_all_zero_weight_dequantizes_to_zero(double_quant):
     assert torch.isfinite(wh).all() and (wh == 0).all()
 
 
+def test_a_nan_weight_spoils_no_other_weight():
+    # bitsandbytes' kernel takes the absmax with fmaxf, which skips NaN: one NaN must not make its block's c2, and
+    # through c2_mean every weight, NaN. Here it is stored as 0 (bitsandbytes: index 0); all else as if it were 0.
+    w = weight((2048, 64), seed=5)
+    w[3, 7] = float("nan")
+    q, ref = (qlora.quantize_nf4(t.to(DEV)) for t in (w, w.nan_to_num(0.0)))
+    assert all(torch.equal(getattr(q, k), getattr(ref, k)) for k in ("packed", "c2", "c1", "c2_mean"))
+    wh = qlora.dequantize_nf4(q, torch.float32)
+    assert torch.isfinite(wh).all() and wh[3, 7] == 0
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. Double quantization: c2^8bit, c1, c2_mean; round-trip error; storage cost
 
