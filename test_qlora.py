@@ -1270,7 +1270,9 @@ def test_tokenizer_without_bos_or_eos_is_refused(tmp_path):
     ("extra_key", "unexpected tensor 'layers.0.attention.bias'"),
     ("missing_key", "missing tensor 'layers.1.ffn_norm.weight'"),
     ("bad_params", "params.json:1: invalid JSON"),
-    ("tokenizer_vocab", "tokenizer has"),
+    ("tokenizer_vocab", "tokenizer.model: tokenizer has 200 tokens, the checkpoint's embedding has 120"),  # more than its rows
+    ("params_kv_heads", "params.json: dim 64, 4 heads, 3 kv heads: need a whole, even head dim and kv heads dividing heads"),
+    ("params_odd_head_dim", "params.json: dim 64, 64 heads, 64 kv heads"),  # a head dim of 1: no rotary pairs
     ("pickle", "consolidated.01.pth: holds more than tensors and plain data; refusing to unpickle it"),  # no advice to do it anyway
     ("legacy_pickle", "consolidated.01.pth: not in torch.save's zip format"),  # not torch.save's zip format
     ("params_string", 'params.json: dim must be a positive integer, got "64"'),  # a hand-edited params.json
@@ -1307,15 +1309,18 @@ def test_checkpoint_errors_name_file_and_tensor(tmp_path, meta_ckpt, tokenizer_f
     elif damage.startswith("params_"):
         p, change = json.loads((d / "params.json").read_text()), damage.removeprefix("params_")
         p.update({"string": {"dim": str(p["dim"])}, "negative": {"n_heads": -4}, "bool": {"n_layers": True},
-                  "nan": {"norm_eps": float("nan")}}.get(change, {}))
+                  "nan": {"norm_eps": float("nan")}, "kv_heads": {"n_kv_heads": 3},
+                  "odd_head_dim": {"n_heads": 64, "n_kv_heads": 64}}.get(change, {}))
         if change == "missing":
             del p["n_heads"]
         raw = {"list": b"[1]", "latin1": '{"dim": 64, "x": "caf\xe9"}'.encode("latin-1")}.get(change, json.dumps(p).encode())
         (d / "params.json").write_bytes(raw)
     elif damage == "legacy_pickle":
         torch.save({"x": torch.zeros(1)}, d / "consolidated.01.pth", _use_new_zipfile_serialization=False)
-    elif damage == "tokenizer_vocab":
-        C.train_tokenizer(WORDS * 5, d / "tokenizer.model", vocab_size=60)
+    elif damage == "tokenizer_vocab":  # random letters: enough text for 200 pieces
+        g = torch.Generator().manual_seed(0)
+        words = ["".join(chr(97 + c) for c in torch.randint(26, (5,), generator=g).tolist()) for _ in range(400)]
+        assert C.train_tokenizer([" ".join(words[i : i + 20]) for i in range(0, 400, 20)], d / "tokenizer.model", 200) > 120
     elif damage == "pickle":  # arbitrary pickled objects are refused (weights_only=True)
         torch.save({"x": __import__("collections").OrderedDict(a=Path("."))}, d / "consolidated.01.pth")
     elif damage in ("not_a_dict", "not_tensors"):  # plain data weights_only accepts, but no state dict
@@ -1345,6 +1350,29 @@ def test_export_merged_roundtrip(tmp_path, meta_ckpt, monkeypatch):
     assert rel_err(merged(idx)[0], net(idx)[0]) < 1e-5
     assert not list(tmp_path.glob("merged/*.tmp"))
     assert json.loads((tmp_path / "merged" / "merge.json").read_text())["base"] == "nf4-dequantized"
+
+
+def test_folder_rules_layout_tokenizer_context_and_params(tmp_path, meta_ckpt, tokenizer_file):
+    d, cfg, weights = meta_ckpt
+    # Mistral's Hugging Face folders also hold a params.json of its own: without consolidated.NN.pth, HF's layout
+    hf = write_hf(tmp_path / "models" / "hf", cfg, weights, tokenizer_file)
+    (hf / "params.json").write_text(json.dumps({"dim": 1, "n_layers": 1, "n_heads": 1}))
+    net = M.LLaMA.from_checkpoint(hf, quantize=False, dtype=torch.float32, lora_r=0, progress=False)
+    idx = torch.randint(cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
+    assert rel_err(net(idx)[0], reference_forward(weights, cfg, idx)) < 1e-4
+    # a tokenizer one level up belongs to Meta's layout (its download's); an HF folder's own is inside it
+    (hf / "tokenizer.model").unlink()
+    shutil.copy(tokenizer_file, hf.parent / "tokenizer.model")
+    assert C.find_tokenizer(hf) is None and C.find_tokenizer(d) == d.parent / "tokenizer.model"
+    # params.json states no context length: the model is built for the one asked for, at least 2048
+    for context, n in ((None, 2048), (3000, 3000)):
+        assert C.read_params(d, context)["max_seq_len"] == n
+    # an embedding padded past the tokenizer (fewer tokens than rows) loads; only more tokens than rows is refused
+    C.train_tokenizer(WORDS * 5, tmp_path / "small.model", vocab_size=60)
+    M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=0, tokenizer=tmp_path / "small.model", progress=False)
+    # an exported params.json names n_kv_heads only where it differs from n_heads (LLaMA-1's ModelArgs has no such field)
+    assert "n_kv_heads" not in json.loads(C.meta_params(M.LLaMAConfig(dim=64, n_heads=4)))
+    assert json.loads(C.meta_params(M.LLaMAConfig(dim=64, n_heads=4, n_kv_heads=2)))["n_kv_heads"] == 2
 
 
 ST = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -1513,6 +1541,8 @@ def test_hf_layout_quantized_and_tied(tmp_path, meta_ckpt, tokenizer_file, monke
     (dict(tie_word_embeddings="false"), 'config.json: tie_word_embeddings must be true or false, got "false"'),
     ("config_list", "config.json: expected a JSON object {...}, got []"),
     (dict(intermediate_size=None), "config.json: missing field 'intermediate_size'"),  # null: as if absent
+    (dict(num_key_value_heads=3), "config.json: dim 64, 4 heads, 3 kv heads: need a whole, even head dim"),  # weights fit 4/3
+    (dict(num_attention_heads=5), "config.json: dim 64, 5 heads, 2 kv heads"),
 ])
 def test_hf_unsupported_is_one_line_before_any_weight_is_read(tmp_path, meta_ckpt, tokenizer_file, monkeypatch, damage, expect):
     _, cfg, weights = meta_ckpt

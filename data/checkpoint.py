@@ -68,9 +68,14 @@ def train_tokenizer(texts, path, vocab_size, symbols=()):
     return vocab_size
 
 
+def is_hf(d):  # Hugging Face's layout: config.json and no Meta shards (Mistral's HF folders also hold a params.json)
+    return (Path(d) / "config.json").is_file() and not any(Path(d).glob("consolidated.*.pth"))
+
+
 def find_tokenizer(ckpt_dir):
-    # Meta's download puts tokenizer.model beside the size folders (llama/tokenizer.model, llama/7B/...)
-    return next((p for p in (Path(ckpt_dir) / "tokenizer.model", Path(ckpt_dir).parent / "tokenizer.model") if p.is_file()), None)
+    # in the folder; for Meta's layout also one level up, where its download puts it (llama/tokenizer.model, llama/7B/...)
+    d = Path(ckpt_dir)
+    return next((p for p in (d / "tokenizer.model", d.parent / "tokenizer.model")[: 2 - is_hf(d)] if p.is_file()), None)
 
 
 def read_json(path):
@@ -207,19 +212,25 @@ def read_params(ckpt_dir, context=None):
     # the architecture alone (params.json or config.json), as LLaMAConfig fields: cheap, so that defaults
     # can be resolved before any weight is read
     d = Path(ckpt_dir)
-    if (d / "config.json").is_file() and not (d / "params.json").is_file():
-        return hf_params(read_json(d / "config.json"), d / "config.json", context)
-    pj = d / "params.json"
-    if not pj.is_file():
-        raise InputError(f"{pj}: not found (expected Meta's layout: params.json + consolidated.NN.pth, "
-                         f"or Hugging Face's: config.json + weights)")
-    params = {k: v for k, v in read_json(pj).items() if k in META_KEYS and v is not None and (k, v) != ("vocab_size", -1)}
-    check_fields(params, pj, ("dim", "n_layers", "n_heads"), ints=META_KEYS[:6], floats=META_KEYS[6:])
-    return params
+    if is_hf(d):
+        where, p = d / "config.json", hf_params(read_json(d / "config.json"), d / "config.json", context)
+    else:
+        where = d / "params.json"
+        if not where.is_file():
+            raise InputError(f"{where}: not found (expected Meta's layout: params.json + consolidated.NN.pth, "
+                             f"or Hugging Face's: config.json + weights)")
+        p = {k: v for k, v in read_json(where).items() if k in META_KEYS and v is not None and (k, v) != ("vocab_size", -1)}
+        check_fields(p, where, ("dim", "n_layers", "n_heads"), ints=META_KEYS[:6], floats=META_KEYS[6:])
+        p["max_seq_len"] = max(2048, context or 0)  # params.json has no context length: Meta's code takes it from its caller
+    heads, kv = p["n_heads"], p.get("n_kv_heads", p["n_heads"])  # attention needs whole, even (rotary pairs) head dims
+    if p["dim"] % heads or p["dim"] // heads % 2 or heads % kv:
+        raise InputError(f"{where}: dim {p['dim']}, {heads} heads, {kv} kv heads: need a whole, even head dim and kv heads "
+                         "dividing heads")
+    return p
 
 
-def _read_meta(d):
-    params, shards = read_params(d), sorted(d.glob("consolidated.*.pth"))
+def _read_meta(d, context):
+    params, shards = read_params(d, context), sorted(d.glob("consolidated.*.pth"))
     if not shards:
         raise InputError(f"{d}: no consolidated.NN.pth checkpoint shards")
     for i, s in enumerate(shards):
@@ -242,7 +253,7 @@ def _read_meta(d):
             return parts[0]
         try:
             return torch.cat(parts, 1 if name == "tok_embeddings.weight" or name.endswith(("wo.weight", "w2.weight")) else 0)
-        except RuntimeError:  # shards of different models
+        except (RuntimeError, IndexError):  # shards of different models
             raise InputError(f"{d}: {name} has shapes {[tuple(t.shape) for t in parts]} in its shards: they do not fit") from None
 
     return params, take, sum(sd[k].nbytes for sd in sds for k in expected), f"{d}/consolidated.*.pth"
@@ -250,9 +261,6 @@ def _read_meta(d):
 
 def hf_params(c, where, context=None):
     # config.json -> LLaMAConfig fields. What the network does not implement is refused here, before any weight is read.
-    def refuse(why):
-        raise InputError(f"{where}: {why}")
-
     c = {k: v for k, v in c.items() if v is not None}  # null: the field's default
     check_fields(c, where, ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"),
                  ints=("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
@@ -260,23 +268,25 @@ def hf_params(c, where, context=None):
                  floats=("rms_norm_eps", "rope_theta"), bools=("tie_word_embeddings", "attention_bias", "mlp_bias"))
     arch = c.get("architectures") or ["LlamaForCausalLM"]
     if arch not in (["LlamaForCausalLM"], ["MistralForCausalLM"]):
-        refuse(f"architectures {arch}: only LlamaForCausalLM and MistralForCausalLM are implemented")
+        raise InputError(f"{where}: architectures {arch}: only LlamaForCausalLM and MistralForCausalLM are implemented")
     if c.get("attention_bias") or c.get("mlp_bias"):
-        refuse("attention or MLP biases (attention_bias/mlp_bias true) are not implemented")
+        raise InputError(f"{where}: attention or MLP biases (attention_bias/mlp_bias true) are not implemented")
     if "rope_scaling" in c:
-        refuse(f"rope_scaling {json.dumps(c['rope_scaling'])} is not implemented (only null)")
+        raise InputError(f"{where}: rope_scaling {json.dumps(c['rope_scaling'])} is not implemented (only null)")
     if c.get("hidden_act", "silu") != "silu":
-        refuse(f"hidden_act {c['hidden_act']!r} is not implemented (only silu)")
+        raise InputError(f"{where}: hidden_act {c['hidden_act']!r} is not implemented (only silu)")
     dim, heads = c["hidden_size"], c["num_attention_heads"]
     p = dict(dim=dim, n_layers=c["num_hidden_layers"], n_heads=heads, n_kv_heads=c.get("num_key_value_heads", heads),
              vocab_size=c["vocab_size"], ffn_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
              rope_theta=c.get("rope_theta", 10000.0), max_seq_len=c.get("max_position_embeddings", 2048),
              tie_embeddings=c.get("tie_word_embeddings", False))
     if c.get("head_dim") not in (None, dim // heads):
-        refuse(f"head_dim {c['head_dim']} differs from hidden_size / num_attention_heads = {dim // heads} (not implemented)")
+        raise InputError(f"{where}: head_dim {c['head_dim']} differs from hidden_size / num_attention_heads = {dim // heads} (not "
+                         "implemented)")
     if window := c.get("sliding_window"):  # within the window, full causal attention is what the model computes
         if context and context > window:
-            refuse(f"sliding_window {window} is shorter than the context of {context} tokens (sliding-window attention is not implemented)")
+            raise InputError(f"{where}: sliding_window {window} is shorter than the context of {context} tokens (sliding-window "
+                             "attention is not implemented)")
         p["max_seq_len"] = min(p["max_seq_len"], window)
     return p
 
@@ -338,13 +348,13 @@ def open_checkpoint(ckpt_dir, device=None, dtype=torch.bfloat16, tokenizer=None,
     # -> (LLaMAConfig fields, load(name, shape) -> tensor on device, Progress to close when the model is built).
     # context: the longest sequence that will be used (a sliding window shorter than it is refused).
     d = Path(ckpt_dir)
-    hf = (d / "config.json").is_file() and not (d / "params.json").is_file()
-    params, take, total, where = _read_hf(d, context) if hf else _read_meta(d)
+    hf = is_hf(d)
+    params, take, total, where = (_read_hf if hf else _read_meta)(d, context)
     tok = tokenizer if tokenizer is not None else find_tokenizer(d)
     if tok is None and (d / "tokenizer.json").is_file():
         raise InputError(f"{d}: only tokenizer.json (Hugging Face tokenizers, e.g. Llama 3); a sentencepiece tokenizer.model is needed")
     n_words = Tokenizer(tok).n_words if tok is not None else params["vocab_size"]
-    if n_words > params["vocab_size"] or not hf and n_words != params["vocab_size"]:  # HF may pad the embedding
+    if n_words > params["vocab_size"]:  # the embedding may be padded past the tokenizer (a multiple of 64, an added pad)
         raise InputError(f"{tok}: tokenizer has {n_words} tokens, the checkpoint's embedding has {params['vocab_size']}")
     prog = Progress("loaded", params["n_layers"], total, quiet=not progress)
 
@@ -444,7 +454,7 @@ def meta_params(cfg):
     # params.json as Meta's loaders read it: they do ModelArgs(**params), so no keys of ours. An explicit
     # FFN width (HF's intermediate_size) is written so that Meta's formula gives it back exactly:
     # multiple_of 1 and int(multiplier · int(8·dim/3)) = ffn_dim.
-    p = {k: getattr(cfg, k) for k in META_KEYS[:-1]}
+    p = {k: getattr(cfg, k) for k in META_KEYS[:-1] if k != "n_kv_heads" or cfg.n_kv_heads != cfg.n_heads}  # LLaMA-1: no n_kv_heads
     if cfg.ffn_dim is not None:
         p.update(multiple_of=1, ffn_dim_multiplier=(cfg.ffn_dim + 0.5) / int(2 * 4 * cfg.dim / 3))
     if cfg.rope_theta != 10000.0:  # CodeLlama's params.json has it; Llama 2's ModelArgs has no such field
@@ -452,10 +462,10 @@ def meta_params(cfg):
     return json.dumps({k: v for k, v in p.items() if v is not None}, indent=2)
 
 
-def export_merged(model, out_dir, dtype=torch.float16, base=None, progress=True):
-    # W = W0 + (α/r)·B A for every adapted layer, one shard (consolidated.00.pth) + params.json. W0 is by default
-    # the NF4-rounded base the adapter was trained on (dequantized); with base=FOLDER it is the original 16-bit
-    # checkpoint, re-read one weight at a time. merge.json beside params.json records which.
+def export_merged(model, out_dir, dtype=torch.float16, base=None, tokenizer=None, progress=True):
+    # W = W0 + (α/r)·B A for every adapted layer: one shard (consolidated.00.pth), params.json and, if given, a copy of
+    # the tokenizer (the folder loads alone). W0 is by default the NF4-rounded base the adapter was trained on
+    # (dequantized); with base=FOLDER, the original 16-bit checkpoint re-read one weight at a time (merge.json says which).
     out_dir, cfg, names = Path(out_dir), model.config, meta_names(model.config.n_layers)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers()), "output.weight": model.output}
@@ -476,6 +486,8 @@ def export_merged(model, out_dir, dtype=torch.float16, base=None, progress=True)
         prog.step(n, sd[n].nbytes)
     atomic_save(sd, out_dir / "consolidated.00.pth")
     atomic_write_bytes(out_dir / "params.json", meta_params(cfg).encode())
+    if tokenizer is not None:
+        atomic_write_bytes(out_dir / "tokenizer.model", Path(tokenizer).read_bytes())
     kind = "original" if base is not None else "nf4-dequantized" if model.quantize else "as-loaded"
     merge = {"base": kind, "base_dir": str(base) if base is not None else None, "dtype": str(dtype).removeprefix("torch."),
              "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha}
