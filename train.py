@@ -99,17 +99,19 @@ def resolve(given, defaults):
         c["ckpt_dir"] = c["ckpt_dir"] or f"checkpoints/{c['model']}"
         if not given.get("ckpt_dir") and c["model"] not in CONFIGS and not Path(c["ckpt_dir"]).is_dir():
             raise InputError(f"--model {c['model']}: no folder {c['ckpt_dir']} and not a known name ({', '.join(CONFIGS)})")
+        c["ckpt_dir"] = str(Path(c["ckpt_dir"]).resolve())  # as adapter.pt and the peft export record it: valid from any folder
         arch = LLaMAConfig(**read_params(c["ckpt_dir"], context=c["source_max_len"] + c["target_max_len"]))
     paper = paper_hparams(arch.dim)
     c["learning_rate"] = c["learning_rate"] or paper["learning_rate"]
-    c["lora_dropout"] = c["lora_dropout"] if c["lora_dropout"] >= 0 else paper["lora_dropout"]
-    c["warmup_iters"] = c["warmup_iters"] if c["warmup_iters"] >= 0 else int(0.03 * c["max_iters"])
+    c["lora_dropout"] = c["lora_dropout"] if c["lora_dropout"] != -1 else paper["lora_dropout"]
+    c["warmup_iters"] = c["warmup_iters"] if c["warmup_iters"] != -1 else int(0.03 * c["max_iters"])
     c["threads"] = c["threads"] or (1 if demo and "OMP_NUM_THREADS" not in os.environ else torch.get_num_threads())
     # the adapted layers: wq, wo (n_heads·head_dim × dim), wk, wv (n_kv_heads·head_dim × dim), w1-w3 (hidden_dim × dim);
     # a rank above the smaller side of one adds nothing there (rank BA <= min(in, out))
     max_r = min(arch.dim, arch.n_heads * arch.head_dim, arch.n_kv_heads * arch.head_dim, arch.hidden_dim)
     for k, ok, want in (*((k, 0 < c[k] < 1e9, "positive (below 1e9)") for k in ("learning_rate", "max_grad_norm", "lora_alpha")),
-                        *((k, 0 <= c[k] < 2**63, "at least 0 (below 2^63)") for k in ("weight_decay", "temperature", "max_iters", "sample_tokens", "seed")),
+                        *((k, 0 <= c[k] < 2**63, "at least 0 (below 2^63)")
+                          for k in ("weight_decay", "temperature", "max_iters", "warmup_iters", "sample_tokens", "seed", "mmlu_max")),
                         ("threads", 0 < c["threads"] <= os.cpu_count(), f"in [1, {os.cpu_count()}], the CPUs here"),
                         *((k, 0 <= c[k] < 1, "in [0, 1)") for k in ("beta1", "beta2", "val_fraction", "lora_dropout")),
                         ("lora_r", c["lora_r"] <= max_r, f"at most {max_r} for this architecture (the smaller side of its narrowest adapted layer)"),
@@ -145,7 +147,7 @@ def build_model(c, tok, device, dtype, master):
     if c["init"] == "checkpoint":
         net = LLaMA.from_checkpoint(c["ckpt_dir"], device=device, dtype=dtype, tokenizer=tok.path,
                                     context=c["source_max_len"] + c["target_max_len"], progress=master, **lora)
-        base = {"init": "checkpoint", "ckpt_dir": str(c["ckpt_dir"])}
+        base = {"init": "checkpoint", "ckpt_dir": c["ckpt_dir"]}
     else:
         mcfg = LLaMAConfig(**{**CONFIGS[c["model"]], **lora})
         mcfg.vocab_size = tok.n_words if c["demo"] else max(mcfg.vocab_size, tok.n_words)
@@ -164,10 +166,10 @@ def read_checkpoint(path, c, world):
     if not (isinstance(ck, dict) and {"config", "lora", "optimizer", "iter_num", "rng"} <= ck.keys() and is_state_dict(ck["lora"])
             and isinstance(ck["config"], dict) and isinstance(ck["rng"], list) and type(ck["iter_num"]) is int and ck["iter_num"] >= 0):
         raise InputError(f"--resume: {path}: not a checkpoint written by train.py")
-    for k in ("model", "ckpt_dir", "adapter", "data", "seed", "batch_size", "micro_batch", "lora_r", "source_max_len",
-              "target_max_len"):
-        if ck["config"].get(k) != c[k]:  # anything that changes the model or the data stream
-            raise InputError(f"--resume: {path} was made with --{k} {ck['config'].get(k)}, this run has --{k} {c[k]}")
+    for k in ("model", "ckpt_dir", "adapter", "lora_r", "lora_alpha", "lora_dropout", "data_sha1", "tokenizer_sha1", "seed", "batch_size",
+              "micro_batch", "source_max_len", "target_max_len", "train_on_source", "group_by_length", "val_fraction"):
+        if ck["config"].get(k) != c[k]:  # anything that changes the model or the data stream (the data by its content)
+            raise InputError(f"--resume: {path} was made with {k} {ck['config'].get(k)}, this run has {k} {c[k]}")
     if len(ck["rng"]) != world:
         raise InputError(f"--resume: {path} was made by {len(ck['rng'])} processes, this run has {world}")
     return ck
@@ -199,11 +201,13 @@ def train(c):
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
 
-    ck = read_checkpoint(ckpt_path, c, world) if c["resume"] else None  # before the slow part: a bad one fails fast
     items = read_data(data)
     questions = mmlu_eval.read_mmlu(c["mmlu"], c["mmlu_split"], c["mmlu_max"]) if c["mmlu"] else []
     t0 = time.time()
     tok = load_tokenizer(c, items, master, ddp)
+    for k, f in (("data_sha1", data), ("tokenizer_sha1", tok.path)):  # what ran, by content (not name): --resume compares them
+        c[k] = hashlib.sha1(Path(f).read_bytes()).hexdigest()
+    ck = read_checkpoint(ckpt_path, c, world) if c["resume"] else None  # before the slow part (the model): fails fast
     if questions:
         mmlu_eval.letter_ids(tok)  # a tokenizer without single-token letters fails here, not after training
     raw, base = build_model(c, tok, device, dtype, master)
@@ -362,7 +366,7 @@ def train(c):
             src = c["ckpt_dir"] if c["init"] == "checkpoint" else None
             for kind in filter(None, c["export"].split(",")):
                 if kind == "merged":
-                    export_merged(raw, out_dir / kind, base=src if c["merge_base"] == "original" else None)
+                    export_merged(raw, out_dir / kind, base=src if c["merge_base"] == "original" else None, tokenizer=tok.path)
                 else:
                     export_peft(raw, out_dir / kind, base=src)
                 print(f"exported {kind} to {out_dir / kind}")

@@ -138,7 +138,7 @@ def parse_flags(argv, defaults, help_text, words_ok=True):
         if not eq and kind is bool and (i == len(argv) or argv[i].startswith("--")):
             val = "true"
         elif not eq:
-            if i == len(argv):
+            if i == len(argv) or argv[i].startswith("--"):  # `--data --out_dir x`: --data was left without its value
                 raise InputError(f"flag --{key} needs a value")
             val, i = argv[i], i + 1
         try:
