@@ -2066,12 +2066,13 @@ def msg(role, text, rank=None, replies=(), **kw):
         m["rank"] = rank
     return m
 
-# one tree: the best path is Q -> A0 (rank 0) -> Q2 -> B1 (rank 1, beats an unranked reply); a second, german
+# one tree: the best path is Q -> A0 (rank 0) -> Q2 -> B1 (rank 1, beats an unranked and a blank reply); a second, german
 # tree; and a tree whose prompt was never answered
 TREE = {"message_tree_id": "t1", "prompt": msg("prompter", "Q", lang="en", replies=[
     msg("assistant", "A2", rank=2),
     msg("assistant", "A0", rank=0, replies=[msg("prompter", "Q2", replies=[
-        msg("assistant", "unranked"), msg("assistant", "B1", rank=1), msg("assistant", "B3", rank=3)])]),
+        msg("assistant", "unranked"), msg("assistant", "B1", rank=1), msg("assistant", "B3", rank=3),
+        msg("assistant", " \n", rank=0)])]),  # best ranked, but blank: never chosen (train.py refuses an empty turn)
     msg("assistant", "A1", rank=1, replies=[msg("prompter", "not this one", replies=[msg("assistant", "nor this")])]),
 ])}
 DE_TREE = {"message_tree_id": "t2", "prompt": msg("prompter", "Hallo?", lang="de", replies=[msg("assistant", "Hallo!")])}
@@ -2182,6 +2183,9 @@ def test_bad_command_line(tmp_path):
         assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run_prepare("alpaca", tmp_path / "missing.json", tmp_path / "out.jsonl")
     assert r.returncode == 2 and "missing.json" in r.stderr and "Traceback" not in r.stderr
+    src = write(tmp_path / "in.jsonl", [GOOD_ALPACA, json.dumps({"instruction": "", "output": "o"})])  # one to skip
+    r = run_prepare("alpaca", src, tmp_path / "." / "in.jsonl")  # the input itself: the skipped record would be lost
+    assert r.returncode == 2 and f"{tmp_path / 'in.jsonl'}: is the input file" in r.stderr and len(src.read_text().splitlines()) == 2
 
 def test_sample_files():
     def rows(name):
@@ -2455,6 +2459,7 @@ def run_train(*args, timeout=300, env=ENV):
     (['{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]}'],
      "bad.jsonl:1: the conversation must end with an assistant reply"),  # not trained on as prompt text
     (['{"text": "### Human: a### Assistant: b### Human: c"}'], "bad.jsonl:1: the conversation must end with an assistant reply"),
+    (["[]"], "bad.jsonl: no examples"),  # not a failure to train the demo's tokenizer on nothing
 ])
 def test_bad_data_gives_one_line_and_exit_2(tmp_path, lines, expect):
     f = tmp_path / "bad.jsonl"

@@ -17,7 +17,7 @@ from statistics import fmean
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from data.files import InputError
+from data.files import InputError, atomic_write_bytes
 from data.prepare import field, read_records
 
 LETTERS = ("A", "B", "C", "D")
@@ -130,6 +130,7 @@ def summary(it, split, r):
 
 
 def append_log(out_dir, split, it, r):
-    # one JSON object per evaluation, written in one piece
-    with open(Path(out_dir) / f"mmlu_{split}.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({"iter": it, **{k: r[k] for k in ("accuracy", "questions", "subjects")}}) + "\n")
+    # one JSON object per evaluation; the file is rewritten whole (atomic_write), never left half-appended
+    log = Path(out_dir) / f"mmlu_{split}.jsonl"
+    line = json.dumps({"iter": it, **{k: r[k] for k in ("accuracy", "questions", "subjects")}}) + "\n"
+    atomic_write_bytes(log, (log.read_bytes() if log.exists() else b"") + line.encode())

@@ -80,7 +80,8 @@ def best_path(path, line, node):
         where = f"{path}:{node.get('line', line)}"  # messages from the flat table carry their own line
         role = field(where, node, "role", choices=("prompter", "assistant"))
         messages.append({"role": "user" if role == "prompter" else "assistant", "content": field(where, node, "text")})
-        replies = [r for r in field(where, node, "replies", [], kind=(list, type(None))) or [] if isinstance(r, dict) and not r.get("deleted")]
+        replies = [r for r in field(where, node, "replies", [], kind=(list, type(None))) or []  # deleted or blank: never chosen
+                   if isinstance(r, dict) and not r.get("deleted") and str(r.get("text", "?")).strip()]
         node = min(replies, key=lambda r: r["rank"] if isinstance(r.get("rank"), (int, float)) else 1e9, default=None)
     while messages and messages[-1]["role"] == "user":
         messages.pop()  # a conversation must end with an answer to learn from
@@ -167,7 +168,10 @@ def segments(obj, where):
 
 def read_data(path):
     # -> [(file:line, segments)]: read_records' checks, then every example's fields, before any work is done
-    return [(f"{path}:{n}", segments(obj, f"{path}:{n}")) for n, obj in read_records(path)]
+    items = [(f"{path}:{n}", segments(obj, f"{path}:{n}")) for n, obj in read_records(path)]
+    if not items:  # an empty array
+        raise InputError(f"{path}: no examples")
+    return items
 
 
 def tokenize(items, tok, source_max_len, target_max_len, train_on_source=False):
@@ -225,6 +229,8 @@ def main(args):
     if len(words) != 3:
         raise InputError(f"expected 3 arguments, got {len(words)} (usage: {USAGE})")
     kind, src, dst = words
+    if Path(dst).resolve() == Path(src).resolve():  # the skipped records would be lost with the original
+        raise InputError(f"{dst}: is the input file; write the converted examples to another file")
     skipped = Counter()
     examples = convert(kind, src, flags.get("lang") or None, skipped)
     atomic_write_bytes(dst, "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples).encode())
