@@ -52,8 +52,7 @@ class LLaMAConfig:
         return self.dim // self.n_heads
 
     @property
-    def hidden_dim(self):
-        # SwiGLU keeps the parameter count of a 4·d MLP: 2/3 · 4d, scaled, rounded up to multiple_of
+    def hidden_dim(self):  # SwiGLU keeps the parameter count of a 4·d MLP: 2/3 · 4d, scaled, rounded up to multiple_of
         if self.ffn_dim is not None:
             return self.ffn_dim
         h = int(2 * 4 * self.dim / 3)
@@ -62,8 +61,7 @@ class LLaMAConfig:
         return self.multiple_of * ((h + self.multiple_of - 1) // self.multiple_of)
 
 
-# the published architectures, so `--init random` needs no files (params.json of each release)
-CONFIGS = {
+CONFIGS = {  # the published architectures, so `--init random` needs no files (params.json of each release)
     "7B": dict(dim=4096, n_layers=32, n_heads=32, norm_eps=1e-6),
     "13B": dict(dim=5120, n_layers=40, n_heads=40, norm_eps=1e-6),
     "33B": dict(dim=6656, n_layers=60, n_heads=52, norm_eps=1e-6),
@@ -75,8 +73,7 @@ CONFIGS = {
 }
 
 
-# the paper's recipe per size (§5, Guanaco), read off the width rather than a folder's name
-def paper_hparams(dim):
+def paper_hparams(dim):  # the paper's recipe per size (§5, Guanaco), read off the width rather than a folder's name
     big = dim >= 6656  # 33B and up
     return dict(learning_rate=1e-4 if big else 2e-4, lora_dropout=0.05 if big else 0.1)
 
@@ -92,8 +89,7 @@ def mfu(n_linear, grad_checkpoint, tok_s, device_name):
     return f"{100 * (6 if grad_checkpoint else 4) * n_linear * tok_s / peak:.1f}%" if peak else "-"
 
 
-# -----------------------------------------------------------------------------------------------
-# the network
+# --- the network -------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
     def __init__(self, weight, eps):
@@ -101,14 +97,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.register_buffer("weight", weight)  # frozen (QLoRA trains only the adapters)
 
-    def forward(self, x):
-        # x / rms(x) · g, the statistic in fp32 as in Meta's code
+    def forward(self, x):  # x / rms(x) · g, the statistic in fp32 as in Meta's code
         x32 = x.float()
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_tables(head_dim, n_pos, theta, device):
-    # rotation angle of pair i at position t: t · θ^(-2i/d)
+def rope_tables(head_dim, n_pos, theta, device):  # rotation angle of pair i at position t: t · θ^(-2i/d)
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(n_pos, device=device, dtype=torch.float32), freqs)  # (n_pos, head_dim/2)
     return angles.cos(), angles.sin()
@@ -117,8 +111,7 @@ def rope_tables(head_dim, n_pos, theta, device):
 def apply_rope(x, cos, sin):
     # Meta's rotary form rotates interleaved pairs (x0, x1), (x2, x3), ... — raw checkpoints are laid
     # out for this (HF's are permuted for a rotate-half form). x (B, T, H, hd), cos/sin (T, hd/2).
-    x2 = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
-    a, b = x2[..., 0], x2[..., 1]
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, T, H, hd/2)
     cos, sin = cos[:, None, :], sin[:, None, :]
     return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
 
@@ -179,8 +172,7 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-def _chunk_ce(x, w, targets):
-    # summed cross-entropy of one chunk of rows; its fp32 logits (rows, vocab) live only inside here
+def _chunk_ce(x, w, targets):  # summed cross-entropy of some rows; their fp32 logits (rows, vocab) live only inside here
     return F.cross_entropy(F.linear(x, w).float(), targets, ignore_index=-100, reduction="sum")
 
 
@@ -212,11 +204,9 @@ class LLaMA(nn.Module):
         p0 = start_pos or 0
         cos, sin = self.rope[:, p0 : p0 + T]
         x = self.tok_embeddings(idx)  # (B, T, dim)
+        ckpt = self.grad_checkpoint and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, start_pos)
+            x = checkpoint(layer, x, cos, sin, use_reentrant=False) if ckpt else layer(x, cos, sin, start_pos)
         x = self.norm(x)
         if targets is None:
             return F.linear(x, self.output.to(x.dtype)).float(), None
@@ -285,8 +275,7 @@ class LLaMA(nn.Module):
         return net
 
 
-def sample(logits, temperature=1.0, top_k=None, top_p=None):
-    # logits (B, vocab) -> (B,) token ids; temperature 0 is greedy
+def sample(logits, temperature=1.0, top_k=None, top_p=None):  # (B, vocab) logits -> (B,) ids; temperature 0 is greedy
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.double()  # fp64, as the temperature itself: a tiny one does not round to 0

@@ -2,8 +2,7 @@
 weights are bit-compatible with its format:
 
   NF4    16 values, "4-bit NormalFloat" (paper §3): the quantiles of N(0, 1), rescaled to [-1, 1].
-  DYN8   256 values, the signed 8-bit dynamic map used to quantize the block constants c2 themselves
-         (double quantization, paper §3).
+  DYN8   256 values, the signed 8-bit dynamic map that quantizes the block constants c2 (double quantization, paper §3).
 
 Run as a script to see *why* NF4: `python nf4_table.py`.
 """

@@ -59,8 +59,7 @@ BLOCKSIZE2 = 256  # second-level block: one c1 per 256 values of c2 (the paper's
 #    blockwise in blocks of BLOCKSIZE2 with the 8-bit map, after subtracting its mean:
 #       c2^FP32 ≈ c1 · DYN8[c2^8bit] + c2_mean.    Cost: 8/64 + 32/(64·256) = 0.127 bit/param.
 
-class NF4Weight(nn.Module):
-    # A frozen 4-bit weight. Its tensors are buffers so that .to(device) and state_dict() carry them.
+class NF4Weight(nn.Module):  # a frozen 4-bit weight; its tensors are buffers, so .to(device) and state_dict() carry them
     def __init__(self, shape, dtype, blocksize, packed, c2, c1=None, c2_mean=None):
         super().__init__()
         self.shape, self.dtype, self.blocksize = torch.Size(shape), dtype, blocksize
@@ -149,19 +148,17 @@ def _dequantize_torch(q, out):
 
 
 # -----------------------------------------------------------------------------------------------
-# 4. Triton kernels. Training is matmul-bound at large M (rows = batch · sequence): there the cheapest
-#    route is to dequantize into a reused 16-bit buffer (one pass, ~4.25 bits read + 16 written per
-#    weight) and hand it to cuBLAS. At small M (decoding) the matmul is bound by reading the weight, so a
-#    fused kernel that reads only the 4-bit weight should win; this one does not yet (H200, 2026-12-04, 4096x4096,
-#    M = 1: 1.03 ms; dequantize + cuBLAS 0.027, bf16 0.019; slower at every M up to 256), so FUSED_MAX_M, the rows
-#    up to which nf4_matmul takes it, is 0. Both run on CPU tensors under TRITON_INTERPRET=1 for the tests.
+# 4. Triton kernels. Training is matmul-bound at large M (rows = batch · sequence): there the cheapest route is to
+#    dequantize into a reused 16-bit buffer (one pass, ~4.25 bits read + 16 written per weight) and hand it to cuBLAS.
+#    At small M (decoding) the matmul is bound by reading the weight, so a fused kernel that reads only the 4-bit weight
+#    should win; this one does not yet (H200, 2026-12-04, 4096x4096, M = 1: 1.03 ms; dequantize + cuBLAS 0.027, bf16
+#    0.019; slower at every M up to 256), so FUSED_MAX_M, the rows up to which nf4_matmul takes it, is 0.
 
 FUSED_MAX_M = 0
 
 
 def _use_triton(t):
-    # CUDA tensors always; CPU tensors under TRITON_INTERPRET=1 (slow; for tests), read at each call.
-    # Not bf16 on the CPU: the interpreter mishandles it.
+    # CUDA tensors; CPU ones under TRITON_INTERPRET=1 (slow; for tests), read per call, but not bf16 (interpreter bug)
     return t.is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and t.dtype != torch.bfloat16)
 
 
@@ -220,8 +217,7 @@ def _fused_matmul_kernel(x, packed, c2, c1, c2_mean, nf4, dyn8, y, M, N, K,
     tl.store(y + rm[:, None] * sym + rn[None, :] * syn, acc.to(y.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def _fused_matmul(x2, q, transpose):
-    # x2 (M, K') -> (M, N'):  x2 Ŵᵀ, or x2 Ŵ when transpose
+def _fused_matmul(x2, q, transpose):  # x2 (M, K') -> (M, N'):  x2 Ŵᵀ, or x2 Ŵ when transpose
     (M, _), (n_out, k_in) = x2.shape, q.shape
     N, K, swn, swk = (k_in, n_out, 1, k_in) if transpose else (n_out, k_in, k_in, 1)
     y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
@@ -236,9 +232,8 @@ def _fused_matmul(x2, q, transpose):
 
 
 class DequantBuffer:
-    # The 16-bit buffers the base weights are dequantized into, one per (device, dtype), shared by the
-    # layers of a model: layers run one at a time and nothing keeps Ŵ (backward dequantizes again), so
-    # 16-bit copies never pile up.
+    # The 16-bit buffers the base weights are dequantized into, one per (device, dtype), shared by the layers of a model:
+    # layers run one at a time and nothing keeps Ŵ (backward dequantizes again), so 16-bit copies never pile up.
     def __init__(self):
         self.buffers = {}
 
@@ -284,9 +279,8 @@ def nf4_matmul(x, q, buffer=None):
 
 
 # -----------------------------------------------------------------------------------------------
-# 5. LoRA:  Y = X Ŵᵀ + s · dropout(X) L1 L2.
-#    L2 (lora_B) starts at zero, so training starts exactly from the pretrained model; lora_A is
-#    kaiming-uniform. Only lora_A, lora_B are parameters: the 4-bit base sits in buffers, no gradient.
+# 5. LoRA:  Y = X Ŵᵀ + s · dropout(X) L1 L2. L2 (lora_B) starts at zero, so training starts exactly from the pretrained
+#    model; lora_A is kaiming-uniform. Only lora_A, lora_B are parameters: the 4-bit base sits in buffers, no gradient.
 
 class LoRALinear(nn.Module):
     def __init__(self, weight, r=64, alpha=16, dropout=0.0, dequant_buffer=None):
@@ -317,19 +311,17 @@ class LoRALinear(nn.Module):
 def merge_lora(layer, dtype=None):
     # W' = Ŵ + s · (L1 L2)ᵀ = Ŵ + s · lora_B lora_A as a dense (out, in) weight, for export or adapter-free
     # inference. Explicit on purpose: merging never happens behind the user's back (e.g. on eval()).
-    base = layer.weight
-    w = dequantize_nf4(base, torch.float32) if layer.quantized else base.float()
+    w = dequantize_nf4(layer.weight, torch.float32) if layer.quantized else layer.weight.float()
     if layer.r > 0:
         w = w + layer.scaling * (layer.lora_B.float() @ layer.lora_A.float())
-    return w.to(dtype or base.dtype)
+    return w.to(dtype or layer.weight.dtype)
 
 
 # -----------------------------------------------------------------------------------------------
-# 6. Paged AdamW (paper §3, "paged optimizers"). Long sequences make activation memory spike; a
-#    normal optimizer then dies with out-of-memory. Here the Adam state lives in CUDA unified memory:
-#    the driver pages it to host RAM when the GPU runs short and back on access, and we prefetch it to
-#    the GPU right before each update. Where managed memory is not available the state lives in pinned
-#    host RAM and is copied in and out around each update; on a CPU it is plain tensors.
+# 6. Paged AdamW (paper §3, "paged optimizers"). Long sequences make activation memory spike; a normal optimizer then
+#    dies with out-of-memory. Here the Adam state lives in CUDA unified memory: the driver pages it to host RAM when the
+#    GPU runs short and back on access, and we prefetch it to the GPU right before each update. Without managed memory
+#    the state lives in pinned host RAM and is copied in and out around each update; on a CPU it is plain tensors.
 #    The update is torch.optim.AdamW's exactly (decoupled weight decay, bias correction):
 #       p ← p (1 − lr·λ);  m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²
 #       p ← p − lr/(1−β1ᵗ) · m / (√v / √(1−β2ᵗ) + ε)
@@ -343,8 +335,7 @@ class _CUmemLocation(ctypes.Structure):
     _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
 
 
-class _Managed:
-    # a unified-memory allocation that torch.as_tensor wraps without a copy (and keeps alive)
+class _Managed:  # a unified-memory allocation that torch.as_tensor wraps without a copy (and keeps alive)
     def __init__(self, shape):
         self.ptr, nbytes, ptr = 0, 4 * math.prod(shape), ctypes.c_uint64()
         err = _cuda().cuMemAllocManaged(ctypes.byref(ptr), ctypes.c_size_t(max(nbytes, 4)), 1)  # 1: attach global
@@ -358,8 +349,7 @@ class _Managed:
             _cuda().cuMemFree_v2(ctypes.c_uint64(self.ptr))
 
 
-def _prefetch(t, device):
-    # a hint: move the pages to the GPU on the current stream before the update kernels touch them
+def _prefetch(t, device):  # a hint: move the pages to the GPU on the current stream before the update kernels touch them
     stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
     ptr, nbytes = ctypes.c_uint64(t.data_ptr()), ctypes.c_size_t(t.numel() * 4)
     lib = _cuda()
@@ -381,8 +371,7 @@ class PagedAdamW(torch.optim.Optimizer):
         # to it for good when managed memory fails; state allocated before stays managed) or "device" (CPU)
         self.memory = None
 
-    def _alloc(self, p):
-        # fp32 state shaped like p, in the memory paging asks for
+    def _alloc(self, p):  # fp32 state shaped like p, in the memory paging asks for
         if p.device.type != "cuda":
             self.memory = self.memory or "device"
             return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
