@@ -78,8 +78,7 @@ def paper_hparams(dim):  # the paper's recipe per size (§5, Guanaco), read off 
     return dict(learning_rate=1e-4 if big else 2e-4, lora_dropout=0.05 if big else 0.1)
 
 
-# the GPU's peak dense bf16 FLOP/s, by a part of its name
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "4090": 165e12}
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "4090": 165e12}  # dense bf16
 
 
 def mfu(n_linear, grad_checkpoint, tok_s, device_name):
@@ -251,7 +250,6 @@ class LLaMA(nn.Module):
         return idx
 
     # --- construction -------------------------------------------------------------------------
-
     @classmethod
     def from_config(cls, cfg, quantize=True, device=None, dtype=torch.bfloat16, seed=0):
         # random weights (benchmarks, dry runs), generated on the target device one tensor at a time

@@ -49,7 +49,6 @@ NF4 = nf4_values()  # (16,) float32
 NF4_MID = midpoints(NF4)  # (15,) decision boundaries, as in bitsandbytes' decision tree
 DYN8 = dynamic_map()  # (256,) signed 8-bit dynamic map, the code of c2^8bit
 DYN8_MID = (DYN8[:-1] + DYN8[1:]) * 0.5  # (255,) float32 midpoints, as bitsandbytes' kernel computes them
-# (a constant exactly on one may take the upper code in bitsandbytes' binary search, the lower here: rare, one step apart)
 BLOCKSIZE2 = 256  # second-level block: one c1 per 256 values of c2 (the paper's choice, and bitsandbytes')
 
 # -----------------------------------------------------------------------------------------------
@@ -65,9 +64,8 @@ class NF4Weight(nn.Module):  # a frozen 4-bit weight; its tensors are buffers, s
         self.shape, self.dtype, self.blocksize = torch.Size(shape), dtype, blocksize
         for name, t in dict(packed=packed, c2=c2, c1=c1, c2_mean=c2_mean).items():  # c1, c2_mean: None unless double quant
             self.register_buffer(name, t)
-        # the lookup tables on this weight's device (not saved: they are the format's definition)
-        self.register_buffer("nf4", NF4.to(packed.device), persistent=False)
-        self.register_buffer("dyn8", DYN8.to(packed.device), persistent=False)
+        for name, table in dict(nf4=NF4, dyn8=DYN8).items():  # on this weight's device; not saved: the format's definition
+            self.register_buffer(name, table.to(packed.device), persistent=False)
 
     @property
     def double_quant(self):
@@ -112,21 +110,25 @@ def quantize_nf4(w, blocksize=64, double_quant=True):
     if not double_quant:
         return NF4Weight(w.shape, w.dtype, blocksize, packed, c2)
     c2_mean = c2.mean()
-    c2_8bit, c1 = _blockwise(c2 - c2_mean, BLOCKSIZE2, DYN8_MID)  # c2 − c2_mean ≈ c1 · DYN8[c2^8bit]
+    c2_8bit, c1 = _blockwise(c2 - c2_mean, BLOCKSIZE2, DYN8_MID, even_ties=True)  # c2 − c2_mean ≈ c1 · DYN8[c2^8bit]
     return NF4Weight(w.shape, w.dtype, blocksize, packed, c2_8bit[: c2.numel()].contiguous(), c1, c2_mean)
 
 
-def _blockwise(x, blocksize, mids):
+def _blockwise(x, blocksize, mids, even_ties=False):
     # x (n,) fp32 -> indices (n_blocks · blocksize,) of the nearest code value, absmax (n_blocks,)
     x = F.pad(x, (0, -x.numel() % blocksize)).view(-1, blocksize)  # (n_blocks, blocksize), ragged tail: zeros
     absmax = x.abs().nan_to_num(0.0, math.inf).amax(dim=1)  # a NaN is skipped, as by fmaxf in bitsandbytes' kernel
-    # multiply by the fp32 reciprocal, as bitsandbytes does (x / c can round differently). An all-zero block
-    # gives 0 * inf = NaN, and a NaN weight stays NaN: we send both to the code of 0, so a zero block dequantizes to
-    # exact zeros whatever its (double-quantized, hence only approximately 0) c2. bitsandbytes writes index 0 there
-    # (decoding to -c2, not 0); both bytes decode in the same format, and one NaN spoils no other weight.
+    # multiply by the fp32 reciprocal, as bitsandbytes does (x / c can round differently). An all-zero block gives
+    # 0 * inf = NaN, and a NaN weight stays NaN: both go to the code of 0, so a zero block dequantizes to exact zeros
+    # whatever its (double-quantized, only approximately 0) c2 (bitsandbytes writes index 0 there, decoding to -c2).
     xn = (x * (1.0 / absmax)[:, None]).nan_to_num(nan=0.0)
-    # nearest value; right=False puts a value exactly on a midpoint in the lower bin, like `x > mid`
-    return torch.bucketize(xn, mids.to(x.device), out_int32=True).to(torch.uint8).view(-1), absmax
+    # nearest value; right=False puts a value exactly on a midpoint in the lower bin, like `x > mid` in NF4's decision
+    # tree. bitsandbytes' 8-bit binary search (127 ± 64 ± ... ± 1) ends on an even index: even_ties sends a tie there.
+    mids = mids.to(x.device)
+    idx = torch.bucketize(xn, mids, out_int32=True)
+    if even_ties:
+        idx += (idx % 2 == 1) & (xn == mids[idx.clamp(max=mids.numel() - 1)])
+    return idx.to(torch.uint8).view(-1), absmax
 
 
 def dequantize_nf4(q, dtype=None, out=None):

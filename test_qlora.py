@@ -20,6 +20,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sentencepiece as spm
 import torch.nn.functional as F
@@ -330,6 +331,41 @@ def test_double_quant_constants():
     assert ((ref_c2(q) - true_absmax).abs() / true_absmax).max() < 0.01
     q0 = qlora.quantize_nf4(w.to(DEV), double_quant=False)
     assert rel_err(ref_dequant(q), w) < 1.01 * rel_err(ref_dequant(q0), w)
+
+
+def bnb_dquantize8(code, x):
+    # bitsandbytes' dQuantize<0> (csrc/kernels.cu), in float32: a binary search over the 256 code values from 127 in
+    # steps 64, 32, ..., 1, then the nearer of the last two probed; a value exactly on their midpoint keeps `pivot`
+    f, code, x = np.float32, code.numpy(), np.float32(x)
+    pivot, upper_pivot, lower_pivot, lower, upper, i = 127, 255, 0, f(-1), f(1), 64
+    val = code[pivot]
+    while i > 0:
+        if x > val:
+            lower_pivot, lower, pivot = pivot, val, pivot + i
+        else:
+            upper_pivot, upper, pivot = pivot, val, pivot - i
+        val, i = code[pivot], i >> 1
+    upper, lower = code[255] if upper_pivot == 255 else upper, code[0] if lower_pivot == 0 else lower
+    if x > val:
+        return upper_pivot if x > (upper + val) * f(0.5) else pivot
+    return lower_pivot if x < (lower + val) * f(0.5) else pivot
+
+
+def test_double_quant_ties_round_as_bitsandbytes():
+    # a centred constant exactly on a midpoint of the 8-bit map: bitsandbytes' search ends on an even index, so the tie
+    # goes to the even neighbour (for NF4's decision tree it is always the lower code: test_ties_go_to_the_lower_code)
+    mids = (REF_DYN8[:-1] + REF_DYN8[1:]) * 0.5
+    x = torch.cat([torch.ones(1), mids, mids.nextafter(torch.tensor(2.0)), mids.nextafter(torch.tensor(-2.0))])
+    codes, absmax = qlora._blockwise(x, x.numel(), qlora.DYN8_MID, even_ties=True)
+    assert absmax.item() == 1.0  # the scale is exactly 1: these are the values searched
+    assert codes.tolist() == [bnb_dquantize8(REF_DYN8, v) for v in x.tolist()]
+    # through quantize_nf4: block absmaxes 3, 1, 2 ± t centre on 1, -1, ±t with t on the midpoint of codes 249 and 250
+    t = REF_DYN8_MIDS[249].item()
+    assert t == 0.9296875  # 2 ± t exact in float32
+    w = torch.zeros(4, 64)
+    w[:, 0] = torch.tensor([3.0, 1.0, 2 + t, 2 - t])
+    q = qlora.quantize_nf4(w.to(DEV))
+    assert q.c2_mean.item() == 2.0 and q.c2.tolist() == [bnb_dquantize8(REF_DYN8, v) for v in (1.0, -1.0, t, -t)]
 
 
 def test_bits_per_param():
