@@ -117,7 +117,7 @@ def quantize_nf4(w, blocksize=64, double_quant=True):
 def _blockwise(x, blocksize, mids, even_ties=False):
     # x (n,) fp32 -> indices (n_blocks · blocksize,) of the nearest code value, absmax (n_blocks,)
     x = F.pad(x, (0, -x.numel() % blocksize)).view(-1, blocksize)  # (n_blocks, blocksize), ragged tail: zeros
-    absmax = x.abs().nan_to_num(0.0, math.inf).amax(dim=1)  # a NaN is skipped, as by fmaxf in bitsandbytes' kernel
+    absmax = x.abs().nan_to_num(nan=0.0, posinf=math.inf).amax(dim=1)  # NaN skipped (fmaxf in bitsandbytes), inf kept
     # multiply by the fp32 reciprocal, as bitsandbytes does (x / c can round differently). An all-zero block gives
     # 0 * inf = NaN, and a NaN weight stays NaN: both go to the code of 0, so a zero block dequantizes to exact zeros
     # whatever its (double-quantized, only approximately 0) c2 (bitsandbytes writes index 0 there, decoding to -c2).

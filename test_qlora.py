@@ -2580,9 +2580,9 @@ def test_resume_gives_the_same_losses(tmp_path, demo_tokenizer):
     b = torch.load(tmp_path / "b" / "adapter.pt", weights_only=False)["lora"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     changed = run_train(*FAST, "--max_iters", 8, "--out_dir", tmp_path / "b", "--resume", "--batch_size", 8)
-    assert changed.returncode == 2 and "was made with batch_size 4, this run has batch_size 8" in changed.stderr
+    assert changed.returncode == 2 and "was made with --batch_size 4, this run has --batch_size 8" in changed.stderr
     other = run_train(*FAST, "--max_iters", 8, "--out_dir", tmp_path / "b", "--resume", "--adapter", tmp_path / "a" / "adapter.pt")
-    assert other.returncode == 2 and f"was made with adapter , this run has adapter {tmp_path / 'a' / 'adapter.pt'}" in other.stderr
+    assert other.returncode == 2 and f"was made with --adapter , this run has --adapter {tmp_path / 'a' / 'adapter.pt'}" in other.stderr
 
 
 def test_resume_compares_the_data_by_content_and_every_setting_of_the_model_and_data(tmp_path, demo_tokenizer, mmlu_dirs):
@@ -2593,10 +2593,10 @@ def test_resume_compares_the_data_by_content_and_every_setting_of_the_model_and_
     r = run_train(*FAST, "--max_iters", 1, "--out_dir", d, "--data", same, "--resume")
     assert r.returncode == 0 and "nothing to train" in r.stdout, r.stderr
     data.write_text("".join(data.read_text().splitlines(True)[:-1]))  # the same name, one example less: refused
-    for args, what in ((["--data", data], "data_sha1"), (["--lora_alpha", 32], "lora_alpha 16.0, this run has lora_alpha 32.0"),
-                       (["--lora_dropout", 0.2], "lora_dropout 0.1, this run has lora_dropout 0.2"),
-                       (["--val_fraction", 0.2], "val_fraction"), (["--train_on_source"], "train_on_source False"),
-                       (["--group_by_length", "false"], "group_by_length True"),
+    for args, what in ((["--data", data], "data_sha1"), (["--lora_alpha", 32], "--lora_alpha 16.0, this run has --lora_alpha 32.0"),
+                       (["--lora_dropout", 0.2], "--lora_dropout 0.1, this run has --lora_dropout 0.2"),
+                       (["--val_fraction", 0.2], "--val_fraction"), (["--train_on_source"], "--train_on_source False"),
+                       (["--group_by_length", "false"], "--group_by_length True"),
                        (["--mmlu", mmlu_dirs[0]], "tokenizer_sha1"),  # the demo's tokenizer then keeps MMLU's letters: another one
                        ):
         r = run_train(*FAST, "--max_iters", 2, "--out_dir", d, "--data", same, "--resume", *args)
@@ -2853,14 +2853,19 @@ def test_mmlu_adapter_and_chat_after_the_demo(tmp_path, mmlu_dirs):
 
 
 def test_train_on_a_checkpoint_and_use_the_exports_from_any_folder(tmp_path, meta_ckpt):
-    # --ckpt_dir given relative to the working folder is recorded absolute (adapter.pt, the peft export); the merged
-    # export holds its tokenizer; a context past 2048 is the run's to choose on Meta's layout
-    d, out = meta_ckpt[0], tmp_path / "o"
+    # --ckpt_dir given relative to the working folder is recorded absolute (adapter.pt, the peft export), through a
+    # link as the link (its tokenizer is beside the link, not beside the target); the merged export holds its
+    # tokenizer; a context past 2048 is the run's to choose on Meta's layout
+    out, d = tmp_path / "o", tmp_path / "checkpoints" / "7B"
+    shutil.copytree(meta_ckpt[0], tmp_path / "store" / "tiny")
+    d.parent.mkdir()
+    d.symlink_to(tmp_path / "store" / "tiny")
+    shutil.copy(meta_ckpt[0].parent / "tokenizer.model", d.parent / "tokenizer.model")
     r = run_train("--ckpt_dir", os.path.relpath(d, ROOT), "--out_dir", out, "--max_iters", 1, "--lora_r", 8, "--sample_tokens", 0,
                   "--export", "merged,peft", "--source_max_len", 2048, "--target_max_len", 1024)
     assert r.returncode == 0, r.stderr
-    assert torch.load(out / "adapter.pt", weights_only=True)["base"]["ckpt_dir"] == str(d.resolve())
-    assert json.loads((out / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(d.resolve())
+    assert torch.load(out / "adapter.pt", weights_only=True)["base"]["ckpt_dir"] == str(d)
+    assert json.loads((out / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(d)
     assert (out / "merged" / "tokenizer.model").read_bytes() == (d.parent / "tokenizer.model").read_bytes()
     for args in (["--adapter", "o/peft"], ["--ckpt_dir", "o/merged"], ["--adapter", "o/adapter.pt"]):
         chat = subprocess.run([sys.executable, str(ROOT / "model.py"), *args, "--template", "none", "--prompt", "the lazy dog",

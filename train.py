@@ -99,7 +99,7 @@ def resolve(given, defaults):
         c["ckpt_dir"] = c["ckpt_dir"] or f"checkpoints/{c['model']}"
         if not given.get("ckpt_dir") and c["model"] not in CONFIGS and not Path(c["ckpt_dir"]).is_dir():
             raise InputError(f"--model {c['model']}: no folder {c['ckpt_dir']} and not a known name ({', '.join(CONFIGS)})")
-        c["ckpt_dir"] = str(Path(c["ckpt_dir"]).resolve())  # as adapter.pt and the peft export record it: valid from any folder
+        c["ckpt_dir"] = os.path.abspath(c["ckpt_dir"])  # recorded so (adapter.pt, peft export): valid from any folder; links kept
         arch = LLaMAConfig(**read_params(c["ckpt_dir"], context=c["source_max_len"] + c["target_max_len"]))
     paper = paper_hparams(arch.dim)
     c["learning_rate"] = c["learning_rate"] or paper["learning_rate"]
@@ -168,8 +168,9 @@ def read_checkpoint(path, c, world):
         raise InputError(f"--resume: {path}: not a checkpoint written by train.py")
     for k in ("model", "ckpt_dir", "adapter", "lora_r", "lora_alpha", "lora_dropout", "data_sha1", "tokenizer_sha1", "seed", "batch_size",
               "micro_batch", "source_max_len", "target_max_len", "train_on_source", "group_by_length", "val_fraction"):
-        if ck["config"].get(k) != c[k]:  # anything that changes the model or the data stream (the data by its content)
-            raise InputError(f"--resume: {path} was made with {k} {ck['config'].get(k)}, this run has {k} {c[k]}")
+        if (old := ck["config"].get(k)) != c[k]:  # anything that changes the model or the data stream (the data by content)
+            name = k if k.endswith("_sha1") else f"--{k}"  # a flag, or the content of --data or of the tokenizer
+            raise InputError(f"--resume: {path} was made with {name} {old}, this run has {name} {c[k]}")
     if len(ck["rng"]) != world:
         raise InputError(f"--resume: {path} was made by {len(ck['rng'])} processes, this run has {world}")
     return ck

@@ -75,7 +75,8 @@ def is_hf(d):  # Hugging Face's layout: config.json and no Meta shards (Mistral'
 def find_tokenizer(ckpt_dir):
     # in the folder; for Meta's layout also one level up, where its download puts it (llama/tokenizer.model, llama/7B/...)
     d = Path(ckpt_dir)
-    return next((p for p in (d / "tokenizer.model", d.parent / "tokenizer.model")[: 2 - is_hf(d)] if p.is_file()), None)
+    places = (d,) if is_hf(d) else (d, d.parent)
+    return next((p / "tokenizer.model" for p in places if (p / "tokenizer.model").is_file()), None)
 
 
 def read_json(path):
@@ -217,8 +218,7 @@ def read_params(ckpt_dir, context=None):
     else:
         where = d / "params.json"
         if not where.is_file():
-            raise InputError(f"{where}: not found (expected Meta's layout: params.json + consolidated.NN.pth, "
-                             f"or Hugging Face's: config.json + weights)")
+            raise InputError(f"{where}: not found (Meta's layout: params.json + consolidated.NN.pth; Hugging Face's: config.json)")
         p = {k: v for k, v in read_json(where).items() if k in META_KEYS and v is not None and (k, v) != ("vocab_size", -1)}
         check_fields(p, where, ("dim", "n_layers", "n_heads"), ints=META_KEYS[:6], floats=META_KEYS[6:])
         p["max_seq_len"] = max(2048, context or 0)  # params.json has no context length: Meta's code takes it from its caller
@@ -285,8 +285,7 @@ def hf_params(c, where, context=None):
                          "implemented)")
     if window := c.get("sliding_window"):  # within the window, full causal attention is what the model computes
         if context and context > window:
-            raise InputError(f"{where}: sliding_window {window} is shorter than the context of {context} tokens (sliding-window "
-                             "attention is not implemented)")
+            raise InputError(f"{where}: sliding_window {window} is shorter than the context of {context} tokens (not implemented)")
         p["max_seq_len"] = min(p["max_seq_len"], window)
     return p
 

@@ -139,7 +139,7 @@ def parse_flags(argv, defaults, help_text, words_ok=True):
             val = "true"
         elif not eq:
             if i == len(argv) or argv[i].startswith("--"):  # `--data --out_dir x`: --data was left without its value
-                raise InputError(f"flag --{key} needs a value")
+                raise InputError(f"flag --{key} needs a value (one that starts with -- is written --{key}=VALUE)")
             val, i = argv[i], i + 1
         try:
             given[key] = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[val.lower()] if kind is bool else kind(val)

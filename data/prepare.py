@@ -81,7 +81,7 @@ def best_path(path, line, node):
         role = field(where, node, "role", choices=("prompter", "assistant"))
         messages.append({"role": "user" if role == "prompter" else "assistant", "content": field(where, node, "text")})
         replies = [r for r in field(where, node, "replies", [], kind=(list, type(None))) or []  # deleted or blank: never chosen
-                   if isinstance(r, dict) and not r.get("deleted") and str(r.get("text", "?")).strip()]
+                   if isinstance(r, dict) and not r.get("deleted") and str(r.get("text", "?")).strip()]  # no text: field() says so
         node = min(replies, key=lambda r: r["rank"] if isinstance(r.get("rank"), (int, float)) else 1e9, default=None)
     while messages and messages[-1]["role"] == "user":
         messages.pop()  # a conversation must end with an answer to learn from
