@@ -1411,6 +1411,195 @@ def test_folder_rules_layout_tokenizer_context_and_params(tmp_path, meta_ckpt, t
     assert json.loads(C.meta_params(M.LLaMAConfig(dim=64, n_heads=4, n_kv_heads=2)))["n_kv_heads"] == 2
 
 
+# ---------------------------------------------------------------------------------------------------
+# checkpoint.py's less travelled paths: what the tests above would let change unnoticed (found by mutation testing)
+
+
+def raw_safetensors(path, header, data):  # a file as another writer might make it: header and bytes as given
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    Path(path).write_bytes(struct.pack("<Q", len(h)) + h + data)
+
+
+def test_safetensors_reader_reads_unaligned_tensors_and_names_bad_offsets(tmp_path):
+    # a tensor that starts off its dtype's alignment (a 2-byte F16 before an F32) is copied, not viewed in place;
+    # offsets past the data, a size that disagrees with the shape, or a header past the file: the check's own message
+    f = tmp_path / "a.safetensors"
+    t = {"a": torch.tensor([1.5], dtype=torch.float16), "b": torch.tensor([1.0, -2.0, 3.25])}
+    write_safetensors(f, t)
+    got = C.read_safetensors(f)
+    assert got["b"].dtype == torch.float32 and all(torch.equal(got[k], v) for k, v in t.items())
+    for header, data in (({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(4)),  # past the data
+                         ({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}}, bytes(8))):  # 8 bytes, shape needs 4
+        raw_safetensors(f, header, data)
+        with pytest.raises(InputError, match=re.escape("tensor 'x': data_offsets disagree with its shape or the file size")):
+            C.read_safetensors(f)
+    f.write_bytes(struct.pack("<Q", 16) + b"{}      ")  # says 16 header bytes, holds 8
+    with pytest.raises(InputError, match="header longer than the file"):
+        C.read_safetensors(f)
+
+
+def test_safetensors_writer_pads_the_header_and_keeps_the_metadata(tmp_path, meta_ckpt):
+    # every header length (names of 1..8 characters): padded to 8, so tensors start aligned; peft's export says
+    # format "pt", which transformers' loader asks of a safetensors file
+    for k in range(1, 9):
+        t = {"n" * k: torch.arange(6.0).view(2, 3), "m": torch.tensor([7], dtype=torch.bfloat16)}
+        C.save_safetensors(t, tmp_path / "s.safetensors", {"format": "pt"})
+        raw = (tmp_path / "s.safetensors").read_bytes()
+        n = struct.unpack("<Q", raw[:8])[0]
+        assert n % 8 == 0 and json.loads(raw[8 : 8 + n])["__metadata__"] == {"format": "pt"}
+        assert all(torch.equal(C.read_safetensors(tmp_path / "s.safetensors")[k], v) for k, v in t.items())
+    d, cfg, _ = meta_ckpt
+    C.export_peft(M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=2, progress=False), tmp_path / "peft")
+    raw = (tmp_path / "peft" / "adapter_model.safetensors").read_bytes()
+    assert json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])["__metadata__"] == {"format": "pt"}
+    (tmp_path / "peft" / "adapter_model.bin").write_bytes(b"not read")  # beside it, a pickle is not read
+    assert len(C.read_adapter(tmp_path / "peft")["lora"]) == 2 * 7 * cfg.n_layers
+
+
+def test_config_json_defaults_are_transformers_and_params_json_fields_are_checked(tmp_path, meta_ckpt):
+    # a config.json without the optional fields means transformers' LlamaConfig defaults (LLaMA-1 conversions
+    # have no num_key_value_heads); a head_dim that agrees is fine; a sliding window bounds the context
+    need = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100, intermediate_size=172)
+    p = C.hf_params(need, "config.json")
+    assert (p["n_kv_heads"], p["norm_eps"], p["rope_theta"], p["max_seq_len"], p["tie_embeddings"]) == (4, 1e-6, 10000.0, 2048, False)
+    assert C.hf_params({**need, "head_dim": 16}, "config.json")["dim"] == 64
+    assert C.hf_params({**need, "max_position_embeddings": 128, "sliding_window": 64}, "config.json")["max_seq_len"] == 64
+    # params.json: multiple_of is an integer like the other sizes (a width is rounded up to a multiple of it)
+    src = meta_ckpt[0]
+    (tmp_path / "params.json").write_text(json.dumps({**json.loads((src / "params.json").read_text()), "multiple_of": 32.5}))
+    with pytest.raises(InputError, match="params.json: multiple_of must be a positive integer, got 32.5"):
+        C.read_params(tmp_path)
+
+
+def test_meta_folder_without_shards_and_the_bytes_progress_expects(tmp_path, meta_ckpt, tokenizer_file):
+    d, cfg, weights = meta_ckpt
+    (tmp_path / "empty").mkdir()
+    shutil.copy(d / "params.json", tmp_path / "empty" / "params.json")
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'empty'}: no consolidated.NN.pth checkpoint shards")):
+        C.open_checkpoint(tmp_path / "empty", tokenizer=tokenizer_file)
+    # the progress total is the whole model (every shard's part), and a tied head is the embedding, counted once
+    assert C.open_checkpoint(d, progress=False)[2].total >= sum(w.nbytes for w in weights.values())
+    tied = {**weights, "output.weight": weights["tok_embeddings.weight"]}
+    hf = write_hf(tmp_path / "hf", cfg, tied, tokenizer_file, config=hf_config(cfg, tie_word_embeddings=True))
+    assert C.open_checkpoint(hf, progress=False)[2].total == sum(w.nbytes for k, w in weights.items() if k != "output.weight")
+
+
+def test_hf_folder_prefers_index_and_safetensors_and_skips_what_it_recomputes(tmp_path, meta_ckpt, tokenizer_file):
+    # hub folders often hold both model.safetensors and pytorch_model.bin: the safetensors is read (no pickle);
+    # an index is read before a stray single file. Old conversions store rotary_emb.inv_freq, and tied models
+    # sometimes an lm_head.weight: both are skipped, and the tied head is the embedding
+    d, cfg, weights = meta_ckpt
+    idx = torch.randint(cfg.vocab_size, (1, 7), generator=torch.Generator().manual_seed(3))
+    ref = reference_forward(weights, cfg, idx)
+    for shards, stray in ((1, "pytorch_model.bin"), (2, "model.safetensors")):
+        hf = write_hf(tmp_path / f"hf{shards}", cfg, weights, tokenizer_file, shards=shards)
+        (hf / stray).write_bytes(b"not read")
+        net = M.LLaMA.from_checkpoint(hf, quantize=False, dtype=torch.float32, lora_r=0, progress=False)
+        assert rel_err(net(idx)[0], ref) < 1e-4
+    hf = write_hf(tmp_path / "tied", cfg, weights, tokenizer_file, config=hf_config(cfg, tie_word_embeddings=True))
+    sd = read_safetensors(hf / "model.safetensors")
+    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(cfg.head_dim // 2)
+    write_safetensors(hf / "model.safetensors", sd)  # lm_head.weight stays, and differs from the embedding
+    load = C.open_checkpoint(hf, "cpu", torch.float32, progress=False)[1]
+    assert torch.equal(load("output.weight", (cfg.vocab_size, cfg.dim)), weights["tok_embeddings.weight"])
+    # a pickled checkpoint has no dtype check of its own: float64 is refused here, by name
+    hf = write_hf(tmp_path / "bin", cfg, weights, tokenizer_file, kind="bin")
+    sd = torch.load(hf / "pytorch_model.bin")
+    torch.save({**sd, "model.norm.weight": sd["model.norm.weight"].double()}, hf / "pytorch_model.bin")
+    with pytest.raises(InputError, match=re.escape("tensor 'model.norm.weight' has dtype torch.float64; only float16")):
+        C.open_checkpoint(hf, progress=False)
+
+
+def test_meta_folder_with_a_config_json_and_which_tokenizer_is_used(tmp_path, meta_ckpt, tokenizer_file):
+    # consolidated.NN.pth makes a folder Meta's even with a config.json beside it; its own tokenizer.model comes
+    # before the one a level up; an explicit tokenizer comes before both
+    src, cfg, _ = meta_ckpt
+    d = tmp_path / "llama" / "7B"
+    shutil.copytree(src, d)
+    (d / "config.json").write_text(json.dumps(hf_config(cfg, num_hidden_layers=9)))
+    assert not C.is_hf(d) and C.read_params(d)["n_layers"] == cfg.n_layers
+    shutil.copy(tokenizer_file, d / "tokenizer.model")
+    (d.parent / "tokenizer.model").write_bytes(b"another")
+    assert C.find_tokenizer(d) == d / "tokenizer.model"
+    (tmp_path / "bad.model").write_bytes(b"junk")
+    with pytest.raises(InputError, match="bad.model: not a sentencepiece tokenizer model"):
+        C.open_checkpoint(d, tokenizer=tmp_path / "bad.model", progress=False)
+
+
+@pytest.mark.parametrize("change, expect", [
+    (dict(use_dora=True), "use_dora true is not supported"),
+    (dict(fan_in_fan_out=True), "fan_in_fan_out true is not supported"),
+    (dict(bias="all"), 'bias "all" is not supported'),
+    (dict(rank_pattern={"q_proj": 8}), "rank_pattern"),
+    (dict(r=0), "the rank and alpha must be finite numbers, got 0, 8"),  # not a division by zero
+    (dict(use_dora=None, fan_in_fan_out=None, bias=None, rank_pattern=None, alpha_pattern=None), None),  # null: the default
+    (dict(use_rslora=True), None),
+])
+def test_peft_config_fields_refused_or_read(tmp_path, meta_ckpt, change, expect):
+    d, cfg, _ = meta_ckpt
+    C.export_peft(M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=4, lora_alpha=8, progress=False), tmp_path / "a")
+    cj = tmp_path / "a" / "adapter_config.json"
+    cj.write_text(json.dumps({**json.loads(cj.read_text()), **change}))
+    if expect:
+        with pytest.raises(InputError, match=re.escape(expect)):
+            C.read_adapter(tmp_path / "a")
+    else:  # rsLoRA scales by α/√r, not α/r
+        assert C.read_adapter(tmp_path / "a")["scaling"] == (8 / 2 if change.get("use_rslora") else 8 / 4)
+
+
+def test_peft_adapter_on_some_layers_loads_and_exports_again(tmp_path, meta_ckpt, tokenizer_file):
+    # an adapter of q_proj and v_proj only (peft's default): the other layers lose their LoRA branch (no parameters
+    # left to train), the model takes the adapter's r and α, and both exports skip the layers without LoRA
+    d, cfg, weights = meta_ckpt
+    net = with_random_adapter(M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=4, lora_alpha=8, progress=False))
+    C.export_peft(net, tmp_path / "a")
+    cj, st = tmp_path / "a" / "adapter_config.json", tmp_path / "a" / "adapter_model.safetensors"
+    cj.write_text(json.dumps({**json.loads(cj.read_text()), "target_modules": ["q_proj", "v_proj"]}))
+    write_safetensors(st, {k: v for k, v in read_safetensors(st).items() if ".q_proj." in k or ".v_proj." in k})
+    fresh = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=16, lora_alpha=3, progress=False).eval()
+    C.load_adapter(fresh, tmp_path / "a")
+    assert {n.split(".")[3] for n, _ in fresh.named_parameters() if "lora_" in n} == {"wq", "wv"}
+    assert (fresh.config.lora_r, fresh.config.lora_alpha) == (4, 8)
+    ref = {k: v.float() for k, v in merged_weights(weights, fresh).items()}
+    idx = torch.randint(cfg.vocab_size, (1, 7), generator=torch.Generator().manual_seed(4))
+    assert rel_err(fresh(idx)[0], reference_forward(ref, cfg, idx)) < 1e-4
+    C.export_peft(fresh, tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]
+    C.export_merged(fresh, tmp_path / "m", base=d, tokenizer=tokenizer_file, progress=False)  # default: float16
+    sd = torch.load(tmp_path / "m" / "consolidated.00.pth", weights_only=True)
+    assert all(sd[k].dtype == torch.float16 and torch.allclose(sd[k].float(), ref[k], atol=2e-3, rtol=2e-3) for k in ref)
+    merge = json.loads((tmp_path / "m" / "merge.json").read_text())
+    assert (merge["base"], merge["base_dir"], merge["dtype"], merge["lora_r"], merge["lora_alpha"]) == ("original", str(d), "float16", 4, 8)
+    assert (tmp_path / "m" / "tokenizer.model").read_bytes() == tokenizer_file.read_bytes()
+
+
+def test_meta_params_give_back_the_ffn_width_and_rope_theta():
+    # Meta's formula int(multiplier · int(8·dim/3)) must give back the width exactly, also where the plain quotient
+    # rounds down (175/170·170 = 174.99...); rope_theta only where it is not Llama 2's 10000 (its ModelArgs has none)
+    for ffn in (172, 175, 11008):
+        p = json.loads(C.meta_params(M.LLaMAConfig(dim=64, n_heads=4, ffn_dim=ffn)))
+        assert M.LLaMAConfig(**p).hidden_dim == ffn
+    assert "rope_theta" not in json.loads(C.meta_params(M.LLaMAConfig(dim=64, n_heads=4)))
+    assert json.loads(C.meta_params(M.LLaMAConfig(dim=64, n_heads=4, rope_theta=1e6)))["rope_theta"] == 1e6
+
+
+def test_progress_line_counts_layers_from_one_and_estimates_the_rest(monkeypatch):
+    # on a terminal: layer i/N for the i-th block (the embedding is 0), GB done/total, eta from the rate so far
+    class Clock:  # checkpoint.py's time module: 100 s at the start, 110 s at the first step
+        t = iter([100.0, 110.0])
+
+        def time(self):
+            return next(self.t)
+
+    monkeypatch.setattr(C, "time", Clock())
+    err = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    p = C.Progress("loaded", 2, 4e9)
+    p.step("layers.0.attention.wq.weight", 1e9)  # a quarter in 10 s: 30 s to go
+    assert err.getvalue() == "\rloaded: layer 1/2, 1.0/4.0 GB, 10s, eta 30s\033[K"
+
+
 ST = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
