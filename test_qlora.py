@@ -30,7 +30,7 @@ import data.mmlu as MM
 import data.prepare as P
 import model as M
 import qlora
-from data.files import InputError, atomic_save, atomic_write, atomic_write_bytes
+from data.files import InputError, atomic_save, atomic_write, atomic_write_bytes, flag_help, locked_dir, parse_flags
 from data.files import run as files_run
 from data.prepare import convert, read_data
 from nf4_table import NF4_OFFSET, dynamic_map, midpoints, nf4_values
@@ -2086,6 +2086,215 @@ def test_chat_on_a_peft_adapter_finds_its_base_folder(tmp_path, meta_ckpt, token
 def test_chat_bad_input_is_one_line(args, expect):
     r = run_chat(*args)
     assert r.returncode == 2 and r.stderr.startswith(expect) and len(r.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# edges of data/prepare.py, data/files.py and data/mmlu.py that only mutation testing showed untested: each test
+# names the behaviour it pins; all run in-process and fast
+
+
+def test_read_records_layout_line_numbers_and_surrogates(tmp_path):
+    f = tmp_path / "in.jsonl"
+    # an array after a blank line and indentation is still one array, each item at the line it starts on
+    f.write_text('\n  [\n  {"instruction": "i",\n   "output": "o"},\n  {"instruction": "j", "output": "p"}\n]\n')
+    assert P.read_records(f) == [(3, {"instruction": "i", "output": "o"}), (5, {"instruction": "j", "output": "p"})]
+    # a malformed item spread over lines is reported at the line of the error, not the line it starts on
+    f.write_text('[\n  {"instruction": "i",\n   "output": }\n]\n')
+    with pytest.raises(InputError, match=re.escape(f"{f}:3: malformed JSON")):
+        P.read_records(f)
+    # even one stray character after the array is refused, not dropped unread
+    f.write_text('[{"instruction": "i", "output": "o"}]x')
+    with pytest.raises(InputError, match=re.escape(f"{f}:1: more after the JSON array that ends on line 1")):
+        P.read_records(f)
+    # JSONL: a line of only whitespace is a blank line; U+2028 inside a string does not end a line (no splitlines())
+    f.write_text('{"instruction": "a\u2028b", "output": "o"}\n  \t\n{"instruction": "c", "output": "d"}\n', encoding="utf-8")
+    assert P.read_records(f) == [(1, {"instruction": "a\u2028b", "output": "o"}), (3, {"instruction": "c", "output": "d"})]
+    # a lone low surrogate is refused like a lone high one
+    f.write_text('{"instruction": "a \\udc00 b", "output": "o"}\n')
+    with pytest.raises(InputError, match=re.escape(f"{f}:1: a lone UTF-16 surrogate")):
+        P.read_records(f)
+    # a file of only whitespace is empty, not zero records
+    f.write_text(" \n\t\n")
+    with pytest.raises(InputError, match=re.escape(f"{f}:1: file is empty")):
+        P.read_records(f)
+
+
+def test_oasst_path_skips_deleted_replies_trailing_prompts_and_orphans(tmp_path):
+    # a deleted reply is never followed however well ranked; a path ending in two prompter messages drops both
+    # (a conversation ends with an answer); in the flat table only parent_id null starts a conversation, so
+    # messages whose parent is not in the file (a partial export) are not made into conversations of their own
+    qa = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
+    tree = {"prompt": msg("prompter", "Q", replies=[
+        msg("assistant", "deleted", rank=0, deleted=True),
+        msg("assistant", "A", rank=1, replies=[msg("prompter", "Q2", replies=[msg("prompter", "Q3")])])])}
+    assert convert("oasst", write(tmp_path / "trees.jsonl", [json.dumps(tree)])) == [qa]
+    rows = [{"message_id": "q", "parent_id": None, "role": "prompter", "text": "Q"},
+            {"message_id": "a", "parent_id": "q", "role": "assistant", "text": "A"},
+            {"message_id": "x", "parent_id": "not in this file", "role": "prompter", "text": "orphan Q"},
+            {"message_id": "y", "parent_id": "x", "role": "assistant", "text": "orphan A"}]
+    assert convert("oasst", write(tmp_path / "messages.jsonl", [json.dumps(r) for r in rows])) == [qa]
+
+
+def test_convert_skips_blank_instructions_and_refuses_half_guanaco_texts(tmp_path):
+    src = write(tmp_path / "a.jsonl", [GOOD_ALPACA, json.dumps({"instruction": " \n", "output": "o"})])
+    skipped = Counter()  # an instruction of only whitespace is as empty as ""
+    assert convert("alpaca", src, skipped=skipped) == [json.loads(GOOD_ALPACA)] and sum(skipped.values()) == 1
+    # both halves of the Guanaco check: text before the first "### Human:", and no "### Assistant:" at all
+    for text in ("Hi ### Human: a### Assistant: b", "### Human: a, and no answer"):
+        src = write(tmp_path / "g.jsonl", [json.dumps({"text": text})])
+        with pytest.raises(InputError, match=re.escape(f"{src}:1: field 'text' is not '### Human: ... ### Assistant: ...'")):
+            convert("guanaco", src)
+
+
+def test_segments_blank_content_missing_input_and_leading_whitespace():
+    # whitespace-only content is refused like empty content (nothing to train on)
+    with pytest.raises(InputError, match=re.escape("f:1: messages[1]: field 'content' must be a non-empty string")):
+        P.segments({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " \n"}]}, "f:1")
+    with pytest.raises(InputError, match=re.escape("f:1: field 'output' must be a non-empty string")):
+        P.segments({"instruction": "Say hi.", "output": "\t"}, "f:1")
+    # a missing "input", like an input of only whitespace, takes the template without the input section
+    no_input = P.segments({"instruction": "Say hi.", "input": "", "output": "Hi"}, "f:1")
+    assert P.segments({"instruction": "Say hi.", "output": "Hi"}, "f:1") == no_input
+    assert P.segments({"instruction": "Say hi.", "input": " \n", "output": "Hi"}, "f:1") == no_input
+    # only whitespace before the first "### Human:" is no segment; a conversation ending in a question is refused
+    assert P.segments({"text": " \n### Human: a### Assistant: b"}, "f:1")[0] == ("### Human: a", False)
+    with pytest.raises(InputError, match="f:1: the conversation must end with an assistant reply"):
+        P.segments({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                 {"role": "user", "content": "c"}]}, "f:1")
+
+
+def test_batch_order_seed_and_epoch_do_not_collide_and_micro_batches_are_shuffled():
+    lengths = list(range(1000))
+    # (seed 0, epoch 1) and (seed 1, epoch 0) are different runs: their orders differ
+    assert P.batch_order(lengths, 1, 4, seed=0) != P.batch_order(lengths, 0, 4, seed=1)
+    # sorted by length within windows, but the micro-batches are then shuffled: no short-to-long curriculum
+    maxes = [max(lengths[i] for i in mb) for mb in P.batch_order(lengths, 0, 4, seed=0)]
+    assert maxes[:64] != sorted(maxes[:64])
+
+
+def test_prepare_refuses_more_than_three_words(tmp_path):
+    with pytest.raises(InputError, match="expected 3 arguments, got 4"):
+        P.main(["alpaca", str(tmp_path / "in.json"), str(tmp_path / "out.jsonl"), "extra"])
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def torch_style_enospc(f):  # how older torch.save reports a full disk: a RuntimeError raised while handling the OSError
+    try:
+        enospc(f)
+    except OSError:
+        raise RuntimeError("unexpected pos 704 vs 598")
+
+
+def test_disk_full_message_sizes_and_a_full_disk_under_another_error(tmp_path):
+    for write, size, need in ((enospc, 0, ""), (enospc, 999, " (needs ~1 kB)"), (enospc, 1_000_000, " (needs ~1 MB)"),
+                              (torch_style_enospc, 2_000_000, " (needs ~2 MB)")):
+        with pytest.raises(InputError) as e:
+            atomic_write(tmp_path / "f", write, size)
+        assert str(e.value) == f"no space left on device writing {tmp_path / 'f'}{need}"
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_locked_dir_pid_reuse_of_a_folder_and_cleanup(tmp_path):
+    d = tmp_path / "o"
+    d.mkdir()
+    (d / ".lock").write_text("99999999999")  # left by a killed run, longer than our pid: rewritten, not overwritten in part
+    with locked_dir(d) as got:
+        assert got == d and (d / ".lock").read_text() == str(os.getpid())
+        with pytest.raises(InputError, match=re.escape(f"--out_dir {d}: in use by another run (pid {os.getpid()})")):
+            with locked_dir(d):
+                pass
+    assert d.is_dir() and not any(d.iterdir())  # a folder that existed before stays, empty, without the lock file
+    with locked_dir(tmp_path / "new") as n:
+        (n / "adapter.pt").write_bytes(b"x")
+    assert [p.name for p in n.iterdir()] == ["adapter.pt"]  # a folder made here and written to stays
+    with locked_dir(tmp_path / "empty"):
+        pass
+    assert not (tmp_path / "empty").exists()  # a folder made here and left empty is removed
+
+
+def test_run_turns_ctrl_c_into_its_own_line_and_exit_130(capsys):
+    # the interrupt's own message (where it stopped, what is kept), or "interrupted" when it has none; exit status 130
+    for args, err in ((("interrupted at iter 4; --resume continues",), "interrupted at iter 4; --resume continues\n"),
+                      ((), "interrupted\n")):
+        def stop(argv, args=args):
+            raise KeyboardInterrupt(*args)
+        with pytest.raises(SystemExit) as e:
+            files_run(stop)
+        assert e.value.code == 130 and capsys.readouterr().err == err
+
+
+def test_parse_flags_forms(capsys):
+    d = {"lr": 1.0, "compile": False, "name": "x", "n": 3}
+    assert parse_flags(["a", "--lr=0.5", "--compile", "--name", "y", "b"], d, "") == (["a", "b"], {"lr": 0.5, "compile": True, "name": "y"})
+    assert parse_flags(["--compile", "--n", "4"], d, "")[1] == {"compile": True, "n": 4}  # a bool flag alone, then another flag
+    assert parse_flags(["--compile", "0", "--n=5"], d, "")[1] == {"compile": False, "n": 5}
+    assert parse_flags(["--compile=no", "--name=--x"], d, "")[1] == {"compile": False, "name": "--x"}
+    with pytest.raises(InputError, match="flag --name needs a value"):
+        parse_flags(["--name", "--n", "4"], d, "")
+    with pytest.raises(InputError, match="--compile: expected bool, got 'maybe'"):
+        parse_flags(["--compile=maybe"], d, "")
+    for h in ("-h", "--help"):
+        with pytest.raises(SystemExit) as e:
+            parse_flags(["--lr", "2", h], d, "the help")
+        assert e.value.code == 0 and capsys.readouterr().out == "the help\n"
+
+
+def test_flag_help_reads_every_name_of_a_config_line(tmp_path):
+    src = tmp_path / "cfg.py"
+    src.write_text("lr = 3e-4  # the learning rate\nbeta1, beta2 = 0.9, 0.999  # AdamW's moment decay rates\nquiet = 1\n")
+    lines = flag_help(src, {"lr": 3e-4, "beta1": 0.9, "beta2": 0.999, "quiet": 1}).splitlines()
+    assert [l.split(None, 2) for l in lines] == [["--lr", "0.0003", "the learning rate"], ["--beta1", "0.9", "AdamW's moment decay rates"],
+                                                 ["--beta2", "0.999", "AdamW's moment decay rates"], ["--quiet", "1"]]
+
+
+@pytest.mark.parametrize("files,error", [
+    ({"dev/x_dev.csv": "q,a,b,c,d,A\n", "val/x_val.csv": "q,a,b,c,d,A,extra\n"}, "x_val.csv:1: expected 6 fields (question,A,B,C,D,answer), got 7"),
+])
+def test_mmlu_csv_with_too_many_fields_is_one_line(tmp_path, files, error):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    with pytest.raises(InputError, match=re.escape(error)):
+        MM.read_mmlu(tmp_path)
+
+
+def test_mmlu_answer_spaces_and_subjects_in_name_order(tmp_path, monkeypatch):
+    for s in ("b", "a"):
+        (tmp_path / "dev").mkdir(exist_ok=True)
+        (tmp_path / "val").mkdir(exist_ok=True)
+        (tmp_path / f"dev/{s}_dev.csv").write_text("q,a,b,c,d, C \n")
+        (tmp_path / f"val/{s}_val.csv").write_text("q,a,b,c,d,B \n")
+    real_glob = Path.glob  # the folder's listing in reverse: subjects still come in name order, whatever the file system says
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: sorted(real_glob(self, pattern), reverse=True))
+    qs = MM.read_mmlu(tmp_path)
+    assert [(q["subject"], q["answer"]) for q in qs] == [("a", 1), ("b", 1)]  # an answer letter padded with spaces is read
+    assert qs[0]["shots"] == ["q\nA. a\nB. b\nC. c\nD. d\nAnswer: C\n\n"]
+
+
+def test_mmlu_cut_prompts_counted_and_summarized(mmlu_dirs, mmlu_tok):
+    class Flat(torch.nn.Module):  # every letter equally likely: argmax picks "A"
+        def forward(self, idx):
+            return torch.zeros(*idx.shape, mmlu_tok.n_words), None
+    r = MM.evaluate(Flat(), mmlu_tok, MM.read_mmlu(mmlu_dirs[1]), 4, "cpu", 20)  # preprocessed prompts: cut, never dropped
+    assert (r["cut_prompts"], r["dropped_shots"], r["predictions"]) == (10, 0, ["A"] * 10)
+    assert MM.summary(3, "val", r).endswith(" s, 10 prompts cut)")
+
+
+def test_mmlu_letters_must_follow_answer_unchanged_and_be_distinct():
+    class Tok:  # "Answer:" then a letter: "Answer: " + c, spelled by the table below
+        path = "t.model"
+
+        def __init__(self, table):
+            self.table = table
+
+        def encode(self, s, bos=False, eos=False):
+            return self.table[s]
+    merged = {"Answer:": [7], **{f"Answer: {c}": [8, 10 + i] for i, c in enumerate("ABCD")}}  # the letter changes "Answer:"'s tokens
+    shared = {"Answer:": [7], **{f"Answer: {c}": [7, 10 + min(i, 2)] for i, c in enumerate("ABCD")}}  # C and D one token
+    for table in (merged, shared):
+        with pytest.raises(InputError, match=r"t\.model: 'A'\.\.'D' after 'Answer:' are not four distinct single tokens"):
+            MM.letter_ids(Tok(table))
+    assert MM.letter_ids(Tok({"Answer:": [7], **{f"Answer: {c}": [7, 10 + i] for i, c in enumerate("ABCD")}})) == [10, 11, 12, 13]
 
 
 # ---------------------------------------------------------------------------------------------------
