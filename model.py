@@ -211,8 +211,7 @@ class LLaMA(nn.Module):
             return F.linear(x, self.output.to(x.dtype)).float(), None
         # chunked cross-entropy: (B·T, vocab) fp32 logits for the whole batch would be the largest
         # tensor of the step (2×2048×32000×4 B = 0.5 GB), so each chunk's logits are recomputed in backward
-        x, targets = x.reshape(B * T, -1), targets.reshape(B * T)
-        w = self.output.to(x.dtype)
+        x, targets, w = x.reshape(B * T, -1), targets.reshape(B * T), self.output.to(x.dtype)
         total = sum(checkpoint(_chunk_ce, x[i : i + self.ce_chunk], w, targets[i : i + self.ce_chunk], use_reentrant=False)
                     for i in range(0, B * T, self.ce_chunk))
         return None, total / (targets != -100).sum().clamp(min=1)

@@ -2598,11 +2598,19 @@ def test_nesting_too_deep_is_one_line_at_any_depth(tmp_path):
 
 
 def test_unreadable_data_is_one_line_naming_the_file(tmp_path):
-    (tmp_path / "latin1.jsonl").write_bytes(b'{"instruction": "caf\xe9"}\n')
-    for name, why in [("none.jsonl", "No such file or directory"), ("", "Is a directory"), ("latin1.jsonl", "'utf-8' codec can't")]:
+    for name, why in [("none.jsonl", "No such file or directory"), ("", "Is a directory")]:
         with pytest.raises(InputError) as e:
             read_data(tmp_path / name)
-        assert str(e.value).startswith(f"{tmp_path / name}: cannot read ({why}")
+        assert str(e.value) == f"{tmp_path / name}: cannot read ({why})"
+    # text that is not UTF-8 (a Latin-1 export) is named by the line of its first bad byte, a byte-order mark or not
+    good = json.dumps({"instruction": "a", "output": "b"}).encode() + b"\n"
+    for bom, body, line, why in [(b"", good + b'{"instruction": "caf\xe9", "output": "b"}\n', 2, "byte 0xe9: invalid continuation byte"),
+                                 (b"\xef\xbb\xbf", good * 2 + b"\n\n" + good + b'{"x": "\xff"}', 6, "byte 0xff: invalid start byte"),
+                                 (b"\xef\xbb\xbf", b"\xe2\x82", 1, "byte 0xe2: unexpected end of data")]:
+        (tmp_path / "latin1.jsonl").write_bytes(bom + body)
+        with pytest.raises(InputError) as e:
+            read_data(tmp_path / "latin1.jsonl")
+        assert str(e.value) == f"{tmp_path / 'latin1.jsonl'}:{line}: not UTF-8 text ({why})"
 
 
 def test_failure_keeps_existing_output(tmp_path):

@@ -307,8 +307,7 @@ def train(c):
 
     name = torch.cuda.get_device_name() if device.startswith("cuda") else ""
     max_iters, warmup = c["max_iters"], c["warmup_iters"]
-    t_start, dt_avg, val0 = time.time(), None, None
-    it = iter_num
+    t_start, dt_avg, val0, it = time.time(), None, None, iter_num  # it: for the Ctrl-C line, also before the loop starts
     try:
         for it in range(iter_num, max_iters):
             if it % c["eval_interval"] == 0 and master:

@@ -33,8 +33,10 @@ def read_records(path):
     # (line number, object) pairs from a JSONL file, or from one JSON array like the Alpaca release
     try:
         text = open(path, encoding="utf-8-sig").read()  # -sig: tolerate a byte-order mark
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read ({getattr(e, 'strerror', e)})")  # strerror: the path once
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})")  # strerror: the path once
+    except UnicodeDecodeError as e:  # by its line, like malformed JSON (e.object: the file's bytes, after a BOM)
+        raise InputError(f"{path}:{e.object[:e.start].count(10) + 1}: not UTF-8 text (byte {e.object[e.start]:#04x}: {e.reason})")
     if not text.strip():
         raise InputError(f"{path}:1: file is empty")
     records, array = [], text.lstrip().startswith("[")
