@@ -1366,6 +1366,273 @@ def test_checkpoint_errors_name_file_and_tensor(tmp_path, meta_ckpt, tokenizer_f
 
 
 # ---------------------------------------------------------------------------------------------------
+# model.py's less travelled paths: what the tests above would let change unnoticed (found by mutation testing)
+
+
+# the params.json of each release (Meta's downloads), and its context: 2048 tokens for LLaMA 1, 4096 for Llama 2
+RELEASED_PARAMS = {
+    "7B": (dict(dim=4096, multiple_of=256, n_heads=32, n_layers=32, norm_eps=1e-06), 2048),
+    "13B": (dict(dim=5120, multiple_of=256, n_heads=40, n_layers=40, norm_eps=1e-06), 2048),
+    "33B": (dict(dim=6656, multiple_of=256, n_heads=52, n_layers=60, norm_eps=1e-06), 2048),
+    "65B": (dict(dim=8192, multiple_of=256, n_heads=64, n_layers=80, norm_eps=1e-05), 2048),
+    "2-7B": (dict(dim=4096, multiple_of=256, n_heads=32, n_layers=32, norm_eps=1e-05), 4096),
+    "2-13B": (dict(dim=5120, multiple_of=256, n_heads=40, n_layers=40, norm_eps=1e-05), 4096),
+    "2-70B": (dict(dim=8192, multiple_of=4096, ffn_dim_multiplier=1.3, n_heads=64, n_kv_heads=8, n_layers=80, norm_eps=1e-05), 4096),
+}
+
+
+def test_named_configs_are_the_released_params_and_the_lora_defaults_the_papers():
+    for name, (params, context) in RELEASED_PARAMS.items():
+        cfg = M.LLaMAConfig(**M.CONFIGS[name])
+        want = {"n_kv_heads": params["n_heads"], "ffn_dim_multiplier": None, **params}
+        assert {k: getattr(cfg, k) for k in want} == want, name
+        assert (cfg.max_seq_len, cfg.vocab_size, cfg.rope_theta) == (context, 32000, 10000.0), name
+    cfg = M.LLaMAConfig()  # QLoRA §5 / Appendix: r 64, α 16, dropout 0.1 up to 13B
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.norm_eps, cfg.max_seq_len) == (64, 16, 0.1, 1e-5, 2048)
+    # dense bf16 peaks of the data sheets; "L40S" is looked up before "L40", of which it is a longer name
+    for device, peak in (("NVIDIA H200", 989e12), ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA GeForce RTX 4090", 165e12)):
+        assert M.mfu(1e9, False, 1e4, device) == f"{100 * 4e13 / peak:.1f}%", device
+
+
+def test_every_rmsnorm_takes_the_configs_eps():
+    net = small_net(norm_eps=0.25)  # large enough to change every output visibly
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)) * 0.3
+    norms = [m for m in net.modules() if isinstance(m, M.RMSNorm)]
+    assert len(norms) == 2 * 2 + 1
+    for m in norms:
+        m.weight = 1 + 0.1 * torch.randn(64, generator=torch.Generator().manual_seed(1))
+        xd = x.double()
+        ref = xd / torch.sqrt((xd * xd).mean(-1, keepdim=True) + 0.25) * m.weight.double()
+        assert torch.allclose(m(x).double(), ref, atol=1e-6)
+
+
+def test_rope_tables_span_twice_the_context_and_are_not_saved():
+    # Meta's precompute_freqs_cis(head_dim, 2 · max_seq_len): positions up to twice the context have their angles
+    net = small_net()  # max_seq_len 64, head_dim 16
+    assert net.rope.shape == (2, 128, 8)
+    angles = torch.arange(128, dtype=torch.float64)[:, None] * 1e4 ** -(torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    assert torch.allclose(net.rope[0].double(), angles.cos(), atol=1e-5) and torch.allclose(net.rope[1].double(), angles.sin(), atol=1e-5)
+    assert "rope" not in net.state_dict()  # recomputed from the config, never part of a checkpoint
+    with torch.no_grad():
+        assert net(torch.zeros(1, 100, dtype=torch.long))[0].isfinite().all()  # 100 tokens > max_seq_len: still has tables
+    # 16-bit activations are rotated in fp32 and handed back in their own dtype
+    x = torch.randn(1, 5, 2, 16, generator=torch.Generator().manual_seed(2)).bfloat16()
+    cos, sin = net.rope[0, :5], net.rope[1, :5]
+    y = M.apply_rope(x, cos, sin)
+    a, b = x.double()[..., 0::2], x.double()[..., 1::2]
+    c, s = angles[:5, None, :].cos(), angles[:5, None, :].sin()
+    ref = torch.stack([a * c - b * s, a * s + b * c], -1).flatten(-2)
+    assert y.dtype == torch.bfloat16 and torch.allclose(y.double(), ref, rtol=2 ** -8, atol=1e-6)
+
+
+def test_16bit_model_gives_fp32_logits_and_loss():
+    # the head's matmul in the activation dtype, then fp32 for the logits and the cross-entropy (Meta: .float())
+    cfg = M.LLaMAConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=32, max_seq_len=64, lora_r=0)
+    net = M.LLaMA.from_config(cfg, quantize=False, dtype=torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(0)
+    idx, tgt = torch.randint(50, (2, 6), generator=g), torch.randint(50, (2, 6), generator=g)
+    with torch.no_grad():
+        logits, _ = net(idx)
+        _, loss = net(idx, tgt)
+    assert logits.dtype == torch.float32 and loss.dtype == torch.float32
+    assert abs(loss.item() - F.cross_entropy(logits.double().view(-1, 50), tgt.view(-1)).item()) < 1e-4
+
+
+def test_loss_chunks_cover_every_row_even_a_last_chunk_of_one():
+    net = small_net()
+    g = torch.Generator().manual_seed(4)
+    idx, tgt = torch.randint(50, (2, 4), generator=g), torch.randint(50, (2, 4), generator=g)
+    with torch.no_grad():
+        ref = F.cross_entropy(net(idx)[0].double().view(-1, 50), tgt.view(-1))
+        for chunk in (1, 3, 7, 8, 9):  # 8 rows: chunks of 1, a last chunk of 2, of 1 (7), exactly one, more than all
+            net.ce_chunk = chunk
+            assert abs(net(idx, tgt)[1].item() - ref.item()) < 1e-5, chunk
+
+
+def test_gradient_checkpointing_only_while_training_with_gradients(monkeypatch):
+    # eval() with gradients on: no recomputation; train() under no_grad (generate): the KV cache is still used
+    calls, forward = [], M.FeedForward.forward
+    monkeypatch.setattr(M.FeedForward, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    net = small_net(n_layers=1, lora_r=4, lora_dropout=0.0)
+    net.grad_checkpoint = True
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    net.eval()
+    net(idx, idx)[1].backward()
+    assert len(calls) == 1
+    prompt = torch.randint(50, (2, 3), generator=torch.Generator().manual_seed(0))
+    with_random_adapter(net, seed=3)
+    expect = net.generate(prompt, 6, temperature=0)
+    assert torch.equal(net.train().generate(prompt, 6, temperature=0), expect)
+
+
+def test_generate_steps_cache_dtype_cleanup_and_default_temperature(monkeypatch):
+    net = small_net()
+    prompt = torch.randint(50, (1, 3), generator=torch.Generator().manual_seed(0))
+    steps, forward = [], M.LLaMA.forward
+    monkeypatch.setattr(M.LLaMA, "forward", lambda self, idx, targets=None, start_pos=None: steps.append(start_pos) or forward(self, idx, targets, start_pos))
+    net.generate(prompt, 5, temperature=0)
+    assert steps == [0, 3, 4, 5, 6]  # the prompt, then one step per new token but the last: no wasted forward
+    assert all(layer.attention.cache is None for layer in net.layers)  # the cache is freed
+    seen = []
+    with torch.autocast("cpu", torch.bfloat16):  # the cache holds what autocast computes k and v in
+        net.generate(prompt, 2, temperature=0, stream=lambda nxt: seen.append(net.layers[0].attention.cache[0].dtype))
+    assert seen == [torch.bfloat16] * 2
+
+    def fail(nxt):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        net.generate(prompt, 3, temperature=0, stream=fail)
+    assert all(layer.attention.cache is None for layer in net.layers)  # freed on the way out too
+    temps, sample = [], M.sample
+    monkeypatch.setattr(M, "sample", lambda logits, t, k, p: temps.append(t) or sample(logits, t, k, p))
+    net.generate(prompt, 1)
+    assert temps == [1.0]  # plain sampling unless told
+
+
+def test_sample_default_is_the_plain_softmax(monkeypatch):
+    seen, multinomial = [], torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda p, n: seen.append(p.clone()) or multinomial(p, n))
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0]])
+    M.sample(logits)
+    assert torch.allclose(seen[0], logits.double().softmax(-1))
+
+
+def test_random_init_norms_are_one_and_weights_scale_with_fan_in_per_seed():
+    cfg = M.LLaMAConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=32, lora_r=0)  # hidden 192
+    a, b = (M.LLaMA.from_config(cfg, quantize=False, dtype=torch.float32, seed=s) for s in (0, 1))
+    again = M.LLaMA.from_config(cfg, quantize=False, dtype=torch.float32, seed=0)
+    half = M.LLaMA.from_config(cfg, quantize=False, seed=0)  # bf16 by default: the same draws, rounded
+    for name in ("norm", "layers.0.attention_norm", "layers.0.ffn_norm"):
+        assert torch.equal(a.get_submodule(name).weight, torch.ones(64))
+    sa, sb, s2, sh = a.state_dict(), b.state_dict(), again.state_dict(), half.state_dict()
+    for k, w in sa.items():
+        assert torch.equal(w, s2[k]) and sh[k].dtype == torch.bfloat16 and torch.equal(sh[k], w.bfloat16()), k
+        if w.dim() == 2:
+            assert not torch.equal(w, sb[k]), k  # another seed, other weights
+            assert abs(w.std().item() * w.shape[1] ** 0.5 - 1) < 0.1, k  # std 1/√fan_in (w1: 1/8, w2: 1/√192)
+
+
+def chat_here(monkeypatch, capsys, *argv, stdin=b"", answers=()):
+    # python model.py in this process, its generate replaced by a spy -> (calls, stdout). A call records (prompt ids,
+    # max_new_tokens, temperature, top_k, top_p, eos_id, torch's seed) and streams the next of `answers` (token ids)
+    calls, answers = [], list(answers)
+
+    def spy(net, idx, max_new_tokens, temperature, top_k, top_p, eos_id, stream):
+        calls.append((idx[0].tolist(), max_new_tokens, temperature, top_k, top_p, eos_id, torch.initial_seed()))
+        for t in answers.pop(0) if answers else ():
+            stream(torch.tensor([t]))
+        return idx
+    monkeypatch.setattr(M.LLaMA, "generate", spy)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))  # strict, as in some locales
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with torch.random.fork_rng():
+        M.chat([str(a) for a in argv])
+    return calls, capsys.readouterr().out
+
+
+def demo_variant(demo_adapter, path, **change):  # the demo adapter.pt with some of its record changed
+    ck = torch.load(demo_adapter[0], weights_only=True)
+    for k, v in change.items():
+        ck[k] = {**ck[k], **v} if isinstance(v, dict) and isinstance(ck.get(k), dict) else v
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ck, path)
+    return path
+
+
+def test_chat_checks_flag_ranges_and_words_before_loading_anything():
+    for argv, expect in ((["--top_p", "1.5"], "--top_p must be in [0, 1], got 1.5"),
+                         (["--temperature", "20000"], "--temperature must be in [0, 10000], got 20000.0"),
+                         (["--seed", "-1"], "--seed must be in [0, 9.22337e+18], got -1"),
+                         (["hello"], "unexpected argument 'hello'")):
+        with pytest.raises(InputError, match=re.escape(expect)):
+            M.chat(argv)
+
+
+def test_chat_hands_generate_the_flags_template_and_seed(demo_adapter, meta_ckpt, tmp_path, monkeypatch, capsys):
+    path, _, tok = demo_adapter
+    alpaca = [tok.bos_id] + tok.encode(P.ALPACA[False].format(instruction="the lazy dog"))
+    calls, _ = chat_here(monkeypatch, capsys, "--adapter", path, "--prompt", "the lazy dog", "--seed", 12345, "--quantize", "false")
+    assert calls == [(alpaca, 256, 0.7, None, 0.9, tok.eos_id, 12345)]  # the defaults: temperature 0.7, top_p 0.9, no top_k
+    # the upper ends are allowed; top_p 1 is no nucleus at all
+    calls, _ = chat_here(monkeypatch, capsys, "--adapter", path, "--prompt", "the lazy dog", "--top_k", 5, "--top_p", 1,
+                         "--temperature", 10000, "--max_new_tokens", 10**9, "--quantize", "false")
+    assert calls[0][1:6] == (10**9, 10000.0, 5, None, tok.eos_id)
+    # the template the adapter records, unless --template says otherwise
+    guanaco = demo_variant(demo_adapter, tmp_path / "g" / "adapter.pt", template="guanaco")
+    calls, _ = chat_here(monkeypatch, capsys, "--adapter", guanaco, "--prompt", "the lazy dog", "--quantize", "false")
+    assert calls[0][0] == [tok.bos_id] + tok.encode("### Human: the lazy dog### Assistant: ")
+    calls, _ = chat_here(monkeypatch, capsys, "--adapter", guanaco, "--prompt", "the lazy dog", "--template", "alpaca", "--quantize", "false")
+    assert calls[0][0] == alpaca
+    with pytest.raises(InputError, match=re.escape("--template: expected alpaca, guanaco or none, got 'chatml'")):
+        chat_here(monkeypatch, capsys, "--adapter", path, "--prompt", "x", "--template", "chatml", "--quantize", "false")
+    # no adapter: the bare prompt
+    d, _, _ = meta_ckpt
+    calls, _ = chat_here(monkeypatch, capsys, "--ckpt_dir", d, "--prompt", "the lazy dog", "--quantize", "false")
+    assert calls[0][0] == [tok.bos_id] + tok.encode("the lazy dog")
+
+
+def test_chat_turns_history_eos_and_blank_lines(demo_adapter, monkeypatch, capsys):
+    path, _, tok = demo_adapter
+    lines = ("the brown fox", "seven birds", "old stone bridges")
+    t1, t2, t3 = tok.encode("the quick"), tok.encode("lazy dog"), tok.encode("rivers")
+    stdin = ("  " + "\n".join(lines) + "  \n \nnever read\n").encode()  # surrounding spaces go; a blank line ends the chat
+    calls, out = chat_here(monkeypatch, capsys, "--adapter", path, "--template", "guanaco", "--quantize", "false", stdin=stdin,
+                           answers=[t1, t2 + [tok.eos_id], t3])
+    g = [tok.encode(f"### Human: {line}### Assistant: ") for line in lines]
+    first = [tok.bos_id] + g[0]
+    second = first + t1 + [tok.eos_id] + g[1]  # an answer cut at max_new_tokens is closed with eos, as in training
+    third = second + t2 + [tok.eos_id] + g[2]  # one that ended with eos is not closed twice
+    assert [c[0] for c in calls] == [first, second, third]
+    assert out == "".join(tok.decode(t) + "\n" for t in (t1, t2 + [tok.eos_id], t3))
+    # Alpaca: every line a fresh instruction
+    calls, _ = chat_here(monkeypatch, capsys, "--adapter", path, "--quantize", "false", stdin=b"the brown fox\nseven birds\n",
+                         answers=[t1, t2])
+    assert [c[0] for c in calls] == [[tok.bos_id] + tok.encode(P.ALPACA[False].format(instruction=line)) for line in lines[:2]]
+    with pytest.raises(InputError, match=re.escape("stdin: not UTF-8 text")):  # not a UnicodeDecodeError from input()
+        chat_here(monkeypatch, capsys, "--adapter", path, "--quantize", "false", stdin=b"caf\xe9\n")
+
+
+def test_chat_keeps_the_newest_prompt_tokens_within_the_context(demo_adapter, tmp_path, monkeypatch, capsys):
+    _, _, tok = demo_adapter
+    short = demo_variant(demo_adapter, tmp_path / "a" / "adapter.pt", model_config={"max_seq_len": 24})
+    prompt = " ".join(WORDS[:30])
+    ids = [tok.bos_id] + tok.encode(P.ALPACA[False].format(instruction=prompt))
+    assert len(ids) > 24
+    for new, keep in ((4, 20), (20, 12)):  # keep max(context - new tokens, context / 2) of the prompt, the newest
+        calls, _ = chat_here(monkeypatch, capsys, "--adapter", short, "--prompt", prompt, "--max_new_tokens", new, "--quantize", "false")
+        assert calls[0][0] == ids[-keep:]
+
+
+def test_chat_finds_the_base_the_tokenizer_and_the_device_as_recorded(demo_adapter, meta_ckpt, tmp_path, monkeypatch, capsys):
+    path, _, tok = demo_adapter
+    # an adapter folder moved elsewhere: the tokenizer it names is looked for beside it
+    recorded = Path(torch.load(path, weights_only=True)["base"]["tokenizer"])
+    moved = demo_variant(demo_adapter, tmp_path / "moved" / "adapter.pt", base={"tokenizer": str(tmp_path / "gone" / recorded.name)})
+    shutil.copy(recorded, moved.parent / recorded.name)
+    calls, _ = chat_here(monkeypatch, capsys, "--adapter", moved, "--prompt", "x", "--quantize", "false")
+    assert len(calls) == 1
+    # a random base is only rebuilt on the device kind it was made on; an older record without one is taken as this one
+    cuda = demo_variant(demo_adapter, tmp_path / "cuda" / "adapter.pt", base={"device": "cuda"})
+    with pytest.raises(InputError, match=re.escape("its random base was made on cuda; rebuilding it needs the same here")):
+        chat_here(monkeypatch, capsys, "--adapter", cuda, "--prompt", "x", "--quantize", "false")
+    ck = torch.load(path, weights_only=True)
+    del ck["base"]["device"]
+    torch.save(ck, tmp_path / "old.pt")
+    assert len(chat_here(monkeypatch, capsys, "--adapter", tmp_path / "old.pt", "--prompt", "x", "--quantize", "false")[0]) == 1
+    # --ckpt_dir wins over the base folder an adapter records (here: one that is gone), and serves one recording none
+    d, _, _ = meta_ckpt
+    net = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=4, progress=False)
+    for i, base in enumerate(({"ckpt_dir": str(tmp_path / "gone")}, None)):
+        torch.save({"lora": net.lora_state_dict(), "model_config": vars(net.config), "base": base}, tmp_path / f"{i}.pt")
+        calls, _ = chat_here(monkeypatch, capsys, "--adapter", tmp_path / f"{i}.pt", "--ckpt_dir", d, "--template", "none",
+                             "--prompt", "the lazy dog", "--quantize", "false")
+        assert calls[0][0] == [tok.bos_id] + tok.encode("the lazy dog")
+    with pytest.raises(InputError, match=re.escape("--ckpt_dir DIR is needed")):  # no folder, no random base: said so
+        chat_here(monkeypatch, capsys, "--adapter", tmp_path / "1.pt", "--prompt", "x")
+
+
+# ---------------------------------------------------------------------------------------------------
 # export: merged weights equal base + (α/r)·B A; peft's q/k permutation preserves attention scores
 
 
