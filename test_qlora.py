@@ -1632,6 +1632,21 @@ def test_chat_finds_the_base_the_tokenizer_and_the_device_as_recorded(demo_adapt
         chat_here(monkeypatch, capsys, "--adapter", tmp_path / "1.pt", "--prompt", "x")
 
 
+def test_chat_streams_a_character_split_over_byte_tokens_whole(demo_adapter, tmp_path, monkeypatch, capsys):
+    # LLaMA's tokenizer falls back to byte tokens (<0xC3> <0xA9> for "é"): the first byte alone decodes to U+FFFD,
+    # which must not be printed, since the streamed text is never taken back
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(WORDS * 10), model_writer=buf, vocab_size=300, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, byte_fallback=True, minloglevel=2)
+    (tmp_path / "bytes.model").write_bytes(buf.getvalue())
+    tok = C.Tokenizer(tmp_path / "bytes.model")
+    answer = tok.encode("the café ☕ is open")
+    assert "<0xC3>" in [tok.sp.id_to_piece(i) for i in answer]  # é is two byte tokens here
+    adapter = demo_variant(demo_adapter, tmp_path / "b" / "adapter.pt", base={"tokenizer": str(tmp_path / "bytes.model")})
+    _, out = chat_here(monkeypatch, capsys, "--adapter", adapter, "--prompt", "the lazy dog", "--quantize", "false", answers=[answer])
+    assert out == "the café ☕ is open\n"
+
+
 # ---------------------------------------------------------------------------------------------------
 # export: merged weights equal base + (α/r)·B A; peft's q/k permutation preserves attention scores
 
