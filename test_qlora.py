@@ -3584,3 +3584,329 @@ def test_demo_tokenizer_fits_the_data(tmp_path, texts, vocab):
     assert r.returncode == 0, r.stderr
     n = int(re.search(r"trained with a vocabulary of (\d+)", r.stdout)[1])
     assert (n < 512) if len(texts) == 1 else (n >= 1518)
+
+
+# ---------------------------------------------------------------------------------------------------
+# train.py's less travelled paths: what the tests above would let change unnoticed (found by mutation testing)
+# Most run train.main in this process (a second or two each, no interpreter start), with its collaborators
+# watched: the learning rate and gradient norm the optimizer gets at each step, every batch it reads, the loss of
+# every forward pass and the gradient that reaches it, what it saves, samples and exports, and a fake clock.
+
+import itertools  # noqa: E402
+import random  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import train as TR  # noqa: E402
+
+LOG_LINE = re.compile(r"^iter (\d+): loss (\S+), lr (\S+), (\d+)ms, (\S+) tok/s, mfu (\S+), mem \S+GB, eta (\d+)m(\d\d)s$", re.M)
+
+
+@pytest.fixture
+def train_here(monkeypatch, capsys):
+    # -> (run(*flags) -> stdout, rec). The clock's n-th reading is 5n(n+1) s: every step takes a whole, different
+    # number of seconds, read back from its log line. At normal speed: no Triton interpreter (train.py's own setting).
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.chdir(ROOT)
+    rec = SimpleNamespace(opt=None, steps=[], batches=[], forwards=[], saves=[], samples=[], mfu=[], exports=[], seeds=[], ckpt_calls=0)
+
+    class Optimizer(TR.PagedAdamW):
+        def __init__(self, params, **kw):
+            super().__init__(params, **kw)
+            rec.opt = kw
+
+        def step(self):
+            grads = [p.grad.flatten() for g in self.param_groups for p in g["params"] if p.grad is not None]
+            rec.steps.append(dict(lr=self.param_groups[0]["lr"], gnorm=torch.cat(grads).double().norm().item()))
+            return super().step()
+
+    def get_batch(examples, idx):  # validation reads ranges of val_set, training lists of train_set indices
+        rec.batches.append(("val" if isinstance(idx, range) else "train", examples, list(idx)))
+        return P.get_batch(examples, idx)
+
+    forward, generate, from_config, checkpoint = M.LLaMA.forward, M.LLaMA.generate, M.LLaMA.from_config.__func__, M.checkpoint
+
+    def spy_forward(self, idx, targets=None, start_pos=None):
+        logits, loss = forward(self, idx, targets, start_pos)
+        if loss is not None:
+            f = dict(grad=loss.requires_grad, training=self.training, loss=loss.item(), upstream=None)
+            if loss.requires_grad:  # d(what backward starts from)/d(this micro-batch's loss)
+                loss.register_hook(lambda g: f.__setitem__("upstream", g.item()))
+            rec.forwards.append(f)
+        return logits, loss
+
+    def spy_generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, stream=None):
+        rec.samples.append(dict(training=self.training, prompt=idx[0].tolist(), n=max_new_tokens, temperature=temperature, eos_id=eos_id))
+        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, eos_id, stream)
+
+    def spy_from_config(cls, cfg, *a, seed=0, **kw):
+        rec.seeds.append(seed)
+        return from_config(cls, cfg, *a, seed=seed, **kw)
+
+    def spy_checkpoint(fn, *a, **kw):
+        rec.ckpt_calls += isinstance(fn, torch.nn.Module)  # a block recomputed in backward (not the chunked loss)
+        return checkpoint(fn, *a, **kw)
+
+    def spy_save(obj, path):
+        rec.saves.append((Path(path).name, obj.get("iter_num")))
+        atomic_save(obj, path)
+
+    clock = itertools.count(1)
+    monkeypatch.setattr(TR, "time", SimpleNamespace(time=lambda: 5 * (n := next(clock)) * (n + 1)))
+    monkeypatch.setattr(TR, "PagedAdamW", Optimizer)
+    monkeypatch.setattr(TR, "get_batch", get_batch)
+    monkeypatch.setattr(TR, "atomic_save", spy_save)
+    monkeypatch.setattr(TR, "mfu", lambda *a: rec.mfu.append(a) or "-")
+    monkeypatch.setattr(TR, "export_merged", lambda net, out, **kw: rec.exports.append(("merged", kw)))
+    monkeypatch.setattr(TR, "export_peft", lambda net, out, **kw: rec.exports.append(("peft", kw)))
+    monkeypatch.setattr(M.LLaMA, "forward", spy_forward)
+    monkeypatch.setattr(M.LLaMA, "generate", spy_generate)
+    monkeypatch.setattr(M.LLaMA, "from_config", classmethod(spy_from_config))
+    monkeypatch.setattr(M, "checkpoint", spy_checkpoint)
+    threads = torch.get_num_threads()
+
+    def run(*args):
+        capsys.readouterr()
+        TR.main([str(a) for a in args])
+        return capsys.readouterr().out
+
+    try:
+        yield run, rec
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_defaults():
+    # the config block's names and values, as main() hands them to resolve
+    block = (ROOT / "train.py").read_text().split("# config\n")[1].split("\n# the tiny demo")[0]
+    return {n: getattr(TR, n) for names in re.findall(r"^(\w[\w, ]*?) = ", block, re.M) for n in map(str.strip, names.split(","))}
+
+
+def step_batches(rec, grad_accum):
+    # the training micro-batches, one list per optimizer step
+    train = [(ex, idx) for kind, ex, idx in rec.batches if kind == "train"]
+    return [train[i : i + grad_accum] for i in range(0, len(train), grad_accum)]
+
+
+def mixed_data(path, n_alpaca, n_guanaco):
+    # short examples of both shapes (the majority names the template), alternating
+    rows = [json.dumps({"instruction": f"Name {WORDS[i]} things", "output": " ".join(WORDS[i : i + 3 + i % 4])})
+            for i in range(n_alpaca)]
+    rows += [json.dumps({"text": f"### Human: say {WORDS[i]}### Assistant: {WORDS[i + 1]} {WORDS[i + 2]}"})
+             for i in range(n_guanaco)]
+    random.Random(5).shuffle(rows)
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_train_lr_warms_up_linearly_then_stays_and_resume_continues_it(tmp_path, demo_tokenizer, train_here):
+    # lr at step k: learning_rate · min(1, (k + 1) / (warmup + 1)), on a resume too (at the step it stopped); the
+    # optimizer gets --beta1/--beta2/--weight_decay; the gradient is clipped to --max_grad_norm before each step
+    run, rec = train_here
+    d = fresh_out_dir(tmp_path / "o", demo_tokenizer)
+    flags = [*FAST, "--learning_rate", 1e-3, "--warmup_iters", 3, "--beta1", 0.8, "--beta2", 0.95, "--weight_decay", 0.01,
+             "--max_grad_norm", 1e-3, "--out_dir", d]
+    out = run(*flags, "--max_iters", 2)
+    out += run(*flags, "--max_iters", 5, "--resume")
+    want = [1e-3 * min(1.0, (k + 1) / 4) for k in range(5)]
+    assert [s["lr"] for s in rec.steps] == pytest.approx(want, rel=1e-12)
+    assert [m[2] for m in LOG_LINE.findall(out)] == [f"{lr:.2e}" for lr in want]
+    assert rec.opt == dict(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.01)
+    assert all(s["gnorm"] == pytest.approx(1e-3, rel=1e-3) for s in rec.steps)  # clipped (the raw norms are far larger)
+    rec.steps.clear()
+    run(*FAST, "--learning_rate", 1e-3, "--warmup_iters", 0, "--max_iters", 2, "--out_dir", d, "--overwrite")
+    assert [s["lr"] for s in rec.steps] == [1e-3, 1e-3]
+    # nothing left to train: the final validation is at the checkpoint's iter, not at --max_iters
+    out = run(*FAST, "--max_iters", 1, "--out_dir", d, "--resume")
+    assert re.search(r"^iter 2: val loss \S+$", out, re.M) and "nothing to train (--max_iters 1, the checkpoint is at iter 2)" in out
+
+
+def test_train_losses_are_means_over_micro_batches_and_so_is_the_gradient(tmp_path, demo_tokenizer, train_here):
+    # the logged loss of a step: the mean of its micro-batches' losses; each backward starts from loss / grad_accum;
+    # the val loss: the mean over --eval_iters micro-batches of val_set (ranges, in order), in eval mode (training
+    # resumes in train mode); the last line compares with the first validation of the run, intermediate ones do not
+    run, rec = train_here
+    d = fresh_out_dir(tmp_path / "o", demo_tokenizer)
+    out = run(*FAST, "--batch_size", 6, "--eval_interval", 2, "--eval_iters", 3, "--learning_rate", 2e-2, "--max_iters", 5, "--out_dir", d)
+    train = [f for f in rec.forwards if f["grad"]]
+    assert len(train) == 15 and all(f["training"] and f["upstream"] == pytest.approx(1 / 3, rel=1e-6) for f in train)
+    logged = [float(m[1]) for m in LOG_LINE.findall(out)]
+    means = [sum(f["loss"] for f in train[i : i + 3]) / 3 for i in range(0, 15, 3)]
+    assert logged == pytest.approx(means, abs=5.1e-5)
+    val = [f for f in rec.forwards if not f["grad"]]
+    assert all(not f["training"] for f in val) and len(val) == 4 * 3  # iters 0, 2, 4 and the end
+    val_batches = [(ex, idx) for kind, ex, idx in rec.batches if kind == "val"]
+    assert [idx for _, idx in val_batches] == [[0, 1], [2, 3], [4, 5]] * 4
+    n = len(P.read_data(ROOT / "data" / "sample.jsonl"))
+    assert all(len(ex) == int(n * 0.08) for ex, _ in val_batches)  # the demo's --val_fraction, rounded down
+    vals = [sum(f["loss"] for f in val[i : i + 3]) / 3 for i in range(0, 12, 3)]
+    lines = re.findall(r"^iter (\d+): val loss (.*)$", out, re.M)
+    assert [int(i) for i, _ in lines] == [0, 2, 4, 5]
+    assert [l for _, l in lines] == [f"{v:.4f}" for v in vals[:3]] + [f"{vals[3]:.4f} ({round(100 * (vals[3] / vals[0] - 1)):+d}% since iter 0)"]
+    assert round(100 * (vals[3] / vals[0] - 1)) != round(100 * (vals[3] / vals[2] - 1))  # (so the line tells which one)
+
+
+def test_train_log_line_tok_s_eta_mfu_and_which_iters_log(tmp_path, demo_tokenizer, train_here):
+    # tok/s: the step's tokens (padding not counted) over its time; eta: the running mean of step times (0.9 / 0.1)
+    # times the steps left, as XmYYs; mfu gets the block linears' parameter count and --grad_checkpoint, which is
+    # also what the model does; the last iter always logs; the demo sets torch's CPU threads to 1
+    run, rec = train_here
+    if os.cpu_count() > 1:
+        torch.set_num_threads(2)
+    d = fresh_out_dir(tmp_path / "o", demo_tokenizer)
+    out = run(*FAST, "--max_iters", 5, "--out_dir", d)
+    assert CUDA or torch.get_num_threads() == 1
+    lines = LOG_LINE.findall(out)
+    assert [int(m[0]) for m in lines] == list(range(5))
+    dt_avg = None
+    for k, (m, step) in enumerate(zip(lines, step_batches(rec, 2))):
+        dt = int(m[3]) / 1000
+        n_tok = sum(len(ex[i][0]) for ex, idx in step for i in idx)
+        dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
+        eta = dt_avg * (5 - k - 1)
+        assert (m[4], m[6], m[7]) == (f"{n_tok / dt:.1f}", f"{eta // 60:.0f}", f"{eta % 60:02.0f}"), (k, m)
+        assert rec.mfu[k][1:3] == (False, pytest.approx(n_tok / dt))
+    assert len({int(m[3]) for m in lines}) == 5 and int(lines[0][6]) > 0  # distinct step times; an eta of minutes
+    cfg = M.LLaMAConfig(**M.CONFIGS["tiny"])
+    hd = cfg.dim // cfg.n_heads
+    n_base = cfg.n_layers * (2 * cfg.dim * cfg.n_heads * hd + 2 * cfg.dim * cfg.n_kv_heads * hd + 3 * cfg.dim * cfg.hidden_dim)
+    assert {a[0] for a in rec.mfu} == {n_base} and f": {n_base / 1e6:.1f}M params in NF4 linears" in out
+    assert rec.ckpt_calls == 0
+    rec.mfu.clear()
+    out = run(*FAST, "--max_iters", 6, "--log_interval", 4, "--grad_checkpoint", "true", "--out_dir", d, "--overwrite")
+    assert [int(m[0]) for m in LOG_LINE.findall(out)] == [0, 4, 5] and {a[1] for a in rec.mfu} == {True}
+    assert rec.ckpt_calls > 0
+
+
+def test_train_data_order_template_sample_and_what_is_saved(tmp_path, train_here):
+    # micro-batch k of the run is batch_order(train_set lengths, epoch, ...)[j] with epoch, j = divmod(k, per epoch):
+    # each epoch its own order, every training example at most once per epoch, --group_by_length passed on; the
+    # examples are shuffled with --seed, the first int(n · val_fraction) held out; checkpoints at every
+    # --eval_interval and at the end (adapter.pt beside each: no optimizer); the template is the majority's; the
+    # random base is built with --seed and recorded so; the sample continues the first val prompt, in eval mode
+    run, rec = train_here
+    for n_alpaca, n_guanaco, gbl, template in ((7, 6, True, "alpaca"), (6, 7, False, "guanaco")):
+        rec.batches.clear(), rec.saves.clear(), rec.samples.clear(), rec.seeds.clear()
+        data, d = mixed_data(tmp_path / f"{template}.jsonl", n_alpaca, n_guanaco), tmp_path / template
+        out = run("--data", data, "--out_dir", d, "--batch_size", 4, "--micro_batch", 2, "--val_fraction", 0.2, "--eval_interval", 3,
+                  "--max_iters", 7, "--seed", 3, "--group_by_length", gbl, "--sample_tokens", 4, "--temperature", 0.5)
+        tok = C.Tokenizer(next(d.glob("tokenizer-*.model")))
+        examples = P.tokenize(P.read_data(data), tok, 96, 48)[0]
+        random.Random(3).shuffle(examples)
+        val_set, train_set = examples[:2], examples[2:]  # int(13 · 0.2) = 2
+        steps = step_batches(rec, 2)
+        assert len(steps) == 7 and all(ex == train_set for s in steps for ex, _ in s)
+        assert all(ex == val_set for kind, ex, _ in rec.batches if kind == "val")
+        lengths, per_epoch = [len(ids) for ids, _ in train_set], len(train_set) // 2
+        got = [idx for s in steps for _, idx in s]
+        assert got == [P.batch_order(lengths, k // per_epoch, 2, 3, gbl)[k % per_epoch] for k in range(14)]
+        for e in range(2):  # 5 micro-batches of 2 per epoch: 10 of the 11 examples, each once
+            assert len(set(sum(got[5 * e : 5 * e + 5], []))) == 10
+        assert got[:5] != got[5:10]
+        assert rec.saves == [("ckpt.pt", 3), ("adapter.pt", None), ("ckpt.pt", 6), ("adapter.pt", None), ("ckpt.pt", 7), ("adapter.pt", None)]
+        ad = torch.load(d / "adapter.pt", weights_only=True)
+        assert sorted(ad) == ["base", "config", "lora", "model_config", "template"] and ad["template"] == template
+        assert ad["base"]["seed"] == 3 and rec.seeds == [3] and ad["model_config"]["vocab_size"] == tok.n_words < 512
+        ck = torch.load(d / "ckpt.pt", weights_only=True)
+        assert ck["iter_num"] == 7 and len(ck["rng"]) == 1 and ck["config"]["seed"] == 3
+        ids, labels = val_set[0]
+        prompt = ids[: labels.index(next(l for l in labels if l != -100))]
+        assert rec.samples == [dict(training=False, prompt=prompt, n=4, temperature=0.5, eos_id=tok.eos_id)] and "--- sample ---" in out
+    rec.samples.clear()
+    run("--data", data, "--out_dir", d, "--batch_size", 4, "--micro_batch", 2, "--max_iters", 1, "--sample_tokens", 0, "--overwrite",
+        "--lora_r", 8, "--lora_alpha", 4)
+    assert rec.samples == []
+    c = TR.resolve({"adapter": str(d / "adapter.pt")}, train_defaults())  # an adapter's r and α are what runs and is recorded
+    assert (c["lora_r"], c["lora_alpha"]) == (8, 4.0)
+
+
+def test_train_exports_from_the_nf4_base_unless_told_original(tmp_path, meta_ckpt, train_here):
+    run, rec = train_here
+    for extra, base in (([], None), (["--merge_base", "original"], str(meta_ckpt[0]))):
+        rec.exports.clear()
+        run("--ckpt_dir", meta_ckpt[0], "--out_dir", tmp_path / str(len(extra)), "--max_iters", 1, "--lora_r", 4, "--sample_tokens", 0,
+            "--data", mixed_data(tmp_path / "d.jsonl", 2, 2), "--val_fraction", 0, "--source_max_len", 32, "--target_max_len", 16,
+            "--batch_size", 2, "--micro_batch", 2, "--export", "merged,peft", *extra)
+        assert [k for k, _ in rec.exports] == ["merged", "peft"]
+        assert rec.exports[0][1]["base"] == base and rec.exports[1][1]["base"] == str(meta_ckpt[0])
+
+
+def test_resolve_paper_defaults_per_size_and_flags_over_demo(monkeypatch):
+    defaults = train_defaults()
+    big = TR.resolve({"model": "65B", "init": "random"}, defaults)
+    assert (big["learning_rate"], big["lora_dropout"], big["warmup_iters"], big["max_iters"]) == (1e-4, 0.05, int(0.03 * 1875), 1875)
+    small = TR.resolve({"model": "7B", "init": "random", "max_iters": 100, "lora_dropout": 0.0, "learning_rate": 5e-5}, defaults)
+    assert (small["learning_rate"], small["lora_dropout"], small["warmup_iters"]) == (5e-5, 0.0, 3)
+    assert TR.resolve({"model": "13B", "init": "random", "max_iters": 99}, defaults)["warmup_iters"] == 2  # 2.97, rounded down
+    demo = TR.resolve({"max_iters": 5}, defaults)
+    assert demo["demo"] and (demo["max_iters"], demo["batch_size"], demo["learning_rate"]) == (5, 8, 2e-3)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the demo's one thread only where the user said nothing
+    assert TR.resolve({}, defaults)["threads"] == torch.get_num_threads()
+    for flag in ("eval_interval", "eval_iters", "log_interval", "source_max_len", "target_max_len"):
+        with pytest.raises(InputError, match=rf"^--{flag} must be at least 1 \(below 2\^31\), got 0$"):
+            TR.resolve({flag: 0}, defaults)
+    with pytest.raises(InputError, match=r"^--temperature must be at least 0 \(below 2\^63\), got -0.5$"):
+        TR.resolve({"temperature": -0.5}, defaults)
+
+
+def test_read_checkpoint_names_every_setting_that_changes_the_model_or_data(tmp_path):
+    # the checked settings, each refused by name when it differs; another process count; a negative iter; no rng
+    c = {k: f"value of {k}" for k in ("model", "ckpt_dir", "adapter", "data_sha1", "tokenizer_sha1")}
+    c.update(lora_r=8, lora_alpha=16.0, lora_dropout=0.1, seed=0, batch_size=4, micro_batch=2, source_max_len=48, target_max_len=24,
+             train_on_source=False, group_by_length=True, val_fraction=0.05, learning_rate=1e-3, max_grad_norm=0.3, eval_interval=3)
+    ck = {"config": dict(c), "lora": {"a.lora_A": torch.zeros(2)}, "optimizer": {}, "iter_num": 3, "rng": [{"torch": None}]}
+    path = tmp_path / "ckpt.pt"
+
+    def read(ck, c, world=1):
+        torch.save(ck, path)
+        return TR.read_checkpoint(path, c, world)
+
+    assert read(ck, c)["iter_num"] == 3
+    assert read(ck, {**c, "learning_rate": 2e-3, "max_grad_norm": 1.0, "eval_interval": 5})["iter_num"] == 3  # the optimizer's, the log's: free
+    for k in ("model", "ckpt_dir", "adapter", "lora_r", "lora_alpha", "lora_dropout", "data_sha1", "tokenizer_sha1", "seed", "batch_size",
+              "micro_batch", "source_max_len", "target_max_len", "train_on_source", "group_by_length", "val_fraction"):
+        new = not c[k] if isinstance(c[k], bool) else c[k] + (1 if not isinstance(c[k], str) else "x")
+        name = k if k.endswith("_sha1") else f"--{k}"
+        with pytest.raises(InputError, match=re.escape(f"{path} was made with {name} {c[k]}, this run has {name} {new}")):
+            read(ck, {**c, k: new})
+    with pytest.raises(InputError, match=re.escape(f"{path} was made by 1 processes, this run has 2")):
+        read(ck, c, world=2)
+    for bad in ({**ck, "iter_num": -1}, {k: v for k, v in ck.items() if k != "rng"}, {**ck, "lora": {"a": 1}}):
+        with pytest.raises(InputError, match=re.escape(f"{path}: not a checkpoint written by train.py")):
+            read(bad, c)
+
+
+def test_train_refuses_a_batch_size_micro_batches_do_not_fill(tmp_path, train_here):
+    run, _ = train_here
+    with pytest.raises(InputError, match=r"^--batch_size 5 must be a multiple of --micro_batch 2 × 1 processes$"):
+        run("--batch_size", 5, "--micro_batch", 2, "--out_dir", tmp_path / "a", "--max_iters", 1)
+    data = mixed_data(tmp_path / "d.jsonl", 2, 1)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(data))}: 3 training examples, fewer than --micro_batch 4$"):
+        run("--data", data, "--batch_size", 4, "--micro_batch", 4, "--val_fraction", 0, "--out_dir", tmp_path / "b", "--max_iters", 1)
+
+
+def test_ddp_two_processes_accumulating_log_the_one_process_losses(tmp_path):
+    # two micro-batches per process and step: the gradients are all-reduced once, after the last; the logged loss
+    # is the mean over all processes; the demo's tokenizer, trained by rank 0 alone, is read by rank 1 after it
+    args = [*FAST, "--batch_size", 8, "--max_iters", 2, "--lora_dropout", 0.0]
+    one = run_train(*args, "--out_dir", tmp_path / "one", env=CPU_ENV)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                          f"--master_port={port}", str(ROOT / "train.py"), *map(str, args), "--out_dir", str(tmp_path / "two")],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**CPU_ENV, "OMP_NUM_THREADS": "1"},
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        raise
+    assert one.returncode == 0 and p.returncode == 0, one.stderr + err
+    a, b = (LOG_LINE.findall(o) for o in (one.stdout, out))
+    assert len(a) == len(b) == 2 and all(float(x[1]) == pytest.approx(float(y[1]), abs=2e-4) for x, y in zip(a, b))
+    a = torch.load(tmp_path / "one" / "adapter.pt", weights_only=False)["lora"]
+    b = torch.load(tmp_path / "two" / "adapter.pt", weights_only=False)["lora"]
+    assert all(torch.allclose(a[k], b[k], atol=2e-4) for k in a)  # (Adam magnifies the sums' rounding in tiny gradients)
+    rng = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["rng"]  # each process's own dropout stream: --seed + rank
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
