@@ -3744,6 +3744,13 @@ def test_train_losses_are_means_over_micro_batches_and_so_is_the_gradient(tmp_pa
     assert [int(i) for i, _ in lines] == [0, 2, 4, 5]
     assert [l for _, l in lines] == [f"{v:.4f}" for v in vals[:3]] + [f"{vals[3]:.4f} ({round(100 * (vals[3] / vals[0] - 1)):+d}% since iter 0)"]
     assert round(100 * (vals[3] / vals[0] - 1)) != round(100 * (vals[3] / vals[2] - 1))  # (so the line tells which one)
+    # a run resumed at iter 7 (eval_interval 3) first validates at iter 9: the change is since then, and says so
+    run(*FAST, "--max_iters", 7, "--out_dir", d, "--overwrite")
+    rec.forwards.clear()
+    out = run(*FAST, "--max_iters", 12, "--out_dir", d, "--resume")
+    val = [f["loss"] for f in rec.forwards if not f["grad"]]
+    lines = re.findall(r"^iter (\d+): val loss (.*)$", out, re.M)
+    assert [(int(i), l) for i, l in lines] == [(9, f"{val[0]:.4f}"), (12, f"{val[1]:.4f} ({round(100 * (val[1] / val[0] - 1)):+d}% since iter 9)")]
 
 
 def test_train_log_line_tok_s_eta_mfu_and_which_iters_log(tmp_path, demo_tokenizer, train_here):

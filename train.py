@@ -284,8 +284,8 @@ def train(c):
                 losses = [raw(x.to(device), y.to(device))[1].item() for x, y in batches]
             raw.train()
             val = sum(losses) / max(len(losses), 1)
-            change = f" ({round(100 * (val / val0 - 1)):+d}% since iter {iter_num})" if val0 and it >= max_iters else ""
-            val0 = val if val0 is None else val0
+            change = f" ({round(100 * (val / val0[0] - 1)):+d}% since iter {val0[1]})" if val0 and it >= max_iters else ""
+            val0 = val0 or (val, it)  # (loss, iter) of this run's first validation
             print(f"iter {it}: val loss {val:.4f}{change}")
         if questions:
             r = mmlu_eval.evaluate(raw, tok, questions, micro_batch, device, raw.config.max_seq_len, ctx)
