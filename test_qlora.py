@@ -368,6 +368,33 @@ def test_double_quant_ties_round_as_bitsandbytes():
     assert q.c2_mean.item() == 2.0 and q.c2.tolist() == [bnb_dquantize8(REF_DYN8, v) for v in (1.0, -1.0, t, -t)]
 
 
+def test_bytes_equal_installed_bitsandbytes():
+    # against bitsandbytes itself where it is installed (not a dependency: skipped without it). On a CPU its
+    # quantize_4bit is a torch port of the CUDA rules (nearest NF4 value, ties low, x * (1 / absmax)) and its 8-bit
+    # quantizer a table lookup that, for about 2 in 1000 values, takes the farther of two neighbouring codes (we take
+    # the nearer, as CUDA's search does: ported above). So: 4-bit codes and fp32 absmax byte for byte, the 8-bit
+    # codes equal or nearer, and bitsandbytes' dequantize_4bit reads our double-quantized weight as we do. (Its CPU
+    # dequantize takes blocks within rows: rows here are whole blocks.)
+    bf = pytest.importorskip("bitsandbytes.functional")
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for shape, bs in (((512, 256), 64), ((300, 77), 64), ((96, 256), 128), ((64, 512), 256)):
+            w = (torch.randn(shape) * 0.02).to(dtype)
+            q, (packed, state) = qlora.quantize_nf4(w, bs, False), bf.quantize_4bit(w, blocksize=bs, quant_type="nf4")
+            assert torch.equal(q.packed, packed.view(-1)) and torch.equal(q.c2, state.absmax) and q.c2.dtype == torch.float32
+            assert torch.equal(qlora.dequantize_nf4(q), bf.dequantize_4bit(packed, state)) and torch.equal(qlora.NF4, state.code)
+            qd = qlora.quantize_nf4(w, bs)
+            _, ds = bf.quantize_4bit(w, blocksize=bs, quant_type="nf4", compress_statistics=True)
+            assert torch.equal(qlora.DYN8, ds.state2.code) and ds.state2.blocksize == qlora.BLOCKSIZE2
+            assert torch.equal(qd.c2_mean, ds.offset) and torch.equal(qd.c1, ds.state2.absmax)
+            c2 = qlora.quantize_nf4(w, bs, False).c2  # c2^FP32; the 8-bit codes encode (c2 - c2_mean) / c1:
+            xn = (c2 - qd.c2_mean) * (1 / qd.c1).repeat_interleave(qlora.BLOCKSIZE2)[: c2.numel()]
+            dist = [(qlora.DYN8[c.long()] - xn).abs() for c in (qd.c2, ds.absmax)]
+            assert (qd.c2 != ds.absmax).float().mean() < 1e-2 and bool((dist[0] <= dist[1]).all())
+            ds.absmax = qd.c2
+            assert torch.equal(qlora.dequantize_nf4(qd), bf.dequantize_4bit(packed, ds))
+
+
 def test_bits_per_param():
     w = torch.randn(4096, 4096, device=DEV)
     n = w.numel()
