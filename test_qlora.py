@@ -1774,6 +1774,10 @@ def test_config_json_defaults_are_transformers_and_params_json_fields_are_checke
     assert (p["n_kv_heads"], p["norm_eps"], p["rope_theta"], p["max_seq_len"], p["tie_embeddings"]) == (4, 1e-6, 10000.0, 2048, False)
     assert C.hf_params({**need, "head_dim": 16}, "config.json")["dim"] == 64
     assert C.hf_params({**need, "max_position_embeddings": 128, "sliding_window": 64}, "config.json")["max_seq_len"] == 64
+    # transformers >= 5 writes θ inside rope_parameters (Llama 3: 500000), which wins over a top-level one
+    v5 = {**need, "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}}
+    assert C.hf_params(v5, "config.json")["rope_theta"] == C.hf_params({**v5, "rope_theta": 10000.0}, "config.json")["rope_theta"] == 500000.0
+    assert C.hf_params({**need, "rope_parameters": {"rope_type": "default"}, "rope_theta": 1e6}, "config.json")["rope_theta"] == 1e6
     # params.json: multiple_of is an integer like the other sizes (a width is rounded up to a multiple of it)
     src = meta_ckpt[0]
     (tmp_path / "params.json").write_text(json.dumps({**json.loads((src / "params.json").read_text()), "multiple_of": 32.5}))
@@ -2051,15 +2055,782 @@ def test_hf_layout_quantized_and_tied(tmp_path, meta_ckpt, tokenizer_file, monke
 
 
 @pytest.mark.parametrize("damage, expect", [
+    ("no_params", "params.json: not found"),
+    ("no_shard0", "consolidated.00.pth: shard missing"),
+    ("one_shard_only", "tok_embeddings.weight has shape"),
+    ("shards_disagree", "tok_embeddings.weight has shapes [(V, 32), (100, 32)] in its shards: they do not fit"),
+    ("extra_key", "unexpected tensor 'layers.0.attention.bias'"),
+    ("missing_key", "missing tensor 'layers.1.ffn_norm.weight'"),
+    ("bad_params", "params.json:1: invalid JSON"),
+    ("tokenizer_vocab", "tokenizer.model: tokenizer has 200 tokens, the checkpoint's embedding has 120"),  # more than its rows
+    ("params_kv_heads", "params.json: dim 64, 4 heads, 3 kv heads: need a whole, even head dim and kv heads dividing heads"),
+    ("params_odd_head_dim", "params.json: dim 64, 64 heads, 64 kv heads"),  # a head dim of 1: no rotary pairs
+    ("pickle", "consolidated.01.pth: holds more than tensors and plain data; refusing to unpickle it"),  # no advice to do it anyway
+    ("legacy_pickle", "consolidated.01.pth: not in torch.save's zip format"),  # not torch.save's zip format
+    ("params_string", 'params.json: dim must be a positive integer, got "64"'),  # a hand-edited params.json
+    ("params_negative", "params.json: n_heads must be a positive integer, got -4"),
+    ("params_bool", "params.json: n_layers must be a positive integer, got true"),
+    ("params_nan", "params.json: norm_eps must be a positive number, got NaN"),
+    ("params_list", "params.json: expected a JSON object {...}, got [1]"),
+    ("params_missing", "params.json: missing field 'n_heads'"),
+    ("params_latin1", "params.json: invalid JSON (UnicodeDecodeError)"),
+    ("not_a_dict", "consolidated.01.pth: not a state dict"),
+    ("not_tensors", "consolidated.01.pth: not a state dict"),
+])
+def test_checkpoint_errors_name_file_and_tensor(tmp_path, meta_ckpt, tokenizer_file, damage, expect):
+    src, cfg, weights = meta_ckpt
+    d = tmp_path / "ckpt"
+    shutil.copytree(src, d)
+    if damage == "no_params":
+        (d / "params.json").unlink()
+    elif damage == "no_shard0":
+        (d / "consolidated.00.pth").unlink()
+    elif damage == "one_shard_only":  # a checkpoint for 2-way model parallelism with a shard lost
+        (d / "consolidated.01.pth").unlink()
+    elif damage in ("extra_key", "missing_key", "shards_disagree"):
+        sd = torch.load(d / "consolidated.01.pth")
+        if damage == "shards_disagree":  # the second shard of another model (a smaller vocabulary)
+            sd["tok_embeddings.weight"] = sd["tok_embeddings.weight"][:100].clone()
+        elif damage == "extra_key":
+            sd["layers.0.attention.bias"] = torch.zeros(1)
+        else:
+            del sd["layers.1.ffn_norm.weight"]
+        torch.save(sd, d / "consolidated.01.pth")
+    elif damage == "bad_params":
+        (d / "params.json").write_text("{dim: 64")
+    elif damage.startswith("params_"):
+        p, change = json.loads((d / "params.json").read_text()), damage.removeprefix("params_")
+        p.update({"string": {"dim": str(p["dim"])}, "negative": {"n_heads": -4}, "bool": {"n_layers": True},
+                  "nan": {"norm_eps": float("nan")}, "kv_heads": {"n_kv_heads": 3},
+                  "odd_head_dim": {"n_heads": 64, "n_kv_heads": 64}}.get(change, {}))
+        if change == "missing":
+            del p["n_heads"]
+        raw = {"list": b"[1]", "latin1": '{"dim": 64, "x": "caf\xe9"}'.encode("latin-1")}.get(change, json.dumps(p).encode())
+        (d / "params.json").write_bytes(raw)
+    elif damage == "legacy_pickle":
+        torch.save({"x": torch.zeros(1)}, d / "consolidated.01.pth", _use_new_zipfile_serialization=False)
+    elif damage == "tokenizer_vocab":  # random letters: enough text for 200 pieces
+        g = torch.Generator().manual_seed(0)
+        words = ["".join(chr(97 + c) for c in torch.randint(26, (5,), generator=g).tolist()) for _ in range(400)]
+        assert C.train_tokenizer([" ".join(words[i : i + 20]) for i in range(0, 400, 20)], d / "tokenizer.model", 200) > 120
+    elif damage == "pickle":  # arbitrary pickled objects are refused (weights_only=True)
+        torch.save({"x": __import__("collections").OrderedDict(a=Path("."))}, d / "consolidated.01.pth")
+    elif damage in ("not_a_dict", "not_tensors"):  # plain data weights_only accepts, but no state dict
+        torch.save([1, 2] if damage == "not_a_dict" else {"tok_embeddings.weight": 3}, d / "consolidated.01.pth")
+    with pytest.raises(InputError, match=re.escape(expect.replace("(V,", f"({cfg.vocab_size},"))):
+        M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, tokenizer=d / "tokenizer.model" if damage == "tokenizer_vocab" else None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# model.py's less travelled paths: what the tests above would let change unnoticed (found by mutation testing)
+
+
+# the params.json of each release (Meta's downloads), and its context: 2048 tokens for LLaMA 1, 4096 for Llama 2
+RELEASED_PARAMS = {
+    "7B": (dict(dim=4096, multiple_of=256, n_heads=32, n_layers=32, norm_eps=1e-06), 2048),
+    "13B": (dict(dim=5120, multiple_of=256, n_heads=40, n_layers=40, norm_eps=1e-06), 2048),
+    "33B": (dict(dim=6656, multiple_of=256, n_heads=52, n_layers=60, norm_eps=1e-06), 2048),
+    "65B": (dict(dim=8192, multiple_of=256, n_heads=64, n_layers=80, norm_eps=1e-05), 2048),
+    "2-7B": (dict(dim=4096, multiple_of=256, n_heads=32, n_layers=32, norm_eps=1e-05), 4096),
+    "2-13B": (dict(dim=5120, multiple_of=256, n_heads=40, n_layers=40, norm_eps=1e-05), 4096),
+    "2-70B": (dict(dim=8192, multiple_of=4096, ffn_dim_multiplier=1.3, n_heads=64, n_kv_heads=8, n_layers=80, norm_eps=1e-05), 4096),
+}
+
+
+def test_named_configs_are_the_released_params_and_the_lora_defaults_the_papers():
+    for name, (params, context) in RELEASED_PARAMS.items():
+        cfg = M.LLaMAConfig(**M.CONFIGS[name])
+        want = {"n_kv_heads": params["n_heads"], "ffn_dim_multiplier": None, **params}
+        assert {k: getattr(cfg, k) for k in want} == want, name
+        assert (cfg.max_seq_len, cfg.vocab_size, cfg.rope_theta) == (context, 32000, 10000.0), name
+    cfg = M.LLaMAConfig()  # QLoRA §5 / Appendix: r 64, α 16, dropout 0.1 up to 13B
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.norm_eps, cfg.max_seq_len) == (64, 16, 0.1, 1e-5, 2048)
+    # dense bf16 peaks of the data sheets; "L40S" is looked up before "L40", of which it is a longer name
+    for device, peak in (("NVIDIA H200", 989e12), ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA GeForce RTX 4090", 165e12)):
+        assert M.mfu(1e9, False, 1e4, device) == f"{100 * 4e13 / peak:.1f}%", device
+
+
+def test_every_rmsnorm_takes_the_configs_eps():
+    net = small_net(norm_eps=0.25)  # large enough to change every output visibly
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)) * 0.3
+    norms = [m for m in net.modules() if isinstance(m, M.RMSNorm)]
+    assert len(norms) == 2 * 2 + 1
+    for m in norms:
+        m.weight = 1 + 0.1 * torch.randn(64, generator=torch.Generator().manual_seed(1))
+        xd = x.double()
+        ref = xd / torch.sqrt((xd * xd).mean(-1, keepdim=True) + 0.25) * m.weight.double()
+        assert torch.allclose(m(x).double(), ref, atol=1e-6)
+
+
+def test_rope_tables_span_twice_the_context_and_are_not_saved():
+    # Meta's precompute_freqs_cis(head_dim, 2 · max_seq_len): positions up to twice the context have their angles
+    net = small_net()  # max_seq_len 64, head_dim 16
+    assert net.rope.shape == (2, 128, 8)
+    angles = torch.arange(128, dtype=torch.float64)[:, None] * 1e4 ** -(torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    assert torch.allclose(net.rope[0].double(), angles.cos(), atol=1e-5) and torch.allclose(net.rope[1].double(), angles.sin(), atol=1e-5)
+    assert "rope" not in net.state_dict()  # recomputed from the config, never part of a checkpoint
+    with torch.no_grad():
+        assert net(torch.zeros(1, 100, dtype=torch.long))[0].isfinite().all()  # 100 tokens > max_seq_len: still has tables
+    # 16-bit activations are rotated in fp32 and handed back in their own dtype
+    x = torch.randn(1, 5, 2, 16, generator=torch.Generator().manual_seed(2)).bfloat16()
+    cos, sin = net.rope[0, :5], net.rope[1, :5]
+    y = M.apply_rope(x, cos, sin)
+    a, b = x.double()[..., 0::2], x.double()[..., 1::2]
+    c, s = angles[:5, None, :].cos(), angles[:5, None, :].sin()
+    ref = torch.stack([a * c - b * s, a * s + b * c], -1).flatten(-2)
+    assert y.dtype == torch.bfloat16 and torch.allclose(y.double(), ref, rtol=2 ** -8, atol=1e-6)
+
+
+def test_16bit_model_gives_fp32_logits_and_loss():
+    # the head's matmul in the activation dtype, then fp32 for the logits and the cross-entropy (Meta: .float())
+    cfg = M.LLaMAConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=32, max_seq_len=64, lora_r=0)
+    net = M.LLaMA.from_config(cfg, quantize=False, dtype=torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(0)
+    idx, tgt = torch.randint(50, (2, 6), generator=g), torch.randint(50, (2, 6), generator=g)
+    with torch.no_grad():
+        logits, _ = net(idx)
+        _, loss = net(idx, tgt)
+    assert logits.dtype == torch.float32 and loss.dtype == torch.float32
+    assert abs(loss.item() - F.cross_entropy(logits.double().view(-1, 50), tgt.view(-1)).item()) < 1e-4
+
+
+def test_loss_chunks_cover_every_row_even_a_last_chunk_of_one():
+    net = small_net()
+    g = torch.Generator().manual_seed(4)
+    idx, tgt = torch.randint(50, (2, 4), generator=g), torch.randint(50, (2, 4), generator=g)
+    with torch.no_grad():
+        ref = F.cross_entropy(net(idx)[0].double().view(-1, 50), tgt.view(-1))
+        for chunk in (1, 3, 7, 8, 9):  # 8 rows: chunks of 1, a last chunk of 2, of 1 (7), exactly one, more than all
+            net.ce_chunk = chunk
+            assert abs(net(idx, tgt)[1].item() - ref.item()) < 1e-5, chunk
+
+
+def test_gradient_checkpointing_only_while_training_with_gradients(monkeypatch):
+    # eval() with gradients on: no recomputation; train() under no_grad (generate): the KV cache is still used
+    calls, forward = [], M.FeedForward.forward
+    monkeypatch.setattr(M.FeedForward, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    net = small_net(n_layers=1, lora_r=4, lora_dropout=0.0)
+    net.grad_checkpoint = True
+    idx = torch.zeros(1, 4, dtype=torch.long)
+    net.eval()
+    net(idx, idx)[1].backward()
+    assert len(calls) == 1
+    prompt = torch.randint(50, (2, 3), generator=torch.Generator().manual_seed(0))
+    with_random_adapter(net, seed=3)
+    expect = net.generate(prompt, 6, temperature=0)
+    assert torch.equal(net.train().generate(prompt, 6, temperature=0), expect)
+
+
+def test_generate_steps_cache_dtype_cleanup_and_default_temperature(monkeypatch):
+    net = small_net()
+    prompt = torch.randint(50, (1, 3), generator=torch.Generator().manual_seed(0))
+    steps, forward = [], M.LLaMA.forward
+    monkeypatch.setattr(M.LLaMA, "forward", lambda self, idx, targets=None, start_pos=None: steps.append(start_pos) or forward(self, idx, targets, start_pos))
+    net.generate(prompt, 5, temperature=0)
+    assert steps == [0, 3, 4, 5, 6]  # the prompt, then one step per new token but the last: no wasted forward
+    assert all(layer.attention.cache is None for layer in net.layers)  # the cache is freed
+    seen = []
+    with torch.autocast("cpu", torch.bfloat16):  # the cache holds what autocast computes k and v in
+        net.generate(prompt, 2, temperature=0, stream=lambda nxt: seen.append(net.layers[0].attention.cache[0].dtype))
+    assert seen == [torch.bfloat16] * 2
+
+    def fail(nxt):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        net.generate(prompt, 3, temperature=0, stream=fail)
+    assert all(layer.attention.cache is None for layer in net.layers)  # freed on the way out too
+    temps, sample = [], M.sample
+    monkeypatch.setattr(M, "sample", lambda logits, t, k, p: temps.append(t) or sample(logits, t, k, p))
+    net.generate(prompt, 1)
+    assert temps == [1.0]  # plain sampling unless told
+
+
+def test_sample_default_is_the_plain_softmax(monkeypatch):
+    seen, multinomial = [], torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda p, n: seen.append(p.clone()) or multinomial(p, n))
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0]])
+    M.sample(logits)
+    assert torch.allclose(seen[0], logits.double().softmax(-1))
+
+
+def test_random_init_norms_are_one_and_weights_scale_with_fan_in_per_seed():
+    cfg = M.LLaMAConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=32, lora_r=0)  # hidden 192
+    a, b = (M.LLaMA.from_config(cfg, quantize=False, dtype=torch.float32, seed=s) for s in (0, 1))
+    again = M.LLaMA.from_config(cfg, quantize=False, dtype=torch.float32, seed=0)
+    half = M.LLaMA.from_config(cfg, quantize=False, seed=0)  # bf16 by default: the same draws, rounded
+    for name in ("norm", "layers.0.attention_norm", "layers.0.ffn_norm"):
+        assert torch.equal(a.get_submodule(name).weight, torch.ones(64))
+    sa, sb, s2, sh = a.state_dict(), b.state_dict(), again.state_dict(), half.state_dict()
+    for k, w in sa.items():
+        assert torch.equal(w, s2[k]) and sh[k].dtype == torch.bfloat16 and torch.equal(sh[k], w.bfloat16()), k
+        if w.dim() == 2:
+            assert not torch.equal(w, sb[k]), k  # another seed, other weights
+            assert abs(w.std().item() * w.shape[1] ** 0.5 - 1) < 0.1, k  # std 1/√fan_in (w1: 1/8, w2: 1/√192)
+
+
+def chat_here(monkeypatch, capsys, *argv, stdin=b"", answers=()):
+    # python model.py in this process, its generate replaced by a spy -> (calls, stdout). A call records (prompt ids,
+    # max_new_tokens, temperature, top_k, top_p, eos_id, torch's seed) and streams the next of `answers` (token ids)
+    calls, answers = [], list(answers)
+
+    def spy(net, idx, max_new_tokens, temperature, top_k, top_p, eos_id, stream):
+        calls.append((idx[0].tolist(), max_new_tokens, temperature, top_k, top_p, eos_id, torch.initial_seed()))
+        for t in answers.pop(0) if answers else ():
+            stream(torch.tensor([t]))
+        return idx
+    monkeypatch.setattr(M.LLaMA, "generate", spy)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))  # strict, as in some locales
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with torch.random.fork_rng():
+        M.chat([str(a) for a in argv])
+    return calls, capsys.readouterr().out
+
+
+def demo_variant(demo_adapter, path, **change):  # the demo adapter.pt with some of its record changed
+    ck = torch.load(demo_adapter[0], weights_only=True)
+    for k, v in change.items():
+        ck[k] = {**ck[k], **v} if isinstance(v, dict) and isinstance(ck.get(k), dict) else v
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ck, path)
+    return path
+
+
+def test_chat_checks_flag_ranges_and_words_before_loading_anything():
+    for argv, expect in ((["--top_p", "1.5"], "--top_p must be in [0, 1], got 1.5"),
+                         (["--temperature", "20000"], "--temperature must be in [0, 10000], got 20000.0"),
+                         (["--seed", "-1"], "--seed must be in [0, 9.22337e+18], got -1"),
+                         (["hello"], "unexpected argument 'hello'")):
+        with pytest.raises(InputError, match=re.escape(expect)):
+            M.chat(argv)
+
+
+def test_chat_hands_generate_the_flags_template_and_seed(demo_adapter, meta_ckpt, tmp_path, monkeypatch, capsys):
+    path, _, tok = demo_adapter
+    alpaca = [tok.bos_id] + tok.encode(P.ALPACA[False].format(instruction="the lazy dog"))
+    calls, _ = chat_here(monkeypatch, capsys, "--adapter", path, "--prompt", "the lazy dog", "--seed", 12345, "--quantize", "false")
+    assert calls == [(alpaca, 256, 0.7, None, 0.9, tok.eos_id, 12345)]  # the defaults: temperature 0.7, top_p 0.9, no top_k
+    # the upper ends are allowed; top_p 1 is no nucleus at all
+    calls, _ = chat_here(monkeypatch, capsys, "--adapter", path, "--prompt", "the lazy dog", "--top_k", 5, "--top_p", 1,
+                         "--temperature", 10000, "--max_new_tokens", 10**9, "--quantize", "false")
+    assert calls[0][1:6] == (10**9, 10000.0, 5, None, tok.eos_id)
+    # the template the adapter records, unless --template says otherwise
+    guanaco = demo_variant(demo_adapter, tmp_path / "g" / "adapter.pt", template="guanaco")
+    calls, _ = chat_here(monkeypatch, capsys, "--adapter", guanaco, "--prompt", "the lazy dog", "--quantize", "false")
+    assert calls[0][0] == [tok.bos_id] + tok.encode("### Human: the lazy dog### Assistant: ")
+    calls, _ = chat_here(monkeypatch, capsys, "--adapter", guanaco, "--prompt", "the lazy dog", "--template", "alpaca", "--quantize", "false")
+    assert calls[0][0] == alpaca
+    with pytest.raises(InputError, match=re.escape("--template: expected alpaca, guanaco or none, got 'chatml'")):
+        chat_here(monkeypatch, capsys, "--adapter", path, "--prompt", "x", "--template", "chatml", "--quantize", "false")
+    # no adapter: the bare prompt
+    d, _, _ = meta_ckpt
+    calls, _ = chat_here(monkeypatch, capsys, "--ckpt_dir", d, "--prompt", "the lazy dog", "--quantize", "false")
+    assert calls[0][0] == [tok.bos_id] + tok.encode("the lazy dog")
+
+
+def test_chat_turns_history_eos_and_blank_lines(demo_adapter, monkeypatch, capsys):
+    path, _, tok = demo_adapter
+    lines = ("the brown fox", "seven birds", "old stone bridges")
+    t1, t2, t3 = tok.encode("the quick"), tok.encode("lazy dog"), tok.encode("rivers")
+    stdin = ("  " + "\n".join(lines) + "  \n \nnever read\n").encode()  # surrounding spaces go; a blank line ends the chat
+    calls, out = chat_here(monkeypatch, capsys, "--adapter", path, "--template", "guanaco", "--quantize", "false", stdin=stdin,
+                           answers=[t1, t2 + [tok.eos_id], t3])
+    g = [tok.encode(f"### Human: {line}### Assistant: ") for line in lines]
+    first = [tok.bos_id] + g[0]
+    second = first + t1 + [tok.eos_id] + g[1]  # an answer cut at max_new_tokens is closed with eos, as in training
+    third = second + t2 + [tok.eos_id] + g[2]  # one that ended with eos is not closed twice
+    assert [c[0] for c in calls] == [first, second, third]
+    assert out == "".join(tok.decode(t) + "\n" for t in (t1, t2 + [tok.eos_id], t3))
+    # Alpaca: every line a fresh instruction
+    calls, _ = chat_here(monkeypatch, capsys, "--adapter", path, "--quantize", "false", stdin=b"the brown fox\nseven birds\n",
+                         answers=[t1, t2])
+    assert [c[0] for c in calls] == [[tok.bos_id] + tok.encode(P.ALPACA[False].format(instruction=line)) for line in lines[:2]]
+    with pytest.raises(InputError, match=re.escape("stdin: not UTF-8 text")):  # not a UnicodeDecodeError from input()
+        chat_here(monkeypatch, capsys, "--adapter", path, "--quantize", "false", stdin=b"caf\xe9\n")
+
+
+def test_chat_keeps_the_newest_prompt_tokens_within_the_context(demo_adapter, tmp_path, monkeypatch, capsys):
+    _, _, tok = demo_adapter
+    short = demo_variant(demo_adapter, tmp_path / "a" / "adapter.pt", model_config={"max_seq_len": 24})
+    prompt = " ".join(WORDS[:30])
+    ids = [tok.bos_id] + tok.encode(P.ALPACA[False].format(instruction=prompt))
+    assert len(ids) > 24
+    for new, keep in ((4, 20), (20, 12)):  # keep max(context - new tokens, context / 2) of the prompt, the newest
+        calls, _ = chat_here(monkeypatch, capsys, "--adapter", short, "--prompt", prompt, "--max_new_tokens", new, "--quantize", "false")
+        assert calls[0][0] == ids[-keep:]
+
+
+def test_chat_finds_the_base_the_tokenizer_and_the_device_as_recorded(demo_adapter, meta_ckpt, tmp_path, monkeypatch, capsys):
+    path, _, tok = demo_adapter
+    # an adapter folder moved elsewhere: the tokenizer it names is looked for beside it
+    recorded = Path(torch.load(path, weights_only=True)["base"]["tokenizer"])
+    moved = demo_variant(demo_adapter, tmp_path / "moved" / "adapter.pt", base={"tokenizer": str(tmp_path / "gone" / recorded.name)})
+    shutil.copy(recorded, moved.parent / recorded.name)
+    calls, _ = chat_here(monkeypatch, capsys, "--adapter", moved, "--prompt", "x", "--quantize", "false")
+    assert len(calls) == 1
+    # a random base is only rebuilt on the device kind it was made on; an older record without one is taken as this one
+    cuda = demo_variant(demo_adapter, tmp_path / "cuda" / "adapter.pt", base={"device": "cuda"})
+    with pytest.raises(InputError, match=re.escape("its random base was made on cuda; rebuilding it needs the same here")):
+        chat_here(monkeypatch, capsys, "--adapter", cuda, "--prompt", "x", "--quantize", "false")
+    ck = torch.load(path, weights_only=True)
+    del ck["base"]["device"]
+    torch.save(ck, tmp_path / "old.pt")
+    assert len(chat_here(monkeypatch, capsys, "--adapter", tmp_path / "old.pt", "--prompt", "x", "--quantize", "false")[0]) == 1
+    # --ckpt_dir wins over the base folder an adapter records (here: one that is gone), and serves one recording none
+    d, _, _ = meta_ckpt
+    net = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=4, progress=False)
+    for i, base in enumerate(({"ckpt_dir": str(tmp_path / "gone")}, None)):
+        torch.save({"lora": net.lora_state_dict(), "model_config": vars(net.config), "base": base}, tmp_path / f"{i}.pt")
+        calls, _ = chat_here(monkeypatch, capsys, "--adapter", tmp_path / f"{i}.pt", "--ckpt_dir", d, "--template", "none",
+                             "--prompt", "the lazy dog", "--quantize", "false")
+        assert calls[0][0] == [tok.bos_id] + tok.encode("the lazy dog")
+    with pytest.raises(InputError, match=re.escape("--ckpt_dir DIR is needed")):  # no folder, no random base: said so
+        chat_here(monkeypatch, capsys, "--adapter", tmp_path / "1.pt", "--prompt", "x")
+
+
+def test_chat_streams_a_character_split_over_byte_tokens_whole(demo_adapter, tmp_path, monkeypatch, capsys):
+    # LLaMA's tokenizer falls back to byte tokens (<0xC3> <0xA9> for "é"): the first byte alone decodes to U+FFFD,
+    # which must not be printed, since the streamed text is never taken back
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(WORDS * 10), model_writer=buf, vocab_size=300, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, byte_fallback=True, minloglevel=2)
+    (tmp_path / "bytes.model").write_bytes(buf.getvalue())
+    tok = C.Tokenizer(tmp_path / "bytes.model")
+    answer = tok.encode("the café ☕ is open")
+    assert "<0xC3>" in [tok.sp.id_to_piece(i) for i in answer]  # é is two byte tokens here
+    adapter = demo_variant(demo_adapter, tmp_path / "b" / "adapter.pt", base={"tokenizer": str(tmp_path / "bytes.model")})
+    _, out = chat_here(monkeypatch, capsys, "--adapter", adapter, "--prompt", "the lazy dog", "--quantize", "false", answers=[answer])
+    assert out == "the café ☕ is open\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# export: merged weights equal base + (α/r)·B A; peft's q/k permutation preserves attention scores
+
+
+def test_export_merged_roundtrip(tmp_path, meta_ckpt, monkeypatch):
+    d, cfg, _ = meta_ckpt
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    net = M.LLaMA.from_checkpoint(d, quantize=True, dtype=torch.float32, lora_r=4, lora_alpha=8).eval()
+    for n, p in net.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    C.export_merged(net, tmp_path / "merged", dtype=torch.float32)
+    sd = torch.load(tmp_path / "merged" / "consolidated.00.pth", weights_only=True)
+    lin = net.layers[1].feed_forward.w2
+    expect = qlora.dequantize_nf4(lin.weight, torch.float32) + (8 / 4) * lin.lora_B @ lin.lora_A
+    assert torch.allclose(sd["layers.1.feed_forward.w2.weight"], expect, atol=1e-6)
+    merged = M.LLaMA.from_checkpoint(tmp_path / "merged", quantize=False, dtype=torch.float32, tokenizer=d.parent / "tokenizer.model", lora_r=0)
+    idx = torch.randint(cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(6))
+    assert rel_err(merged(idx)[0], net(idx)[0]) < 1e-5
+    assert not list(tmp_path.glob("merged/*.tmp"))
+    assert json.loads((tmp_path / "merged" / "merge.json").read_text())["base"] == "nf4-dequantized"
+
+
+def test_folder_rules_layout_tokenizer_context_and_params(tmp_path, meta_ckpt, tokenizer_file):
+    d, cfg, weights = meta_ckpt
+    # Mistral's Hugging Face folders also hold a params.json of its own: without consolidated.NN.pth, HF's layout
+    hf = write_hf(tmp_path / "models" / "hf", cfg, weights, tokenizer_file)
+    (hf / "params.json").write_text(json.dumps({"dim": 1, "n_layers": 1, "n_heads": 1}))
+    net = M.LLaMA.from_checkpoint(hf, quantize=False, dtype=torch.float32, lora_r=0, progress=False)
+    idx = torch.randint(cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
+    assert rel_err(net(idx)[0], reference_forward(weights, cfg, idx)) < 1e-4
+    # a tokenizer one level up belongs to Meta's layout (its download's); an HF folder's own is inside it
+    (hf / "tokenizer.model").unlink()
+    shutil.copy(tokenizer_file, hf.parent / "tokenizer.model")
+    assert C.find_tokenizer(hf) is None and C.find_tokenizer(d) == d.parent / "tokenizer.model"
+    # params.json states no context length: the model is built for the one asked for, at least 2048
+    for context, n in ((None, 2048), (3000, 3000)):
+        assert C.read_params(d, context)["max_seq_len"] == n
+    # an embedding padded past the tokenizer (fewer tokens than rows) loads; only more tokens than rows is refused
+    C.train_tokenizer(WORDS * 5, tmp_path / "small.model", vocab_size=60)
+    M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=0, tokenizer=tmp_path / "small.model", progress=False)
+    # an exported params.json names n_kv_heads only where it differs from n_heads (LLaMA-1's ModelArgs has no such field)
+    assert "n_kv_heads" not in json.loads(C.meta_params(M.LLaMAConfig(dim=64, n_heads=4)))
+    assert json.loads(C.meta_params(M.LLaMAConfig(dim=64, n_heads=4, n_kv_heads=2)))["n_kv_heads"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoint.py's less travelled paths: what the tests above would let change unnoticed (found by mutation testing)
+
+
+def raw_safetensors(path, header, data):  # a file as another writer might make it: header and bytes as given
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    Path(path).write_bytes(struct.pack("<Q", len(h)) + h + data)
+
+
+def test_safetensors_reader_reads_unaligned_tensors_and_names_bad_offsets(tmp_path):
+    # a tensor that starts off its dtype's alignment (a 2-byte F16 before an F32) is copied, not viewed in place;
+    # offsets past the data, a size that disagrees with the shape, or a header past the file: the check's own message
+    f = tmp_path / "a.safetensors"
+    t = {"a": torch.tensor([1.5], dtype=torch.float16), "b": torch.tensor([1.0, -2.0, 3.25])}
+    write_safetensors(f, t)
+    got = C.read_safetensors(f)
+    assert got["b"].dtype == torch.float32 and all(torch.equal(got[k], v) for k, v in t.items())
+    for header, data in (({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(4)),  # past the data
+                         ({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}}, bytes(8))):  # 8 bytes, shape needs 4
+        raw_safetensors(f, header, data)
+        with pytest.raises(InputError, match=re.escape("tensor 'x': data_offsets disagree with its shape or the file size")):
+            C.read_safetensors(f)
+    f.write_bytes(struct.pack("<Q", 16) + b"{}      ")  # says 16 header bytes, holds 8
+    with pytest.raises(InputError, match="header longer than the file"):
+        C.read_safetensors(f)
+
+
+def test_safetensors_writer_pads_the_header_and_keeps_the_metadata(tmp_path, meta_ckpt):
+    # every header length (names of 1..8 characters): padded to 8, so tensors start aligned; peft's export says
+    # format "pt", which transformers' loader asks of a safetensors file
+    for k in range(1, 9):
+        t = {"n" * k: torch.arange(6.0).view(2, 3), "m": torch.tensor([7], dtype=torch.bfloat16)}
+        C.save_safetensors(t, tmp_path / "s.safetensors", {"format": "pt"})
+        raw = (tmp_path / "s.safetensors").read_bytes()
+        n = struct.unpack("<Q", raw[:8])[0]
+        assert n % 8 == 0 and json.loads(raw[8 : 8 + n])["__metadata__"] == {"format": "pt"}
+        assert all(torch.equal(C.read_safetensors(tmp_path / "s.safetensors")[k], v) for k, v in t.items())
+    d, cfg, _ = meta_ckpt
+    C.export_peft(M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=2, progress=False), tmp_path / "peft")
+    raw = (tmp_path / "peft" / "adapter_model.safetensors").read_bytes()
+    assert json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])["__metadata__"] == {"format": "pt"}
+    (tmp_path / "peft" / "adapter_model.bin").write_bytes(b"not read")  # beside it, a pickle is not read
+    assert len(C.read_adapter(tmp_path / "peft")["lora"]) == 2 * 7 * cfg.n_layers
+
+
+def test_config_json_defaults_are_transformers_and_params_json_fields_are_checked(tmp_path, meta_ckpt):
+    # a config.json without the optional fields means transformers' LlamaConfig defaults (LLaMA-1 conversions
+    # have no num_key_value_heads); a head_dim that agrees is fine; a sliding window bounds the context
+    need = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100, intermediate_size=172)
+    p = C.hf_params(need, "config.json")
+    assert (p["n_kv_heads"], p["norm_eps"], p["rope_theta"], p["max_seq_len"], p["tie_embeddings"]) == (4, 1e-6, 10000.0, 2048, False)
+    assert C.hf_params({**need, "head_dim": 16}, "config.json")["dim"] == 64
+    assert C.hf_params({**need, "max_position_embeddings": 128, "sliding_window": 64}, "config.json")["max_seq_len"] == 64
+    # transformers >= 5 writes θ inside rope_parameters (Llama 3: 500000), which wins over a top-level one
+    v5 = {**need, "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}}
+    assert C.hf_params(v5, "config.json")["rope_theta"] == C.hf_params({**v5, "rope_theta": 10000.0}, "config.json")["rope_theta"] == 500000.0
+    assert C.hf_params({**need, "rope_parameters": {"rope_type": "default"}, "rope_theta": 1e6}, "config.json")["rope_theta"] == 1e6
+    # params.json: multiple_of is an integer like the other sizes (a width is rounded up to a multiple of it)
+    src = meta_ckpt[0]
+    (tmp_path / "params.json").write_text(json.dumps({**json.loads((src / "params.json").read_text()), "multiple_of": 32.5}))
+    with pytest.raises(InputError, match="params.json: multiple_of must be a positive integer, got 32.5"):
+        C.read_params(tmp_path)
+
+
+def test_meta_folder_without_shards_and_the_bytes_progress_expects(tmp_path, meta_ckpt, tokenizer_file):
+    d, cfg, weights = meta_ckpt
+    (tmp_path / "empty").mkdir()
+    shutil.copy(d / "params.json", tmp_path / "empty" / "params.json")
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'empty'}: no consolidated.NN.pth checkpoint shards")):
+        C.open_checkpoint(tmp_path / "empty", tokenizer=tokenizer_file)
+    # the progress total is the whole model (every shard's part), and a tied head is the embedding, counted once
+    assert C.open_checkpoint(d, progress=False)[2].total >= sum(w.nbytes for w in weights.values())
+    tied = {**weights, "output.weight": weights["tok_embeddings.weight"]}
+    hf = write_hf(tmp_path / "hf", cfg, tied, tokenizer_file, config=hf_config(cfg, tie_word_embeddings=True))
+    assert C.open_checkpoint(hf, progress=False)[2].total == sum(w.nbytes for k, w in weights.items() if k != "output.weight")
+
+
+def test_hf_folder_prefers_index_and_safetensors_and_skips_what_it_recomputes(tmp_path, meta_ckpt, tokenizer_file):
+    # hub folders often hold both model.safetensors and pytorch_model.bin: the safetensors is read (no pickle);
+    # an index is read before a stray single file. Old conversions store rotary_emb.inv_freq, and tied models
+    # sometimes an lm_head.weight: both are skipped, and the tied head is the embedding
+    d, cfg, weights = meta_ckpt
+    idx = torch.randint(cfg.vocab_size, (1, 7), generator=torch.Generator().manual_seed(3))
+    ref = reference_forward(weights, cfg, idx)
+    for shards, stray in ((1, "pytorch_model.bin"), (2, "model.safetensors")):
+        hf = write_hf(tmp_path / f"hf{shards}", cfg, weights, tokenizer_file, shards=shards)
+        (hf / stray).write_bytes(b"not read")
+        net = M.LLaMA.from_checkpoint(hf, quantize=False, dtype=torch.float32, lora_r=0, progress=False)
+        assert rel_err(net(idx)[0], ref) < 1e-4
+    hf = write_hf(tmp_path / "tied", cfg, weights, tokenizer_file, config=hf_config(cfg, tie_word_embeddings=True))
+    sd = read_safetensors(hf / "model.safetensors")
+    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(cfg.head_dim // 2)
+    write_safetensors(hf / "model.safetensors", sd)  # lm_head.weight stays, and differs from the embedding
+    load = C.open_checkpoint(hf, "cpu", torch.float32, progress=False)[1]
+    assert torch.equal(load("output.weight", (cfg.vocab_size, cfg.dim)), weights["tok_embeddings.weight"])
+    # a pickled checkpoint has no dtype check of its own: float64 is refused here, by name
+    hf = write_hf(tmp_path / "bin", cfg, weights, tokenizer_file, kind="bin")
+    sd = torch.load(hf / "pytorch_model.bin")
+    torch.save({**sd, "model.norm.weight": sd["model.norm.weight"].double()}, hf / "pytorch_model.bin")
+    with pytest.raises(InputError, match=re.escape("tensor 'model.norm.weight' has dtype torch.float64; only float16")):
+        C.open_checkpoint(hf, progress=False)
+
+
+def test_meta_folder_with_a_config_json_and_which_tokenizer_is_used(tmp_path, meta_ckpt, tokenizer_file):
+    # consolidated.NN.pth makes a folder Meta's even with a config.json beside it; its own tokenizer.model comes
+    # before the one a level up; an explicit tokenizer comes before both
+    src, cfg, _ = meta_ckpt
+    d = tmp_path / "llama" / "7B"
+    shutil.copytree(src, d)
+    (d / "config.json").write_text(json.dumps(hf_config(cfg, num_hidden_layers=9)))
+    assert not C.is_hf(d) and C.read_params(d)["n_layers"] == cfg.n_layers
+    shutil.copy(tokenizer_file, d / "tokenizer.model")
+    (d.parent / "tokenizer.model").write_bytes(b"another")
+    assert C.find_tokenizer(d) == d / "tokenizer.model"
+    (tmp_path / "bad.model").write_bytes(b"junk")
+    with pytest.raises(InputError, match="bad.model: not a sentencepiece tokenizer model"):
+        C.open_checkpoint(d, tokenizer=tmp_path / "bad.model", progress=False)
+
+
+@pytest.mark.parametrize("change, expect", [
+    (dict(use_dora=True), "use_dora true is not supported"),
+    (dict(fan_in_fan_out=True), "fan_in_fan_out true is not supported"),
+    (dict(bias="all"), 'bias "all" is not supported'),
+    (dict(rank_pattern={"q_proj": 8}), "rank_pattern"),
+    (dict(r=0), "the rank and alpha must be finite numbers, got 0, 8"),  # not a division by zero
+    (dict(use_dora=None, fan_in_fan_out=None, bias=None, rank_pattern=None, alpha_pattern=None), None),  # null: the default
+    (dict(use_rslora=True), None),
+])
+def test_peft_config_fields_refused_or_read(tmp_path, meta_ckpt, change, expect):
+    d, cfg, _ = meta_ckpt
+    C.export_peft(M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=4, lora_alpha=8, progress=False), tmp_path / "a")
+    cj = tmp_path / "a" / "adapter_config.json"
+    cj.write_text(json.dumps({**json.loads(cj.read_text()), **change}))
+    if expect:
+        with pytest.raises(InputError, match=re.escape(expect)):
+            C.read_adapter(tmp_path / "a")
+    else:  # rsLoRA scales by α/√r, not α/r
+        assert C.read_adapter(tmp_path / "a")["scaling"] == (8 / 2 if change.get("use_rslora") else 8 / 4)
+
+
+def test_peft_adapter_on_some_layers_loads_and_exports_again(tmp_path, meta_ckpt, tokenizer_file):
+    # an adapter of q_proj and v_proj only (peft's default): the other layers lose their LoRA branch (no parameters
+    # left to train), the model takes the adapter's r and α, and both exports skip the layers without LoRA
+    d, cfg, weights = meta_ckpt
+    net = with_random_adapter(M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=4, lora_alpha=8, progress=False))
+    C.export_peft(net, tmp_path / "a")
+    cj, st = tmp_path / "a" / "adapter_config.json", tmp_path / "a" / "adapter_model.safetensors"
+    cj.write_text(json.dumps({**json.loads(cj.read_text()), "target_modules": ["q_proj", "v_proj"]}))
+    write_safetensors(st, {k: v for k, v in read_safetensors(st).items() if ".q_proj." in k or ".v_proj." in k})
+    fresh = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=16, lora_alpha=3, progress=False).eval()
+    C.load_adapter(fresh, tmp_path / "a")
+    assert {n.split(".")[3] for n, _ in fresh.named_parameters() if "lora_" in n} == {"wq", "wv"}
+    assert (fresh.config.lora_r, fresh.config.lora_alpha) == (4, 8)
+    ref = {k: v.float() for k, v in merged_weights(weights, fresh).items()}
+    idx = torch.randint(cfg.vocab_size, (1, 7), generator=torch.Generator().manual_seed(4))
+    assert rel_err(fresh(idx)[0], reference_forward(ref, cfg, idx)) < 1e-4
+    C.export_peft(fresh, tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]
+    C.export_merged(fresh, tmp_path / "m", base=d, tokenizer=tokenizer_file, progress=False)  # default: float16
+    sd = torch.load(tmp_path / "m" / "consolidated.00.pth", weights_only=True)
+    assert all(sd[k].dtype == torch.float16 and torch.allclose(sd[k].float(), ref[k], atol=2e-3, rtol=2e-3) for k in ref)
+    merge = json.loads((tmp_path / "m" / "merge.json").read_text())
+    assert (merge["base"], merge["base_dir"], merge["dtype"], merge["lora_r"], merge["lora_alpha"]) == ("original", str(d), "float16", 4, 8)
+    assert (tmp_path / "m" / "tokenizer.model").read_bytes() == tokenizer_file.read_bytes()
+
+
+def test_meta_params_give_back_the_ffn_width_and_rope_theta():
+    # Meta's formula int(multiplier · int(8·dim/3)) must give back the width exactly, also where the plain quotient
+    # rounds down (175/170·170 = 174.99...); rope_theta only where it is not Llama 2's 10000 (its ModelArgs has none)
+    for ffn in (172, 175, 11008):
+        p = json.loads(C.meta_params(M.LLaMAConfig(dim=64, n_heads=4, ffn_dim=ffn)))
+        assert M.LLaMAConfig(**p).hidden_dim == ffn
+    assert "rope_theta" not in json.loads(C.meta_params(M.LLaMAConfig(dim=64, n_heads=4)))
+    assert json.loads(C.meta_params(M.LLaMAConfig(dim=64, n_heads=4, rope_theta=1e6)))["rope_theta"] == 1e6
+
+
+def test_progress_line_counts_layers_from_one_and_estimates_the_rest(monkeypatch):
+    # on a terminal: layer i/N for the i-th block (the embedding is 0), GB done/total, eta from the rate so far
+    class Clock:  # checkpoint.py's time module: 100 s at the start, 110 s at the first step
+        t = iter([100.0, 110.0])
+
+        def time(self):
+            return next(self.t)
+
+    monkeypatch.setattr(C, "time", Clock())
+    err = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    p = C.Progress("loaded", 2, 4e9)
+    p.step("layers.0.attention.wq.weight", 1e9)  # a quarter in 10 s: 30 s to go
+    assert err.getvalue() == "\rloaded: layer 1/2, 1.0/4.0 GB, 10s, eta 30s\033[K"
+
+
+ST = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def write_safetensors(path, tensors):
+    # the format as the safetensors package writes it: u64 header length, JSON header padded to 8, raw bytes
+    header, off, blobs = {"__metadata__": {"format": "pt"}}, 0, []
+    for k, t in tensors.items():
+        if isinstance(t, tuple):  # (dtype name, shape, bytes): a dtype torch cannot express
+            header[k] = {"dtype": t[0], "shape": t[1], "data_offsets": [off, off + len(t[2])]}
+            off, blobs = off + len(t[2]), blobs + [t[2]]
+            continue
+        b = t.contiguous().view(torch.int16 if t.dtype == torch.bfloat16 else t.dtype).numpy().tobytes()
+        header[k] = {"dtype": ST[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + len(b)]}
+        off, blobs = off + len(b), blobs + [b]
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    Path(path).write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def read_safetensors(path):
+    raw = Path(path).read_bytes()
+    n, = struct.unpack("<Q", raw[:8])
+    assert n % 8 == 0  # every tensor 8-aligned
+    header = json.loads(raw[8 : 8 + n])
+    header.pop("__metadata__")
+    dt = {v: k for k, v in ST.items()}
+    return {k: torch.frombuffer(bytearray(raw[8 + n + h["data_offsets"][0] : 8 + n + h["data_offsets"][1]]),
+                                dtype=dt[h["dtype"]]).view(h["shape"]) for k, h in header.items()}
+
+
+def hf_rope(x):  # HF's rotate-half rotary on (T, H, hd)
+    T, hd = x.shape[0], x.shape[-1]
+    freqs = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    ang = torch.cat([torch.outer(torch.arange(T, dtype=torch.float64), freqs)] * 2, -1)[:, None, :]
+    rot = torch.cat([-x[..., hd // 2:], x[..., : hd // 2]], -1)
+    return x * ang.cos() + rot * ang.sin()
+
+
+def test_export_peft_permutes_q_k_for_hf_rotary(tmp_path, meta_ckpt):
+    d, cfg, weights = meta_ckpt
+    net = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float64, lora_r=4)
+    for n, p in net.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    C.export_peft(net, tmp_path / "peft")
+    conf = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert conf["peft_type"] == "LORA" and conf["r"] == 4 and set(conf["target_modules"]) == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    sd = read_safetensors(tmp_path / "peft" / "adapter_model.safetensors")
+    assert len(sd) == 2 * 7 * cfg.n_layers
+    pre = "base_model.model.model.layers.0.self_attn."
+    att = net.layers[0].attention
+    hd, s = cfg.head_dim, att.wq.scaling
+    x = torch.randn(6, cfg.dim, dtype=torch.float64)
+    # Meta: interleaved rotary on W + sBA.  HF: rotate-half on the permuted base + the exported adapter.
+    wq, wk = (m.weight + s * m.lora_B @ m.lora_A for m in (att.wq, att.wk))
+    q = M.apply_rope((x @ wq.T).view(1, 6, cfg.n_heads, hd), *M.rope_tables(hd, 6, 1e4, "cpu"))[0]
+    k = M.apply_rope((x @ wk.T).view(1, 6, cfg.n_kv_heads, hd), *M.rope_tables(hd, 6, 1e4, "cpu"))[0]
+    wq_hf = C.hf_permute(att.wq.weight, cfg.n_heads) + s * sd[pre + "q_proj.lora_B.weight"].double() @ sd[pre + "q_proj.lora_A.weight"].double()
+    wk_hf = C.hf_permute(att.wk.weight, cfg.n_kv_heads) + s * sd[pre + "k_proj.lora_B.weight"].double() @ sd[pre + "k_proj.lora_A.weight"].double()
+    q_hf, k_hf = hf_rope((x @ wq_hf.T).view(6, cfg.n_heads, hd)), hf_rope((x @ wk_hf.T).view(6, cfg.n_kv_heads, hd))
+    rep = cfg.n_heads // cfg.n_kv_heads
+    scores = torch.einsum("thd,shd->hts", q, k.repeat_interleave(rep, 1))
+    scores_hf = torch.einsum("thd,shd->hts", q_hf, k_hf.repeat_interleave(rep, 1))
+    assert torch.allclose(scores, scores_hf, atol=1e-5)  # rope_tables are fp32
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hugging Face's layout: the fixture's weights under HF's names, q/k rows permuted for HF's rotate-half
+# rotary as transformers' convert_llama_weights_to_hf.py does, in each file variant
+
+
+HF_LAYER = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+            "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+            "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def convert_permute(w, n_heads):  # convert_llama_weights_to_hf.py's permute
+    d1, d2 = w.shape
+    return w.view(n_heads, d1 // n_heads // 2, 2, d2).transpose(1, 2).reshape(d1, d2)
+
+
+def hf_config(cfg, **kw):
+    return {"architectures": ["LlamaForCausalLM"], "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,
+            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "num_hidden_layers": cfg.n_layers,
+            "rms_norm_eps": cfg.norm_eps, "rope_theta": 10000.0, "vocab_size": cfg.vocab_size, "hidden_act": "silu",
+            "max_position_embeddings": 128, "rope_scaling": None, "tie_word_embeddings": False, **kw}
+
+
+def write_hf(d, cfg, weights, tokenizer, kind="safetensors", shards=1, config=None, dtype=torch.float32):
+    t = {"model.embed_tokens.weight": weights["tok_embeddings.weight"], "model.norm.weight": weights["norm.weight"],
+         "lm_head.weight": weights["output.weight"]}
+    for i in range(cfg.n_layers):
+        for meta, hf in HF_LAYER.items():
+            w = weights[f"layers.{i}.{meta}.weight"]
+            if meta in ("attention.wq", "attention.wk"):
+                w = convert_permute(w, cfg.n_heads if meta == "attention.wq" else cfg.n_kv_heads)
+            t[f"model.layers.{i}.{hf}.weight"] = w
+    t = {k: v.to(dtype) for k, v in t.items()}
+    d.mkdir(parents=True)
+    names, stem = list(t), "model.safetensors" if kind == "safetensors" else "pytorch_model.bin"
+    files = {stem: names} if shards == 1 else {
+        stem.replace(".", f"-{s + 1:05d}-of-{shards:05d}."): names[s::shards] for s in range(shards)}
+    for f, keys in files.items():
+        (write_safetensors if kind == "safetensors" else lambda p, sd: torch.save(sd, p))(d / f, {k: t[k] for k in keys})
+    if shards > 1:
+        (d / f"{stem}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {k: f for f, ks in files.items() for k in ks}}))
+    (d / "config.json").write_text(json.dumps(config or hf_config(cfg)))
+    shutil.copy(tokenizer, d / "tokenizer.model")
+    return d
+
+
+@pytest.mark.parametrize("kind,shards,dtype", [("safetensors", 1, torch.float32), ("safetensors", 2, torch.float32),
+                                               ("safetensors", 1, torch.bfloat16), ("bin", 1, torch.float32), ("bin", 2, torch.float32)])
+def test_hf_layout_loads_like_meta(tmp_path, meta_ckpt, tokenizer_file, kind, shards, dtype):
+    d, cfg, weights = meta_ckpt
+    hf = write_hf(tmp_path / "hf", cfg, weights, tokenizer_file, kind, shards, dtype=dtype)
+    net = M.LLaMA.from_checkpoint(hf, quantize=False, dtype=torch.float32, lora_r=0, progress=False)
+    assert net.config.hidden_dim == cfg.hidden_dim and net.config.n_kv_heads == cfg.n_kv_heads
+    idx = torch.randint(cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    stored = {k: v.to(dtype) for k, v in weights.items()}  # what the files hold
+    assert rel_err(net(idx)[0], reference_forward(stored, cfg, idx)) < 1e-4
+    if dtype == torch.float32:
+        meta = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=0, progress=False)
+        assert rel_err(net(idx)[0], meta(idx)[0]) < 1e-5
+
+
+def test_hf_layout_quantized_and_tied(tmp_path, meta_ckpt, tokenizer_file, monkeypatch):
+    d, cfg, weights = meta_ckpt
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    tied = {**weights, "output.weight": weights["tok_embeddings.weight"]}
+    hf = write_hf(tmp_path / "hf", cfg, tied, tokenizer_file, config=hf_config(cfg, tie_word_embeddings=True))
+    stored = read_safetensors(hf / "model.safetensors")
+    write_safetensors(hf / "model.safetensors", {k: v for k, v in stored.items() if k != "lm_head.weight"})  # tied: not stored
+    net = M.LLaMA.from_checkpoint(hf, quantize=True, dtype=torch.float32, progress=False)
+    assert all(isinstance(m.weight, qlora.NF4Weight) for m in net.modules() if isinstance(m, qlora.LoRALinear))
+    rt = {k: qlora.dequantize_nf4(qlora.quantize_nf4(v)) if v.dim() == 2 and k.startswith("layers.") else v for k, v in tied.items()}
+    idx = torch.randint(cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    assert rel_err(net(idx)[0], reference_forward(rt, cfg, idx)) < 1e-3
+
+
+@pytest.mark.parametrize("arch, kv_heads, theta, tied", [("Llama", 2, 500000.0, False), ("Llama", 4, 10000.0, True),
+                                                     ("Mistral", 2, 1e6, False)])
+def test_installed_transformers_and_peft_agree(tmp_path, arch, kv_heads, theta, tied):
+    # against transformers and peft themselves where they are installed (not dependencies: skipped without them):
+    # a folder transformers saved loads to the same logits; an adapter peft saved loads to peft's logits; and
+    # export_peft's folder gives peft the logits we compute
+    tf, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    torch.manual_seed(0)
+    conf = getattr(tf, f"{arch}Config")(vocab_size=150, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64,
+                                         rope_theta=theta, rms_norm_eps=1e-5, tie_word_embeddings=tied)
+    hf = getattr(tf, f"{arch}ForCausalLM")(conf).eval()
+    with torch.no_grad():  # every weight random, norms too (transformers initialises them to 1)
+        for p in hf.parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if p.dim() == 1 else torch.randn_like(p) / p.shape[-1] ** 0.5)
+    hf.save_pretrained(tmp_path / "hf")
+    idx = torch.randint(150, (2, 17))
+    net = M.LLaMA.from_checkpoint(tmp_path / "hf", quantize=False, dtype=torch.float32, lora_r=2, progress=False).eval()
+    with torch.no_grad():
+        base = hf(idx).logits
+        assert rel_err(M.LLaMA.from_checkpoint(tmp_path / "hf", quantize=False, dtype=torch.float32, lora_r=0,
+                                               progress=False)(idx)[0], base) < 1e-5
+        names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=names, init_lora_weights=False, task_type="CAUSAL_LM")
+        theirs = peft.get_peft_model(hf, lora).eval()  # random A and B
+        theirs.save_pretrained(tmp_path / "peft")
+        C.load_adapter(net, tmp_path / "peft")
+        assert rel_err(net(idx)[0], theirs(idx).logits) < 1e-5 and rel_err(theirs(idx).logits, base) > 0.1
+        C.export_peft(net, tmp_path / "ours")
+        fresh = getattr(tf, f"{arch}ForCausalLM").from_pretrained(tmp_path / "hf").eval()
+        assert rel_err(net(idx)[0], peft.PeftModel.from_pretrained(fresh, tmp_path / "ours").eval()(idx).logits) < 1e-5
+
+
+@pytest.mark.parametrize("damage, expect", [
     (dict(attention_bias=True), "attention or MLP biases (attention_bias/mlp_bias true) are not implemented"),
     (dict(mlp_bias=True), "attention or MLP biases"),
     ("bias_tensor", "tensor 'model.layers.0.self_attn.q_proj.bias': biases are not implemented"),
     (dict(rope_scaling={"type": "linear", "factor": 2.0}), 'rope_scaling {"type": "linear", "factor": 2.0} is not implemented'),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),  # Llama 3.1 as transformers >= 5 writes it
+     'rope_parameters {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0} is not implemented (only rope_type default)'),
+    (dict(rope_parameters={"rope_theta": 5e5, "partial_rotary_factor": 0.5}), "rope_parameters {"),
+    (dict(rope_parameters=[]), "rope_parameters [] is not implemented"),
+    (dict(rope_parameters={"rope_theta": "5e5"}), 'config.json: rope_theta must be a positive number, got "5e5"'),
     (dict(architectures=["MistralForCausalLM"], sliding_window=64), "sliding_window 64 is shorter than the context of 100 tokens"),
     ("tokenizer_json", "only tokenizer.json"),
     (dict(architectures=["Qwen2ForCausalLM"]), "architectures ['Qwen2ForCausalLM']: only LlamaForCausalLM"),
     ("f8_dtype", "tensor 'model.norm.weight' has dtype F8_E4M3; only F16, BF16 and F32 are read"),
-    (dict(head_dim=32), "head_dim 32 differs from hidden_size / num_attention_heads = 16"),
+    (dict(head_dim=32), "head_dim 32 is not hidden_size / num_attention_heads = 16"),
     (dict(hidden_act="gelu"), "hidden_act 'gelu' is not implemented"),
     ("missing_tensor", "missing tensor 'model.layers.1.post_attention_layernorm.weight'"),
     ("missing_shard", "model-00002-of-00002.safetensors: not found (listed in"),

@@ -262,12 +262,15 @@ def _read_meta(d, context):
 def hf_params(c, where, context=None):
     # config.json -> LLaMAConfig fields. What the network does not implement is refused here, before any weight is read.
     c = {k: v for k, v in c.items() if v is not None}  # null: the field's default
+    rope = c.get("rope_parameters", {})  # transformers >= 5 keeps θ there: {"rope_type": "default", "rope_theta": θ}
+    if not isinstance(rope, dict) or set(rope) - {"rope_type", "rope_theta"} or rope.get("rope_type", "default") != "default":
+        raise InputError(f"{where}: rope_parameters {json.dumps(rope)} is not implemented (only rope_type default)")
+    c = {**c, **rope}  # its rope_theta over a top-level one, as transformers reads them
     check_fields(c, where, ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"),
                  ints=("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
                        "intermediate_size", "max_position_embeddings", "head_dim", "sliding_window"),
                  floats=("rms_norm_eps", "rope_theta"), bools=("tie_word_embeddings", "attention_bias", "mlp_bias"))
-    arch = c.get("architectures") or ["LlamaForCausalLM"]
-    if arch not in (["LlamaForCausalLM"], ["MistralForCausalLM"]):
+    if (arch := c.get("architectures") or ["LlamaForCausalLM"]) not in (["LlamaForCausalLM"], ["MistralForCausalLM"]):
         raise InputError(f"{where}: architectures {arch}: only LlamaForCausalLM and MistralForCausalLM are implemented")
     if c.get("attention_bias") or c.get("mlp_bias"):
         raise InputError(f"{where}: attention or MLP biases (attention_bias/mlp_bias true) are not implemented")
@@ -281,8 +284,7 @@ def hf_params(c, where, context=None):
              rope_theta=c.get("rope_theta", 10000.0), max_seq_len=c.get("max_position_embeddings", 2048),
              tie_embeddings=c.get("tie_word_embeddings", False))
     if c.get("head_dim") not in (None, dim // heads):
-        raise InputError(f"{where}: head_dim {c['head_dim']} differs from hidden_size / num_attention_heads = {dim // heads} (not "
-                         "implemented)")
+        raise InputError(f"{where}: head_dim {c['head_dim']} is not hidden_size / num_attention_heads = {dim // heads} (not implemented)")
     if window := c.get("sliding_window"):  # within the window, full causal attention is what the model computes
         if context and context > window:
             raise InputError(f"{where}: sliding_window {window} is shorter than the context of {context} tokens (not implemented)")
@@ -300,9 +302,8 @@ def _read_hf(d, context):
     if not (isinstance(wm, dict) and all(isinstance(f, str) for f in wm.values())):
         raise InputError(f"{first}: weight_map must map tensor names to file names, got {json.dumps(wm)[:60]}")
     files = sorted({d / f for f in wm.values()})
-    for f in files:
-        if not f.is_file():
-            raise InputError(f"{f}: not found (listed in the folder's .index.json)")
+    if lost := next((f for f in files if not f.is_file()), None):
+        raise InputError(f"{lost}: not found (listed in the folder's .index.json)")
     read = read_safetensors if ".safetensors" in first.name else torch_load
     tensors = {k: t for f in files for k, t in read(f).items()}
     names = {n: hf_name(n) for n in meta_names(params["n_layers"])}
@@ -315,9 +316,8 @@ def _read_hf(d, context):
             raise InputError(f"{d}: unexpected tensor {k!r}")
         if t.dtype not in ST_DTYPES.values():
             raise InputError(f"{d}: tensor {k!r} has dtype {t.dtype}; only float16, bfloat16 and float32 are read")
-    for k in names.values():
-        if k not in tensors:
-            raise InputError(f"{d}: missing tensor {k!r}")
+    if missing := next((k for k in names.values() if k not in tensors), None):
+        raise InputError(f"{d}: missing tensor {missing!r}")
     total = sum(tensors[k].nbytes for k in set(names.values()))  # a tied head is the embedding, counted once
     return params, lambda name: tensors[names[name]], total, str(d)
 
