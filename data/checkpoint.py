@@ -351,7 +351,7 @@ def open_checkpoint(ckpt_dir, device=None, dtype=torch.bfloat16, tokenizer=None,
     params, take, total, where = (_read_hf if hf else _read_meta)(d, context)
     tok = tokenizer if tokenizer is not None else find_tokenizer(d)
     if tok is None and (d / "tokenizer.json").is_file():
-        raise InputError(f"{d}: only tokenizer.json (Hugging Face tokenizers, e.g. Llama 3); a sentencepiece tokenizer.model is needed")
+        raise InputError(f"{d}: no tokenizer.model, only tokenizer.json (Llama 3's; or saved by transformers 5: copy the base's)")
     n_words = Tokenizer(tok).n_words if tok is not None else params["vocab_size"]
     if n_words > params["vocab_size"]:  # the embedding may be padded past the tokenizer (a multiple of 64, an added pad)
         raise InputError(f"{tok}: tokenizer has {n_words} tokens, the checkpoint's embedding has {params['vocab_size']}")
