@@ -3624,6 +3624,7 @@ def test_train_on_a_checkpoint_and_use_the_exports_from_any_folder(tmp_path, met
     r = run_train("--ckpt_dir", os.path.relpath(d, ROOT), "--out_dir", out, "--max_iters", 1, "--lora_r", 8, "--sample_tokens", 0,
                   "--export", "merged,peft", "--source_max_len", 2048, "--target_max_len", 1024)
     assert r.returncode == 0, r.stderr
+    assert f"model {d} (checkpoint): " in r.stdout  # the folder that ran, not --model's default name
     assert torch.load(out / "adapter.pt", weights_only=True)["base"]["ckpt_dir"] == str(d)
     assert json.loads((out / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(d)
     assert (out / "merged" / "tokenizer.model").read_bytes() == (d.parent / "tokenizer.model").read_bytes()

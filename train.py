@@ -218,7 +218,7 @@ def train(c):
     raw.grad_checkpoint = c["grad_checkpoint"]
     n_base = sum(m.in_features * m.out_features for m in raw.modules() if isinstance(m, LoRALinear))  # block linears
     if master:
-        print(f"model {c['model']} ({c['init']}): {n_base / 1e6:.1f}M params in {'NF4' if raw.quantize else dtype} linears, "
+        print(f"model {c['model'] if c['init'] == 'random' else c['ckpt_dir']} ({c['init']}): {n_base / 1e6:.1f}M params in {'NF4' if raw.quantize else dtype} linears, "
               f"{sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6:.2f}M LoRA params, "
               f"loaded in {time.time() - t0:.1f}s on {device}" + (f", {c['threads']} thread{'s' * (c['threads'] > 1)}" if device == "cpu" else ""))
     net = raw
