@@ -810,6 +810,21 @@ def test_paged_adamw_matches_torch_adamw():
                     [ref.state[r]["exp_avg"], ref.state[r]["exp_avg_sq"]])
 
 
+def test_paged_adamw_matches_installed_bitsandbytes():
+    # the paper's optimizer, bitsandbytes' paged_adamw_32bit, where it is installed (skipped without it); its fused
+    # kernel rounds differently from torch's ops: the same update to a few float32 ulps, here and in its moments
+    bnb = pytest.importorskip("bitsandbytes")
+    ps, bs = make_params(), make_params()
+    opt, ref = qlora.PagedAdamW(ps, **HP), bnb.optim.PagedAdamW32bit(bs, **HP)
+    for step in range(12):
+        set_grads([ps, bs], step)
+        opt.step(), ref.step()
+    for p, b in zip(ps, bs):
+        torch.testing.assert_close(p, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(opt.state[p]["exp_avg"], ref.state[b]["state1"], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"], ref.state[b]["state2"], rtol=1e-6, atol=1e-7)
+
+
 def test_paged_adamw_skips_params_without_grad():
     ps, rs = make_params(), make_params()
     frozen = torch.nn.Parameter(torch.ones(4, device=DEV))
