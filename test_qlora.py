@@ -1793,6 +1793,7 @@ def test_config_json_defaults_are_transformers_and_params_json_fields_are_checke
     v5 = {**need, "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}}
     assert C.hf_params(v5, "config.json")["rope_theta"] == C.hf_params({**v5, "rope_theta": 10000.0}, "config.json")["rope_theta"] == 500000.0
     assert C.hf_params({**need, "rope_parameters": {"rope_type": "default"}, "rope_theta": 1e6}, "config.json")["rope_theta"] == 1e6
+    assert C.hf_params({**need, "rope_parameters": {"rope_theta": 1e6}}, "config.json")["rope_theta"] == 1e6  # rope_type: default
     # params.json: multiple_of is an integer like the other sizes (a width is rounded up to a multiple of it)
     src = meta_ckpt[0]
     (tmp_path / "params.json").write_text(json.dumps({**json.loads((src / "params.json").read_text()), "multiple_of": 32.5}))
