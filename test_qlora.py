@@ -1862,7 +1862,11 @@ def test_meta_folder_with_a_config_json_and_which_tokenizer_is_used(tmp_path, me
     (dict(bias="all"), 'bias "all" is not supported'),
     (dict(rank_pattern={"q_proj": 8}), "rank_pattern"),
     (dict(r=0), "the rank and alpha must be finite numbers, got 0, 8"),  # not a division by zero
+    (dict(alora_invocation_tokens=[32, 7]), "alora_invocation_tokens [32, 7] is not supported"),  # active only after them
+    (dict(use_qalora=True), "use_qalora true is not supported"),
+    (dict(arrow_config={"top_k": 3}), 'arrow_config {"top_k": 3} is not supported'),
     (dict(use_dora=None, fan_in_fan_out=None, bias=None, rank_pattern=None, alpha_pattern=None), None),  # null: the default
+    (dict(use_qalora=False, alora_invocation_tokens=None, kasa_config=None, loftq_config={}, qalora_group_size=16), None),
     (dict(use_rslora=True), None),
 ])
 def test_peft_config_fields_refused_or_read(tmp_path, meta_ckpt, change, expect):

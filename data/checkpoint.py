@@ -381,8 +381,9 @@ def read_adapter(path):
     if path.is_dir():  # peft's folder
         where = path / "adapter_config.json"
         conf = read_json(where)
-        for key, ok in (("peft_type", "LORA"), ("bias", "none"), ("use_dora", False), ("fan_in_fan_out", False),
-                        ("rank_pattern", {}), ("alpha_pattern", {})):
+        other = ("fan_in_fan_out", "rank_pattern", "alpha_pattern", "use_qalora", "use_dora", "velora_config",  # and the rest of
+                 "alora_invocation_tokens", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config")  # peft 0.21's variants
+        for key, ok in (("peft_type", "LORA"), ("bias", "none"), *((k, None) for k in other)):  # None: false, null, {} or []
             if (conf.get(key) or ok) != ok:
                 raise InputError(f"{where}: {key} {json.dumps(conf[key])} is not supported")
         targets = conf.get("target_modules")
@@ -396,10 +397,9 @@ def read_adapter(path):
             m = re.fullmatch(r"base_model\.model\.model\.layers\.\d+\.\w+\.(\w+)\.lora_[AB]\.weight", k)
             if not m or m[1] not in short:
                 raise InputError(f"{path}: tensor {k!r} is not a LoRA weight of a LLaMA linear layer")
-        r, alpha, targets = conf.get("r"), conf.get("lora_alpha"), {short[t] for t in targets}
+        r, alpha, rslora, targets = conf.get("r"), conf.get("lora_alpha"), conf.get("use_rslora"), {short[t] for t in targets}
         base = conf.get("base_model_name_or_path")  # a folder (ours), a hub name, or null
         info = {"base": {"ckpt_dir": base}} if isinstance(base, str) and base else {}
-        rslora = conf.get("use_rslora")  # rsLoRA scales by α/√r
     elif path.is_file():  # ours: train.py's adapter.pt (or ckpt.pt)
         where, ck = path, torch_load(path, tensors=False)
         if not (isinstance(ck, dict) and is_state_dict(ck.get("lora")) and ck["lora"] and isinstance(ck.get("model_config"), dict)):
@@ -413,7 +413,7 @@ def read_adapter(path):
     if type(r) is not int or r < 1 or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise InputError(f"{where}: the rank and alpha must be finite numbers, got {r!r}, {alpha!r}")
     return dict(lora=lora, r=r, scaling=alpha / (math.sqrt(r) if rslora else r), targets=targets, hf=path.is_dir(),
-                where=str(path), info=info)
+                where=str(path), info=info)  # peft's use_rslora: rsLoRA scales by α/√r
 
 
 def load_adapter(model, adapter):
