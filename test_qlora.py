@@ -2119,6 +2119,8 @@ def test_installed_transformers_and_peft_agree(tmp_path, arch, kv_heads, theta, 
      'rope_parameters {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0} is not implemented (only rope_type default)'),
     (dict(rope_parameters={"rope_theta": 5e5, "partial_rotary_factor": 0.5}), "rope_parameters {"),
     (dict(rope_parameters=[]), "rope_parameters [] is not implemented"),
+    (dict(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True}),  # a -bnb-4bit folder: U8 tensors
+     "config.json: quantization_config: the weights are quantized already; use the 16-bit original"),
     (dict(rope_parameters={"rope_theta": "5e5"}), 'config.json: rope_theta must be a positive number, got "5e5"'),
     (dict(architectures=["MistralForCausalLM"], sliding_window=64), "sliding_window 64 is shorter than the context of 100 tokens"),
     ("tokenizer_json", "no tokenizer.model, only tokenizer.json (Llama 3's; or saved by transformers 5: copy the base's)"),

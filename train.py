@@ -188,8 +188,7 @@ def train(c):
     else:
         device = "cpu"
         torch.set_num_threads(c["threads"])  # more threads than free cores makes each step many times slower
-    out_dir, data = Path(c["out_dir"]), c["data"]
-    ckpt_path = out_dir / "ckpt.pt"
+    out_dir, data, ckpt_path = Path(c["out_dir"]), c["data"], Path(c["out_dir"]) / "ckpt.pt"
     if ckpt_path.exists() and not (c["resume"] or c["overwrite"]):
         raise InputError(f"{ckpt_path}: out_dir holds a run; --resume continues it, --overwrite replaces it, or choose another --out_dir")
     if ddp:
@@ -199,8 +198,7 @@ def train(c):
         raise InputError(f"--batch_size {c['batch_size']} must be a multiple of --micro_batch {c['micro_batch']} × {world} processes")
     grad_accum = c["batch_size"] // (c["micro_batch"] * world)
     torch.manual_seed(c["seed"] + rank)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    dtype, ctx = (torch.bfloat16, torch.autocast("cuda", dtype=torch.bfloat16)) if device.startswith("cuda") else (torch.float32, nullcontext())
 
     items = read_data(data)
     questions = mmlu_eval.read_mmlu(c["mmlu"], c["mmlu_split"], c["mmlu_max"]) if c["mmlu"] else []
@@ -218,7 +216,8 @@ def train(c):
     raw.grad_checkpoint = c["grad_checkpoint"]
     n_base = sum(m.in_features * m.out_features for m in raw.modules() if isinstance(m, LoRALinear))  # block linears
     if master:
-        print(f"model {c['model'] if c['init'] == 'random' else c['ckpt_dir']} ({c['init']}): {n_base / 1e6:.1f}M params in {'NF4' if raw.quantize else dtype} linears, "
+        print(f"model {c['model'] if c['init'] == 'random' else c['ckpt_dir']} ({c['init']}): "
+              f"{n_base / 1e6:.1f}M params in {'NF4' if raw.quantize else dtype} linears, "
               f"{sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6:.2f}M LoRA params, "
               f"loaded in {time.time() - t0:.1f}s on {device}" + (f", {c['threads']} thread{'s' * (c['threads'] > 1)}" if device == "cpu" else ""))
     net = raw

@@ -272,6 +272,8 @@ def hf_params(c, where, context=None):
                  floats=("rms_norm_eps", "rope_theta"), bools=("tie_word_embeddings", "attention_bias", "mlp_bias"))
     if (arch := c.get("architectures") or ["LlamaForCausalLM"]) not in (["LlamaForCausalLM"], ["MistralForCausalLM"]):
         raise InputError(f"{where}: architectures {arch}: only LlamaForCausalLM and MistralForCausalLM are implemented")
+    if "quantization_config" in c:  # e.g. a -bnb-4bit folder: its weights are already quantized, and we quantize as we load
+        raise InputError(f"{where}: quantization_config: the weights are quantized already; use the 16-bit original")
     if c.get("attention_bias") or c.get("mlp_bias"):
         raise InputError(f"{where}: attention or MLP biases (attention_bias/mlp_bias true) are not implemented")
     if "rope_scaling" in c:
