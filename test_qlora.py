@@ -1693,6 +1693,48 @@ def test_chat_streams_a_character_split_over_byte_tokens_whole(demo_adapter, tmp
 # export: merged weights equal base + (α/r)·B A; peft's q/k permutation preserves attention scores
 
 
+@pytest.mark.parametrize("theta, kv_heads, multiplier", [(10000.0, 2, None), (500000.0, 4, 1.3)])
+def test_installed_meta_reference_agrees(tmp_path, theta, kv_heads, multiplier):
+    # against Meta's own reference network (llama_models' llama3 model.py, the Llama 2 architecture with GQA; it needs
+    # fairscale) where both are installed (not dependencies: skipped without them). A checkpoint in Meta's layout that
+    # its Transformer wrote gives its logits here, and a merged export loads into it (strictly) with ours.
+    llama3 = pytest.importorskip("llama_models.llama3.model")
+    fs_init = pytest.importorskip("fairscale.nn.model_parallel.initialize")
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        fs_init.initialize_model_parallel(1)
+        torch.manual_seed(0)
+        params = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=kv_heads, vocab_size=150, multiple_of=32, norm_eps=1e-5,
+                      rope_theta=theta, **({"ffn_dim_multiplier": multiplier} if multiplier else {}))
+        meta = llama3.Transformer(llama3.ModelArgs(**params, max_seq_len=64, max_batch_size=2))
+        with torch.no_grad():  # every weight random, norms too
+            for p in meta.parameters():
+                p.copy_(1 + 0.1 * torch.randn_like(p) if p.dim() == 1 else torch.randn_like(p) / p.shape[-1] ** 0.5)
+        (tmp_path / "m").mkdir()
+        torch.save({k: v for k, v in meta.state_dict().items() if "cache" not in k}, tmp_path / "m" / "consolidated.00.pth")
+        (tmp_path / "m" / "params.json").write_text(json.dumps(params))
+        idx = torch.randint(150, (2, 13))
+        net = M.LLaMA.from_checkpoint(tmp_path / "m", quantize=False, dtype=torch.float32, lora_r=4, progress=False).eval()
+        for n, p in net.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.05)
+        C.export_merged(net, tmp_path / "out", dtype=torch.float32, progress=False)
+        exported = json.loads((tmp_path / "out" / "params.json").read_text())
+        # θ = 10000 is left out, as in Meta's Llama 2 files (its code has no such field; llama3's defaults to 500000)
+        again = llama3.Transformer(llama3.ModelArgs(**{"rope_theta": 10000.0, **exported}, max_seq_len=64, max_batch_size=2))
+        state = torch.load(tmp_path / "out" / "consolidated.00.pth", weights_only=True)
+        again.load_state_dict({**{k: v for k, v in again.state_dict().items() if "cache" in k}, **state})  # strict
+        with torch.inference_mode():
+            base = meta(idx, 0)
+            assert rel_err(M.LLaMA.from_checkpoint(tmp_path / "m", quantize=False, dtype=torch.float32, lora_r=0,
+                                                   progress=False)(idx)[0], base) < 1e-5
+            assert rel_err(net(idx)[0], again(idx, 0)) < 1e-5 and rel_err(net(idx)[0], base) > 0.1
+    finally:
+        fs_init.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
 def test_export_merged_roundtrip(tmp_path, meta_ckpt, monkeypatch):
     d, cfg, _ = meta_ckpt
     monkeypatch.setenv("TRITON_INTERPRET", "0")
