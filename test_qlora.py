@@ -1312,6 +1312,25 @@ def test_sample_temperature_top_k_top_p(monkeypatch):
     assert (seen[3] > 0).all() and seen[4][0, 2] == 0 and (seen[4][0, :2] > 0).all()
 
 
+def test_installed_transformers_sampling_filters_agree(monkeypatch):
+    # top-k and top-p keep the tokens transformers' warpers keep (temperature, then top-k, then top-p, as its
+    # generate orders them), on random logits, where transformers is installed (skipped without it)
+    lp = pytest.importorskip("transformers.generation.logits_process")
+    seen, multinomial = [], torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda p, n: seen.append(p.clone()) or multinomial(p, n))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        v = int(torch.randint(2, 60, (), generator=g))
+        logits = torch.randn(1, v, generator=g, dtype=torch.float64) * 5 * torch.rand((), generator=g, dtype=torch.float64)
+        t, k, p = 0.05 + 2 * torch.rand((), generator=g).item(), int(torch.randint(1, v + 1, (), generator=g)), torch.rand((), generator=g).item()
+        for top_k, top_p in ((k, None), (None, p), (k, p)):
+            M.sample(logits, t, top_k, top_p)
+            h = logits / t
+            h = lp.TopKLogitsWarper(top_k)(None, h) if top_k else h
+            h = lp.TopPLogitsWarper(top_p)(None, h) if top_p is not None else h
+            assert torch.equal(seen[-1] > 0, h.isfinite())
+
+
 def test_gradient_checkpointing_recomputes_each_block(monkeypatch):
     # same gradients either way (above); here: the block's forward really runs again in backward
     calls, forward = [], M.FeedForward.forward
