@@ -2597,7 +2597,7 @@ def test_segments_blank_content_missing_input_and_leading_whitespace():
     assert P.segments({"instruction": "Say hi.", "output": "Hi"}, "f:1") == no_input
     assert P.segments({"instruction": "Say hi.", "input": " \n", "output": "Hi"}, "f:1") == no_input
     # only whitespace before the first "### Human:" is no segment; a conversation ending in a question is refused
-    assert P.segments({"text": " \n### Human: a### Assistant: b"}, "f:1")[0] == ("### Human: a", False)
+    assert P.segments({"text": " \n### Human: a### Assistant: b"}, "f:1")[0] == ("### Human: a### Assistant: ", False)
     with pytest.raises(InputError, match="f:1: the conversation must end with an assistant reply"):
         P.segments({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                                  {"role": "user", "content": "c"}]}, "f:1")
@@ -2868,7 +2868,8 @@ def test_truncation_limits_and_dropped_examples():
     ex, truncated, dropped = P.tokenize([("f:1", [("abcdef", False), ("xyz", True)]), ("f:2", [("ab", False), ("", True)])],
                                         CharTok(), source_max_len=3, target_max_len=2)
     ids, labels = ex[0]
-    assert len(ids) == 1 + 3 + 2 and labels[-2:] == CharTok().encode("xy")  # eos cut with the response tail
+    assert len(ids) == 3 + 2 and labels[-2:] == CharTok().encode("xy")  # bos counts in the prompt's 3; eos cut with the response tail
+    assert ids[:3] == [1] + CharTok().encode("ab")
     assert (truncated, dropped) == (1, 0)
     with pytest.raises(InputError, match="no usable examples"):  # nothing of any response fits
         P.tokenize([("f:1", [("ab", False), ("c", True)])], CharTok(), 3, 0)
@@ -2878,8 +2879,8 @@ def test_conversation_cut_ends_with_the_cut_turns_response():
     segs = [("Q1", False), ("A1", True), ("QQQQQQ2", False), ("A2", True), ("Q3", False), ("A3", True)]
     ((ids, labels),), truncated, _ = P.tokenize([("f:1", segs)], CharTok(), source_max_len=6, target_max_len=100)
     tok = CharTok()
-    # the prompt budget runs out inside turn 2: keep its cut prompt and its answer, drop turn 3
-    assert ids == [1] + tok.encode("Q1") + tok.encode("A1") + [2] + tok.encode("QQQQ") + tok.encode("A2") + [2]
+    # the prompt budget (bos counted) runs out inside turn 2: keep its cut prompt and its answer, drop turn 3
+    assert ids == [1] + tok.encode("Q1") + tok.encode("A1") + [2] + tok.encode("QQQ") + tok.encode("A2") + [2]
     assert truncated == 1
 
 
@@ -4076,3 +4077,49 @@ def test_ddp_two_processes_accumulating_log_the_one_process_losses(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=2e-4) for k in a)  # (Adam magnifies the sums' rounding in tiny gradients)
     rng = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["rng"]  # each process's own dropout stream: --seed + rank
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# data/prepare.py against the paper's DataCollatorForCausalLM (artidoro/qlora qlora.py), ported: source =
+# bos + Alpaca prompt, target = output + eos, each tokenized alone and truncated on the right to
+# source_max_len / target_max_len, labels -100 on the source unless train_on_source. The slow LlamaTokenizer of
+# transformers 4.31 (qlora's pin), with bos/eos set as plain strings as qlora.py does, strips whitespace next to
+# them: hence lstrip/rstrip. This port gave ids and labels identical to that collator on 2,340 records x limits.
+
+def paper_collate(sp, bos, eos, source, target, source_max_len, target_max_len, train_on_source):
+    s = ([bos] + sp.encode(source.lstrip()))[:source_max_len]  # bos counts toward source_max_len there
+    t = (sp.encode(target.rstrip()) + [eos])[:target_max_len]
+    return s + t, (s if train_on_source else [-100] * len(s)) + t
+
+
+def test_tokenize_matches_the_paper_collator_on_alpaca(tmp_path):
+    rows = [json.loads(l) for l in (ROOT / "data" / "sample.jsonl").read_text().splitlines() if l.strip()]
+    if SEED_TASKS.is_file():
+        rows += [{"instruction": t["instruction"], "input": t["instances"][0]["input"], "output": t["instances"][0]["output"]}
+                 for t in map(json.loads, filter(str.strip, SEED_TASKS.read_text().splitlines()))]
+    rows += [{"instruction": "Say hi.", "output": "Hi."}]  # no "input" field: the paper's .get("input", "")
+    f = tmp_path / "a.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    items = P.read_data(f)
+    C.train_tokenizer([s for _, segs in items for s, _ in segs], tmp_path / "tok.model", vocab_size=800)
+    tok = C.Tokenizer(tmp_path / "tok.model")
+    for smax, tmax, tos in ((1024, 256, False), (1024, 256, True), (40, 8, False), (40, 8, True), (300, 2, False)):
+        got = P.tokenize(items, tok, smax, tmax, tos)[0]
+        assert len(got) == len(rows)
+        for r, (ids, labels) in zip(rows, got):
+            prompt = P.ALPACA[r.get("input", "") != ""].format(instruction=r["instruction"], input=r.get("input", ""))
+            want_ids, want_labels = paper_collate(tok.sp, tok.bos_id, tok.eos_id, prompt, r["output"], smax, tmax, tos)
+            assert ids == want_ids and labels[1:] == want_labels[1:]  # labels[0] is never a target (shifted away)
+
+
+def test_guanaco_text_tokenizes_like_messages_and_the_chat_prompt(tmp_path):
+    # '### Assistant: ' is encoded with the human turn before it ('?###'), as model.py's guanaco chat prompt sends it
+    turns = [("What is 2+2?", "It is 4."), ("And 3+3?", "It is 6.")]
+    text = {"text": "".join(f"### Human: {q}### Assistant: {a}" for q, a in turns)}
+    msgs = {"messages": [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]}
+    C.train_tokenizer([text["text"]] * 20, tmp_path / "tok.model", vocab_size=60)
+    tok = C.Tokenizer(tmp_path / "tok.model")
+    (a, _), (b, _) = P.tokenize([("t", P.segments(text, "t")), ("m", P.segments(msgs, "m"))], tok, 1024, 256)[0]
+    chat = [tok.bos_id] + tok.encode(f"### Human: {turns[0][0]}### Assistant: ")  # model.py chat, --template guanaco
+    assert b[: len(chat)] == chat  # messages: as model.py prompts
+    assert a == b

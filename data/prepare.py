@@ -158,11 +158,11 @@ def segments(obj, where):
             c = text(m, "content", f"{where}: messages[{j}]")
             turn = {"system": c + "\n", "user": f"### Human: {c}### Assistant: ", "assistant": c}  # Guanaco's turn markers
             out.append((turn[role], role == "assistant"))
-    else:  # OASST/Guanaco: "### Human: ...### Assistant: ..." turns
+    else:  # OASST/Guanaco: "### Human: ...### Assistant: ..." turns, as the messages they are (tokenized the same)
         parts = re.split(r"(### Human:|### Assistant:)", text(obj, "text"))
         out = [(parts[0], False)] if parts[0].strip() else []
         for marker, body in zip(parts[1::2], parts[2::2]):
-            out += [(f"{marker} {body.strip()}", False)] if marker == "### Human:" else [("### Assistant: ", False), (body.strip(), True)]
+            out.append((f"### Human: {body.strip()}### Assistant: ", False) if marker == "### Human:" else (body.strip(), True))
     if not out or not out[-1][1]:  # refused: neither trained on as prompt text nor dropped unseen
         raise InputError(f"{where}: the conversation must end with an assistant reply")
     return out
@@ -177,10 +177,10 @@ def read_data(path):
 
 
 def tokenize(items, tok, source_max_len, target_max_len, train_on_source=False):
-    # bos + prompt (at most source_max_len tokens) + response + eos (at most target_max_len); labels -100 off the response
+    # (bos + prompt)[:source_max_len] + (response + eos)[:target_max_len], as the paper's collator; -100 labels off responses
     examples, truncated, dropped = [], 0, 0
     for where, segs in items:
-        ids, labels, budget, cut = [tok.bos_id], [-100], {False: source_max_len, True: target_max_len}, False
+        ids, labels, budget, cut = [tok.bos_id], [-100], {False: source_max_len - 1, True: target_max_len}, False
         for text, is_resp in segs:
             t = tok.encode(text) + [tok.eos_id] * is_resp  # eos ends every response: the model learns to stop
             keep = min(len(t), budget[is_resp])
