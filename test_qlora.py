@@ -3116,7 +3116,7 @@ def test_real_instructions_through_the_pipeline(tmp_path):
 # data/mmlu.py: MMLU 5-shot prompts, letter scoring and the macro average, on a tiny MMLU folder written
 # here in both public shapes (Hendrycks et al.'s CSVs and the QLoRA code's five_shot_mmlu_*.json)
 
-HEAD = "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
+HEAD = "The following are multiple choice questions (with answers) about  abstract algebra.\n\n"  # two spaces, as evaluate.py
 ALGEBRA_DEV = ('"Is 2, or 3, prime?",only 2,only 3,both,neither,C\n1+1?,1,2,3,4,B\n2+2?,2,3,4,5,C\n'
                '"Two\nlines?",yes,no,maybe,never,A\n3+3?,6,7,8,9,A\n')
 ALGEBRA_VAL = "5+5?,10,11,12,13,A\n6+1?,5,6,7,8,C\n"
@@ -3135,7 +3135,7 @@ def mmlu_row(subject, i, letter):
 def mmlu_prompt(subject, dev, row):  # the standard 5-shot prompt, written out independently of data/mmlu.py
     q = lambda r: f"{r[0]}\nA. {r[1]}\nB. {r[2]}\nC. {r[3]}\nD. {r[4]}\nAnswer:"  # noqa: E731
     shots = "".join(f"{q(r)} {r[5]}\n\n" for r in dev[:5])
-    return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n{shots}{q(row)}"
+    return f"The following are multiple choice questions (with answers) about  {subject.replace('_', ' ')}.\n\n{shots}{q(row)}"
 
 
 @pytest.fixture(scope="session")
@@ -3192,7 +3192,7 @@ def test_mmlu_reads_both_shapes_and_builds_the_standard_prompt(mmlu_dirs):
     csv_dir, json_dir, items = mmlu_dirs
     qs = MM.read_mmlu(csv_dir)
     assert MM.prompt_text(qs[0]) == (
-        "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
+        "The following are multiple choice questions (with answers) about  abstract algebra.\n\n"
         "Is 2, or 3, prime?\nA. only 2\nB. only 3\nC. both\nD. neither\nAnswer: C\n\n"
         "1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: B\n\n"
         "2+2?\nA. 2\nB. 3\nC. 4\nD. 5\nAnswer: C\n\n"
@@ -3316,6 +3316,89 @@ def test_mmlu_tokenizer_without_single_letter_tokens(tokenizer_file):
             return [len(w) for w in s.split(" ")]
     with pytest.raises(InputError, match=r"same\.model: 'A'\.\.'D' after 'Answer:' are not four distinct single tokens"):
         MM.letter_ids(SameLetters())
+
+
+# ports of the two references' MMLU code, written from hendrycks/test evaluate.py (format_subject, format_example,
+# gen_prompt, the k-shrinking loop, weighted_acc) and artidoro/qlora qlora.py (DataCollatorForCausalLM on
+# five_shot_mmlu_*.json, abcd_idx, MMLUEvalCallback); what differs is asserted as the difference it is
+def _hendrycks_prompt(subject, dev, test, i, too_long=lambda p: False, ntrain=5):
+    fmt_subject = "".join(" " + e for e in subject.split("_"))  # format_subject: " abstract algebra"
+
+    def example(row, answer=True):
+        return row[0] + "".join(f"\n{c}. {a}" for c, a in zip("ABCD", row[1:5])) + "\nAnswer:" + (f" {row[5]}\n\n" if answer else "")
+
+    def gen(k):
+        return f"The following are multiple choice questions (with answers) about {fmt_subject}.\n\n" + "".join(
+            example(r) for r in dev[:ntrain][:k])
+    k = ntrain
+    while too_long(gen(k) + example(test[i], False)):  # `while crop(prompt) != prompt: k -= 1`
+        k -= 1
+    return gen(k) + example(test[i], False), ntrain - k
+
+
+def _mmlu_reference_files(csv_dir):
+    # {subject: (dev rows, val rows)} as evaluate.py reads them (first ntrain dev rows, all val rows)
+    read = lambda p: list(csv.reader(io.StringIO(p.read_text())))  # noqa: E731
+    return {p.name[:-8]: (read(csv_dir / "dev" / (p.name[:-8] + "_dev.csv")), read(p)) for p in sorted((csv_dir / "val").glob("*_val.csv"))}
+
+
+def test_mmlu_reference_ports_agree(mmlu_dirs, mmlu_tok, tmp_path):
+    csv_dir, _, _ = mmlu_dirs
+    files = _mmlu_reference_files(csv_dir)
+    refs = [(s, *_hendrycks_prompt(s, dev, val, i), val[i][5]) for s, (dev, val) in files.items() for i in range(len(val))]
+    # the CSV shape: evaluate.py's prompt, exactly
+    qc = MM.read_mmlu(csv_dir)
+    assert [MM.prompt_text(q) for q in qc] == [p for _, p, _, _ in refs]
+    # the paper's five_shot_mmlu_val.json holds evaluate.py's prompts (double space included): read verbatim
+    (tmp_path / "five_shot_mmlu_val.json").write_text("".join(json.dumps({"subject": s, "input": p, "output": a}) + "\n"
+                                                              for s, p, _, a in refs))
+    qj = MM.read_mmlu(tmp_path)
+    assert [(q["subject"], MM.prompt_text(q), "ABCD"[q["answer"]]) for q in qj] == [(s, p, a) for s, p, _, a in refs]
+    # qlora.py: abcd_idx = tokenizer("A", add_special_tokens=False).input_ids[0] (the "▁A" of the dummy prefix);
+    # source = tokenizer(bos_token + input, add_special_tokens=False, truncation=True, max_length) with the
+    # slow LLaMA tokenizer (legacy: [bos] + sentencepiece ids; truncation_side "right"); the logits read are
+    # those at label_non_zero_id - 1, the source's last token
+    abcd_idx = [mmlu_tok.sp.encode(c)[0] for c in "ABCD"]
+    assert MM.letter_ids(mmlu_tok) == abcd_idx
+    source = lambda q, n: ([mmlu_tok.bos_id] + mmlu_tok.sp.encode(q["question"]))[:n]  # noqa: E731
+    full = max(len(source(q, 10**6)) for q in qj)
+    for q in qj:
+        assert MM.prompt_ids(q, mmlu_tok, full) == (source(q, full), 0, False)
+    # too long: qlora keeps the first n tokens (the question is lost); we keep bos and the last n - 1
+    q, n = qj[0], len(source(qj[0], 10**6)) - 8
+    assert MM.prompt_ids(q, mmlu_tok, n) == ([mmlu_tok.bos_id] + source(q, 10**6)[-(n - 1):], 0, True)
+    assert MM.prompt_ids(q, mmlu_tok, n)[0] != source(q, n)
+
+    class PrefixSum(torch.nn.Module):  # the letter at position t is a function of tokens 0..t: reveals what was read
+        def forward(self, idx):
+            logits = torch.zeros(*idx.shape, mmlu_tok.n_words)
+            for b, t in torch.cartesian_prod(torch.arange(idx.shape[0]), torch.arange(idx.shape[1])).tolist():
+                logits[b, t, abcd_idx[int(idx[b, : t + 1].sum()) % 4]] = 1.0
+            return logits, None
+    r = MM.evaluate(PrefixSum(), mmlu_tok, qj, 3, "cpu", full)
+    preds = [sum(source(q, full)) % 4 for q in qj]  # argmax of logit[label_non_zero_id - 1][abcd_idx]
+    assert r["predictions"] == ["ABCD"[p] for p in preds]
+    per = {s: sum(p == q["answer"] for p, q in zip(preds, qj) if q["subject"] == s) / sum(q["subject"] == s for q in qj)
+           for s in files}
+    assert r["subjects"] == pytest.approx(per) and r["accuracy"] == pytest.approx(sum(per.values()) / len(per))  # qlora: np.mean(subject_scores)
+    weighted = sum(p == q["answer"] for p, q in zip(preds, qj)) / len(qj)  # evaluate.py's "Average accuracy"
+    assert len(set(per.values())) > 1 and r["accuracy"] != pytest.approx(weighted)
+    # too long, CSV shape: evaluate.py shrinks k and keeps the FIRST k shots; we keep the LAST ones (README: "loses
+    # whole shots from the front"). Our header both ways here, to compare only that
+    s, (dev, val), head = "abstract_algebra", files["abstract_algebra"], qc[0]["header"]
+    size = lambda p: len(mmlu_tok.encode(head + p[p.index(".\n\n") + 3 :], bos=True))  # noqa: E731
+    kept = head + "".join(SHOTS[2:]) + FIRST_Q
+    n = len(mmlu_tok.encode(kept, bos=True))
+    ref, k_dropped = _hendrycks_prompt(s, dev, val, 0, lambda p: size(p) > n)
+    assert MM.prompt_ids(qc[0], mmlu_tok, n) == (mmlu_tok.encode(kept, bos=True), 2, False)
+    assert k_dropped >= 1 and ref == head + "".join(SHOTS[: 5 - k_dropped]) + FIRST_Q
+
+
+def test_mmlu_reference_header_double_space(mmlu_dirs):
+    # evaluate.py's format_subject puts a space before each word: "about  abstract algebra." (the paper's JSON too)
+    files = _mmlu_reference_files(mmlu_dirs[0])
+    want = [_hendrycks_prompt(s, dev, val, i)[0] for s, (dev, val) in files.items() for i in range(len(val))]
+    assert [MM.prompt_text(q) for q in MM.read_mmlu(mmlu_dirs[0])] == want
 
 
 # ---------------------------------------------------------------------------------------------------
