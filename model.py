@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from data.checkpoint import Tokenizer, find_tokenizer, load_adapter, open_checkpoint, read_adapter
 from data.files import InputError, parse_flags, run
-from data.prepare import ALPACA
+from data.prepare import ALPACA, GUANACO
 from qlora import DequantBuffer, LoRALinear, quantize_nf4
 
 
@@ -323,7 +323,7 @@ def chat(argv):
         load_adapter(net, adapter)
     net.eval()
     template = f["template"] or info.get("template") or ("alpaca" if adapter else "none")
-    wrap = {"alpaca": ALPACA[False], "guanaco": "### Human: {instruction}### Assistant: ", "none": "{instruction}"}.get(template)
+    wrap = {"alpaca": ALPACA[False], "guanaco": GUANACO, "none": "{instruction}"}.get(template)
     if wrap is None:
         raise InputError(f"--template: expected alpaca, guanaco or none, got {template!r}")
     keep = max(net.config.max_seq_len - f["max_new_tokens"], net.config.max_seq_len // 2)  # prompt tokens kept

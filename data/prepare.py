@@ -27,6 +27,7 @@ ALPACA = {  # the Alpaca template, as in the paper's code
     False: "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
            "### Instruction:\n{instruction}\n\n### Response: ",
 }
+GUANACO = "### Human: {instruction}### Assistant: "  # one turn of a conversation, as the paper's OASST1 data writes it
 
 
 def read_records(path):
@@ -156,13 +157,12 @@ def segments(obj, where):
             if role not in ("system", "user", "assistant"):
                 raise InputError(f"{where}: messages[{j}].role must be system, user or assistant")
             c = text(m, "content", f"{where}: messages[{j}]")
-            turn = {"system": c + "\n", "user": f"### Human: {c}### Assistant: ", "assistant": c}  # Guanaco's turn markers
-            out.append((turn[role], role == "assistant"))
+            out.append(({"system": c + "\n", "user": GUANACO.format(instruction=c), "assistant": c}[role], role == "assistant"))
     else:  # OASST/Guanaco: "### Human: ...### Assistant: ..." turns, as the messages they are (tokenized the same)
         parts = re.split(r"(### Human:|### Assistant:)", text(obj, "text"))
         out = [(parts[0], False)] if parts[0].strip() else []
         for marker, body in zip(parts[1::2], parts[2::2]):
-            out.append((f"### Human: {body.strip()}### Assistant: ", False) if marker == "### Human:" else (body.strip(), True))
+            out.append((GUANACO.format(instruction=body.strip()), False) if marker == "### Human:" else (body.strip(), True))
     if not out or not out[-1][1]:  # refused: neither trained on as prompt text nor dropped unseen
         raise InputError(f"{where}: the conversation must end with an assistant reply")
     return out
