@@ -1929,6 +1929,7 @@ def test_meta_folder_with_a_config_json_and_which_tokenizer_is_used(tmp_path, me
     (dict(alora_invocation_tokens=[32, 7]), "alora_invocation_tokens [32, 7] is not supported"),  # active only after them
     (dict(use_qalora=True), "use_qalora true is not supported"),
     (dict(arrow_config={"top_k": 3}), 'arrow_config {"top_k": 3} is not supported'),
+    *((dict([(k, {"r": 1})]), f'{k} {{"r": 1}} is not supported') for k in ("velora_config", "monteclora_config", "use_bdlora", "kasa_config")),
     (dict(use_dora=None, fan_in_fan_out=None, bias=None, rank_pattern=None, alpha_pattern=None), None),  # null: the default
     (dict(use_qalora=False, alora_invocation_tokens=None, kasa_config=None, loftq_config={}, qalora_group_size=16), None),
     (dict(use_rslora=True), None),
