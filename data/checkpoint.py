@@ -353,7 +353,7 @@ def open_checkpoint(ckpt_dir, device=None, dtype=torch.bfloat16, tokenizer=None,
     params, take, total, where = (_read_hf if hf else _read_meta)(d, context)
     tok = tokenizer if tokenizer is not None else find_tokenizer(d)
     if tok is None and (d / "tokenizer.json").is_file():
-        raise InputError(f"{d}: no tokenizer.model, only tokenizer.json (Llama 3's; or saved by transformers 5: copy the base's)")
+        raise InputError(f"{d}: only tokenizer.json, which is not read (transformers 5 saves no other: copy the base's tokenizer.model)")
     n_words = Tokenizer(tok).n_words if tok is not None else params["vocab_size"]
     if n_words > params["vocab_size"]:  # the embedding may be padded past the tokenizer (a multiple of 64, an added pad)
         raise InputError(f"{tok}: tokenizer has {n_words} tokens, the checkpoint's embedding has {params['vocab_size']}")
@@ -383,10 +383,12 @@ def read_adapter(path):
     if path.is_dir():  # peft's folder
         where = path / "adapter_config.json"
         conf = read_json(where)
-        other = ("fan_in_fan_out", "rank_pattern", "alpha_pattern", "use_qalora", "use_dora", "velora_config",  # and the rest of
-                 "alora_invocation_tokens", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config")  # peft 0.21's variants
-        for key, ok in (("peft_type", "LORA"), ("bias", "none"), *((k, None) for k in other)):  # None: false, null, {} or []
-            if (conf.get(key) or ok) != ok:
+        ok = {"peft_type": ("LORA",), "bias": ("none",), "init_lora_weights": (True, "gaussian", "eva", "orthogonal"),  # not PiSSA,
+              **dict.fromkeys(("fan_in_fan_out", "rank_pattern", "alpha_pattern", "use_qalora", "use_dora",  # LoftQ...: a changed base;
+                               "velora_config", "alora_invocation_tokens", "monteclora_config", "use_bdlora", "arrow_config",
+                               "kasa_config"), ())}  # LoRA variants that we do not compute (peft 0.21's)
+        for key, values in ok.items():
+            if (conf.get(key) or None) not in (None, *values):  # None: false, null, {} or [], each field's default
                 raise InputError(f"{where}: {key} {json.dumps(conf[key])} is not supported")
         targets = conf.get("target_modules")
         if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t in short for t in targets):
@@ -414,8 +416,8 @@ def read_adapter(path):
         raise InputError(f"{path}: adapter not found (adapter.pt, or a peft folder with adapter_config.json)")
     if type(r) is not int or r < 1 or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise InputError(f"{where}: the rank and alpha must be finite numbers, got {r!r}, {alpha!r}")
-    return dict(lora=lora, r=r, scaling=alpha / (math.sqrt(r) if rslora else r), targets=targets, hf=path.is_dir(),
-                where=str(path), info=info)  # peft's use_rslora: rsLoRA scales by α/√r
+    return dict(lora=lora, r=r, scaling=alpha / (math.sqrt(r) if rslora else r), targets=targets, hf=path.is_dir(),  # rsLoRA: α/√r
+                where=str(path), info=info)
 
 
 def load_adapter(model, adapter):
@@ -423,9 +425,7 @@ def load_adapter(model, adapter):
     # adapter: a path, or read_adapter's result. Returns what the adapter records (train config, base, template).
     a = adapter if isinstance(adapter, dict) else read_adapter(adapter)
     lora, cfg = dict(a["lora"]), model.config
-    for name, m in model.named_modules():
-        if not isinstance(m, LoRALinear):
-            continue
+    for name, m in ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)):
         sub = name.split(".", 2)[2]
         if sub not in a["targets"]:  # not adapted: no LoRA branch at all
             if m.r > 0:
