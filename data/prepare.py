@@ -112,10 +112,8 @@ def convert(kind, path, lang=None, skipped=None):
             else:
                 skipped["with an empty instruction or output"] += 1
         elif kind == "guanaco":
-            text = field(where, r, "text")
-            if not text.startswith("### Human:") or "### Assistant:" not in text:
-                raise InputError(f"{where}: field 'text' is not '### Human: ... ### Assistant: ...'")
-            out.append({"text": text})
+            segments({"text": field(where, r, "text")}, where)  # checked as training will read it
+            out.append({"text": r["text"]})
         else:
             prompt = field(where, r, "prompt", kind=dict)
             if lang and prompt.get("lang") != lang:
@@ -160,6 +158,8 @@ def segments(obj, where):
             out.append(({"system": c + "\n", "user": GUANACO.format(instruction=c), "assistant": c}[role], role == "assistant"))
     else:  # OASST/Guanaco: "### Human: ...### Assistant: ..." turns, as the messages they are (tokenized the same)
         parts = re.split(r"(### Human:|### Assistant:)", text(obj, "text"))
+        if len(parts) < 3 or any(m != ("### Human:", "### Assistant:")[i % 2] for i, m in enumerate(parts[1::2])):  # not rewritten
+            raise InputError(f"{where}: field 'text' must alternate '### Human:' and '### Assistant:' turns, a human's first")
         out = [(parts[0], False)] if parts[0].strip() else []
         for marker, body in zip(parts[1::2], parts[2::2]):
             out.append((GUANACO.format(instruction=body.strip()), False) if marker == "### Human:" else (body.strip(), True))
