@@ -188,7 +188,7 @@ def train(c):
     else:
         device = "cpu"
         torch.set_num_threads(c["threads"])  # more threads than free cores makes each step many times slower
-    out_dir, data, ckpt_path = Path(c["out_dir"]), c["data"], Path(c["out_dir"]) / "ckpt.pt"
+    data, ckpt_path = c["data"], (out_dir := Path(c["out_dir"])) / "ckpt.pt"
     if ckpt_path.exists() and not (c["resume"] or c["overwrite"]):
         raise InputError(f"{ckpt_path}: out_dir holds a run; --resume continues it, --overwrite replaces it, or choose another --out_dir")
     if ddp:

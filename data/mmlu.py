@@ -60,7 +60,7 @@ def read_mmlu(folder, split="val", max_per_subject=0):
             shots = [f"{text} {LETTERS[a]}\n\n" for text, a in (read_csv(dev)[:5] if dev.is_file() else [])]
             if not shots:
                 raise InputError(f"{dev}: no dev questions for subject '{subject}' (its five examples)")
-            header = f"The following are multiple choice questions (with answers) about {''.join(' ' + w for w in subject.split('_'))}.\n\n"
+            header = f"The following are multiple choice questions (with answers) about  {subject.replace('_', ' ')}.\n\n"  # 2 spaces, as in evaluate.py
             out += [dict(subject=subject, header=header, shots=shots, question=t, answer=a) for t, a in read_csv(path)]
     else:
         raise InputError(f"{folder}: not an MMLU folder (expected dev/ and {split}/ with *_{split}.csv files, "
