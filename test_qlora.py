@@ -1750,8 +1750,8 @@ def test_installed_meta_reference_agrees(tmp_path, theta, kv_heads, multiplier):
         with torch.inference_mode():
             base = meta(idx, 0)
             assert rel_err(M.LLaMA.from_checkpoint(tmp_path / "m", quantize=False, dtype=torch.float32, lora_r=0,
-                                                   progress=False)(idx)[0], base) < 1e-5
-            assert rel_err(net(idx)[0], again(idx, 0)) < 1e-5 and rel_err(net(idx)[0], base) > 0.1
+                                                   progress=False)(idx)[0], base) < 2e-6
+            assert rel_err(net(idx)[0], again(idx, 0)) < 2e-6 and rel_err(net(idx)[0], base) > 0.1
     finally:
         fs_init.destroy_model_parallel()
         dist.destroy_process_group()
@@ -1930,6 +1930,9 @@ def test_meta_folder_with_a_config_json_and_which_tokenizer_is_used(tmp_path, me
     (dict(use_qalora=True), "use_qalora true is not supported"),
     (dict(arrow_config={"top_k": 3}), 'arrow_config {"top_k": 3} is not supported'),
     *((dict([(k, {"r": 1})]), f'{k} {{"r": 1}} is not supported') for k in ("velora_config", "monteclora_config", "use_bdlora", "kasa_config")),
+    (dict(init_lora_weights="pissa"), 'init_lora_weights "pissa" is not supported'),  # trained on a base peft changed
+    (dict(init_lora_weights="loftq"), 'init_lora_weights "loftq" is not supported'),
+    (dict(init_lora_weights="gaussian"), None), (dict(init_lora_weights=True), None), (dict(init_lora_weights=False), None),
     (dict(use_dora=None, fan_in_fan_out=None, bias=None, rank_pattern=None, alpha_pattern=None), None),  # null: the default
     (dict(use_qalora=False, alora_invocation_tokens=None, kasa_config=None, loftq_config={}, qalora_group_size=16), None),
     (dict(use_rslora=True), None),
@@ -2160,18 +2163,18 @@ def test_installed_transformers_and_peft_agree(tmp_path, arch, kv_heads, theta, 
     with torch.no_grad():
         base = hf(idx).logits
         assert rel_err(M.LLaMA.from_checkpoint(tmp_path / "hf", quantize=False, dtype=torch.float32, lora_r=0,
-                                               progress=False)(idx)[0], base) < 1e-5
+                                               progress=False)(idx)[0], base) < 2e-6
         names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=names, init_lora_weights=False, task_type="CAUSAL_LM")
         theirs = peft.get_peft_model(hf, lora).eval()  # random A and B
         theirs.save_pretrained(tmp_path / "peft")
         C.load_adapter(net, tmp_path / "peft")
-        assert rel_err(net(idx)[0], theirs(idx).logits) < 1e-5 and rel_err(theirs(idx).logits, base) > 0.1
+        assert rel_err(net(idx)[0], theirs(idx).logits) < 2e-6 and rel_err(theirs(idx).logits, base) > 0.1
         C.export_peft(net, tmp_path / "ours")
         fresh = getattr(tf, f"{arch}ForCausalLM").from_pretrained(tmp_path / "hf").eval()
         fresh.generation_config.eos_token_id = None  # greedy decoding with each one's KV cache: the same 12 tokens
         again = peft.PeftModel.from_pretrained(fresh, tmp_path / "ours").eval()
-        assert rel_err(net(idx)[0], again(idx).logits) < 1e-5
+        assert rel_err(net(idx)[0], again(idx).logits) < 2e-6
         assert torch.equal(net.generate(idx, 12, temperature=0), again.generate(input_ids=idx, max_new_tokens=12, do_sample=False))
 
 
@@ -2188,7 +2191,7 @@ def test_installed_transformers_and_peft_agree(tmp_path, arch, kv_heads, theta, 
      "config.json: quantization_config: the weights are quantized already; use the 16-bit original"),
     (dict(rope_parameters={"rope_theta": "5e5"}), 'config.json: rope_theta must be a positive number, got "5e5"'),
     (dict(architectures=["MistralForCausalLM"], sliding_window=64), "sliding_window 64 is shorter than the context of 100 tokens"),
-    ("tokenizer_json", "no tokenizer.model, only tokenizer.json (Llama 3's; or saved by transformers 5: copy the base's)"),
+    ("tokenizer_json", "only tokenizer.json, which is not read (transformers 5 saves no other: copy the base's tokenizer.model)"),
     (dict(architectures=["Qwen2ForCausalLM"]), "architectures ['Qwen2ForCausalLM']: only LlamaForCausalLM"),
     ("f8_dtype", "tensor 'model.norm.weight' has dtype F8_E4M3; only F16, BF16 and F32 are read"),
     (dict(head_dim=32), "head_dim 32 is not hidden_size / num_attention_heads = 16"),
@@ -2580,11 +2583,16 @@ def test_convert_skips_blank_instructions_and_refuses_half_guanaco_texts(tmp_pat
     src = write(tmp_path / "a.jsonl", [GOOD_ALPACA, json.dumps({"instruction": " \n", "output": "o"})])
     skipped = Counter()  # an instruction of only whitespace is as empty as ""
     assert convert("alpaca", src, skipped=skipped) == [json.loads(GOOD_ALPACA)] and sum(skipped.values()) == 1
-    # both halves of the Guanaco check: text before the first "### Human:", and no "### Assistant:" at all
-    for text in ("Hi ### Human: a### Assistant: b", "### Human: a, and no answer"):
+    # a Guanaco text is checked as training reads it: turns that alternate from a human one, ending with an answer
+    for text, why in (("### Human: a, and no answer", "the conversation must end with an assistant reply"),
+                      ("### Assistant: b### Human: a### Assistant: c", "field 'text' must alternate '### Human:' and '### Assistant:'"),
+                      ("### Human: a### Human: b### Assistant: c", "field 'text' must alternate"),
+                      ("Intro### Assistant: b", "field 'text' must alternate")):
         src = write(tmp_path / "g.jsonl", [json.dumps({"text": text})])
-        with pytest.raises(InputError, match=re.escape(f"{src}:1: field 'text' is not '### Human: ... ### Assistant: ...'")):
+        with pytest.raises(InputError, match=re.escape(f"{src}:1: {why}")):
             convert("guanaco", src)
+    src = write(tmp_path / "g.jsonl", [json.dumps({"text": "Be brief.### Human: a### Assistant: b"})])  # a preamble, kept
+    assert convert("guanaco", src) == [{"text": "Be brief.### Human: a### Assistant: b"}]
 
 
 def test_segments_blank_content_missing_input_and_leading_whitespace():
@@ -2999,7 +3007,7 @@ BAD = [  # (format, file lines, text the one-line error must contain)
     ("alpaca", [], "in.jsonl:1: file is empty"),
     ("alpaca", ["[]"], "no examples"),
     ("guanaco", [json.dumps({"text": "### Human: a### Assistant: b"}), json.dumps({"txt": "x"})], "in.jsonl:2: missing or invalid field 'text'"),
-    ("guanaco", [json.dumps({"text": "Human: a Assistant: b"})], "in.jsonl:1: field 'text'"),
+    ("guanaco", [json.dumps({"text": "Human: a Assistant: b"})], "in.jsonl:1: field 'text' must alternate '### Human:' and"),
     ("oasst", [json.dumps(TREE), json.dumps({"message_tree_id": "t9"})], "in.jsonl:2: missing or invalid field 'prompt'"),
     ("oasst", [json.dumps({"prompt": msg("prompter", "Q", replies=[msg("assistant", None)])})], "in.jsonl:1: missing or invalid field 'text'"),
     ("oasst", [json.dumps({"prompt": msg("user", "Q")})], "in.jsonl:1: missing or invalid field 'role'"),
@@ -3393,13 +3401,6 @@ def test_mmlu_reference_ports_agree(mmlu_dirs, mmlu_tok, tmp_path):
     ref, k_dropped = _hendrycks_prompt(s, dev, val, 0, lambda p: size(p) > n)
     assert MM.prompt_ids(qc[0], mmlu_tok, n) == (mmlu_tok.encode(kept, bos=True), 2, False)
     assert k_dropped >= 1 and ref == head + "".join(SHOTS[: 5 - k_dropped]) + FIRST_Q
-
-
-def test_mmlu_reference_header_double_space(mmlu_dirs):
-    # evaluate.py's format_subject puts a space before each word: "about  abstract algebra." (the paper's JSON too)
-    files = _mmlu_reference_files(mmlu_dirs[0])
-    want = [_hendrycks_prompt(s, dev, val, i)[0] for s, (dev, val) in files.items() for i in range(len(val))]
-    assert [MM.prompt_text(q) for q in MM.read_mmlu(mmlu_dirs[0])] == want
 
 
 # ---------------------------------------------------------------------------------------------------
