@@ -55,9 +55,7 @@ class LLaMAConfig:
     def hidden_dim(self):  # SwiGLU keeps the parameter count of a 4·d MLP: 2/3 · 4d, scaled, rounded up to multiple_of
         if self.ffn_dim is not None:
             return self.ffn_dim
-        h = int(2 * 4 * self.dim / 3)
-        if self.ffn_dim_multiplier is not None:
-            h = int(self.ffn_dim_multiplier * h)
+        h = int((self.ffn_dim_multiplier or 1) * int(2 * 4 * self.dim / 3))  # Meta's int(multiplier · int(8d/3))
         return self.multiple_of * ((h + self.multiple_of - 1) // self.multiple_of)
 
 

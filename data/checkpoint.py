@@ -75,8 +75,7 @@ def is_hf(d):  # Hugging Face's layout: config.json and no Meta shards (Mistral'
 def find_tokenizer(ckpt_dir):
     # in the folder; for Meta's layout also one level up, where its download puts it (llama/tokenizer.model, llama/7B/...)
     d = Path(ckpt_dir)
-    places = (d,) if is_hf(d) else (d, d.parent)
-    return next((p / "tokenizer.model" for p in places if (p / "tokenizer.model").is_file()), None)
+    return next((p / "tokenizer.model" for p in ((d,) if is_hf(d) else (d, d.parent)) if (p / "tokenizer.model").is_file()), None)
 
 
 def read_json(path):
@@ -455,11 +454,10 @@ def meta_params(cfg):
     # params.json as Meta's loaders read it: they do ModelArgs(**params), so no keys of ours. An explicit
     # FFN width (HF's intermediate_size) is written so that Meta's formula gives it back exactly:
     # multiple_of 1 and int(multiplier · int(8·dim/3)) = ffn_dim.
-    p = {k: getattr(cfg, k) for k in META_KEYS[:-1] if k != "n_kv_heads" or cfg.n_kv_heads != cfg.n_heads}  # LLaMA-1: no n_kv_heads
+    # left out at their defaults: LLaMA-1 has no n_kv_heads; Llama 2's ModelArgs no rope_theta (CodeLlama's params.json has it)
+    p = {k: getattr(cfg, k) for k in META_KEYS if getattr(cfg, k) != {"n_kv_heads": cfg.n_heads, "rope_theta": 10000.0}.get(k)}
     if cfg.ffn_dim is not None:
         p.update(multiple_of=1, ffn_dim_multiplier=(cfg.ffn_dim + 0.5) / int(2 * 4 * cfg.dim / 3))
-    if cfg.rope_theta != 10000.0:  # CodeLlama's params.json has it; Llama 2's ModelArgs has no such field
-        p["rope_theta"] = cfg.rope_theta
     return json.dumps({k: v for k, v in p.items() if v is not None}, indent=2)
 
 

@@ -233,8 +233,7 @@ def main(args):
     kind, src, dst = words
     if Path(dst).resolve() == Path(src).resolve():  # the skipped records would be lost with the original
         raise InputError(f"{dst}: is the input file; write the converted examples to another file")
-    skipped = Counter()
-    examples = convert(kind, src, flags.get("lang") or None, skipped)
+    examples = convert(kind, src, flags.get("lang") or None, skipped := Counter())
     atomic_write_bytes(dst, "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples).encode())
     why = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
     print(f"wrote {len(examples)} examples to {dst}, skipped {sum(skipped.values())}" + (f" ({why})" if why else ""))
