@@ -220,7 +220,7 @@ class LLaMA(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, stream=None):
         # idx (B, T) prompt -> (B, T + new), at most max_seq_len in all (Meta's limit; for a sliding-window
-        # model, its window). A KV cache keeps each step O(T) instead of O(T²). stream(nxt (B,)) sees each step.
+        # model, its window). A KV cache keeps each step O(T) instead of O(T²). stream(nxt (B,)) sees each step; True ends it.
         B, T = idx.shape
         total = min(T + max_new_tokens, self.config.max_seq_len)
         kv = (B, total, self.config.n_kv_heads, self.config.head_dim)
@@ -236,9 +236,8 @@ class LLaMA(nn.Module):
                     nxt = torch.where(done, eos_id, nxt)
                     done |= nxt == eos_id
                 idx = torch.cat([idx, nxt[:, None]], dim=1)
-                if stream is not None:
-                    stream(nxt)
-                if eos_id is not None and done.all() or pos == total - 1:
+                stop = stream is not None and stream(nxt)
+                if stop or eos_id is not None and done.all() or pos == total - 1:
                     break
                 logits, _ = self(nxt[:, None], start_pos=pos)
         finally:
@@ -324,6 +323,7 @@ def chat(argv):
     wrap = {"alpaca": ALPACA[False], "guanaco": GUANACO, "none": "{instruction}"}.get(template)
     if wrap is None:
         raise InputError(f"--template: expected alpaca, guanaco or none, got {template!r}")
+    stop = GUANACO.split(" {")[0] if template == "guanaco" else ""  # "### Human:", where the paper's adapters may put eos
     keep = max(net.config.max_seq_len - f["max_new_tokens"], net.config.max_seq_len // 2)  # prompt tokens kept
     torch.manual_seed(f["seed"])
 
@@ -336,19 +336,24 @@ def chat(argv):
             ids = (history if template == "guanaco" else [tok.bos_id]) + tok.encode(wrap.format(instruction=line))
             out, shown = [], ""  # the answer is printed as it is produced: decode it as it grows, print the new suffix
 
-            def show(nxt):
+            def show(nxt, end=False):  # -> True once the answer reaches `stop`, no part of which is printed
                 nonlocal shown
-                out.append(nxt.item())
+                out.extend(nxt.tolist())
                 text = tok.decode(out).rstrip("\ufffd")  # hold back a character whose bytes are not all there yet
+                hit = bool(stop) and stop in text
+                if stop:  # and, until the answer ends, what may be the start of `stop`
+                    text = text.split(stop)[0] if hit or end else text[: min(i for i in range(len(text) + 1) if stop.startswith(text[i:]))]
                 if text.startswith(shown):
                     print(text[len(shown):], end="", flush=True)
                     shown = text
+                return hit
 
             with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
                 net.generate(torch.tensor([ids[-keep:]], device=device), f["max_new_tokens"], f["temperature"],
                              f["top_k"] or None, f["top_p"] if f["top_p"] < 1 else None, tok.eos_id, show)
+            show(torch.tensor([], dtype=torch.long), end=True)  # what was held back
             print(flush=True)
-            history = ids + out + [tok.eos_id] * (out[-1:] != [tok.eos_id])
+            history = ids + tok.encode(shown.strip()) + [tok.eos_id]  # the answer as training reads it, closed by eos
     except EOFError:
         pass
 

@@ -1547,6 +1547,8 @@ def test_generate_steps_cache_dtype_cleanup_and_default_temperature(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         net.generate(prompt, 3, temperature=0, stream=fail)
     assert all(layer.attention.cache is None for layer in net.layers)  # freed on the way out too
+    steps.clear()
+    assert net.generate(prompt, 5, temperature=0, stream=lambda nxt: True).shape == (1, 4) and steps == [0]  # True: the end
     temps, sample = [], M.sample
     monkeypatch.setattr(M, "sample", lambda logits, t, k, p: temps.append(t) or sample(logits, t, k, p))
     net.generate(prompt, 1)
@@ -1578,13 +1580,15 @@ def test_random_init_norms_are_one_and_weights_scale_with_fan_in_per_seed():
 
 def chat_here(monkeypatch, capsys, *argv, stdin=b"", answers=()):
     # python model.py in this process, its generate replaced by a spy -> (calls, stdout). A call records (prompt ids,
-    # max_new_tokens, temperature, top_k, top_p, eos_id, torch's seed) and streams the next of `answers` (token ids)
+    # max_new_tokens, temperature, top_k, top_p, eos_id, torch's seed) and streams the next of `answers` (lists of token
+    # ids, emptied as they are streamed: what is left was not)
     calls, answers = [], list(answers)
 
     def spy(net, idx, max_new_tokens, temperature, top_k, top_p, eos_id, stream):
         calls.append((idx[0].tolist(), max_new_tokens, temperature, top_k, top_p, eos_id, torch.initial_seed()))
-        for t in answers.pop(0) if answers else ():
-            stream(torch.tensor([t]))
+        answer = answers.pop(0) if answers else []
+        while answer and not stream(torch.tensor([answer.pop(0)])):  # True: the answer ends, as in generate
+            pass
         return idx
     monkeypatch.setattr(M.LLaMA, "generate", spy)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -1642,7 +1646,7 @@ def test_chat_turns_history_eos_and_blank_lines(demo_adapter, monkeypatch, capsy
     t1, t2, t3 = tok.encode("the quick"), tok.encode("lazy dog"), tok.encode("rivers")
     stdin = ("  " + "\n".join(lines) + "  \n \nnever read\n").encode()  # surrounding spaces go; a blank line ends the chat
     calls, out = chat_here(monkeypatch, capsys, "--adapter", path, "--template", "guanaco", "--quantize", "false", stdin=stdin,
-                           answers=[t1, t2 + [tok.eos_id], t3])
+                           answers=[t1[:], t2 + [tok.eos_id], t3[:]])
     g = [tok.encode(f"### Human: {line}### Assistant: ") for line in lines]
     first = [tok.bos_id] + g[0]
     second = first + t1 + [tok.eos_id] + g[1]  # an answer cut at max_new_tokens is closed with eos, as in training
@@ -1651,7 +1655,7 @@ def test_chat_turns_history_eos_and_blank_lines(demo_adapter, monkeypatch, capsy
     assert out == "".join(tok.decode(t) + "\n" for t in (t1, t2 + [tok.eos_id], t3))
     # Alpaca: every line a fresh instruction
     calls, _ = chat_here(monkeypatch, capsys, "--adapter", path, "--quantize", "false", stdin=b"the brown fox\nseven birds\n",
-                         answers=[t1, t2])
+                         answers=[t1[:], t2[:]])
     assert [c[0] for c in calls] == [[tok.bos_id] + tok.encode(P.ALPACA[False].format(instruction=line)) for line in lines[:2]]
     with pytest.raises(InputError, match=re.escape("stdin: not UTF-8 text")):  # not a UnicodeDecodeError from input()
         chat_here(monkeypatch, capsys, "--adapter", path, "--quantize", "false", stdin=b"caf\xe9\n")
@@ -1696,19 +1700,43 @@ def test_chat_finds_the_base_the_tokenizer_and_the_device_as_recorded(demo_adapt
         chat_here(monkeypatch, capsys, "--adapter", tmp_path / "1.pt", "--prompt", "x")
 
 
-def test_chat_streams_a_character_split_over_byte_tokens_whole(demo_adapter, tmp_path, monkeypatch, capsys):
-    # LLaMA's tokenizer falls back to byte tokens (<0xC3> <0xA9> for "é"): the first byte alone decodes to U+FFFD,
-    # which must not be printed, since the streamed text is never taken back
+def byte_tokenizer(path):  # as LLaMA's, characters it has no token for fall back to byte tokens (<0xC3> <0xA9> for "é")
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(WORDS * 10), model_writer=buf, vocab_size=300, unk_id=0, bos_id=1,
                                    eos_id=2, pad_id=-1, byte_fallback=True, minloglevel=2)
-    (tmp_path / "bytes.model").write_bytes(buf.getvalue())
-    tok = C.Tokenizer(tmp_path / "bytes.model")
+    path.write_bytes(buf.getvalue())
+    return C.Tokenizer(path)
+
+
+def test_chat_streams_a_character_split_over_byte_tokens_whole(demo_adapter, tmp_path, monkeypatch, capsys):
+    # the first byte of "é" alone decodes to U+FFFD, which must not be printed, since the streamed text is never taken back
+    tok = byte_tokenizer(tmp_path / "bytes.model")
     answer = tok.encode("the café ☕ is open")
     assert "<0xC3>" in [tok.sp.id_to_piece(i) for i in answer]  # é is two byte tokens here
-    adapter = demo_variant(demo_adapter, tmp_path / "b" / "adapter.pt", base={"tokenizer": str(tmp_path / "bytes.model")})
+    adapter = demo_variant(demo_adapter, tmp_path / "b" / "adapter.pt", base={"tokenizer": str(tok.path)})
     _, out = chat_here(monkeypatch, capsys, "--adapter", adapter, "--prompt", "the lazy dog", "--quantize", "false", answers=[answer])
     assert out == "the café ☕ is open\n"
+
+
+def test_chat_ends_a_guanaco_answer_at_a_human_turn_of_its_own(demo_adapter, tmp_path, monkeypatch, capsys):
+    # the paper's Guanaco adapters saw one eos per conversation, so an answer may go on "### Human: ..." by itself.
+    # It ends there with no part of the marker printed (a possible start of it is held back until the answer ends),
+    # and the conversation keeps the answer alone, closed by eos
+    tok = byte_tokenizer(tmp_path / "bytes.model")
+    adapter = demo_variant(demo_adapter, tmp_path / "b" / "adapter.pt", base={"tokenizer": str(tok.path)})
+    answers = ["the fox. ### Human: and you?### Assistant: a dog", "see C# ##", "old ## stone"]
+    assert all(tok.decode(tok.encode(a)) == a for a in answers) and len(tok.encode("### Human:")) > 5  # streamed piece by piece
+    ids = [tok.encode(a) for a in answers]
+    calls, out = chat_here(monkeypatch, capsys, "--adapter", adapter, "--template", "guanaco", "--quantize", "false",
+                           stdin=b"a\nb\nc\n", answers=ids)
+    assert out == "the fox. \nsee C# ##\nold ## stone\n"  # "##" held back, then printed when the answer ends there
+    assert tok.decode(ids[0]) == "and you?### Assistant: a dog" and ids[1:] == [[], []]  # generation ended at the ':'
+    g = [tok.encode(f"### Human: {line}### Assistant: ") for line in "abc"]
+    second = [tok.bos_id] + g[0] + tok.encode("the fox.") + [tok.eos_id] + g[1]
+    assert [c[0] for c in calls[1:]] == [second, second + tok.encode("see C# ##") + [tok.eos_id] + g[2]]
+    _, out = chat_here(monkeypatch, capsys, "--adapter", adapter, "--template", "alpaca", "--quantize", "false", "--prompt", "a",
+                       answers=[tok.encode(answers[0])])
+    assert out == answers[0] + "\n"  # other templates have no such marker
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -2500,7 +2528,7 @@ def test_chat_interactive_keeps_the_guanaco_conversation(demo_adapter, monkeypat
         ids += tok.encode(f"### Human: {line}### Assistant: ")
         out = greedy(net.eval(), ids, 6, tok.eos_id)
         answers.append(tok.decode(out))
-        ids += out if out[-1] == tok.eos_id else out + [tok.eos_id]
+        ids += tok.encode(answers[-1].strip()) + [tok.eos_id]  # re-encoded as training encodes an answer, closed by eos
     assert r.stdout == "".join(a + "\n" for a in answers)
 
 
