@@ -2217,7 +2217,7 @@ def test_installed_transformers_and_peft_agree(tmp_path, arch, kv_heads, theta, 
     (dict(rope_parameters=[]), "rope_parameters [] is not implemented"),
     (dict(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True}),  # a -bnb-4bit folder: U8 tensors
      "config.json: quantization_config: the weights are quantized already; use the 16-bit original"),
-    (dict(rope_parameters={"rope_theta": "5e5"}), 'config.json: rope_theta must be a positive number, got "5e5"'),
+    (dict(rope_parameters={"rope_theta": "5e5"}), 'config.json: rope_parameters: rope_theta must be a positive number, got "5e5"'),
     (dict(architectures=["MistralForCausalLM"], sliding_window=64), "sliding_window 64 is shorter than the context of 100 tokens"),
     ("tokenizer_json", "only tokenizer.json, which is not read (transformers 5 saves no other: copy the base's tokenizer.model)"),
     (dict(architectures=["Qwen2ForCausalLM"]), "architectures ['Qwen2ForCausalLM']: only LlamaForCausalLM"),

@@ -92,9 +92,8 @@ def read_json(path):
 
 def check_fields(c, where, need, ints=(), floats=(), bools=()):
     # a config edited by hand: the fields in need present, each field a positive int, positive number or true/false
-    for k in need:
-        if k not in c:
-            raise InputError(f"{where}: missing field {k!r}")
+    if (k := next((k for k in need if k not in c), None)) is not None:
+        raise InputError(f"{where}: missing field {k!r}")
     for keys, types, want in ((ints, (int,), "a positive integer"), (floats, (int, float), "a positive number"),
                               (bools, (bool,), "true or false")):
         for k in keys:
@@ -264,6 +263,7 @@ def hf_params(c, where, context=None):
     rope = c.get("rope_parameters", {})  # transformers >= 5 keeps θ there: {"rope_type": "default", "rope_theta": θ}
     if not isinstance(rope, dict) or set(rope) - {"rope_type", "rope_theta"} or rope.get("rope_type", "default") != "default":
         raise InputError(f"{where}: rope_parameters {json.dumps(rope)} is not implemented (only rope_type default)")
+    check_fields(rope, f"{where}: rope_parameters", (), floats=("rope_theta",))
     c = {**c, **rope}  # its rope_theta over a top-level one, as transformers reads them
     check_fields(c, where, ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"),
                  ints=("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
