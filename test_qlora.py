@@ -3490,6 +3490,7 @@ def test_bad_data_gives_one_line_and_exit_2(tmp_path, lines, expect):
     # tiny: dim 128, 4 heads of 32, 2 kv heads -> wk/wv are 64 x 128, the narrowest adapted layer (w1: 352 x 128)
     (["--lora_r", "65"], "--lora_r must be at most 64 for this architecture"),
     (["--source_max_len", "200", "--target_max_len", "100"], "--target_max_len must be at most the context less --source_max_len, 256 - 200, got 100"),
+    (["--source_max_len", "256"], "--source_max_len must be below the context, 256 tokens, got 256"),  # not "at most 256 - 256"
     (["--model", "7B", "--init", "random", "--lora_r", "4097"], "--lora_r must be at most 4096"),
     (["stray"], "unexpected argument 'stray'"),
     (["--data", "--max_iters", "1"], "flag --data needs a value"),  # not --data '--max_iters', then a stray '1'
@@ -3499,7 +3500,7 @@ def test_bad_data_gives_one_line_and_exit_2(tmp_path, lines, expect):
     (["--resume"], "--resume: "),  # an empty out_dir: nothing to resume
     (["--mmlu", "/nonexistent"], "/nonexistent: not an MMLU folder"),
     (["--mmlu_split", "train"], "--mmlu_split: expected val or test, got 'train'"),
-    (["--merge_base", "original"], "--merge_base original: a random base has no original weights"),
+    (["--merge_base", "original"], "--merge_base must be nf4 for a random base (no original weights), got original"),
     (["--adapter", "/nonexistent/adapter.pt"], "/nonexistent/adapter.pt: adapter not found"),
 ])
 def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, expect):

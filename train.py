@@ -86,8 +86,6 @@ def resolve(given, defaults):
     for k, ok in (("init", ("checkpoint", "random")), ("merge_base", ("nf4", "original")), ("mmlu_split", ("val", "test"))):
         if c[k] not in ok:
             raise InputError(f"--{k}: expected {' or '.join(ok)}, got {c[k]!r}")
-    if c["merge_base"] == "original" and c["init"] != "checkpoint":
-        raise InputError("--merge_base original: a random base has no original weights (use nf4)")
     if c["adapter"]:  # its rank and scale are what will run, so they are what is saved
         a = read_adapter(c["adapter"])
         c["lora_r"], c["lora_alpha"] = a["r"], a["scaling"] * a["r"]
@@ -114,6 +112,8 @@ def resolve(given, defaults):
                           for k in ("weight_decay", "temperature", "max_iters", "warmup_iters", "sample_tokens", "seed", "mmlu_max")),
                         ("threads", 0 < c["threads"] <= os.cpu_count(), f"in [1, {os.cpu_count()}], the CPUs here"),
                         *((k, 0 <= c[k] < 1, "in [0, 1)") for k in ("beta1", "beta2", "val_fraction", "lora_dropout")),
+                        ("merge_base", c["merge_base"] == "nf4" or c["init"] == "checkpoint", "nf4 for a random base (no original weights)"),
+                        ("source_max_len", c["source_max_len"] < arch.max_seq_len, f"below the context, {arch.max_seq_len} tokens"),
                         ("lora_r", c["lora_r"] <= max_r, f"at most {max_r} for this architecture (the smaller side of its narrowest adapted layer)"),
                         ("target_max_len", c["source_max_len"] + c["target_max_len"] <= arch.max_seq_len,
                          f"at most the context less --source_max_len, {arch.max_seq_len} - {c['source_max_len']}")):
