@@ -3447,6 +3447,7 @@ def run_train(*args, timeout=300, env=ENV):
 @pytest.mark.parametrize("lines, expect", [
     (['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output": "b"', ], "bad.jsonl:2: malformed JSON"),
     (['{"instruction": "a", "output": "b"}', '{"instruction": "a"}'], "bad.jsonl:2: field 'output' must be a non-empty string"),
+    (['{"instruction": "a", "input": null, "output": "b"}'], "bad.jsonl:1: field 'input' must be a string"),  # blank is fine
     (['{"messages": [{"role": "bot", "content": "x"}]}'], "bad.jsonl:1: messages[0].role"),
     (['{"prompt": "a"}'], "bad.jsonl:1: expected fields"),
     ([], "bad.jsonl:1: file is empty"),
@@ -3509,6 +3510,12 @@ def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, expect):
     assert "model " not in r.stdout  # refused before anything was built
 
 
+def test_resume_into_a_missing_out_dir_leaves_nothing_behind(tmp_path):
+    r = run_train("--resume", "--out_dir", tmp_path / "typo")  # the demo would first train its tokenizer there
+    assert r.returncode == 2 and r.stderr == f"error: --resume: {tmp_path / 'typo' / 'ckpt.pt'} not found\n"
+    assert not (tmp_path / "typo").exists()
+
+
 def losses(out):
     return [l.split(",")[0] for l in out.splitlines() if l.startswith("iter ") and ": loss " in l]
 
@@ -3554,11 +3561,11 @@ def test_resume_compares_the_data_by_content_and_every_setting_of_the_model_and_
     r = run_train(*FAST, "--max_iters", 1, "--out_dir", d, "--data", same, "--resume")
     assert r.returncode == 0 and "nothing to train" in r.stdout, r.stderr
     data.write_text("".join(data.read_text().splitlines(True)[:-1]))  # the same name, one example less: refused
-    for args, what in ((["--data", data], "data_sha1"), (["--lora_alpha", 32], "--lora_alpha 16.0, this run has --lora_alpha 32.0"),
+    for args, what in ((["--data", data], "--data contents (SHA-1) "), (["--lora_alpha", 32], "--lora_alpha 16.0, this run has --lora_alpha 32.0"),
                        (["--lora_dropout", 0.2], "--lora_dropout 0.1, this run has --lora_dropout 0.2"),
                        (["--val_fraction", 0.2], "--val_fraction"), (["--train_on_source"], "--train_on_source False"),
                        (["--group_by_length", "false"], "--group_by_length True"),
-                       (["--mmlu", mmlu_dirs[0]], "tokenizer_sha1"),  # the demo's tokenizer then keeps MMLU's letters: another one
+                       (["--mmlu", mmlu_dirs[0]], "a tokenizer (SHA-1) "),  # the demo's tokenizer then keeps MMLU's letters: another one
                        ):
         r = run_train(*FAST, "--max_iters", 2, "--out_dir", d, "--data", same, "--resume", *args)
         assert r.returncode == 2 and f"was made with {what}" in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
@@ -4219,7 +4226,7 @@ def test_read_checkpoint_names_every_setting_that_changes_the_model_or_data(tmp_
     for k in ("model", "ckpt_dir", "adapter", "lora_r", "lora_alpha", "lora_dropout", "data_sha1", "tokenizer_sha1", "seed", "batch_size",
               "micro_batch", "source_max_len", "target_max_len", "train_on_source", "group_by_length", "val_fraction"):
         new = not c[k] if isinstance(c[k], bool) else c[k] + (1 if not isinstance(c[k], str) else "x")
-        name = k if k.endswith("_sha1") else f"--{k}"
+        name = {"data_sha1": "--data contents (SHA-1)", "tokenizer_sha1": "a tokenizer (SHA-1)"}.get(k, f"--{k}")
         with pytest.raises(InputError, match=re.escape(f"{path} was made with {name} {c[k]}, this run has {name} {new}")):
             read(ck, {**c, k: new})
     with pytest.raises(InputError, match=re.escape(f"{path} was made by 1 processes, this run has 2")):

@@ -44,13 +44,13 @@ overwrite = False  # start a new run in an out_dir that holds one (otherwise ref
 max_iters = 1875  # optimizer steps (Guanaco 7B: 1875)
 batch_size = 16  # examples per optimizer step, reached by gradient accumulation
 micro_batch = 1  # examples per forward pass (per GPU)
-learning_rate = 0.0  # 0: the paper's, 2e-4 up to 13B, 1e-4 for 33B/65B
+learning_rate = 0.0  # 0: the paper's, 2e-4 up to 13B, 1e-4 for 33B and larger
 warmup_iters = -1  # -1: 3% of max_iters; then constant
 weight_decay = 0.0  # AdamW's decoupled weight decay
 beta1, beta2 = 0.9, 0.999  # AdamW's moment decay rates, in [0, 1)
 max_grad_norm = 0.3  # gradient clipping: the norm of all LoRA gradients together is at most this
 lora_r, lora_alpha = 64, 16.0  # LoRA rank and scale α (the update BA is scaled by α/r)
-lora_dropout = -1.0  # -1: the paper's, 0.1 up to 13B, 0.05 for 33B/65B
+lora_dropout = -1.0  # -1: the paper's, 0.1 up to 13B, 0.05 for 33B and larger
 source_max_len, target_max_len = 1024, 256  # tokens of prompt and of response kept per example
 train_on_source = False  # False: loss on response tokens only
 group_by_length = True  # batch similar lengths together: less padding
@@ -160,8 +160,6 @@ def build_model(c, tok, device, dtype, master):
 
 def read_checkpoint(path, c, world):
     # ckpt.pt as save_checkpoint wrote it for this run's model and data; memory-mapped: file -> paged memory
-    if not path.is_file():
-        raise InputError(f"--resume: {path} not found")
     ck = torch_load(path, tensors=False)  # one line naming the file if it is not torch.save's
     if not (isinstance(ck, dict) and {"config", "lora", "optimizer", "iter_num", "rng"} <= ck.keys() and is_state_dict(ck["lora"])
             and isinstance(ck["config"], dict) and isinstance(ck["rng"], list) and type(ck["iter_num"]) is int and ck["iter_num"] >= 0):
@@ -169,7 +167,7 @@ def read_checkpoint(path, c, world):
     for k in ("model", "ckpt_dir", "adapter", "lora_r", "lora_alpha", "lora_dropout", "data_sha1", "tokenizer_sha1", "seed", "batch_size",
               "micro_batch", "source_max_len", "target_max_len", "train_on_source", "group_by_length", "val_fraction"):
         if (old := ck["config"].get(k)) != c[k]:  # anything that changes the model or the data stream (the data by content)
-            name = k if k.endswith("_sha1") else f"--{k}"  # a flag, or the content of --data or of the tokenizer
+            name = {"data_sha1": "--data contents (SHA-1)", "tokenizer_sha1": "a tokenizer (SHA-1)"}.get(k, f"--{k}")
             raise InputError(f"--resume: {path} was made with {name} {old}, this run has {name} {c[k]}")
     if len(ck["rng"]) != world:
         raise InputError(f"--resume: {path} was made by {len(ck['rng'])} processes, this run has {world}")
@@ -191,6 +189,8 @@ def train(c):
     data, ckpt_path = c["data"], (out_dir := Path(c["out_dir"])) / "ckpt.pt"
     if ckpt_path.exists() and not (c["resume"] or c["overwrite"]):
         raise InputError(f"{ckpt_path}: out_dir holds a run; --resume continues it, --overwrite replaces it, or choose another --out_dir")
+    if c["resume"] and not ckpt_path.is_file():  # before anything is written into out_dir
+        raise InputError(f"--resume: {ckpt_path} not found")
     if ddp:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     master = rank == 0

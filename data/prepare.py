@@ -135,7 +135,7 @@ def segments(obj, where):
     def text(o, key, w=where):
         v = o.get(key)  # o is a dict: checked by the callers
         if not isinstance(v, str) or (key != "input" and not v.strip()):
-            raise InputError(f"{w}: field '{key}' must be a non-empty string")
+            raise InputError(f"{w}: field '{key}' must be a {'' if key == 'input' else 'non-empty '}string")  # input may be blank
         return v
 
     if not isinstance(obj, dict):
