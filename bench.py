@@ -155,12 +155,10 @@ def main(argv):
     f, cuda = {**defaults, **given}, torch.cuda.is_available()
     if words not in (["kernels"], ["e2e"], ["load"]):
         raise InputError(f"expected one command, kernels, e2e or load, got {' '.join(words) or 'none'} (see --help)")
-    for k in ("model", "write"):
-        if f[k] and f[k] not in CONFIGS:
-            raise InputError(f"--{k} {f[k]}: unknown architecture (known: {', '.join(CONFIGS)})")
-    for k in ("batch", "seq", "steps", "lora_r"):
-        if not 1 <= f[k] < 2**31:
-            raise InputError(f"--{k} must be at least 1 (below 2^31), got {f[k]}")
+    if k := next((k for k in ("model", "write") if f[k] and f[k] not in CONFIGS), None):
+        raise InputError(f"--{k} {f[k]}: unknown architecture (known: {', '.join(CONFIGS)})")
+    if k := next((k for k in ("batch", "seq", "steps", "lora_r") if not 1 <= f[k] < 2**31), None):
+        raise InputError(f"--{k} must be at least 1 (below 2^31), got {f[k]}")
     if words == ["kernels"]:
         if not cuda:
             raise InputError("bench.py kernels needs a CUDA GPU")

@@ -236,8 +236,7 @@ class LLaMA(nn.Module):
                     nxt = torch.where(done, eos_id, nxt)
                     done |= nxt == eos_id
                 idx = torch.cat([idx, nxt[:, None]], dim=1)
-                stop = stream is not None and stream(nxt)
-                if stop or eos_id is not None and done.all() or pos == total - 1:
+                if (stream is not None and stream(nxt)) or (eos_id is not None and done.all()) or pos == total - 1:
                     break
                 logits, _ = self(nxt[:, None], start_pos=pos)
         finally:

@@ -183,8 +183,7 @@ def read_safetensors(path):
                 raw = buf[8 + n + begin : 8 + n + end]  # viewed as dt in place only where the offset is aligned to it
                 out[name] = (raw if (8 + n + begin) % dt.itemsize == 0 else raw.clone()).view(dt).view(h["shape"])
         except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:  # RuntimeError: e.g. a shape < 0
-            raise InputError(f"{path}: not a valid safetensors file "
-                             f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            raise InputError(f"{path}: not a valid safetensors file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return out
 
 
@@ -231,17 +230,15 @@ def _read_meta(d, context):
     params, shards = read_params(d, context), sorted(d.glob("consolidated.*.pth"))
     if not shards:
         raise InputError(f"{d}: no consolidated.NN.pth checkpoint shards")
-    for i, s in enumerate(shards):
-        if s.name != f"consolidated.{i:02d}.pth":
-            raise InputError(f"{d / f'consolidated.{i:02d}.pth'}: shard missing ({len(shards)} shards found)")
+    if gap := next((f"consolidated.{i:02d}.pth" for i, s in enumerate(shards) if s.name != f"consolidated.{i:02d}.pth"), None):
+        raise InputError(f"{d / gap}: shard missing ({len(shards)} shards found)")
     sds, expected = [torch_load(s) for s in shards], meta_names(params["n_layers"])
     for s, sd in zip(shards, sds):
         odd = [f"unexpected tensor {k!r}" for k in sd if k not in expected and k != "rope.freqs"]  # rope.freqs: recomputed
         odd += [f"missing tensor {k!r}" for k in expected if k not in sd]
         if odd:
             raise InputError(f"{s}: {odd[0]}")
-    if "vocab_size" not in params:  # LLaMA-1's params.json says -1: the embedding knows
-        params["vocab_size"] = sds[0]["tok_embeddings.weight"].shape[0]
+    params.setdefault("vocab_size", sds[0]["tok_embeddings.weight"].shape[0])  # LLaMA-1's params.json says -1: the embedding knows
 
     def take(name):
         # Meta's model parallelism: column-parallel (output rows split) wq wk wv w1 w3 output; row-parallel
@@ -347,8 +344,7 @@ class Progress:
 def open_checkpoint(ckpt_dir, device=None, dtype=torch.bfloat16, tokenizer=None, context=None, progress=True):
     # -> (LLaMAConfig fields, load(name, shape) -> tensor on device, Progress to close when the model is built).
     # context: the longest sequence that will be used (a sliding window shorter than it is refused).
-    d = Path(ckpt_dir)
-    hf = is_hf(d)
+    d, hf = Path(ckpt_dir), is_hf(ckpt_dir)
     params, take, total, where = (_read_hf if hf else _read_meta)(d, context)
     tok = tokenizer if tokenizer is not None else find_tokenizer(d)
     if tok is None and (d / "tokenizer.json").is_file():
@@ -376,12 +372,10 @@ def open_checkpoint(ckpt_dir, device=None, dtype=torch.bfloat16, tokenizer=None,
 # -----------------------------------------------------------------------------------------------
 # adapters in: ours (adapter.pt) or peft's folder
 
-def read_adapter(path):
-    # -> {"lora": {name in the file: tensor}, "r", "scaling", "targets", "hf", "where", "info"}
+def read_adapter(path):  # -> {"lora": {name in the file: tensor}, "r", "scaling", "targets", "hf", "where", "info"}
     path, short = Path(path), {v.split(".")[1]: k for k, v in LINEARS.items()}  # q_proj -> attention.wq
     if path.is_dir():  # peft's folder
-        where = path / "adapter_config.json"
-        conf = read_json(where)
+        where, conf = path / "adapter_config.json", read_json(path / "adapter_config.json")
         ok = {"peft_type": ("LORA",), "bias": ("none",), "init_lora_weights": (True, "gaussian", "eva", "orthogonal"),  # not PiSSA,
               **dict.fromkeys(("fan_in_fan_out", "rank_pattern", "alpha_pattern", "use_qalora", "use_dora",  # LoftQ...: a changed base;
                                "velora_config", "alora_invocation_tokens", "monteclora_config", "use_bdlora", "arrow_config",
@@ -433,8 +427,7 @@ def load_adapter(model, adapter):
             continue
         for x, shape in (("A", (a["r"], m.in_features)), ("B", (m.out_features, a["r"]))):
             k = f"{peft_name(name)}.lora_{x}.weight" if a["hf"] else f"{name}.lora_{x}"  # its name in the file
-            t = lora.pop(k, None)
-            if t is None or tuple(t.shape) != shape:
+            if (t := lora.pop(k, None)) is None or tuple(t.shape) != shape:
                 raise InputError(f"{a['where']}: tensor {k!r} " + ("missing" if t is None else
                                  f"has shape {tuple(t.shape)}, the model's {name} needs {shape}"))
             if x == "B" and a["hf"] and sub in ("attention.wq", "attention.wk"):
@@ -465,14 +458,13 @@ def export_merged(model, out_dir, dtype=torch.float16, base=None, tokenizer=None
     # W = W0 + (α/r)·B A for every adapted layer: one shard (consolidated.00.pth), params.json and, if given, a copy of
     # the tokenizer (the folder loads alone). W0 is by default the NF4-rounded base the adapter was trained on
     # (dequantized); with base=FOLDER, the original 16-bit checkpoint re-read one weight at a time (merge.json says which).
-    out_dir, cfg, names = Path(out_dir), model.config, meta_names(model.config.n_layers)
+    out_dir, cfg, names, sd = Path(out_dir), model.config, meta_names(model.config.n_layers), {}
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers()), "output.weight": model.output}
     load = open_checkpoint(base, "cpu", torch.float32, progress=False)[1] if base is not None else None
     linear = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     shapes = {n: tuple((linear[n].weight if n in linear else tensors[n]).shape) for n in names}
     prog = Progress("merged", cfg.n_layers, sum(math.prod(s) for s in shapes.values()) * dtype.itemsize, quiet=not progress)
-    sd = {}
     for n in names:  # to host memory one weight at a time: the GPU holds one 16-bit weight at most
         m = linear.get(n)
         if load is None:

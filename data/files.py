@@ -50,8 +50,7 @@ def atomic_write(path, write, size=0):
         os.close(fd)
 
 
-def nbytes(obj):
-    # the tensor bytes in a nest of dicts, lists and tuples: about what torch.save writes
+def nbytes(obj):  # the tensor bytes in a nest of dicts, lists and tuples: about what torch.save writes
     if isinstance(obj, (dict, list, tuple)):
         return sum(map(nbytes, obj.values() if isinstance(obj, dict) else obj))
     return obj.nbytes if isinstance(obj, torch.Tensor) else 0
@@ -67,9 +66,8 @@ def atomic_write_bytes(path, data):
 
 @contextmanager
 def locked_dir(d):
-    # make d if needed and hold an exclusive lock on d/.lock (which holds our pid) until the block ends, so
-    # that two runs never write one folder. The lock file is removed while still held, and a folder made
-    # here and left empty is removed too.
+    # make d if needed and hold an exclusive lock on d/.lock (which holds our pid) until the block ends, so that two runs never
+    # write one folder. The lock file is removed while still held, and a folder made here and left empty is removed too.
     d, lock = Path(d), Path(d) / ".lock"
     made = not d.exists()
     try:
@@ -83,8 +81,7 @@ def locked_dir(d):
     except BlockingIOError:  # from flock (or the check above): another run holds the lock
         pid = os.pread(fd, 20, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise InputError(f"--out_dir {d}: in use by another run (pid {pid}); "
-                         "wait for it or choose another --out_dir") from None
+        raise InputError(f"--out_dir {d}: in use by another run (pid {pid}); wait for it or choose another --out_dir") from None
     except OSError as e:
         raise InputError(f"--out_dir {d}: " + ("is a file, not a folder" if d.is_file() else f"cannot write there ({e.strerror})")) from None
     try:
@@ -134,12 +131,12 @@ def parse_flags(argv, defaults, help_text, words_ok=True):
             continue
         if key not in defaults:
             raise InputError(f"unknown flag {arg} (flags: {', '.join('--' + k for k in defaults)})")
-        kind = type(defaults[key])
-        if not eq and kind is bool and (i == len(argv) or argv[i].startswith("--")):
+        kind, alone = type(defaults[key]), not eq and (i == len(argv) or argv[i].startswith("--"))  # alone: no value follows
+        if alone and kind is not bool:  # `--data --out_dir x`: --data was left without its value
+            raise InputError(f"flag --{key} needs a value (one that starts with -- is written --{key}=VALUE)")
+        elif alone:  # a bool flag alone means true
             val = "true"
         elif not eq:
-            if i == len(argv) or argv[i].startswith("--"):  # `--data --out_dir x`: --data was left without its value
-                raise InputError(f"flag --{key} needs a value (one that starts with -- is written --{key}=VALUE)")
             val, i = argv[i], i + 1
         try:
             given[key] = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[val.lower()] if kind is bool else kind(val)

@@ -24,8 +24,7 @@ LETTERS = ("A", "B", "C", "D")
 LETTER_PIECES = tuple("\u2581" + x for x in LETTERS)  # "▁A".."▁D": how LLaMA's tokenizer spells them after "Answer:"
 
 
-def read_csv(path):
-    # [(question text ending in "Answer:", answer index)]; quoted fields may hold commas and newlines
+def read_csv(path):  # [(question text ending in "Answer:", answer index)]; quoted fields may hold commas and newlines
     rows, line = [], 1
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -89,8 +88,7 @@ def prompt_ids(q, tok, max_len):
     return ids[:1] + ids[len(ids) - max_len + 1:], len(q["shots"]), True
 
 
-def letter_ids(tok):
-    # the token of each letter as it follows "Answer:", i.e. as the shots teach the model to write it
+def letter_ids(tok):  # the token of each letter as it follows "Answer:", i.e. as the shots teach the model to write it
     base, full = tok.encode("Answer:"), [tok.encode("Answer: " + c) for c in LETTERS]
     if any(f[:-1] != base for f in full) or len({f[-1] for f in full}) != 4:
         raise InputError(f"{getattr(tok, 'path', 'tokenizer')}: 'A'..'D' after 'Answer:' are not four distinct single "
