@@ -2607,6 +2607,17 @@ def test_oasst_path_skips_deleted_replies_trailing_prompts_and_orphans(tmp_path)
     assert convert("oasst", write(tmp_path / "messages.jsonl", [json.dumps(r) for r in rows])) == [qa]
 
 
+def test_convert_self_instruct_tasks_one_example_per_instance(tmp_path):
+    # Wang et al. 2023's seed tasks (and their generated ones): an instruction with a list of instances
+    task = {"id": "seed_task_1", "name": "antonyms", "instruction": "Relate the pair.", "is_classification": False,
+            "instances": [{"input": "Night : Day", "output": "Opposites."}, {"input": "", "output": "None given."},
+                          {"input": "a : b", "output": " "}]}  # a blank output: skipped and counted, as in alpaca
+    skipped = Counter()
+    assert convert("self_instruct", write(tmp_path / "t.jsonl", [json.dumps(task)]), skipped=skipped) == [
+        {"instruction": "Relate the pair.", "input": "Night : Day", "output": "Opposites."},
+        {"instruction": "Relate the pair.", "input": "", "output": "None given."}] and sum(skipped.values()) == 1
+
+
 def test_convert_skips_blank_instructions_and_refuses_half_guanaco_texts(tmp_path):
     src = write(tmp_path / "a.jsonl", [GOOD_ALPACA, json.dumps({"instruction": " \n", "output": "o"})])
     skipped = Counter()  # an instruction of only whitespace is as empty as ""
@@ -3047,6 +3058,9 @@ BAD = [  # (format, file lines, text the one-line error must contain)
     ("oasst", [json.dumps({"message_id": "a", "parent_id": None, "role": "prompter", "text": "Q"}),
                json.dumps({"message_id": "b", "parent_id": ["a"], "role": "assistant"})], "in.jsonl:2: missing or invalid field 'parent_id'"),
     ("llama", [GOOD_ALPACA], "unknown format 'llama'"),
+    ("self_instruct", [json.dumps({"instruction": "i", "instances": {"input": "", "output": "o"}})], "in.jsonl:1: missing or invalid field 'instances'"),
+    ("self_instruct", [json.dumps({"instruction": "i", "instances": ["o"]})], "in.jsonl:1: missing or invalid field 'output'"),
+    ("self_instruct", [json.dumps({"instruction": 3, "instances": [{"output": "o"}]})], "in.jsonl:1: missing or invalid field 'instruction'"),
     ("alpaca", [GOOD_ALPACA, '{"instruction": "a \\ud83d b", "output": "o"}'], "in.jsonl:2: a lone UTF-16 surrogate"),
     ("alpaca", [GOOD_ALPACA, "[" * 100_000], "in.jsonl:2: malformed JSON"),  # too deep for the decoder
     ("alpaca", ["[", "  " + GOOD_ALPACA, "]", GOOD_ALPACA], "in.jsonl:4: more after the JSON array that ends on line 3"),
@@ -3134,11 +3148,14 @@ SEED_TASKS = ROOT.parent / "shared" / "data" / "self_instruct_seed_tasks.jsonl"
 
 @pytest.mark.skipif(not SEED_TASKS.is_file(), reason="../shared/data/self_instruct_seed_tasks.jsonl not present")
 def test_real_instructions_through_the_pipeline(tmp_path):
-    # 175 human-written tasks: Alpaca-shaped, a tokenizer trained on them, every response intact after tokenization
+    # 175 human-written tasks through `prepare.py self_instruct`: Alpaca-shaped, a tokenizer trained on them, every
+    # response intact after tokenization
     lines = [json.loads(l) for l in SEED_TASKS.read_text().splitlines() if l.strip()]
-    rows = [{"instruction": t["instruction"], "input": t["instances"][0]["input"], "output": t["instances"][0]["output"]} for t in lines]
+    rows = [{"instruction": t["instruction"], "input": i["input"], "output": i["output"]} for t in lines for i in t["instances"]]
     f = tmp_path / "seed.jsonl"
-    f.write_text("\n".join(json.dumps(r) for r in rows))
+    r = run_prepare("self_instruct", SEED_TASKS, f)
+    assert r.returncode == 0 and r.stdout == f"wrote 175 examples to {f}, skipped 0\n", r.stderr
+    assert [json.loads(l) for l in f.read_text().splitlines()] == rows
     items = P.read_data(f)
     C.train_tokenizer([s for _, segs in items for s, _ in segs], tmp_path / "tok.model", vocab_size=800)
     tok = C.Tokenizer(tmp_path / "tok.model")

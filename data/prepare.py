@@ -4,6 +4,7 @@ into this project's JSONL shapes; train.py imports the rest (templates, tokeniza
 python data/prepare.py alpaca  alpaca_data.json                       out.jsonl  -> {"instruction", "input", "output"}
 python data/prepare.py oasst   2023-04-12_oasst_ready.trees.jsonl     out.jsonl  -> {"messages": [...]}  [--lang en]
 python data/prepare.py guanaco openassistant_best_replies_train.jsonl out.jsonl  -> {"text": "### Human: ..."}
+python data/prepare.py self_instruct seed_tasks.jsonl                  out.jsonl  -> {"instruction", "input", "output"}
 """
 import json
 import random
@@ -93,9 +94,12 @@ def best_path(path, line, node):
 
 def convert(kind, path, lang=None, skipped=None):
     skipped = Counter() if skipped is None else skipped  # reason -> count, for the summary line
-    if kind not in ("alpaca", "oasst", "guanaco"):
-        raise InputError(f"unknown format '{kind}' (expected alpaca, oasst or guanaco)")
+    if kind not in ("alpaca", "oasst", "guanaco", "self_instruct"):
+        raise InputError(f"unknown format '{kind}' (expected alpaca, oasst, guanaco or self_instruct)")
     out, records = [], read_records(path)
+    if kind == "self_instruct":  # Wang et al. 2023's {instruction, instances: [{input, output}]}: an example per instance
+        records = [(line, {"instruction": r.get("instruction"), **(i if isinstance(i, dict) else {})})
+                   for line, r in records for i in field(f"{path}:{line}", r, "instances", kind=list)]
     if kind == "oasst" and records and isinstance(records[0][1], dict) and "message_id" in records[0][1]:
         # the flat message table: rebuild the trees from parent_id links, roots in file order
         nodes = {field(f"{path}:{line}", m, "message_id"): dict(m, replies=[], line=line) for line, m in records}
@@ -105,7 +109,7 @@ def convert(kind, path, lang=None, skipped=None):
         records = [(n["line"], {"prompt": n}) for n in nodes.values() if n.get("parent_id") is None]
     for line, r in records:
         where = f"{path}:{line}"
-        if kind == "alpaca":
+        if kind in ("alpaca", "self_instruct"):
             ex = {k: field(where, r, k, "" if k == "input" else None) for k in ("instruction", "input", "output")}
             if ex["instruction"].strip() and ex["output"].strip():
                 out.append(ex)
@@ -223,7 +227,7 @@ def get_batch(examples, indices):
     return x, y
 
 
-USAGE = "python data/prepare.py {alpaca,oasst,guanaco} SRC OUT.jsonl [--lang en]"
+USAGE = "python data/prepare.py {alpaca,oasst,guanaco,self_instruct} SRC OUT.jsonl [--lang en]"
 
 
 def main(args):
