@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from data.checkpoint import Tokenizer, find_tokenizer, load_adapter, open_checkpoint, read_adapter
+from data.checkpoint import Tokenizer, find_tokenizer, load_adapter, open_checkpoint, random_base, read_adapter
 from data.files import InputError, parse_flags, run
 from data.prepare import ALPACA, GUANACO
 from qlora import DequantBuffer, LoRALinear, quantize_nf4
@@ -308,11 +308,8 @@ def chat(argv):
         net = LLaMA.from_checkpoint(d, f["quantize"], device, dtype, lora_r=0)
         tok = Tokenizer(find_tokenizer(d) or d / "tokenizer.model")
     elif base.get("init") == "random":  # train.py's demo: the same random base (same seed, device kind, dtype)
-        if base.get("device", device) != device:
-            raise InputError(f"{f['adapter']}: its random base was made on {base['device']}; rebuilding it needs the same here")
-        t = Path(base["tokenizer"])
-        tok = Tokenizer(t if t.is_file() else Path(f["adapter"]).parent / t.name)
-        net = LLaMA.from_config(LLaMAConfig(**info["model_config"]), f["quantize"], device, dtype, seed=base["seed"])
+        t, seed = random_base(f["adapter"], base, device)
+        tok, net = Tokenizer(t), LLaMA.from_config(LLaMAConfig(**info["model_config"]), f["quantize"], device, dtype, seed=seed)
     else:
         raise InputError("--ckpt_dir DIR is needed (no --adapter, or the adapter does not record its base)")
     if adapter:

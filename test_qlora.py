@@ -3823,18 +3823,32 @@ def test_mmlu_adapter_and_chat_after_the_demo(tmp_path, mmlu_dirs):
     assert ad["template"] == "alpaca" and ad["base"]["init"] == "random" and ad["base"]["seed"] == 0
     assert ad["config"]["learning_rate"] == 2e-3 and ad["config"]["lora_dropout"] == 0.1  # what ran, not sentinels
     val = re.search(r"^iter 3: val loss (\S+)", r.stdout, re.M)[1]
-    # a new run from the adapter starts where the first one ended: same validation loss, same MMLU answers
-    b.mkdir()
-    tok, = a.glob("tokenizer-*.model")
-    shutil.copy(tok, b / tok.name)
+    # a new run from the adapter starts where the first one ended: same validation loss, same MMLU answers, with the
+    # tokenizer adapter.pt names (none is trained)
     r = run_train(*FAST, "--max_iters", 0, "--mmlu", mmlu_dirs[0], "--adapter", a / "adapter.pt", "--out_dir", b)
     assert r.returncode == 0, r.stderr
-    assert f"iter 0: val loss {val}" in r.stdout
+    assert f"iter 0: val loss {val}" in r.stdout and not list(b.glob("tokenizer-*"))
     assert json.loads((b / "mmlu_val.jsonl").read_text())["subjects"] == logged[-1]["subjects"]
+    ad["base"]["device"] = "cuda"  # CUDA draws other weights from one seed: not rebuilt on a CPU
+    torch.save(ad, tmp_path / "cuda.pt")
+    r = run_train(*FAST, "--max_iters", 0, "--adapter", tmp_path / "cuda.pt", "--out_dir", tmp_path / "c", env=CPU_ENV)
+    assert r.returncode == 2 and r.stderr == f"error: {tmp_path / 'cuda.pt'}: its random base was made on cuda; rebuilding it needs the same here\n"
     # the chat command rebuilds the demo's base from what adapter.pt records and answers
     chat = subprocess.run([sys.executable, str(ROOT / "model.py"), "--adapter", str(a / "adapter.pt"), "--prompt", "Name a colour.",
                            "--temperature", "0", "--max_new_tokens", "8"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert chat.returncode == 0 and chat.stdout.strip() and not chat.stderr.strip(), chat.stderr
+
+
+def test_an_adapters_random_base_is_rebuilt_as_it_records(tmp_path, demo_adapter, train_here):
+    # its seed (3 here) whatever this run's --seed, its tokenizer rather than one trained on --data: the model that ran
+    # is the fixture's own, val loss for val loss
+    path, net, tok = demo_adapter
+    run, rec = train_here
+    out = run("--adapter", path, "--max_iters", 0, "--seed", 5, "--out_dir", tmp_path / "o", "--val_fraction", 0.2)
+    assert rec.seeds == [3] and not list((tmp_path / "o").glob("tokenizer-*"))
+    with torch.no_grad():
+        losses = [net.eval()(*P.get_batch(ex, idx))[1].item() for kind, ex, idx in rec.batches if kind == "val"]
+    assert len(losses) == 4 and f"iter 0: val loss {sum(losses) / 4:.4f}\n" in out
 
 
 def test_train_on_a_checkpoint_and_use_the_exports_from_any_folder(tmp_path, meta_ckpt):

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from data import mmlu as mmlu_eval
-from data.checkpoint import (Tokenizer, export_merged, export_peft, find_tokenizer, is_state_dict, load_adapter,
+from data.checkpoint import (Tokenizer, export_merged, export_peft, find_tokenizer, is_state_dict, load_adapter, random_base,
                              read_adapter, read_params, torch_load, train_tokenizer)
 from data.files import InputError, atomic_save, flag_help, locked_dir, parse_flags, run
 from data.prepare import ALPACA, batch_order, get_batch, read_data, tokenize
@@ -122,11 +122,11 @@ def resolve(given, defaults):
     return c
 
 
-def load_tokenizer(c, items, master, ddp):
-    # the checkpoint's tokenizer (beside it or one level up: Meta's download layout); for the demo, or a
-    # random model with none, a small BPE trained on the data and cached per data under out_dir
+def load_tokenizer(c, items, master, ddp, given=None):
+    # given (the tokenizer of an adapter's random base), or the checkpoint's (beside it or one level up: Meta's download
+    # layout); for the demo, or a random model with none, a small BPE trained on the data and cached per data under out_dir
     folder = Path(c["ckpt_dir"] or f"checkpoints/{c['model']}")
-    tok_path = None if c["demo"] else find_tokenizer(folder) or (folder / "tokenizer.model" if c["init"] == "checkpoint" else None)
+    tok_path = given or (None if c["demo"] else find_tokenizer(folder) or (folder / "tokenizer.model" if c["init"] == "checkpoint" else None))
     if tok_path is None:
         texts = [t for _, segs in items for t, _ in segs]
         keep = mmlu_eval.LETTER_PIECES if c["mmlu"] else ()  # MMLU scores the letters as single tokens
@@ -141,7 +141,7 @@ def load_tokenizer(c, items, master, ddp):
     return Tokenizer(tok_path)
 
 
-def build_model(c, tok, device, dtype, master):
+def build_model(c, tok, device, dtype, master, seed):
     # -> the model, and how to rebuild its base (recorded in adapter.pt for `python model.py --adapter`)
     lora = dict(lora_r=c["lora_r"], lora_alpha=c["lora_alpha"], lora_dropout=c["lora_dropout"])
     if c["init"] == "checkpoint":
@@ -151,8 +151,8 @@ def build_model(c, tok, device, dtype, master):
     else:
         mcfg = LLaMAConfig(**{**CONFIGS[c["model"]], **lora})
         mcfg.vocab_size = tok.n_words if c["demo"] else max(mcfg.vocab_size, tok.n_words)
-        net = LLaMA.from_config(mcfg, device=device, dtype=dtype, seed=c["seed"])
-        base = {"init": "random", "model": c["model"], "seed": c["seed"], "tokenizer": str(tok.path), "device": device.split(":")[0]}
+        net = LLaMA.from_config(mcfg, device=device, dtype=dtype, seed=seed)
+        base = {"init": "random", "model": c["model"], "seed": seed, "tokenizer": str(tok.path), "device": device.split(":")[0]}
     if c["adapter"]:
         load_adapter(net, c["adapter"])
     return net, base
@@ -203,13 +203,15 @@ def train(c):
     items = read_data(data)
     questions = mmlu_eval.read_mmlu(c["mmlu"], c["mmlu_split"], c["mmlu_max"]) if c["mmlu"] else []
     t0 = time.time()
-    tok = load_tokenizer(c, items, master, ddp)
+    ab = (read_adapter(c["adapter"])["info"].get("base") or {}) if c["adapter"] else {}  # an adapter's random base: rebuilt as it was
+    given, seed = random_base(c["adapter"], ab, device.split(":")[0]) if c["init"] == ab.get("init") == "random" else (None, c["seed"])
+    tok = load_tokenizer(c, items, master, ddp, given)
     for k, f in (("data_sha1", data), ("tokenizer_sha1", tok.path)):  # what ran, by content (not name): --resume compares them
         c[k] = hashlib.sha1(Path(f).read_bytes()).hexdigest()
     ck = read_checkpoint(ckpt_path, c, world) if c["resume"] else None  # before the slow part (the model): fails fast
     if questions:
         mmlu_eval.letter_ids(tok)  # a tokenizer without single-token letters fails here, not after training
-    raw, base = build_model(c, tok, device, dtype, master)
+    raw, base = build_model(c, tok, device, dtype, master, seed)
     # the prompt template a chat with the result should use: the one most training examples had
     alpaca = sum(segs[0][0].startswith(ALPACA[False][:45]) for _, segs in items)
     template = "alpaca" if 2 * alpaca >= len(items) else "guanaco"

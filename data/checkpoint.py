@@ -78,6 +78,13 @@ def find_tokenizer(ckpt_dir):
     return next((p / "tokenizer.model" for p in ((d,) if is_hf(d) else (d, d.parent)) if (p / "tokenizer.model").is_file()), None)
 
 
+def random_base(adapter, base, device):
+    # the random base (train.py's demo) an adapter records -> (its tokenizer: where it was, else beside the adapter; its seed)
+    if base.get("device", device) != device:  # CPU and CUDA generators draw other weights from one seed
+        raise InputError(f"{adapter}: its random base was made on {base['device']}; rebuilding it needs the same here")
+    return (t if (t := Path(base["tokenizer"])).is_file() else Path(adapter).parent / t.name), base["seed"]
+
+
 def read_json(path):
     # -> the JSON object in the file (UTF-8, or UTF-16/32 as some editors save it: json.loads detects it from bytes)
     try:
