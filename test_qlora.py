@@ -3516,6 +3516,7 @@ def test_bad_data_gives_one_line_and_exit_2(tmp_path, lines, expect):
     (["--warmup_iters", "-9"], "--warmup_iters must be at least 0 (below 2^63), got -9"),
     (["--mmlu_max", "-1"], "--mmlu_max must be at least 0 (below 2^63), got -1"),
     (["--resume"], "--resume: "),  # an empty out_dir: nothing to resume
+    (["--resume", "--overwrite"], "--overwrite must be off with --resume, which continues the run, got True"),  # not one silently
     (["--mmlu", "/nonexistent"], "/nonexistent: not an MMLU folder"),
     (["--mmlu_split", "train"], "--mmlu_split: expected val or test, got 'train'"),
     (["--merge_base", "original"], "--merge_base must be nf4 for a random base (no original weights), got original"),
@@ -3659,7 +3660,7 @@ def test_resume_refuses_damaged_or_foreign_checkpoints(tmp_path):
     foreign = io.BytesIO()
     torch.save({"config": Path("x")}, foreign)  # a class weights_only will not unpickle
     cases = [(b"", "not in torch.save's zip format (empty file)"),
-             (real.getvalue()[: len(real.getvalue()) // 2], "truncated or damaged"),
+             (real.getvalue()[: len(real.getvalue()) // 2], "truncated or damaged (PytorchStreamReader failed reading zip archive: failed finding central directory)\n"),
              (foreign.getvalue(), "holds more than tensors and plain data; refusing to unpickle it"),
              (b"\x80\x04K\x01.", "not in torch.save's zip format"),  # a bare pickle, not torch's zip
              (real.getvalue(), "not a checkpoint written by train.py")]  # a torch file, but not ours

@@ -113,6 +113,7 @@ def resolve(given, defaults):
                         ("threads", 0 < c["threads"] <= os.cpu_count(), f"in [1, {os.cpu_count()}], the CPUs here"),
                         *((k, 0 <= c[k] < 1, "in [0, 1)") for k in ("beta1", "beta2", "val_fraction", "lora_dropout")),
                         ("merge_base", c["merge_base"] == "nf4" or c["init"] == "checkpoint", "nf4 for a random base (no original weights)"),
+                        ("overwrite", not (c["overwrite"] and c["resume"]), "off with --resume, which continues the run"),
                         ("source_max_len", c["source_max_len"] < arch.max_seq_len, f"below the context, {arch.max_seq_len} tokens"),
                         ("lora_r", c["lora_r"] <= max_r, f"at most {max_r} for this architecture (the smaller side of its narrowest adapted layer)"),
                         ("target_max_len", c["source_max_len"] + c["target_max_len"] <= arch.max_seq_len,

@@ -122,7 +122,7 @@ def torch_load(path, tensors=True):
     except pickle.UnpicklingError:
         raise InputError(f"{path}: holds more than tensors and plain data; refusing to unpickle it") from None
     except Exception as e:  # a zip cut short, or damaged
-        raise InputError(f"{path}: truncated or damaged ({str(e).splitlines()[0][:100]})") from None
+        raise InputError(f"{path}: truncated or damaged ({str(e).splitlines()[0].split('. ')[0][:200]})") from None  # its first sentence
     if tensors and not is_state_dict(sd):
         raise InputError(f"{path}: not a state dict (a dict of named tensors)")
     return sd
