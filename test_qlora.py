@@ -3840,6 +3840,18 @@ def test_mmlu_adapter_and_chat_after_the_demo(tmp_path, mmlu_dirs):
     assert chat.returncode == 0 and chat.stdout.strip() and not chat.stderr.strip(), chat.stderr
 
 
+def test_the_demo_tokenizer_is_trained_on_whole_examples(tmp_path, train_here):
+    # sentencepiece drops each training text's trailing whitespace: trained on the pieces of examples, a system turn's
+    # closing "\n" had no token (unk in every example, " ⁇ " in the sample)
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"say {w}"},
+                          {"role": "assistant", "content": f"{w} it is"}]} for w in WORDS[:12]]
+    f = write(tmp_path / "m.jsonl", [json.dumps(r) for r in rows])
+    run, _ = train_here
+    run("--data", f, "--max_iters", 0, "--out_dir", tmp_path / "o", "--sample_tokens", 0)
+    tok = C.Tokenizer(next((tmp_path / "o").glob("tokenizer-*.model")))
+    assert tok.sp.unk_id() not in tok.encode("Be brief.\n### Human: say it") and tok.decode(tok.encode("a\nb")) == "a\nb"
+
+
 def test_an_adapters_random_base_is_rebuilt_as_it_records(tmp_path, demo_adapter, train_here):
     # its seed (3 here) whatever this run's --seed, its tokenizer rather than one trained on --data: the model that ran
     # is the fixture's own, val loss for val loss

@@ -129,7 +129,7 @@ def load_tokenizer(c, items, master, ddp, given=None):
     folder = Path(c["ckpt_dir"] or f"checkpoints/{c['model']}")
     tok_path = given or (None if c["demo"] else find_tokenizer(folder) or (folder / "tokenizer.model" if c["init"] == "checkpoint" else None))
     if tok_path is None:
-        texts = [t for _, segs in items for t, _ in segs]
+        texts = ["".join(t for t, _ in segs) for _, segs in items]  # whole examples: a trailing "\n" of a piece is mid-text
         keep = mmlu_eval.LETTER_PIECES if c["mmlu"] else ()  # MMLU scores the letters as single tokens
         digest = hashlib.sha1("\x00".join(texts + list(keep)).encode()).hexdigest()[:10]
         tok_path = Path(c["out_dir"]) / f"tokenizer-{digest}.model"
