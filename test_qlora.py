@@ -3112,7 +3112,8 @@ def test_failure_keeps_existing_output(tmp_path):
     assert out.read_text() == GOOD_ALPACA + "\n" and not (tmp_path / "out.jsonl.tmp").exists()
 
 def test_bad_command_line(tmp_path):
-    for args, expect in [((), "usage"), (("alpaca", "x.json"), "usage"), (("oasst", "a", "b", "--lang"), "--lang needs a value")]:
+    for args, expect in [((), "usage"), (("alpaca", "x.json"), "usage"), (("oasst", "a", "b", "--lang"), "--lang needs a value"),
+                         (("alpaca", "a", "b", "--lang", "en"), "error: --lang: only oasst records a language, not alpaca")]:
         r = run_prepare(*args)
         assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run_prepare("alpaca", tmp_path / "missing.json", tmp_path / "out.jsonl")

@@ -237,6 +237,8 @@ def main(args):
     kind, src, dst = words
     if Path(dst).resolve() == Path(src).resolve():  # the skipped records would be lost with the original
         raise InputError(f"{dst}: is the input file; write the converted examples to another file")
+    if flags.get("lang") and kind != "oasst":  # a filter that would silently filter nothing
+        raise InputError(f"--lang: only oasst records a language, not {kind}")
     examples = convert(kind, src, flags.get("lang") or None, skipped := Counter())
     atomic_write_bytes(dst, "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples).encode())
     why = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
