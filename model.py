@@ -336,9 +336,9 @@ def chat(argv):
                 nonlocal shown
                 out.extend(nxt.tolist())
                 text = tok.decode(out).rstrip("\ufffd")  # hold back a character whose bytes are not all there yet
-                hit = bool(stop) and stop in text
-                if stop:  # and, until the answer ends, what may be the start of `stop`
-                    text = text.split(stop)[0] if hit or end else text[: min(i for i in range(len(text) + 1) if stop.startswith(text[i:]))]
+                hit = bool(stop) and stop in text  # and, until the answer ends, a tail that may begin `stop`, held back:
+                held = 0 if hit or end else next(k for k in range(len(stop), -1, -1) if text.endswith(stop[:k]))
+                text = text.split(stop)[0] if hit else text[: len(text) - held]
                 if text.startswith(shown):
                     print(text[len(shown):], end="", flush=True)
                     shown = text

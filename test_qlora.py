@@ -1351,6 +1351,15 @@ def test_tokenizer_special_ids(tokenizer_file):
     assert ids[0] == 1 and ids[-1] == 2 and tok.decode(ids) == "the lazy dog"
 
 
+def test_train_tokenizer_reads_texts_longer_than_sentencepieces_default(tmp_path):
+    # sentencepiece skips texts over 4192 bytes unless told: whole long examples were lost (all of them: no tokenizer)
+    texts = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(800)) + f" Ω{i}" for i in range(8)]
+    assert min(len(t.encode()) for t in texts) > 4192
+    C.train_tokenizer(texts, tmp_path / "t.model", vocab_size=120)
+    tok = C.Tokenizer(tmp_path / "t.model")
+    assert tok.sp.unk_id() not in tok.encode("the lazy dog Ω") and tok.decode(tok.encode("the lazy dog Ω")) == "the lazy dog Ω"
+
+
 def test_tokenizer_without_bos_or_eos_is_refused(tmp_path):
     # e.g. T5's sentencepiece model (no bos): the id -1 would index the embedding
     for bos, eos in ((-1, 2), (1, -1)):
@@ -1684,6 +1693,10 @@ def test_chat_finds_the_base_the_tokenizer_and_the_device_as_recorded(demo_adapt
     cuda = demo_variant(demo_adapter, tmp_path / "cuda" / "adapter.pt", base={"device": "cuda"})
     with pytest.raises(InputError, match=re.escape("its random base was made on cuda; rebuilding it needs the same here")):
         chat_here(monkeypatch, capsys, "--adapter", cuda, "--prompt", "x", "--quantize", "false")
+    for edit in ({"seed": None}, {"tokenizer": 5}):  # an adapter.pt edited by hand: one line, not a KeyError
+        bad = demo_variant(demo_adapter, tmp_path / "bad" / "adapter.pt", base=edit)
+        with pytest.raises(InputError, match=re.escape(f"{bad}: its random base records no seed or no tokenizer")):
+            chat_here(monkeypatch, capsys, "--adapter", bad, "--prompt", "x", "--quantize", "false")
     ck = torch.load(path, weights_only=True)
     del ck["base"]["device"]
     torch.save(ck, tmp_path / "old.pt")
@@ -2610,7 +2623,7 @@ def test_oasst_path_skips_deleted_replies_trailing_prompts_and_orphans(tmp_path)
 def test_convert_self_instruct_tasks_one_example_per_instance(tmp_path):
     # Wang et al. 2023's seed tasks (and their generated ones): an instruction with a list of instances
     task = {"id": "seed_task_1", "name": "antonyms", "instruction": "Relate the pair.", "is_classification": False,
-            "instances": [{"input": "Night : Day", "output": "Opposites."}, {"input": "", "output": "None given."},
+            "instances": [{"input": "Night : Day", "output": "Opposites.", "instruction": "not this"}, {"input": "", "output": "None given."},
                           {"input": "a : b", "output": " "}]}  # a blank output: skipped and counted, as in alpaca
     skipped = Counter()
     assert convert("self_instruct", write(tmp_path / "t.jsonl", [json.dumps(task)]), skipped=skipped) == [
@@ -3113,7 +3126,8 @@ def test_failure_keeps_existing_output(tmp_path):
 
 def test_bad_command_line(tmp_path):
     for args, expect in [((), "usage"), (("alpaca", "x.json"), "usage"), (("oasst", "a", "b", "--lang"), "--lang needs a value"),
-                         (("alpaca", "a", "b", "--lang", "en"), "error: --lang: only oasst records a language, not alpaca")]:
+                         (("alpaca", "a", "b", "--lang", "en"), "error: --lang: only oasst records a language, not alpaca"),
+                         (("llama", "a", "b", "--lang", "en"), "error: unknown format 'llama'")]:
         r = run_prepare(*args)
         assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run_prepare("alpaca", tmp_path / "missing.json", tmp_path / "out.jsonl")
@@ -3826,10 +3840,12 @@ def test_mmlu_adapter_and_chat_after_the_demo(tmp_path, mmlu_dirs):
     assert ad["config"]["learning_rate"] == 2e-3 and ad["config"]["lora_dropout"] == 0.1  # what ran, not sentinels
     val = re.search(r"^iter 3: val loss (\S+)", r.stdout, re.M)[1]
     # a new run from the adapter starts where the first one ended: same validation loss, same MMLU answers, with the
-    # tokenizer adapter.pt names (none is trained)
+    # tokenizer adapter.pt names (copied into its out_dir, so that its own adapter does not depend on the first folder)
     r = run_train(*FAST, "--max_iters", 0, "--mmlu", mmlu_dirs[0], "--adapter", a / "adapter.pt", "--out_dir", b)
     assert r.returncode == 0, r.stderr
-    assert f"iter 0: val loss {val}" in r.stdout and not list(b.glob("tokenizer-*"))
+    tok, = a.glob("tokenizer-*")
+    assert f"iter 0: val loss {val}" in r.stdout and [p.name for p in b.glob("tokenizer-*")] == [tok.name]
+    assert (b / tok.name).read_bytes() == tok.read_bytes()
     assert json.loads((b / "mmlu_val.jsonl").read_text())["subjects"] == logged[-1]["subjects"]
     ad["base"]["device"] = "cuda"  # CUDA draws other weights from one seed: not rebuilt on a CPU
     torch.save(ad, tmp_path / "cuda.pt")
@@ -3854,12 +3870,12 @@ def test_the_demo_tokenizer_is_trained_on_whole_examples(tmp_path, train_here):
 
 
 def test_an_adapters_random_base_is_rebuilt_as_it_records(tmp_path, demo_adapter, train_here):
-    # its seed (3 here) whatever this run's --seed, its tokenizer rather than one trained on --data: the model that ran
-    # is the fixture's own, val loss for val loss
+    # its seed (3 here) whatever this run's --seed, its tokenizer (copied into out_dir) rather than one trained on --data:
+    # the model that ran is the fixture's own, val loss for val loss
     path, net, tok = demo_adapter
     run, rec = train_here
     out = run("--adapter", path, "--max_iters", 0, "--seed", 5, "--out_dir", tmp_path / "o", "--val_fraction", 0.2)
-    assert rec.seeds == [3] and not list((tmp_path / "o").glob("tokenizer-*"))
+    assert rec.seeds == [3] and [p.read_bytes() for p in (tmp_path / "o").glob("tokenizer-*")] == [tok.path.read_bytes()]
     with torch.no_grad():
         losses = [net.eval()(*P.get_batch(ex, idx))[1].item() for kind, ex, idx in rec.batches if kind == "val"]
     assert len(losses) == 4 and f"iter 0: val loss {sum(losses) / 4:.4f}\n" in out

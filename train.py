@@ -27,7 +27,7 @@ import torch.distributed as dist
 from data import mmlu as mmlu_eval
 from data.checkpoint import (Tokenizer, export_merged, export_peft, find_tokenizer, is_state_dict, load_adapter, random_base,
                              read_adapter, read_params, torch_load, train_tokenizer)
-from data.files import InputError, atomic_save, flag_help, locked_dir, parse_flags, run
+from data.files import InputError, atomic_save, atomic_write_bytes, flag_help, locked_dir, parse_flags, run
 from data.prepare import ALPACA, batch_order, get_batch, read_data, tokenize
 from model import CONFIGS, LLaMA, LLaMAConfig, mfu, paper_hparams
 from qlora import LoRALinear, PagedAdamW
@@ -124,18 +124,18 @@ def resolve(given, defaults):
 
 
 def load_tokenizer(c, items, master, ddp, given=None):
-    # given (the tokenizer of an adapter's random base), or the checkpoint's (beside it or one level up: Meta's download
-    # layout); for the demo, or a random model with none, a small BPE trained on the data and cached per data under out_dir
+    # the checkpoint's (beside it or one level up: Meta's download layout); given (the tokenizer of an adapter's random base),
+    # copied into out_dir; for the demo, or a random model with none, a small BPE trained on the data and cached under out_dir
     folder = Path(c["ckpt_dir"] or f"checkpoints/{c['model']}")
-    tok_path = given or (None if c["demo"] else find_tokenizer(folder) or (folder / "tokenizer.model" if c["init"] == "checkpoint" else None))
+    tok_path = None if c["demo"] or given else find_tokenizer(folder) or (folder / "tokenizer.model" if c["init"] == "checkpoint" else None)
     if tok_path is None:
         texts = ["".join(t for t, _ in segs) for _, segs in items]  # whole examples: a trailing "\n" of a piece is mid-text
         keep = mmlu_eval.LETTER_PIECES if c["mmlu"] else ()  # MMLU scores the letters as single tokens
         digest = hashlib.sha1("\x00".join(texts + list(keep)).encode()).hexdigest()[:10]
-        tok_path = Path(c["out_dir"]) / f"tokenizer-{digest}.model"
+        tok_path = Path(c["out_dir"]) / (given.name if given else f"tokenizer-{digest}.model")  # given: copied beside the adapter
         if master and not tok_path.exists():
-            n = train_tokenizer(texts, tok_path, CONFIGS["tiny"]["vocab_size"], keep)
-            if n != CONFIGS["tiny"]["vocab_size"]:
+            n = atomic_write_bytes(tok_path, given.read_bytes()) if given else train_tokenizer(texts, tok_path, CONFIGS["tiny"]["vocab_size"], keep)
+            if n not in (None, CONFIGS["tiny"]["vocab_size"]):  # None: a copy
                 print(f"{tok_path}: trained with a vocabulary of {n}, the size {c['data']} can fill")
         if ddp:
             dist.barrier()

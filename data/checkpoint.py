@@ -56,7 +56,8 @@ def train_tokenizer(texts, path, vocab_size, symbols=()):
             spm.SentencePieceTrainer.train(
                 sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size, model_type="bpe", unk_id=0, bos_id=1,
                 eos_id=2, pad_id=-1, character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
-                split_by_whitespace=True, user_defined_symbols=list(symbols), minloglevel=2, num_threads=1)
+                split_by_whitespace=True, user_defined_symbols=list(symbols), minloglevel=2, num_threads=1,
+                max_sentence_length=max([4192, *(len(t.encode()) + 1 for t in texts)]))  # its default skips longer texts
             break
         except RuntimeError as e:
             fit = re.search(r"value <= (\d+)|required_chars\. \d+ vs (\d+)", str(e))
@@ -80,6 +81,8 @@ def find_tokenizer(ckpt_dir):
 
 def random_base(adapter, base, device):
     # the random base (train.py's demo) an adapter records -> (its tokenizer: where it was, else beside the adapter; its seed)
+    if not (isinstance(base.get("seed"), int) and isinstance(base.get("tokenizer"), str)):  # an adapter.pt edited by hand
+        raise InputError(f"{adapter}: its random base records no seed or no tokenizer")
     if base.get("device", device) != device:  # CPU and CUDA generators draw other weights from one seed
         raise InputError(f"{adapter}: its random base was made on {base['device']}; rebuilding it needs the same here")
     return (t if (t := Path(base["tokenizer"])).is_file() else Path(adapter).parent / t.name), base["seed"]

@@ -98,7 +98,7 @@ def convert(kind, path, lang=None, skipped=None):
         raise InputError(f"unknown format '{kind}' (expected alpaca, oasst, guanaco or self_instruct)")
     out, records = [], read_records(path)
     if kind == "self_instruct":  # Wang et al. 2023's {instruction, instances: [{input, output}]}: an example per instance
-        records = [(line, {"instruction": r.get("instruction"), **(i if isinstance(i, dict) else {})})
+        records = [(line, {**(i if isinstance(i, dict) else {}), "instruction": r.get("instruction")})  # the task's instruction
                    for line, r in records for i in field(f"{path}:{line}", r, "instances", kind=list)]
     if kind == "oasst" and records and isinstance(records[0][1], dict) and "message_id" in records[0][1]:
         # the flat message table: rebuild the trees from parent_id links, roots in file order
@@ -237,7 +237,7 @@ def main(args):
     kind, src, dst = words
     if Path(dst).resolve() == Path(src).resolve():  # the skipped records would be lost with the original
         raise InputError(f"{dst}: is the input file; write the converted examples to another file")
-    if flags.get("lang") and kind != "oasst":  # a filter that would silently filter nothing
+    if flags.get("lang") and kind in ("alpaca", "guanaco", "self_instruct"):  # a filter that would silently filter nothing
         raise InputError(f"--lang: only oasst records a language, not {kind}")
     examples = convert(kind, src, flags.get("lang") or None, skipped := Counter())
     atomic_write_bytes(dst, "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples).encode())
