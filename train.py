@@ -204,8 +204,8 @@ def train(c):
     items = read_data(data)
     questions = mmlu_eval.read_mmlu(c["mmlu"], c["mmlu_split"], c["mmlu_max"]) if c["mmlu"] else []
     t0 = time.time()
-    ab = (read_adapter(c["adapter"])["info"].get("base") or {}) if c["adapter"] else {}  # an adapter's random base: rebuilt as it was
-    given, seed = random_base(c["adapter"], ab, device.split(":")[0]) if c["init"] == ab.get("init") == "random" else (None, c["seed"])
+    ab = read_adapter(c["adapter"])["info"].get("base") or {} if c["adapter"] and c["init"] == "random" else {}  # rebuilt as it was
+    given, seed = random_base(c["adapter"], ab, device.split(":")[0]) if ab.get("init") == "random" else (None, c["seed"])
     tok = load_tokenizer(c, items, master, ddp, given)
     for k, f in (("data_sha1", data), ("tokenizer_sha1", tok.path)):  # what ran, by content (not name): --resume compares them
         c[k] = hashlib.sha1(Path(f).read_bytes()).hexdigest()
