@@ -3604,17 +3604,13 @@ def test_resume_compares_the_data_by_content_and_every_setting_of_the_model_and_
         assert r.returncode == 2 and f"was made with {what}" in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
 
 
-def test_ddp_two_gloo_processes_match_one(tmp_path, demo_tokenizer):
-    for sub in ("one", "two"):
-        (tmp_path / sub).mkdir()
-        shutil.copy(demo_tokenizer, tmp_path / sub / demo_tokenizer.name)
-    args = [*FAST, "--max_iters", 2, "--lora_dropout", 0.0]
-    one = run_train(*args, "--out_dir", tmp_path / "one", env=CPU_ENV)  # gloo on CPUs: any machine has two
+def torchrun_train(*args):
+    # train.py under torchrun, two gloo processes on the CPU -> (process, stdout, stderr)
     with socket.socket() as s:  # a port the kernel says is free, for this run's rendezvous alone
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                          f"--master_port={port}", str(ROOT / "train.py"), *map(str, args), "--out_dir", str(tmp_path / "two")],
+                          f"--master_port={port}", str(ROOT / "train.py"), *map(str, args)],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**CPU_ENV, "OMP_NUM_THREADS": "1"},
                          start_new_session=True)
     try:
@@ -3622,6 +3618,16 @@ def test_ddp_two_gloo_processes_match_one(tmp_path, demo_tokenizer):
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)  # torchrun and both workers: nothing left running
         raise
+    return p, out, err
+
+
+def test_ddp_two_gloo_processes_match_one(tmp_path, demo_tokenizer):
+    for sub in ("one", "two"):
+        (tmp_path / sub).mkdir()
+        shutil.copy(demo_tokenizer, tmp_path / sub / demo_tokenizer.name)
+    args = [*FAST, "--max_iters", 2, "--lora_dropout", 0.0]
+    one = run_train(*args, "--out_dir", tmp_path / "one", env=CPU_ENV)  # gloo on CPUs: any machine has two
+    p, out, err = torchrun_train(*args, "--out_dir", tmp_path / "two")
     assert one.returncode == 0 and p.returncode == 0, one.stderr + err
     assert len(losses(out)) == 2  # only rank 0 logs
     a = torch.load(tmp_path / "one" / "adapter.pt", weights_only=False)["lora"]
@@ -4311,18 +4317,7 @@ def test_ddp_two_processes_accumulating_log_the_one_process_losses(tmp_path):
     # is the mean over all processes; the demo's tokenizer, trained by rank 0 alone, is read by rank 1 after it
     args = [*FAST, "--batch_size", 8, "--max_iters", 2, "--lora_dropout", 0.0]
     one = run_train(*args, "--out_dir", tmp_path / "one", env=CPU_ENV)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                          f"--master_port={port}", str(ROOT / "train.py"), *map(str, args), "--out_dir", str(tmp_path / "two")],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**CPU_ENV, "OMP_NUM_THREADS": "1"},
-                         start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        raise
+    p, out, err = torchrun_train(*args, "--out_dir", tmp_path / "two")
     assert one.returncode == 0 and p.returncode == 0, one.stderr + err
     a, b = (LOG_LINE.findall(o) for o in (one.stdout, out))
     assert len(a) == len(b) == 2 and all(float(x[1]) == pytest.approx(float(y[1]), abs=2e-4) for x, y in zip(a, b))
