@@ -310,12 +310,13 @@ class LoRALinear(nn.Module):
         return y
 
 
-def merge_lora(layer, dtype=None):
-    # W' = Ŵ + s · (L1 L2)ᵀ = Ŵ + s · lora_B lora_A as a dense (out, in) weight, for export or adapter-free
-    # inference. Explicit on purpose: merging never happens behind the user's back (e.g. on eval()).
-    w = dequantize_nf4(layer.weight, torch.float32) if layer.quantized else layer.weight.float()
+def merge_lora(layer, dtype=None, base=None):
+    # W' = W0 + s · (L1 L2)ᵀ = W0 + s · lora_B lora_A as a dense (out, in) weight, for export or adapter-free
+    # inference; W0 = Ŵ, or `base` (an export's original weight, fp32, any device). Explicit on purpose: merging
+    # never happens behind the user's back (e.g. on eval()).
+    w = base if base is not None else dequantize_nf4(layer.weight, torch.float32) if layer.quantized else layer.weight.float()
     if layer.r > 0:
-        w = w + layer.scaling * (layer.lora_B.float() @ layer.lora_A.float())
+        w = w.to(layer.lora_A.device) + layer.scaling * (layer.lora_B.float() @ layer.lora_A.float())
     return w.to(dtype or layer.weight.dtype)
 
 

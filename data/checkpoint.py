@@ -476,13 +476,8 @@ def export_merged(model, out_dir, dtype=torch.float16, base=None, tokenizer=None
     shapes = {n: tuple((linear[n].weight if n in linear else tensors[n]).shape) for n in names}
     prog = Progress("merged", cfg.n_layers, sum(math.prod(s) for s in shapes.values()) * dtype.itemsize, quiet=not progress)
     for n in names:  # to host memory one weight at a time: the GPU holds one 16-bit weight at most
-        m = linear.get(n)
-        if load is None:
-            w = merge_lora(m, torch.float32) if m is not None else tensors[n]
-        else:
-            w = load(n, shapes[n])
-            if m is not None and m.r > 0:
-                w = w.to(m.lora_A.device) + m.scaling * (m.lora_B.float() @ m.lora_A.float())
+        w0 = load(n, shapes[n]) if load is not None else None  # the original weight; None: the model's own
+        w = merge_lora(linear[n], torch.float32, w0) if n in linear else w0 if w0 is not None else tensors[n]
         sd[n] = w.detach().to("cpu", dtype).contiguous()
         prog.step(n, sd[n].nbytes)
     atomic_save(sd, out_dir / "consolidated.00.pth")
