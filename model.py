@@ -196,8 +196,7 @@ class LLaMA(nn.Module):
         self.register_buffer("rope", cos_sin, persistent=False)  # (2, 2·max_seq_len, head_dim/2): cos, sin
 
     def forward(self, idx, targets=None, start_pos=None):
-        # idx (B, T) -> logits (B, T, vocab), or with targets (B, T): (None, mean cross-entropy)
-        B, T = idx.shape
+        B, T = idx.shape  # idx (B, T) -> logits (B, T, vocab), or with targets (B, T): (None, mean cross-entropy)
         p0 = start_pos or 0
         cos, sin = self.rope[:, p0 : p0 + T]
         x = self.tok_embeddings(idx)  # (B, T, dim)
@@ -303,10 +302,9 @@ def chat(argv):
     info = adapter["info"] if adapter else {}
     base = info.get("base") or {}
     device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)  # as train.py
-    if f["ckpt_dir"] or base.get("ckpt_dir"):
-        d = Path(f["ckpt_dir"] or base["ckpt_dir"])
+    if d := f["ckpt_dir"] or base.get("ckpt_dir"):
         net = LLaMA.from_checkpoint(d, f["quantize"], device, dtype, lora_r=0)
-        tok = Tokenizer(find_tokenizer(d) or d / "tokenizer.model")
+        tok = Tokenizer(find_tokenizer(d) or Path(d) / "tokenizer.model")
     elif base.get("init") == "random":  # train.py's demo: the same random base (same seed, device kind, dtype)
         t, seed = random_base(f["adapter"], base, device)
         tok, net = Tokenizer(t), LLaMA.from_config(LLaMAConfig(**info["model_config"]), f["quantize"], device, dtype, seed=seed)

@@ -182,8 +182,7 @@ def _dequant_kernel(packed, c2, c1, c2_mean, nf4, dyn8, out, n_bytes, n_out, hal
     mask = j < n_bytes
     byte = tl.load(packed + j, mask=mask, other=0).to(tl.int32)
     c = _c2_of_block(j // half_block, mask, c2, c1, c2_mean, dyn8, DOUBLE, BLOCKSIZE2)
-    hi = tl.load(nf4 + (byte >> 4)) * c
-    lo = tl.load(nf4 + (byte & 15)) * c
+    hi, lo = tl.load(nf4 + (byte >> 4)) * c, tl.load(nf4 + (byte & 15)) * c
     o = tl.program_id(0) * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
     tl.store(out + o, tl.interleave(hi, lo).to(out.dtype.element_ty), mask=o < n_out)
 
@@ -203,8 +202,7 @@ def _fused_matmul_kernel(x, packed, c2, c1, c2_mean, nf4, dyn8, y, M, N, K,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
     # y[m, n] = Σ_k x[m, k] · W'[n, k]  with  W'[n, k] = Ŵ.flat[n·swn + k·swk]
     # forward  y = x Ŵᵀ : (swn, swk) = (K, 1);   backward dx = dy Ŵ : (swn, swk) = (1, in_features)
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    rm, rn = tl.program_id(0) * BM + tl.arange(0, BM), tl.program_id(1) * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         rk = k0 + tl.arange(0, BK)
@@ -242,8 +240,7 @@ class DequantBuffer:
     def dequantize(self, q, dtype):  # -> Ŵ (out, in), a view of the buffer, valid until the next call
         if torch.compiler.is_compiling():  # a compiled graph plans its own buffers, and must not see ours mutate
             return dequantize_nf4(q, dtype)
-        key = (q.device, dtype)
-        if key not in self.buffers or self.buffers[key].numel() < q.numel():
+        if (key := (q.device, dtype)) not in self.buffers or self.buffers[key].numel() < q.numel():
             self.buffers[key] = torch.empty(q.numel(), dtype=dtype, device=q.device)
         return dequantize_nf4(q, dtype, out=self.buffers[key][: q.numel()])
 
@@ -355,8 +352,7 @@ class _Managed:  # a unified-memory allocation that torch.as_tensor wraps withou
 def _prefetch(t, device):  # a hint: move the pages to the GPU on the current stream before the update kernels touch them
     stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
     ptr, nbytes = ctypes.c_uint64(t.data_ptr()), ctypes.c_size_t(t.numel() * 4)
-    lib = _cuda()
-    if hasattr(lib, "cuMemPrefetchAsync_v2"):
+    if hasattr(lib := _cuda(), "cuMemPrefetchAsync_v2"):
         lib.cuMemPrefetchAsync_v2(ptr, nbytes, _CUmemLocation(1, device.index or 0), ctypes.c_uint(0), stream)
     else:
         lib.cuMemPrefetchAsync(ptr, nbytes, ctypes.c_int(device.index or 0), stream)
@@ -408,8 +404,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 if not st:
                     st.update(step=torch.tensor(0.0), exp_avg=self._alloc(p), exp_avg_sq=self._alloc(p))
                 m, v = st["exp_avg"], st["exp_avg_sq"]
-                pinned = m.device != p.device
-                if pinned:  # host-resident state: copy in, update on the GPU, copy back
+                if pinned := m.device != p.device:  # host-resident state: copy in, update on the GPU, copy back
                     m, v = m.to(p.device, non_blocking=True), v.to(p.device, non_blocking=True)
                 elif p.is_cuda:
                     _prefetch(m, p.device), _prefetch(v, p.device)

@@ -73,8 +73,7 @@ DEMO = dict(max_iters=400, batch_size=8, micro_batch=8, learning_rate=2e-3, warm
             temperature=0.0)
 # -----------------------------------------------------------------------------------------------
 
-def resolve(given, defaults):
-    # every default, once: the demo's, then the paper's per-size ones (which need the architecture)
+def resolve(given, defaults):  # every default, once: the demo's, then the paper's per-size ones (which need the architecture)
     demo = given.get("model", defaults["model"]) == "tiny" and not given.get("ckpt_dir") and given.get("init", "random") in ("", "random")
     c = {**defaults, **(DEMO if demo else {}), **given, "demo": demo}  # the later wins: flags > demo > defaults
     for k in ("batch_size", "micro_batch", "eval_interval", "eval_iters", "log_interval", "lora_r", "source_max_len", "target_max_len"):
@@ -176,8 +175,7 @@ def read_checkpoint(path, c, world):
 
 
 def train(c):
-    # distributed (torchrun sets RANK), as in nanoGPT
-    ddp = int(os.environ.get("RANK", -1)) != -1
+    ddp = int(os.environ.get("RANK", -1)) != -1  # distributed (torchrun sets RANK), as in nanoGPT
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     if torch.cuda.is_available():
         if (local := int(os.environ.get("LOCAL_RANK", 0))) >= torch.cuda.device_count():  # torchrun: more processes than GPUs
@@ -268,8 +266,7 @@ def train(c):
 
     orders = {}
 
-    def micro_batch_indices(k):
-        # the k-th micro-batch of the run, all processes together: process r takes every world-th one
+    def micro_batch_indices(k):  # the k-th micro-batch of the run, all processes together: process r takes every world-th one
         epoch, j = divmod(k, len(train_set) // micro_batch)
         if epoch not in orders:
             orders[epoch] = batch_order([len(ids) for ids, _ in train_set], epoch, micro_batch, c["seed"], c["group_by_length"])
@@ -317,8 +314,7 @@ def train(c):
             lr = c["learning_rate"] * min(1.0, (it + 1) / (warmup + 1))  # linear warmup, then constant
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            t = time.time()
-            loss_sum, n_tok = 0.0, 0
+            t, loss_sum, n_tok = time.time(), 0.0, 0
             for micro in range(grad_accum):
                 idx = micro_batch_indices((it * grad_accum + micro) * world + rank)
                 x, y = (t.to(device, non_blocking=True) for t in get_batch(train_set, idx))
@@ -384,8 +380,7 @@ def main(argv):
     demo = ", ".join(f"--{k} {v}" for k, v in DEMO.items())
     help_text = f"{__doc__.strip()}\n\nflags, default, meaning (the tiny demo's own defaults: {demo}):\n{flag_help(__file__, defaults)}"
     master = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 alone locks out_dir and speaks
-    _, given = parse_flags(argv, defaults, help_text, words_ok=False)
-    c = resolve(given, defaults)
+    c = resolve(parse_flags(argv, defaults, help_text, words_ok=False)[1], defaults)
     try:
         with locked_dir(c["out_dir"]) if master else nullcontext():
             try:

@@ -498,8 +498,7 @@ def export_peft(model, out_dir, base=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear) and m.r > 0:
-            sub, key = name.split(".", 2)[2], peft_name(name)
-            b = m.lora_B.detach()
+            sub, key, b = name.split(".", 2)[2], peft_name(name), m.lora_B.detach()
             if sub in ("attention.wq", "attention.wk"):
                 b = hf_permute(b, cfg.n_heads if sub == "attention.wq" else cfg.n_kv_heads)
             sd[key + ".lora_A.weight"], sd[key + ".lora_B.weight"] = m.lora_A.detach(), b

@@ -28,8 +28,7 @@ def read_csv(path):  # [(question text ending in "Answer:", answer index)]; quot
     rows, line = [], 1
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            for row in reader:
+            for row in (reader := csv.reader(f)):
                 if row:  # a blank line reads as []
                     if len(row) != 6:
                         raise InputError(f"{path}:{line}: expected 6 fields (question,A,B,C,D,answer), got {len(row)}")

@@ -31,8 +31,7 @@ ALPACA = {  # the Alpaca template, as in the paper's code
 GUANACO = "### Human: {instruction}### Assistant: "  # one turn of a conversation, as the paper's OASST1 data writes it
 
 
-def read_records(path):
-    # (line number, object) pairs from a JSONL file, or from one JSON array like the Alpaca release
+def read_records(path):  # (line number, object) pairs from a JSONL file, or from one JSON array like the Alpaca release
     try:
         text = open(path, encoding="utf-8-sig").read()  # -sig: tolerate a byte-order mark
     except OSError as e:
@@ -77,8 +76,7 @@ def field(where, obj, key, default=None, choices=None, kind=str):
     return val
 
 
-def best_path(path, line, node):
-    # follow the best-ranked reply at each level (rank 0 first, missing rank last), as Guanaco did
+def best_path(path, line, node):  # follow the best-ranked reply at each level (rank 0 first, missing rank last), as Guanaco did
     messages = []
     while node is not None:
         where = f"{path}:{node.get('line', line)}"  # messages from the flat table carry their own line
@@ -172,8 +170,7 @@ def segments(obj, where):
     return out
 
 
-def read_data(path):
-    # -> [(file:line, segments)]: read_records' checks, then every example's fields, before any work is done
+def read_data(path):  # -> [(file:line, segments)]: read_records' checks, then every example's fields, before any work is done
     items = [(f"{path}:{n}", segments(obj, f"{path}:{n}")) for n, obj in read_records(path)]
     if not items:  # an empty array
         raise InputError(f"{path}: no examples")
@@ -207,8 +204,7 @@ def tokenize(items, tok, source_max_len, target_max_len, train_on_source=False):
 def batch_order(lengths, epoch, micro_batch, seed, group_by_length=True):
     # the micro-batches of one epoch, a function of (seed, epoch) only: exact resume. The last
     # len % micro_batch examples of the shuffle sit this epoch out.
-    g = random.Random(seed * 1000003 + epoch)
-    order = list(range(len(lengths)))
+    g, order = random.Random(seed * 1000003 + epoch), list(range(len(lengths)))
     g.shuffle(order)
     order = order[: len(order) - len(order) % micro_batch]
     if group_by_length:  # sort within windows of 64 micro-batches (less padding), then shuffle the micro-batches
@@ -220,8 +216,7 @@ def batch_order(lengths, epoch, micro_batch, seed, group_by_length=True):
     return mbs
 
 
-def get_batch(examples, indices):
-    # right-padded (B, T) inputs and (B, T) targets; position t predicts token t + 1
+def get_batch(examples, indices):  # right-padded (B, T) inputs and (B, T) targets; position t predicts token t + 1
     x = pad_sequence([torch.tensor(examples[i][0]) for i in indices], batch_first=True)
     y = pad_sequence([torch.tensor(examples[i][1][1:] + [-100]) for i in indices], batch_first=True, padding_value=-100)
     return x, y
