@@ -1817,6 +1817,37 @@ def test_export_merged_roundtrip(tmp_path, meta_ckpt, monkeypatch):
     assert json.loads((tmp_path / "merged" / "merge.json").read_text())["base"] == "nf4-dequantized"
 
 
+def test_export_merged_hf_roundtrip(tmp_path, meta_ckpt, monkeypatch):
+    # --export merged_hf: Hugging Face's names and rotary row order, one model.safetensors and config.json; our HF reader
+    # gives back the logits of the model with its adapters (transformers too: test_installed_transformers_and_peft_agree)
+    d, cfg, _ = meta_ckpt
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    net = M.LLaMA.from_checkpoint(d, quantize=True, dtype=torch.float32, lora_r=4, lora_alpha=8, progress=False).eval()
+    for n, p in net.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    C.export_merged(net, tmp_path / "m", dtype=torch.float32, tokenizer=d.parent / "tokenizer.model", hf=True, progress=False)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "merge.json", "model.safetensors", "tokenizer.model",
+                                                                   "tokenizer_config.json"]
+    assert json.loads((tmp_path / "m" / "tokenizer_config.json").read_text()) == {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True}
+    assert json.loads((tmp_path / "m" / "config.json").read_text()) == {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 192,  # 32·⌈170/32⌉
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": cfg.vocab_size,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": False,
+        "torch_dtype": "float32"}
+    sd = C.read_safetensors(tmp_path / "m" / "model.safetensors")
+    assert len(sd) == 3 + 2 * 9 and sd["lm_head.weight"].shape == (cfg.vocab_size, 64)
+    for sub, heads in (("wq", 4), ("wk", 2), ("wv", 2)):  # rows (head, i, pair j) -> (head, j, i): HF rotates halves
+        lin = getattr(net.layers[1].attention, sub)
+        w = qlora.dequantize_nf4(lin.weight, torch.float32) + (8 / 4) * lin.lora_B @ lin.lora_A
+        if sub != "wv":
+            w = w.view(heads, 8, 2, 64).transpose(1, 2).reshape(-1, 64)
+        assert torch.allclose(sd[f"model.layers.1.self_attn.{sub[1]}_proj.weight"], w, atol=1e-6)
+    back = M.LLaMA.from_checkpoint(tmp_path / "m", quantize=False, dtype=torch.float32, lora_r=0, progress=False)
+    idx = torch.randint(cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(6))
+    assert rel_err(back(idx)[0], net(idx)[0]) < 1e-5
+
+
 def test_folder_rules_layout_tokenizer_context_and_params(tmp_path, meta_ckpt, tokenizer_file):
     d, cfg, weights = meta_ckpt
     # Mistral's Hugging Face folders also hold a params.json of its own: without consolidated.NN.pth, HF's layout
@@ -2185,7 +2216,7 @@ def test_hf_layout_quantized_and_tied(tmp_path, meta_ckpt, tokenizer_file, monke
 
 @pytest.mark.parametrize("arch, kv_heads, theta, tied", [("Llama", 2, 500000.0, False), ("Llama", 4, 10000.0, True),
                                                      ("Mistral", 2, 1e6, False)])
-def test_installed_transformers_and_peft_agree(tmp_path, arch, kv_heads, theta, tied):
+def test_installed_transformers_and_peft_agree(tmp_path, tokenizer_file, arch, kv_heads, theta, tied):
     # against transformers and peft themselves where they are installed (not dependencies: skipped without them):
     # a folder transformers saved loads to the same logits; an adapter peft saved loads to peft's logits; and
     # export_peft's folder gives peft the logits we compute
@@ -2217,6 +2248,11 @@ def test_installed_transformers_and_peft_agree(tmp_path, arch, kv_heads, theta, 
         again = peft.PeftModel.from_pretrained(fresh, tmp_path / "ours").eval()
         assert rel_err(net(idx)[0], again(idx).logits) < 2e-6
         assert torch.equal(net.generate(idx, 12, temperature=0), again.generate(input_ids=idx, max_new_tokens=12, do_sample=False))
+        C.export_merged(net, tmp_path / "merged", dtype=torch.float32, tokenizer=tokenizer_file, hf=True, progress=False)  # merged_hf
+        assert rel_err(net(idx)[0], tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(idx).logits) < 2e-6
+    pytest.importorskip("google.protobuf")  # transformers reads a sentencepiece model through it
+    text = " ".join(WORDS[:12])  # tokenized as in training: bos first
+    assert tf.AutoTokenizer.from_pretrained(tmp_path / "merged")(text).input_ids == C.Tokenizer(tokenizer_file).encode(text, bos=True)
 
 
 @pytest.mark.parametrize("damage, expect", [
@@ -3507,7 +3543,7 @@ def test_bad_data_gives_one_line_and_exit_2(tmp_path, lines, expect):
     (["--micro_batch", "0"], "--micro_batch must be at least 1"),
     (["--batch_size", str(2**80)], f"--batch_size must be at least 1 (below 2^31), got {2**80}"),  # loss / 2^80 overflows
     (["--lora_r", "0"], "--lora_r must be at least 1"),
-    (["--export", "gguf"], "--export: expected merged, peft"),
+    (["--export", "gguf"], "--export: expected merged, merged_hf or peft"),
     (["--learning_rate", "-1"], "--learning_rate must be positive (below 1e9), got -1.0"),
     (["--learning_rate", "nan"], "--learning_rate must be positive (below 1e9), got nan"),
     (["--beta1", "1"], "--beta1 must be in [0, 1), got 1.0"),
@@ -3897,17 +3933,21 @@ def test_train_on_a_checkpoint_and_use_the_exports_from_any_folder(tmp_path, met
     d.symlink_to(tmp_path / "store" / "tiny")
     shutil.copy(meta_ckpt[0].parent / "tokenizer.model", d.parent / "tokenizer.model")
     r = run_train("--ckpt_dir", os.path.relpath(d, ROOT), "--out_dir", out, "--max_iters", 1, "--lora_r", 8, "--sample_tokens", 0,
-                  "--export", "merged,peft", "--source_max_len", 2048, "--target_max_len", 1024)
+                  "--export", "merged,merged_hf,peft", "--source_max_len", 2048, "--target_max_len", 1024)
     assert r.returncode == 0, r.stderr
     assert f"model {d} (checkpoint): " in r.stdout  # the folder that ran, not --model's default name
     assert torch.load(out / "adapter.pt", weights_only=True)["base"]["ckpt_dir"] == str(d)
     assert json.loads((out / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(d)
-    assert (out / "merged" / "tokenizer.model").read_bytes() == (d.parent / "tokenizer.model").read_bytes()
-    for args in (["--adapter", "o/peft"], ["--ckpt_dir", "o/merged"], ["--adapter", "o/adapter.pt"]):
+    assert (out / "merged" / "tokenizer.model").read_bytes() == (out / "merged_hf" / "tokenizer.model").read_bytes() \
+        == (d.parent / "tokenizer.model").read_bytes()
+    said = {}
+    for args in (["--adapter", "o/peft"], ["--ckpt_dir", "o/merged"], ["--ckpt_dir", "o/merged_hf"], ["--adapter", "o/adapter.pt"]):
         chat = subprocess.run([sys.executable, str(ROOT / "model.py"), *args, "--template", "none", "--prompt", "the lazy dog",
                                "--temperature", "0", "--max_new_tokens", "4"], cwd=tmp_path, capture_output=True, text=True,
                               timeout=300, env=ENV)
         assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
+        said[args[1]] = chat.stdout
+    assert said["o/merged"] == said["o/merged_hf"]  # one model in two layouts
 
 
 @pytest.mark.parametrize("content", [b"", b"\x0agarbage" * 50])

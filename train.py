@@ -62,8 +62,8 @@ compile = False  # torch.compile each block
 threads = 0  # CPU threads (0: 1 for the tiny demo unless OMP_NUM_THREADS is set, else torch's default)
 seed = 0  # weights of --init random, LoRA init, data order, dropout
 resume = False  # continue from out_dir/ckpt.pt exactly where it stopped
-export = ""  # after training: "merged" (16-bit Meta checkpoint), "peft" (HF adapter), or "merged,peft"
-merge_base = "nf4"  # the merged export's base: "nf4" (the dequantized 4-bit base that was trained) or "original" (16-bit)
+export = ""  # after training, comma-separated: "merged" (16-bit, Meta's layout), "merged_hf" (Hugging Face's), "peft" (HF adapter)
+merge_base = "nf4"  # the merged exports' base: "nf4" (the dequantized 4-bit base that was trained) or "original" (16-bit)
 mmlu = ""  # an MMLU folder (dev/ val/ test/ CSVs, or five_shot_mmlu_*.json): 5-shot accuracy at every evaluation
 mmlu_split, mmlu_max = "val", 0  # the MMLU split, val or test; questions per subject (0: all)
 sample_tokens, temperature = 64, 0.8  # the sample printed at the end (0 tokens: none; temperature 0: greedy)
@@ -79,8 +79,8 @@ def resolve(given, defaults):  # every default, once: the demo's, then the paper
     for k in ("batch_size", "micro_batch", "eval_interval", "eval_iters", "log_interval", "lora_r", "source_max_len", "target_max_len"):
         if not 1 <= c[k] < 2**31:  # a batch of 2^31 examples overflows before it is built
             raise InputError(f"--{k} must be at least 1 (below 2^31), got {c[k]}")
-    if set(filter(None, c["export"].split(","))) - {"merged", "peft"}:
-        raise InputError(f"--export: expected merged, peft or merged,peft, got {c['export']!r}")
+    if set(filter(None, c["export"].split(","))) - {"merged", "merged_hf", "peft"}:
+        raise InputError(f"--export: expected merged, merged_hf or peft, or a comma-separated list of them, got {c['export']!r}")
     c["init"] = c["init"] or ("random" if demo else "checkpoint")
     for k, ok in (("init", ("checkpoint", "random")), ("merge_base", ("nf4", "original")), ("mmlu_split", ("val", "test"))):
         if c[k] not in ok:
@@ -363,8 +363,9 @@ def train(c):
                 print(f"--- sample ---\n{tok.decode(prompt)}{tok.decode(out[0, len(prompt):].tolist())}")
             src = c["ckpt_dir"] if c["init"] == "checkpoint" else None
             for kind in filter(None, c["export"].split(",")):
-                if kind == "merged":
-                    export_merged(raw, out_dir / kind, base=src if c["merge_base"] == "original" else None, tokenizer=tok.path)
+                if kind.startswith("merged"):
+                    export_merged(raw, out_dir / kind, base=src if c["merge_base"] == "original" else None, tokenizer=tok.path,
+                                  hf=kind == "merged_hf")
                 else:
                     export_peft(raw, out_dir / kind, base=src)
                 print(f"exported {kind} to {out_dir / kind}")

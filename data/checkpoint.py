@@ -451,7 +451,7 @@ def load_adapter(model, adapter):
 
 
 # -----------------------------------------------------------------------------------------------
-# export: a merged 16-bit checkpoint in Meta's layout, and the adapter in peft's format
+# export: a merged 16-bit checkpoint in Meta's layout or Hugging Face's, and the adapter in peft's format
 
 def meta_params(cfg):
     # params.json as Meta's loaders read it: they do ModelArgs(**params), so no keys of ours. An explicit
@@ -464,9 +464,19 @@ def meta_params(cfg):
     return json.dumps({k: v for k, v in p.items() if v is not None}, indent=2)
 
 
-def export_merged(model, out_dir, dtype=torch.float16, base=None, tokenizer=None, progress=True):
-    # W = W0 + (α/r)·B A for every adapted layer: one shard (consolidated.00.pth), params.json and, if given, a copy of
-    # the tokenizer (the folder loads alone). W0 is by default the NF4-rounded base the adapter was trained on
+def hf_config(cfg, dtype):
+    # config.json as transformers' LlamaForCausalLM reads it, the FFN width explicit
+    return json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
+                       "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+                       "num_key_value_heads": cfg.n_kv_heads, "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps,
+                       "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": False,
+                       "torch_dtype": str(dtype).removeprefix("torch.")}, indent=2)
+
+
+def export_merged(model, out_dir, dtype=torch.float16, base=None, tokenizer=None, progress=True, hf=False):
+    # W = W0 + (α/r)·B A for every adapted layer: in Meta's layout one shard (consolidated.00.pth) + params.json, with hf=True
+    # Hugging Face's (model.safetensors under its names, q/k rows permuted for its rotary, + config.json); and, if given, a copy
+    # of the tokenizer (the folder loads alone). W0 is by default the NF4-rounded base the adapter was trained on
     # (dequantized); with base=FOLDER, the original 16-bit checkpoint re-read one weight at a time (merge.json says which).
     out_dir, cfg, names, sd = Path(out_dir), model.config, meta_names(model.config.n_layers), {}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -480,10 +490,18 @@ def export_merged(model, out_dir, dtype=torch.float16, base=None, tokenizer=None
         w = merge_lora(linear[n], torch.float32, w0) if n in linear else w0 if w0 is not None else tensors[n]
         sd[n] = w.detach().to("cpu", dtype).contiguous()
         prog.step(n, sd[n].nbytes)
-    atomic_save(sd, out_dir / "consolidated.00.pth")
-    atomic_write_bytes(out_dir / "params.json", meta_params(cfg).encode())
+    if hf:
+        heads = {"attention.wq.weight": cfg.n_heads, "attention.wk.weight": cfg.n_kv_heads}
+        sd = {hf_name(n): hf_permute(w, heads[k]) if (k := n.split(".", 2)[-1]) in heads else w for n, w in sd.items()}
+        save_safetensors(sd, out_dir / "model.safetensors", {"format": "pt"})
+        atomic_write_bytes(out_dir / "config.json", hf_config(cfg, dtype).encode())
+    else:
+        atomic_save(sd, out_dir / "consolidated.00.pth")
+        atomic_write_bytes(out_dir / "params.json", meta_params(cfg).encode())
     if tokenizer is not None:
         atomic_write_bytes(out_dir / "tokenizer.model", Path(tokenizer).read_bytes())
+        if hf:  # transformers' tokenizer then puts bos first, as training did (without the file it puts none)
+            atomic_write_bytes(out_dir / "tokenizer_config.json", b'{"tokenizer_class": "LlamaTokenizer", "add_bos_token": true}')
     kind = "original" if base is not None else "nf4-dequantized" if model.quantize else "as-loaded"
     merge = {"base": kind, "base_dir": str(base) if base is not None else None, "dtype": str(dtype).removeprefix("torch."),
              "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha}
