@@ -2747,6 +2747,12 @@ def test_locked_dir_pid_reuse_of_a_folder_and_cleanup(tmp_path):
     with locked_dir(tmp_path / "empty"):
         pass
     assert not (tmp_path / "empty").exists()  # a folder made here and left empty is removed
+    with locked_dir(tmp_path / "runs" / "a" / "b"):  # --out_dir runs/a/b, none of them there: all three made
+        (tmp_path / "runs" / "keep").write_text("x")  # written into while the run went on: stays
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["keep"]
+    with locked_dir(tmp_path / "x" / "y" / "z"):
+        pass
+    assert not (tmp_path / "x").exists()
 
 
 def test_run_turns_ctrl_c_into_its_own_line_and_exit_130(capsys):

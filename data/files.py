@@ -67,9 +67,9 @@ def atomic_write_bytes(path, data):
 @contextmanager
 def locked_dir(d):
     # make d if needed and hold an exclusive lock on d/.lock (which holds our pid) until the block ends, so that two runs never
-    # write one folder. The lock file is removed while still held, and a folder made here and left empty is removed too.
+    # write one folder. The lock file is removed while still held, and the folders made here and left empty are removed too.
     d, lock = Path(d), Path(d) / ".lock"
-    made = not d.exists()
+    made = [p for p in (d, *d.parents) if not p.exists()]  # innermost first
     try:
         d.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -89,8 +89,10 @@ def locked_dir(d):
     finally:
         lock.unlink(missing_ok=True)
         os.close(fd)
-        if made and not any(d.iterdir()):
-            d.rmdir()
+        for p in made:
+            if any(p.iterdir()):
+                break
+            p.rmdir()
 
 
 def run(main):
