@@ -1358,6 +1358,12 @@ def test_train_tokenizer_reads_texts_longer_than_sentencepieces_default(tmp_path
     C.train_tokenizer(texts, tmp_path / "t.model", vocab_size=120)
     tok = C.Tokenizer(tmp_path / "t.model")
     assert tok.sp.unk_id() not in tok.encode("the lazy dog Ω") and tok.decode(tok.encode("the lazy dog Ω")) == "the lazy dog Ω"
+    # the limit is in bytes: 1,500 CJK characters (3 bytes each) are 4,500 bytes, over the default
+    wide = ["".join(chr(0x4E00 + (i + 7 * j) % 40) for j in range(1500)) for i in range(8)]
+    assert max(map(len, wide)) < 4192 < min(len(t.encode()) for t in wide)
+    C.train_tokenizer(wide, tmp_path / "w.model", vocab_size=80)
+    tok = C.Tokenizer(tmp_path / "w.model")
+    assert tok.sp.unk_id() not in tok.encode(wide[0][:50]) and tok.decode(tok.encode(wide[0][:50])) == wide[0][:50]
 
 
 def test_tokenizer_without_bos_or_eos_is_refused(tmp_path):
@@ -1390,6 +1396,7 @@ def test_tokenizer_without_bos_or_eos_is_refused(tmp_path):
     ("params_nan", "params.json: norm_eps must be a positive number, got NaN"),
     ("params_list", "params.json: expected a JSON object {...}, got [1]"),
     ("params_missing", "params.json: missing field 'n_heads'"),
+    ("params_vocab", "tok_embeddings.weight has shape (V, 64), params.json implies ("),  # not the embedding's silently
     ("params_latin1", "params.json: invalid JSON (UnicodeDecodeError)"),
     ("not_a_dict", "consolidated.01.pth: not a state dict"),
     ("not_tensors", "consolidated.01.pth: not a state dict"),
@@ -1419,7 +1426,7 @@ def test_checkpoint_errors_name_file_and_tensor(tmp_path, meta_ckpt, tokenizer_f
         p, change = json.loads((d / "params.json").read_text()), damage.removeprefix("params_")
         p.update({"string": {"dim": str(p["dim"])}, "negative": {"n_heads": -4}, "bool": {"n_layers": True},
                   "nan": {"norm_eps": float("nan")}, "kv_heads": {"n_kv_heads": 3},
-                  "odd_head_dim": {"n_heads": 64, "n_kv_heads": 64}}.get(change, {}))
+                  "odd_head_dim": {"n_heads": 64, "n_kv_heads": 64}, "vocab": {"vocab_size": cfg.vocab_size + 8}}.get(change, {}))
         if change == "missing":
             del p["n_heads"]
         raw = {"list": b"[1]", "latin1": '{"dim": 64, "x": "caf\xe9"}'.encode("latin-1")}.get(change, json.dumps(p).encode())
@@ -1652,13 +1659,14 @@ def test_chat_hands_generate_the_flags_template_and_seed(demo_adapter, meta_ckpt
 def test_chat_turns_history_eos_and_blank_lines(demo_adapter, monkeypatch, capsys):
     path, _, tok = demo_adapter
     lines = ("the brown fox", "seven birds", "old stone bridges")
-    t1, t2, t3 = tok.encode("the quick"), tok.encode("lazy dog"), tok.encode("rivers")
+    t1, t2, t3 = tok.encode(" the quick "), tok.encode("lazy dog"), tok.encode("rivers")  # t1: spaces an answer in training has not
+    assert t1 != tok.encode("the quick")
     stdin = ("  " + "\n".join(lines) + "  \n \nnever read\n").encode()  # surrounding spaces go; a blank line ends the chat
     calls, out = chat_here(monkeypatch, capsys, "--adapter", path, "--template", "guanaco", "--quantize", "false", stdin=stdin,
                            answers=[t1[:], t2 + [tok.eos_id], t3[:]])
     g = [tok.encode(f"### Human: {line}### Assistant: ") for line in lines]
     first = [tok.bos_id] + g[0]
-    second = first + t1 + [tok.eos_id] + g[1]  # an answer cut at max_new_tokens is closed with eos, as in training
+    second = first + tok.encode("the quick") + [tok.eos_id] + g[1]  # an answer cut at max_new_tokens is closed with eos, as in training
     third = second + t2 + [tok.eos_id] + g[2]  # one that ended with eos is not closed twice
     assert [c[0] for c in calls] == [first, second, third]
     assert out == "".join(tok.decode(t) + "\n" for t in (t1, t2 + [tok.eos_id], t3))
@@ -1697,6 +1705,10 @@ def test_chat_finds_the_base_the_tokenizer_and_the_device_as_recorded(demo_adapt
         bad = demo_variant(demo_adapter, tmp_path / "bad" / "adapter.pt", base=edit)
         with pytest.raises(InputError, match=re.escape(f"{bad}: its random base records no seed or no tokenizer")):
             chat_here(monkeypatch, capsys, "--adapter", bad, "--prompt", "x", "--quantize", "false")
+    rec = {"seed": 3, "tokenizer": str(recorded), "device": "cuda"}  # made on CUDA and rebuilt on CUDA: fine (any machine can ask)
+    assert C.random_base(path, rec, "cuda") == (recorded, 3)
+    with pytest.raises(InputError, match=re.escape("its random base was made on cpu; rebuilding it needs the same here")):
+        C.random_base(path, {**rec, "device": "cpu"}, "cuda")
     ck = torch.load(path, weights_only=True)
     del ck["base"]["device"]
     torch.save(ck, tmp_path / "old.pt")
@@ -2005,6 +2017,7 @@ def test_meta_folder_with_a_config_json_and_which_tokenizer_is_used(tmp_path, me
     (dict(init_lora_weights="pissa"), 'init_lora_weights "pissa" is not supported'),  # trained on a base peft changed
     (dict(init_lora_weights="loftq"), 'init_lora_weights "loftq" is not supported'),
     (dict(init_lora_weights="gaussian"), None), (dict(init_lora_weights=True), None), (dict(init_lora_weights=False), None),
+    (dict(init_lora_weights="eva"), None), (dict(init_lora_weights="orthogonal"), None),  # other starting A, B; the base unchanged
     (dict(use_dora=None, fan_in_fan_out=None, bias=None, rank_pattern=None, alpha_pattern=None), None),  # null: the default
     (dict(use_qalora=False, alora_invocation_tokens=None, kasa_config=None, loftq_config={}, qalora_group_size=16), None),
     (dict(use_rslora=True), None),
@@ -2262,6 +2275,7 @@ def test_installed_transformers_and_peft_agree(tmp_path, tokenizer_file, arch, k
     (dict(rope_scaling={"type": "linear", "factor": 2.0}), 'rope_scaling {"type": "linear", "factor": 2.0} is not implemented'),
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),  # Llama 3.1 as transformers >= 5 writes it
      'rope_parameters {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0} is not implemented (only rope_type default)'),
+    (dict(rope_parameters={"rope_type": "linear", "rope_theta": 5e5}), 'rope_parameters {"rope_type": "linear", "rope_theta": 500000.0} is not'),
     (dict(rope_parameters={"rope_theta": 5e5, "partial_rotary_factor": 0.5}), "rope_parameters {"),
     (dict(rope_parameters=[]), "rope_parameters [] is not implemented"),
     (dict(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True}),  # a -bnb-4bit folder: U8 tensors
@@ -2275,6 +2289,7 @@ def test_installed_transformers_and_peft_agree(tmp_path, tokenizer_file, arch, k
     (dict(hidden_act="gelu"), "hidden_act 'gelu' is not implemented"),
     ("missing_tensor", "missing tensor 'model.layers.1.post_attention_layernorm.weight'"),
     ("missing_shard", "model-00002-of-00002.safetensors: not found (listed in"),
+    ("missing_shard1", "model-00001-of-00002.safetensors: not found (listed in"),
     ("index_map_list", 'model.safetensors.index.json: weight_map must map tensor names to file names, got ["model-0'),
     ("index_map_null", "model.safetensors.index.json: weight_map must map tensor names to file names, got null"),
     ("index_file_int", 'model.safetensors.index.json: weight_map must map tensor names to file names, got {"model.'),
@@ -2287,12 +2302,13 @@ def test_installed_transformers_and_peft_agree(tmp_path, tokenizer_file, arch, k
     (dict(tie_word_embeddings="false"), 'config.json: tie_word_embeddings must be true or false, got "false"'),
     ("config_list", "config.json: expected a JSON object {...}, got []"),
     (dict(intermediate_size=None), "config.json: missing field 'intermediate_size'"),  # null: as if absent
+    (dict(hidden_size=None), "config.json: missing field 'hidden_size'"),
     (dict(num_key_value_heads=3), "config.json: dim 64, 4 heads, 3 kv heads: need a whole, even head dim"),  # weights fit 4/3
     (dict(num_attention_heads=5), "config.json: dim 64, 5 heads, 2 kv heads"),
 ])
 def test_hf_unsupported_is_one_line_before_any_weight_is_read(tmp_path, meta_ckpt, tokenizer_file, monkeypatch, damage, expect):
     _, cfg, weights = meta_ckpt
-    hf = write_hf(tmp_path / "hf", cfg, weights, tokenizer_file, shards=2 if damage in ("missing_shard", "index_map_list", "index_map_null", "index_file_int") else 1,
+    hf = write_hf(tmp_path / "hf", cfg, weights, tokenizer_file, shards=2 if damage in ("missing_shard", "missing_shard1", "index_map_list", "index_map_null", "index_file_int") else 1,
                   config=hf_config(cfg, **damage) if isinstance(damage, dict) else None)
     st = hf / "model.safetensors"
     if damage in ("bias_tensor", "f8_dtype", "missing_tensor", "negative_shape"):
@@ -2309,8 +2325,8 @@ def test_hf_unsupported_is_one_line_before_any_weight_is_read(tmp_path, meta_ckp
     elif damage == "tokenizer_json":
         (hf / "tokenizer.model").unlink()
         (hf / "tokenizer.json").write_text("{}")
-    elif damage == "missing_shard":
-        (hf / "model-00002-of-00002.safetensors").unlink()
+    elif damage in ("missing_shard", "missing_shard1"):
+        (hf / f"model-0000{1 + (damage == 'missing_shard')}-of-00002.safetensors").unlink()
     elif damage in ("index_map_list", "index_map_null", "index_file_int"):  # an index edited by hand or written by another tool
         index = hf / "model.safetensors.index.json"
         wm = json.loads(index.read_text())["weight_map"]
@@ -2675,6 +2691,7 @@ def test_convert_skips_blank_instructions_and_refuses_half_guanaco_texts(tmp_pat
     for text, why in (("### Human: a, and no answer", "the conversation must end with an assistant reply"),
                       ("### Assistant: b### Human: a### Assistant: c", "field 'text' must alternate '### Human:' and '### Assistant:'"),
                       ("### Human: a### Human: b### Assistant: c", "field 'text' must alternate"),
+                      ("### Human: a### Assistant: b### Assistant: c", "field 'text' must alternate"),  # any turn, not only the first two
                       ("Intro### Assistant: b", "field 'text' must alternate")):
         src = write(tmp_path / "g.jsonl", [json.dumps({"text": text})])
         with pytest.raises(InputError, match=re.escape(f"{src}:1: {why}")):
@@ -2695,6 +2712,9 @@ def test_segments_blank_content_missing_input_and_leading_whitespace():
     assert P.segments({"instruction": "Say hi.", "input": " \n", "output": "Hi"}, "f:1") == no_input
     # only whitespace before the first "### Human:" is no segment; a conversation ending in a question is refused
     assert P.segments({"text": " \n### Human: a### Assistant: b"}, "f:1")[0] == ("### Human: a### Assistant: ", False)
+    # the turns lose the whitespace around them on both sides, as the messages they are would have none
+    assert P.segments({"text": "### Human:  a \n### Assistant: b \n### Human: c### Assistant:\td\n"}, "f:1") == [
+        ("### Human: a### Assistant: ", False), ("b", True), ("### Human: c### Assistant: ", False), ("d", True)]
     with pytest.raises(InputError, match="f:1: the conversation must end with an assistant reply"):
         P.segments({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                                  {"role": "user", "content": "c"}]}, "f:1")
@@ -3169,6 +3189,8 @@ def test_failure_keeps_existing_output(tmp_path):
 def test_bad_command_line(tmp_path):
     for args, expect in [((), "usage"), (("alpaca", "x.json"), "usage"), (("oasst", "a", "b", "--lang"), "--lang needs a value"),
                          (("alpaca", "a", "b", "--lang", "en"), "error: --lang: only oasst records a language, not alpaca"),
+                         (("self_instruct", "a", "b", "--lang", "en"), "error: --lang: only oasst records a language, not self_instruct"),
+                         (("guanaco", "a", "b", "--lang", "en"), "error: --lang: only oasst records a language, not guanaco"),
                          (("llama", "a", "b", "--lang", "en"), "error: unknown format 'llama'")]:
         r = run_prepare(*args)
         assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -3917,7 +3939,7 @@ def test_the_demo_tokenizer_is_trained_on_whole_examples(tmp_path, train_here):
     assert tok.sp.unk_id() not in tok.encode("Be brief.\n### Human: say it") and tok.decode(tok.encode("a\nb")) == "a\nb"
 
 
-def test_an_adapters_random_base_is_rebuilt_as_it_records(tmp_path, demo_adapter, train_here):
+def test_an_adapters_random_base_is_rebuilt_as_it_records(tmp_path, demo_adapter, meta_ckpt, train_here):
     # its seed (3 here) whatever this run's --seed, its tokenizer (copied into out_dir) rather than one trained on --data:
     # the model that ran is the fixture's own, val loss for val loss
     path, net, tok = demo_adapter
@@ -3927,6 +3949,27 @@ def test_an_adapters_random_base_is_rebuilt_as_it_records(tmp_path, demo_adapter
     with torch.no_grad():
         losses = [net.eval()(*P.get_batch(ex, idx))[1].item() for kind, ex, idx in rec.batches if kind == "val"]
     assert len(losses) == 4 and f"iter 0: val loss {sum(losses) / 4:.4f}\n" in out
+    assert "trained with a vocabulary" not in out  # none was trained: a copy
+    # its own adapter.pt records that base again: the adapter's seed, the tokenizer copied beside it
+    run(*FAST, "--adapter", path, "--max_iters", 1, "--seed", 5, "--out_dir", tmp_path / "p")
+    base = torch.load(tmp_path / "p" / "adapter.pt", weights_only=True)["base"]
+    assert (base["seed"], base["tokenizer"]) == (3, str(tmp_path / "p" / tok.path.name))
+    # a run that is not the demo (--ckpt_dir names a folder, with a tokenizer one level up) takes the adapter's tokenizer too
+    run(*FAST, "--adapter", path, "--init", "random", "--ckpt_dir", meta_ckpt[0], "--max_iters", 0, "--out_dir", tmp_path / "q")
+    assert [p.name for p in (tmp_path / "q").glob("tokenizer*")] == [tok.path.name]
+
+
+def test_a_checkpoint_run_takes_nothing_from_an_adapters_random_base(tmp_path, meta_ckpt, train_here):
+    # an adapter trained on a random base of the checkpoint's architecture, continued on the checkpoint itself: the
+    # checkpoint's tokenizer, not the one the adapter's base records (nor is that base's device kind asked for)
+    d, _, _ = meta_ckpt
+    net = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=4, progress=False)
+    torch.save({"lora": net.lora_state_dict(), "model_config": vars(net.config), "config": {}, "base": {
+        "init": "random", "model": "tiny", "seed": 3, "tokenizer": str(tmp_path / "gone.model"), "device": "cuda"}}, tmp_path / "a.pt")
+    run, _ = train_here
+    run("--ckpt_dir", d, "--adapter", tmp_path / "a.pt", "--out_dir", tmp_path / "o", "--max_iters", 0, "--sample_tokens", 0,
+        "--data", mixed_data(tmp_path / "d.jsonl", 2, 2), "--val_fraction", 0, "--source_max_len", 32, "--target_max_len", 16)
+    assert not list((tmp_path / "o").glob("tokenizer*"))
 
 
 def test_train_on_a_checkpoint_and_use_the_exports_from_any_folder(tmp_path, meta_ckpt):
