@@ -3989,6 +3989,8 @@ def test_train_on_a_checkpoint_and_use_the_exports_from_any_folder(tmp_path, met
     assert json.loads((out / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(d)
     assert (out / "merged" / "tokenizer.model").read_bytes() == (out / "merged_hf" / "tokenizer.model").read_bytes() \
         == (d.parent / "tokenizer.model").read_bytes()
+    assert sorted(p.name for p in (out / "merged_hf").iterdir()) == ["config.json", "merge.json", "model.safetensors",
+                                                                    "tokenizer.model", "tokenizer_config.json"]
     said = {}
     for args in (["--adapter", "o/peft"], ["--ckpt_dir", "o/merged"], ["--ckpt_dir", "o/merged_hf"], ["--adapter", "o/adapter.pt"]):
         chat = subprocess.run([sys.executable, str(ROOT / "model.py"), *args, "--template", "none", "--prompt", "the lazy dog",
