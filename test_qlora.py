@@ -1846,7 +1846,7 @@ def test_export_merged_hf_roundtrip(tmp_path, meta_ckpt, monkeypatch):
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 192,  # 32·⌈170/32⌉
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": cfg.vocab_size,
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": False,
-        "torch_dtype": "float32"}
+        "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2}  # the tokenizer's: transformers stops at this eos
     sd = C.read_safetensors(tmp_path / "m" / "model.safetensors")
     assert len(sd) == 3 + 2 * 9 and sd["lm_head.weight"].shape == (cfg.vocab_size, 64)
     for sub, heads in (("wq", 4), ("wk", 2), ("wv", 2)):  # rows (head, i, pair j) -> (head, j, i): HF rotates halves
@@ -2262,7 +2262,9 @@ def test_installed_transformers_and_peft_agree(tmp_path, tokenizer_file, arch, k
         assert rel_err(net(idx)[0], again(idx).logits) < 2e-6
         assert torch.equal(net.generate(idx, 12, temperature=0), again.generate(input_ids=idx, max_new_tokens=12, do_sample=False))
         C.export_merged(net, tmp_path / "merged", dtype=torch.float32, tokenizer=tokenizer_file, hf=True, progress=False)  # merged_hf
-        assert rel_err(net(idx)[0], tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(idx).logits) < 2e-6
+        merged = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+        assert rel_err(net(idx)[0], merged(idx).logits) < 2e-6
+        assert merged.generation_config.eos_token_id == C.Tokenizer(tokenizer_file).eos_id  # its generate stops where ours does
     pytest.importorskip("google.protobuf")  # transformers reads a sentencepiece model through it
     text = " ".join(WORDS[:12])  # tokenized as in training: bos first
     assert tf.AutoTokenizer.from_pretrained(tmp_path / "merged")(text).input_ids == C.Tokenizer(tokenizer_file).encode(text, bos=True)

@@ -464,13 +464,14 @@ def meta_params(cfg):
     return json.dumps({k: v for k, v in p.items() if v is not None}, indent=2)
 
 
-def hf_config(cfg, dtype):
-    # config.json as transformers' LlamaForCausalLM reads it, the FFN width explicit
+def hf_config(cfg, dtype, tok=None):
+    # config.json as transformers' LlamaForCausalLM reads it, the FFN width explicit; and the tokenizer's bos and eos
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id} if tok else {}  # without them its generate runs past eos
     return json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
                        "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
                        "num_key_value_heads": cfg.n_kv_heads, "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps,
                        "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": False,
-                       "torch_dtype": str(dtype).removeprefix("torch.")}, indent=2)
+                       "torch_dtype": str(dtype).removeprefix("torch."), **ids}, indent=2)
 
 
 def export_merged(model, out_dir, dtype=torch.float16, base=None, tokenizer=None, progress=True, hf=False):
@@ -494,7 +495,7 @@ def export_merged(model, out_dir, dtype=torch.float16, base=None, tokenizer=None
         heads = {"attention.wq.weight": cfg.n_heads, "attention.wk.weight": cfg.n_kv_heads}
         sd = {hf_name(n): hf_permute(w, heads[k]) if (k := n.split(".", 2)[-1]) in heads else w for n, w in sd.items()}
         save_safetensors(sd, out_dir / "model.safetensors", {"format": "pt"})
-        atomic_write_bytes(out_dir / "config.json", hf_config(cfg, dtype).encode())
+        atomic_write_bytes(out_dir / "config.json", hf_config(cfg, dtype, tokenizer and Tokenizer(tokenizer)).encode())
     else:
         atomic_save(sd, out_dir / "consolidated.00.pth")
         atomic_write_bytes(out_dir / "params.json", meta_params(cfg).encode())
