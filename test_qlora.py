@@ -2507,9 +2507,11 @@ def test_merged_export_on_the_original_16bit_base(tmp_path, meta_ckpt, tokenizer
     ref = merged_weights(weights, net)  # the original weights, not their NF4 rounding
     assert all(torch.allclose(sd[k], ref[k].float(), atol=1e-6) for k in ref)
     assert json.loads((tmp_path / "merged" / "merge.json").read_text())["base"] == "original"
-    back = M.LLaMA.from_checkpoint(tmp_path / "merged", quantize=False, dtype=torch.float32, tokenizer=tokenizer_file, lora_r=0, progress=False)
     idx = torch.randint(cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(10))
-    assert rel_err(back(idx)[0], reference_forward(ref, cfg, idx)) < 1e-4
+    C.export_merged(net, tmp_path / "merged_hf", dtype=torch.float32, base=hf, hf=True, progress=False)  # --export merged_hf
+    for out in ("merged", "merged_hf"):
+        back = M.LLaMA.from_checkpoint(tmp_path / out, quantize=False, dtype=torch.float32, tokenizer=tokenizer_file, lora_r=0, progress=False)
+        assert rel_err(back(idx)[0], reference_forward(ref, cfg, idx)) < 1e-4
 
 
 class FakeTerminal(io.StringIO):
@@ -2775,6 +2777,11 @@ def test_locked_dir_pid_reuse_of_a_folder_and_cleanup(tmp_path):
     with locked_dir(tmp_path / "x" / "y" / "z"):
         pass
     assert not (tmp_path / "x").exists()
+    (tmp_path / "pre").mkdir()  # there before, empty: not ours to remove, however it is spelled
+    for spelled in (tmp_path / "pre" / "q", tmp_path / "gone" / ".." / "pre"):
+        with locked_dir(spelled):
+            pass
+        assert (tmp_path / "pre").is_dir() and not (tmp_path / "gone").exists() and not (tmp_path / "pre" / "q").exists()
 
 
 def test_run_turns_ctrl_c_into_its_own_line_and_exit_130(capsys):

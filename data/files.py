@@ -10,7 +10,7 @@ import fcntl
 import os
 import re
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -68,10 +68,10 @@ def atomic_write_bytes(path, data):
 def locked_dir(d):
     # make d if needed and hold an exclusive lock on d/.lock (which holds our pid) until the block ends, so that two runs never
     # write one folder. The lock file is removed while still held, and the folders made here and left empty are removed too.
-    d, lock = Path(d), Path(d) / ".lock"
-    made = [p for p in (d, *d.parents) if not p.exists()]  # innermost first
+    d, real = Path(d), Path(os.path.realpath(d))  # real: links and `..` resolved, so that the folders made here are known
+    made, lock = [p for p in (real, *real.parents) if not p.exists()], real / ".lock"  # made: innermost first
     try:
-        d.mkdir(parents=True, exist_ok=True)
+        real.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if os.fstat(fd).st_nlink == 0:  # its holder removed it between our open and our lock: still taken
@@ -89,10 +89,9 @@ def locked_dir(d):
     finally:
         lock.unlink(missing_ok=True)
         os.close(fd)
-        for p in made:
-            if any(p.iterdir()):
-                break
-            p.rmdir()
+        with suppress(OSError):  # rmdir refuses a folder anything was written into (by any process): it and those above stay
+            for p in made:
+                p.rmdir()
 
 
 def run(main):
