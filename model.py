@@ -306,7 +306,7 @@ def chat(argv):
         net = LLaMA.from_checkpoint(d, f["quantize"], device, dtype, lora_r=0)
         tok = Tokenizer(find_tokenizer(d) or Path(d) / "tokenizer.model")
     elif base.get("init") == "random":  # train.py's demo: the same random base (same seed, device kind, dtype)
-        t, seed = random_base(f["adapter"], base, device)
+        t, seed, _ = random_base(f["adapter"], info, device)
         tok, net = Tokenizer(t), LLaMA.from_config(LLaMAConfig(**info["model_config"]), f["quantize"], device, dtype, seed=seed)
     else:
         raise InputError("--ckpt_dir DIR is needed (no --adapter, or the adapter does not record its base)")

@@ -1701,14 +1701,14 @@ def test_chat_finds_the_base_the_tokenizer_and_the_device_as_recorded(demo_adapt
     cuda = demo_variant(demo_adapter, tmp_path / "cuda" / "adapter.pt", base={"device": "cuda"})
     with pytest.raises(InputError, match=re.escape("its random base was made on cuda; rebuilding it needs the same here")):
         chat_here(monkeypatch, capsys, "--adapter", cuda, "--prompt", "x", "--quantize", "false")
-    for edit in ({"seed": None}, {"tokenizer": 5}):  # an adapter.pt edited by hand: one line, not a KeyError
-        bad = demo_variant(demo_adapter, tmp_path / "bad" / "adapter.pt", base=edit)
-        with pytest.raises(InputError, match=re.escape(f"{bad}: its random base records no seed or no tokenizer")):
+    for edit in (dict(base={"seed": None}), dict(base={"tokenizer": 5}), dict(model_config={"vocab_size": "120"})):  # edited by
+        bad = demo_variant(demo_adapter, tmp_path / "bad" / "adapter.pt", **edit)  # hand: one line, not a KeyError or TypeError
+        with pytest.raises(InputError, match=re.escape(f"{bad}: its random base records no seed, no tokenizer or no vocabulary")):
             chat_here(monkeypatch, capsys, "--adapter", bad, "--prompt", "x", "--quantize", "false")
     rec = {"seed": 3, "tokenizer": str(recorded), "device": "cuda"}  # made on CUDA and rebuilt on CUDA: fine (any machine can ask)
-    assert C.random_base(path, rec, "cuda") == (recorded, 3)
+    assert C.random_base(path, {"base": rec, "model_config": {"vocab_size": 120}}, "cuda") == (recorded, 3, 120)
     with pytest.raises(InputError, match=re.escape("its random base was made on cpu; rebuilding it needs the same here")):
-        C.random_base(path, {**rec, "device": "cpu"}, "cuda")
+        C.random_base(path, {"base": {**rec, "device": "cpu"}, "model_config": {"vocab_size": 120}}, "cuda")
     ck = torch.load(path, weights_only=True)
     del ck["base"]["device"]
     torch.save(ck, tmp_path / "old.pt")
@@ -3963,9 +3963,15 @@ def test_an_adapters_random_base_is_rebuilt_as_it_records(tmp_path, demo_adapter
     run(*FAST, "--adapter", path, "--max_iters", 1, "--seed", 5, "--out_dir", tmp_path / "p")
     base = torch.load(tmp_path / "p" / "adapter.pt", weights_only=True)["base"]
     assert (base["seed"], base["tokenizer"]) == (3, str(tmp_path / "p" / tok.path.name))
-    # a run that is not the demo (--ckpt_dir names a folder, with a tokenizer one level up) takes the adapter's tokenizer too
-    run(*FAST, "--adapter", path, "--init", "random", "--ckpt_dir", meta_ckpt[0], "--max_iters", 0, "--out_dir", tmp_path / "q")
+    # a run that is not the demo (--ckpt_dir names a folder, with a tokenizer one level up) takes the adapter's tokenizer
+    # too, and its vocabulary size (the demo's is the tokenizer's, --init random's at least the architecture's): the same base
+    rec.batches.clear()
+    out = run(*FAST, "--adapter", path, "--init", "random", "--ckpt_dir", meta_ckpt[0], "--max_iters", 0, "--out_dir", tmp_path / "q",
+              "--val_fraction", 0.2)
     assert [p.name for p in (tmp_path / "q").glob("tokenizer*")] == [tok.path.name]
+    with torch.no_grad():
+        (loss,) = [net(*P.get_batch(ex, idx))[1].item() for kind, ex, idx in rec.batches if kind == "val"]
+    assert f"iter 0: val loss {loss:.4f}\n" in out
 
 
 def test_a_checkpoint_run_takes_nothing_from_an_adapters_random_base(tmp_path, meta_ckpt, train_here):

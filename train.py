@@ -141,7 +141,7 @@ def load_tokenizer(c, items, master, ddp, given=None):
     return Tokenizer(tok_path)
 
 
-def build_model(c, tok, device, dtype, master, seed):
+def build_model(c, tok, device, dtype, master, seed, vocab=None):
     # -> the model, and how to rebuild its base (recorded in adapter.pt for `python model.py --adapter`)
     lora = dict(lora_r=c["lora_r"], lora_alpha=c["lora_alpha"], lora_dropout=c["lora_dropout"])
     if c["init"] == "checkpoint":
@@ -150,7 +150,7 @@ def build_model(c, tok, device, dtype, master, seed):
         base = {"init": "checkpoint", "ckpt_dir": c["ckpt_dir"]}
     else:
         mcfg = LLaMAConfig(**{**CONFIGS[c["model"]], **lora})
-        mcfg.vocab_size = tok.n_words if c["demo"] else max(mcfg.vocab_size, tok.n_words)
+        mcfg.vocab_size = vocab or (tok.n_words if c["demo"] else max(mcfg.vocab_size, tok.n_words))  # vocab: an adapter's base's
         net = LLaMA.from_config(mcfg, device=device, dtype=dtype, seed=seed)
         base = {"init": "random", "model": c["model"], "seed": seed, "tokenizer": str(tok.path), "device": device.split(":")[0]}
     if c["adapter"]:
@@ -202,15 +202,16 @@ def train(c):
     items = read_data(data)
     questions = mmlu_eval.read_mmlu(c["mmlu"], c["mmlu_split"], c["mmlu_max"]) if c["mmlu"] else []
     t0 = time.time()
-    ab = read_adapter(c["adapter"])["info"].get("base") or {} if c["adapter"] and c["init"] == "random" else {}  # rebuilt as it was
-    given, seed = random_base(c["adapter"], ab, device.split(":")[0]) if ab.get("init") == "random" else (None, c["seed"])
+    info = read_adapter(c["adapter"])["info"] if c["adapter"] and c["init"] == "random" else {}  # its random base: rebuilt as it was
+    given, seed, vocab = (random_base(c["adapter"], info, device.split(":")[0]) if (info.get("base") or {}).get("init") == "random"
+                          else (None, c["seed"], None))
     tok = load_tokenizer(c, items, master, ddp, given)
     for k, f in (("data_sha1", data), ("tokenizer_sha1", tok.path)):  # what ran, by content (not name): --resume compares them
         c[k] = hashlib.sha1(Path(f).read_bytes()).hexdigest()
     ck = read_checkpoint(ckpt_path, c, world) if c["resume"] else None  # before the slow part (the model): fails fast
     if questions:
         mmlu_eval.letter_ids(tok)  # a tokenizer without single-token letters fails here, not after training
-    raw, base = build_model(c, tok, device, dtype, master, seed)
+    raw, base = build_model(c, tok, device, dtype, master, seed, vocab)
     # the prompt template a chat with the result should use: the one most training examples had
     alpaca = sum(segs[0][0].startswith(ALPACA[False][:45]) for _, segs in items)
     template = "alpaca" if 2 * alpaca >= len(items) else "guanaco"

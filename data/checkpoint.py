@@ -79,13 +79,15 @@ def find_tokenizer(ckpt_dir):
     return next((p / "tokenizer.model" for p in ((d,) if is_hf(d) else (d, d.parent)) if (p / "tokenizer.model").is_file()), None)
 
 
-def random_base(adapter, base, device):
-    # the random base (train.py's demo) an adapter records -> (its tokenizer: where it was, else beside the adapter; its seed)
-    if not (isinstance(base.get("seed"), int) and isinstance(base.get("tokenizer"), str)):  # an adapter.pt edited by hand
-        raise InputError(f"{adapter}: its random base records no seed or no tokenizer")
+def random_base(adapter, info, device):
+    # the random base (train.py's demo) an adapter records (read_adapter's info) -> (its tokenizer: where it was, else
+    # beside the adapter; its seed; its vocabulary size, which the demo and --init random choose differently)
+    base, vocab = info.get("base") or {}, info["model_config"].get("vocab_size")
+    if not (isinstance(base.get("seed"), int) and isinstance(base.get("tokenizer"), str) and type(vocab) is int and vocab > 0):
+        raise InputError(f"{adapter}: its random base records no seed, no tokenizer or no vocabulary size")  # edited by hand
     if base.get("device", device) != device:  # CPU and CUDA generators draw other weights from one seed
         raise InputError(f"{adapter}: its random base was made on {base['device']}; rebuilding it needs the same here")
-    return (t if (t := Path(base["tokenizer"])).is_file() else Path(adapter).parent / t.name), base["seed"]
+    return (t if (t := Path(base["tokenizer"])).is_file() else Path(adapter).parent / t.name), base["seed"], vocab
 
 
 def read_json(path):
