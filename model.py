@@ -12,6 +12,7 @@ The prompt is wrapped in the adapter's template (--template alpaca|guanaco|none;
 alpaca; none without an adapter). Guanaco keeps the conversation; Alpaca's template is single-turn.
 """
 import sys
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -314,8 +315,7 @@ def chat(argv):
         load_adapter(net, adapter)
     net.eval()
     template = f["template"] or info.get("template") or ("alpaca" if adapter else "none")
-    wrap = {"alpaca": ALPACA[False], "guanaco": GUANACO, "none": "{instruction}"}.get(template)
-    if wrap is None:
+    if (wrap := {"alpaca": ALPACA[False], "guanaco": GUANACO, "none": "{instruction}"}.get(template)) is None:
         raise InputError(f"--template: expected alpaca, guanaco or none, got {template!r}")
     stop = GUANACO.split(" {")[0] if template == "guanaco" else ""  # "### Human:", where the paper's adapters may put eos
     keep = max(net.config.max_seq_len - f["max_new_tokens"], net.config.max_seq_len // 2)  # prompt tokens kept
@@ -323,7 +323,7 @@ def chat(argv):
 
     history = [tok.bos_id]
     sys.stdin.reconfigure(errors="surrogateescape")  # bytes that are not UTF-8 reach the check below, in any locale
-    try:  # --prompt, or one turn per line of stdin until an empty line (or EOF)
+    with suppress(EOFError):  # --prompt, or one turn per line of stdin until an empty line (or EOF)
         for line in [f["prompt"]] if f["prompt"] else iter(lambda: input("> " * sys.stdin.isatty()).strip(), ""):
             if any("\ud800" <= ch <= "\udfff" for ch in line):  # such bytes, as Python escapes them
                 raise InputError(f"{'--prompt' if f['prompt'] else 'stdin'}: not UTF-8 text")
@@ -348,8 +348,6 @@ def chat(argv):
             show(torch.tensor([], dtype=torch.long), end=True)  # what was held back
             print(flush=True)
             history = ids + tok.encode(shown.strip()) + [tok.eos_id]  # the answer as training reads it, closed by eos
-    except EOFError:
-        pass
 
 
 if __name__ == "__main__":

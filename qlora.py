@@ -140,9 +140,8 @@ def dequantize_nf4(q, dtype=None, out=None):
 def _dequantize_torch(q, out):
     # reference path (and the CPU path): dequant(c2^FP32, W^NF4), Ŵ[i] = c2[i // blocksize] · NF4[W^NF4[i]]
     idx = torch.stack([q.packed >> 4, q.packed & 15], dim=1).view(-1)  # high nibble first
-    c2 = q.c2  # c2^FP32, or with double quantization dequant(c1, c2) = c1[b // 256] · DYN8[c2[b]] + c2_mean
-    if q.double_quant:
-        c2 = q.dyn8[q.c2.long()] * q.c1.repeat_interleave(BLOCKSIZE2)[: q.c2.numel()] + q.c2_mean
+    # c2^FP32, or with double quantization dequant(c1, c2) = c1[b // 256] · DYN8[c2[b]] + c2_mean
+    c2 = q.dyn8[q.c2.long()] * q.c1.repeat_interleave(BLOCKSIZE2)[: q.c2.numel()] + q.c2_mean if q.double_quant else q.c2
     idx = F.pad(idx, (0, c2.numel() * q.blocksize - idx.numel()))
     w = q.nf4[idx.long()].view(-1, q.blocksize) * c2[:, None]
     out.view(-1).copy_(w.view(-1)[: q.numel()])
@@ -338,8 +337,7 @@ class _CUmemLocation(ctypes.Structure):
 class _Managed:  # a unified-memory allocation that torch.as_tensor wraps without a copy (and keeps alive)
     def __init__(self, shape):
         self.ptr, nbytes, ptr = 0, 4 * math.prod(shape), ctypes.c_uint64()
-        err = _cuda().cuMemAllocManaged(ctypes.byref(ptr), ctypes.c_size_t(max(nbytes, 4)), 1)  # 1: attach global
-        if err != 0:
+        if err := _cuda().cuMemAllocManaged(ctypes.byref(ptr), ctypes.c_size_t(max(nbytes, 4)), 1):  # 1: attach global
             raise RuntimeError(f"cuMemAllocManaged({nbytes} bytes) failed with CUDA error {err}")
         self.ptr = ptr.value
         self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": "<f4", "data": (self.ptr, False), "version": 3}

@@ -249,8 +249,7 @@ def train(c):
     optimizer = PagedAdamW(params, lr=c["learning_rate"], betas=(c["beta1"], c["beta2"]), weight_decay=c["weight_decay"])
     iter_num, saved = 0, None  # saved: the iteration of the last checkpoint
     if ck:
-        lora = {k for k in raw.state_dict() if ".lora_" in k}
-        if ck["lora"].keys() != lora:  # resuming would start some layers' LoRA afresh
+        if ck["lora"].keys() != (lora := {k for k in raw.state_dict() if ".lora_" in k}):  # resuming would start some layers' LoRA afresh
             raise InputError(f"--resume: {ckpt_path}: its LoRA weights are not this model's ({min(lora ^ ck['lora'].keys())})")
         try:  # edited by hand, or more than the GPU holds: one line
             raw.load_state_dict(ck["lora"], strict=False)  # strict=False: the frozen base is not in it

@@ -60,8 +60,7 @@ def train_tokenizer(texts, path, vocab_size, symbols=()):
                 max_sentence_length=max([4192, *(len(t.encode()) + 1 for t in texts)]))  # its default skips longer texts
             break
         except RuntimeError as e:
-            fit = re.search(r"value <= (\d+)|required_chars\. \d+ vs (\d+)", str(e))
-            if not fit or retry:  # the size it named failed too
+            if not (fit := re.search(r"value <= (\d+)|required_chars\. \d+ vs (\d+)", str(e))) or retry:  # the size it named failed too
                 raise InputError(f"{path}: cannot train a tokenizer on this data ({str(e).splitlines()[0][:200]})") from None
             vocab_size = int(fit[1] or fit[2])
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -403,8 +402,7 @@ def read_adapter(path):  # -> {"lora": {name in the file: tensor}, "r", "scaling
             raise InputError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
         lora = read_safetensors(st) if st.is_file() else torch_load(pt)
         for k in lora:
-            m = re.fullmatch(r"base_model\.model\.model\.layers\.\d+\.\w+\.(\w+)\.lora_[AB]\.weight", k)
-            if not m or m[1] not in short:
+            if not (m := re.fullmatch(r"base_model\.model\.model\.layers\.\d+\.\w+\.(\w+)\.lora_[AB]\.weight", k)) or m[1] not in short:
                 raise InputError(f"{path}: tensor {k!r} is not a LoRA weight of a LLaMA linear layer")
         r, alpha, rslora, targets = conf.get("r"), conf.get("lora_alpha"), conf.get("use_rslora"), {short[t] for t in targets}
         base = conf.get("base_model_name_or_path")  # a folder (ours), a hub name, or null
