@@ -1936,7 +1936,9 @@ def test_config_json_defaults_are_transformers_and_params_json_fields_are_checke
     p = C.hf_params(need, "config.json")
     assert (p["n_kv_heads"], p["norm_eps"], p["rope_theta"], p["max_seq_len"], p["tie_embeddings"]) == (4, 1e-6, 10000.0, 2048, False)
     assert C.hf_params({**need, "head_dim": 16}, "config.json")["dim"] == 64
-    assert C.hf_params({**need, "max_position_embeddings": 128, "sliding_window": 64}, "config.json")["max_seq_len"] == 64
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "config.json").write_text(json.dumps({**need, "max_position_embeddings": 128, "sliding_window": 64}))
+    assert C.read_params(tmp_path / "w")["max_seq_len"] == 64
     # transformers >= 5 writes θ inside rope_parameters (Llama 3: 500000), which wins over a top-level one
     v5 = {**need, "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}}
     assert C.hf_params(v5, "config.json")["rope_theta"] == C.hf_params({**v5, "rope_theta": 10000.0}, "config.json")["rope_theta"] == 500000.0
@@ -1947,6 +1949,28 @@ def test_config_json_defaults_are_transformers_and_params_json_fields_are_checke
     (tmp_path / "params.json").write_text(json.dumps({**json.loads((src / "params.json").read_text()), "multiple_of": 32.5}))
     with pytest.raises(InputError, match="params.json: multiple_of must be a positive integer, got 32.5"):
         C.read_params(tmp_path)
+
+
+def test_mistral_own_download_layout(tmp_path, tokenizer_file):
+    # Mistral's own download (mistral-7B-v0.1.tar): Meta's names and rotary layout, and a params.json that gives the FFN
+    # width (hidden_dim: 14336 for 7B, which Meta's formula does not give), head_dim and sliding_window
+    cfg = M.LLaMAConfig(**SMALL, ffn_dim=100, vocab_size=C.Tokenizer(tokenizer_file).n_words)
+    weights = meta_weights(cfg)
+    d = write_meta_checkpoint(tmp_path / "mistral", cfg, weights, n_shards=1)
+    shutil.copy(tokenizer_file, d / "tokenizer.model")
+    params = dict(dim=64, n_layers=2, head_dim=16, hidden_dim=100, n_heads=4, n_kv_heads=2, norm_eps=1e-5, sliding_window=96,
+                  vocab_size=cfg.vocab_size)
+    (d / "params.json").write_text(json.dumps(params))
+    net = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=0, context=80, progress=False)
+    assert (net.config.hidden_dim, net.config.max_seq_len) == (100, 96)  # generating, too, stays within the window
+    idx = torch.randint(cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    assert rel_err(net(idx)[0], reference_forward(weights, cfg, idx)) < 1e-4
+    for change, expect in ((dict(head_dim=32), "head_dim 32 is not the width over the heads, 64 / 4"),
+                           (dict(hidden_dim=100.0), "hidden_dim must be a positive integer, got 100.0"),
+                           (dict(sliding_window=64), "sliding_window 64 is shorter than the context of 80 tokens")):
+        (d / "params.json").write_text(json.dumps({**params, **change}))
+        with pytest.raises(InputError, match=re.escape(f"{d / 'params.json'}: {expect}")):
+            M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=0, context=80, progress=False)
 
 
 def test_meta_folder_without_shards_and_the_bytes_progress_expects(tmp_path, meta_ckpt, tokenizer_file):
@@ -2287,7 +2311,7 @@ def test_installed_transformers_and_peft_agree(tmp_path, tokenizer_file, arch, k
     ("tokenizer_json", "only tokenizer.json, which is not read (transformers 5 saves no other: copy the base's tokenizer.model)"),
     (dict(architectures=["Qwen2ForCausalLM"]), "architectures ['Qwen2ForCausalLM']: only LlamaForCausalLM"),
     ("f8_dtype", "tensor 'model.norm.weight' has dtype F8_E4M3; only F16, BF16 and F32 are read"),
-    (dict(head_dim=32), "head_dim 32 is not hidden_size / num_attention_heads = 16"),
+    (dict(head_dim=32), "config.json: head_dim 32 is not the width over the heads, 64 / 4 (not implemented)"),
     (dict(hidden_act="gelu"), "hidden_act 'gelu' is not implemented"),
     ("missing_tensor", "missing tensor 'model.layers.1.post_attention_layernorm.weight'"),
     ("missing_shard", "model-00002-of-00002.safetensors: not found (listed in"),
@@ -2375,7 +2399,7 @@ PUBLISHED = [
 
 
 @pytest.mark.parametrize("name, conf, n_params", PUBLISHED, ids=[p[0] for p in PUBLISHED])
-def test_published_hf_configs(name, conf, n_params):
+def test_published_hf_configs(tmp_path, name, conf, n_params):
     cfg = M.LLaMAConfig(**C.hf_params(conf, name, context=4096), lora_r=0)
     net = M.LLaMA(cfg, lambda n, shape: torch.empty(shape, device="meta"), quantize=False)  # shapes only
     assert sum(t.numel() for n, t in net.state_dict().items() if "rope" not in n) == n_params
@@ -2386,9 +2410,11 @@ def test_published_hf_configs(name, conf, n_params):
     h = int(2 * 4 * p["dim"] / 3)
     h = int(p.get("ffn_dim_multiplier", 1.0) * h)
     assert p["multiple_of"] * ((h + p["multiple_of"] - 1) // p["multiple_of"]) == conf["intermediate_size"]
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    assert C.read_params(tmp_path, context=4096)["max_seq_len"] == min(conf["max_position_embeddings"], conf.get("sliding_window", 1e9))
     if name.startswith("Mistral"):
         with pytest.raises(InputError, match="sliding_window 4096 is shorter than the context of 8192"):
-            C.hf_params(conf, name, context=8192)
+            C.read_params(tmp_path, context=8192)
 
 
 # ---------------------------------------------------------------------------------------------------

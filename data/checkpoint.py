@@ -222,18 +222,27 @@ def read_params(ckpt_dir, context=None):
     # can be resolved before any weight is read
     d = Path(ckpt_dir)
     if is_hf(d):
-        where, p = d / "config.json", hf_params(read_json(d / "config.json"), d / "config.json", context)
-    else:
+        where = d / "config.json"
+        p = hf_params(raw := read_json(where), where, context)
+    else:  # Meta's params.json; Mistral's own download adds hidden_dim (an explicit FFN width), head_dim and sliding_window
         where = d / "params.json"
         if not where.is_file():
             raise InputError(f"{where}: not found (Meta's layout: params.json + consolidated.NN.pth; Hugging Face's: config.json)")
-        p = {k: v for k, v in read_json(where).items() if k in META_KEYS and v is not None and (k, v) != ("vocab_size", -1)}
-        check_fields(p, where, ("dim", "n_layers", "n_heads"), ints=META_KEYS[:6], floats=META_KEYS[6:])
+        raw = {k: v for k, v in read_json(where).items() if v is not None and (k, v) != ("vocab_size", -1)}
+        check_fields(raw, where, ("dim", "n_layers", "n_heads"), ints=(*META_KEYS[:6], "hidden_dim", "head_dim", "sliding_window"),
+                     floats=META_KEYS[6:])
+        p = {k: v for k, v in raw.items() if k in META_KEYS} | {"ffn_dim": raw.get("hidden_dim")}  # None: Meta's formula
         p["max_seq_len"] = max(2048, context or 0)  # params.json has no context length: Meta's code takes it from its caller
     heads, kv = p["n_heads"], p.get("n_kv_heads", p["n_heads"])  # attention needs whole, even (rotary pairs) head dims
     if p["dim"] % heads or p["dim"] // heads % 2 or heads % kv:
         raise InputError(f"{where}: dim {p['dim']}, {heads} heads, {kv} kv heads: need a whole, even head dim and kv heads "
                          "dividing heads")
+    if raw.get("head_dim") not in (None, p["dim"] // heads):
+        raise InputError(f"{where}: head_dim {raw['head_dim']} is not the width over the heads, {p['dim']} / {heads} (not implemented)")
+    if window := raw.get("sliding_window"):  # within the window, full causal attention is what the model computes
+        if context and context > window:
+            raise InputError(f"{where}: sliding_window {window} is shorter than the context of {context} tokens (not implemented)")
+        p["max_seq_len"] = min(p["max_seq_len"], window)
     return p
 
 
@@ -292,13 +301,7 @@ def hf_params(c, where, context=None):
              vocab_size=c["vocab_size"], ffn_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
              rope_theta=c.get("rope_theta", 10000.0), max_seq_len=c.get("max_position_embeddings", 2048),
              tie_embeddings=c.get("tie_word_embeddings", False))
-    if c.get("head_dim") not in (None, dim // heads):
-        raise InputError(f"{where}: head_dim {c['head_dim']} is not hidden_size / num_attention_heads = {dim // heads} (not implemented)")
-    if window := c.get("sliding_window"):  # within the window, full causal attention is what the model computes
-        if context and context > window:
-            raise InputError(f"{where}: sliding_window {window} is shorter than the context of {context} tokens (not implemented)")
-        p["max_seq_len"] = min(p["max_seq_len"], window)
-    return p
+    return p  # head_dim and sliding_window: read_params, for both layouts
 
 
 def _read_hf(d, context):
