@@ -2713,21 +2713,23 @@ def test_convert_self_instruct_tasks_one_example_per_instance(tmp_path):
         {"instruction": "Relate the pair.", "input": "", "output": "None given."}] and sum(skipped.values()) == 1
 
 
-def test_convert_skips_blank_instructions_and_refuses_half_guanaco_texts(tmp_path):
+def test_convert_skips_blank_instructions_and_half_guanaco_texts(tmp_path):
     src = write(tmp_path / "a.jsonl", [GOOD_ALPACA, json.dumps({"instruction": " \n", "output": "o"})])
     skipped = Counter()  # an instruction of only whitespace is as empty as ""
     assert convert("alpaca", src, skipped=skipped) == [json.loads(GOOD_ALPACA)] and sum(skipped.values()) == 1
-    # a Guanaco text is checked as training reads it: turns that alternate from a human one, ending with an answer
+    # a Guanaco text is read as training reads it: turns that alternate from a human one, ending with an answer. One that
+    # training would refuse is left out and counted by why, as empty Alpaca records are (training on it refuses the file)
+    good = "Be brief.### Human: a### Assistant: b"  # a preamble, kept
     for text, why in (("### Human: a, and no answer", "the conversation must end with an assistant reply"),
                       ("### Assistant: b### Human: a### Assistant: c", "field 'text' must alternate '### Human:' and '### Assistant:'"),
                       ("### Human: a### Human: b### Assistant: c", "field 'text' must alternate"),
                       ("### Human: a### Assistant: b### Assistant: c", "field 'text' must alternate"),  # any turn, not only the first two
-                      ("Intro### Assistant: b", "field 'text' must alternate")):
-        src = write(tmp_path / "g.jsonl", [json.dumps({"text": text})])
+                      ("Intro### Assistant: b", "field 'text' must alternate"), (" ", "field 'text' must be a non-empty string")):
+        src, skipped = write(tmp_path / "g.jsonl", [json.dumps({"text": text}), json.dumps({"text": good})]), Counter()
+        assert convert("guanaco", src, skipped=skipped) == [{"text": good}]
+        assert len(skipped) == 1 and next(iter(skipped)).startswith(why) and sum(skipped.values()) == 1
         with pytest.raises(InputError, match=re.escape(f"{src}:1: {why}")):
-            convert("guanaco", src)
-    src = write(tmp_path / "g.jsonl", [json.dumps({"text": "Be brief.### Human: a### Assistant: b"})])  # a preamble, kept
-    assert convert("guanaco", src) == [{"text": "Be brief.### Human: a### Assistant: b"}]
+            read_data(src)
 
 
 def test_segments_blank_content_missing_input_and_leading_whitespace():
@@ -3156,7 +3158,7 @@ BAD = [  # (format, file lines, text the one-line error must contain)
     ("alpaca", [], "in.jsonl:1: file is empty"),
     ("alpaca", ["[]"], "no examples"),
     ("guanaco", [json.dumps({"text": "### Human: a### Assistant: b"}), json.dumps({"txt": "x"})], "in.jsonl:2: missing or invalid field 'text'"),
-    ("guanaco", [json.dumps({"text": "Human: a Assistant: b"})], "in.jsonl:1: field 'text' must alternate '### Human:' and"),
+    ("guanaco", [json.dumps({"text": "Human: a Assistant: b"})], "in.jsonl: no examples left to write; 1 skipped: field 'text' must alt"),
     ("oasst", [json.dumps(TREE), json.dumps({"message_tree_id": "t9"})], "in.jsonl:2: missing or invalid field 'prompt'"),
     ("oasst", [json.dumps({"prompt": msg("prompter", "Q", replies=[msg("assistant", None)])})], "in.jsonl:1: missing or invalid field 'text'"),
     ("oasst", [json.dumps({"prompt": msg("user", "Q")})], "in.jsonl:1: missing or invalid field 'role'"),

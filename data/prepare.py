@@ -114,8 +114,12 @@ def convert(kind, path, lang=None, skipped=None):
             else:
                 skipped["with an empty instruction or output"] += 1
         elif kind == "guanaco":
-            segments({"text": field(where, r, "text")}, where)  # checked as training will read it
-            out.append({"text": r["text"]})
+            text = field(where, r, "text")
+            try:  # read as training will read it: a conversation it would refuse is left out, counted by why
+                segments({"text": text}, where)
+                out.append({"text": text})
+            except InputError as e:
+                skipped[str(e).removeprefix(f"{where}: ")] += 1
         else:
             prompt = field(where, r, "prompt", kind=dict)
             if lang and prompt.get("lang") != lang:
@@ -125,7 +129,7 @@ def convert(kind, path, lang=None, skipped=None):
             else:
                 skipped["without an assistant reply"] += 1
     if not out:
-        raise InputError(f"{path}: no examples left to write")
+        raise InputError(f"{path}: no examples left to write" + "".join(f"; {n} skipped: {why}" for why, n in skipped.items()))
     return out
 
 
