@@ -1935,10 +1935,11 @@ def test_config_json_defaults_are_transformers_and_params_json_fields_are_checke
     need = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100, intermediate_size=172)
     p = C.hf_params(need, "config.json")
     assert (p["n_kv_heads"], p["norm_eps"], p["rope_theta"], p["max_seq_len"], p["tie_embeddings"]) == (4, 1e-6, 10000.0, 2048, False)
-    assert C.hf_params({**need, "head_dim": 16}, "config.json")["dim"] == 64
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "config.json").write_text(json.dumps({**need, "max_position_embeddings": 128, "sliding_window": 64}))
     assert C.read_params(tmp_path / "w")["max_seq_len"] == 64
+    (tmp_path / "w" / "config.json").write_text(json.dumps({**need, "head_dim": 16}))  # as hidden_size / num_attention_heads: fine
+    assert C.read_params(tmp_path / "w")["dim"] == 64
     # transformers >= 5 writes θ inside rope_parameters (Llama 3: 500000), which wins over a top-level one
     v5 = {**need, "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}}
     assert C.hf_params(v5, "config.json")["rope_theta"] == C.hf_params({**v5, "rope_theta": 10000.0}, "config.json")["rope_theta"] == 500000.0
@@ -1965,7 +1966,7 @@ def test_mistral_own_download_layout(tmp_path, tokenizer_file):
     assert (net.config.hidden_dim, net.config.max_seq_len) == (100, 96)  # generating, too, stays within the window
     idx = torch.randint(cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
     assert rel_err(net(idx)[0], reference_forward(weights, cfg, idx)) < 1e-4
-    for change, expect in ((dict(head_dim=32), "head_dim 32 is not the width over the heads, 64 / 4"),
+    for change, expect in ((dict(head_dim=32), "head_dim 32 is not dim / heads = 64 / 4 = 16 (not implemented)"),
                            (dict(hidden_dim=100.0), "hidden_dim must be a positive integer, got 100.0"),
                            (dict(sliding_window=64), "sliding_window 64 is shorter than the context of 80 tokens")):
         (d / "params.json").write_text(json.dumps({**params, **change}))
@@ -2311,7 +2312,8 @@ def test_installed_transformers_and_peft_agree(tmp_path, tokenizer_file, arch, k
     ("tokenizer_json", "only tokenizer.json, which is not read (transformers 5 saves no other: copy the base's tokenizer.model)"),
     (dict(architectures=["Qwen2ForCausalLM"]), "architectures ['Qwen2ForCausalLM']: only LlamaForCausalLM"),
     ("f8_dtype", "tensor 'model.norm.weight' has dtype F8_E4M3; only F16, BF16 and F32 are read"),
-    (dict(head_dim=32), "config.json: head_dim 32 is not the width over the heads, 64 / 4 (not implemented)"),
+    (dict(head_dim=32), "config.json: head_dim 32 is not dim / heads = 64 / 4 = 16 (not implemented)"),
+    (dict(head_dim=32, num_attention_heads=3, num_key_value_heads=3), "head_dim 32 is not dim / heads = 64 / 3 = 21.3333"),
     (dict(hidden_act="gelu"), "hidden_act 'gelu' is not implemented"),
     ("missing_tensor", "missing tensor 'model.layers.1.post_attention_layernorm.weight'"),
     ("missing_shard", "model-00002-of-00002.safetensors: not found (listed in"),
@@ -2400,7 +2402,7 @@ PUBLISHED = [
 
 @pytest.mark.parametrize("name, conf, n_params", PUBLISHED, ids=[p[0] for p in PUBLISHED])
 def test_published_hf_configs(tmp_path, name, conf, n_params):
-    cfg = M.LLaMAConfig(**C.hf_params(conf, name, context=4096), lora_r=0)
+    cfg = M.LLaMAConfig(**C.hf_params(conf, name), lora_r=0)
     net = M.LLaMA(cfg, lambda n, shape: torch.empty(shape, device="meta"), quantize=False)  # shapes only
     assert sum(t.numel() for n, t in net.state_dict().items() if "rope" not in n) == n_params
     assert cfg.rope_theta == conf.get("rope_theta", 10000.0) and cfg.max_seq_len <= conf["max_position_embeddings"]
@@ -2730,6 +2732,10 @@ def test_convert_skips_blank_instructions_and_half_guanaco_texts(tmp_path):
         assert len(skipped) == 1 and next(iter(skipped)).startswith(why) and sum(skipped.values()) == 1
         with pytest.raises(InputError, match=re.escape(f"{src}:1: {why}")):
             read_data(src)
+    src = write(tmp_path / "g.jsonl", [json.dumps({"text": t}) for t in ("### Human: a", "### Human: a### Human: b", good)])
+    r = run_prepare("guanaco", src, tmp_path / "out.jsonl")  # reasons hold commas: told apart by semicolons
+    assert r.stdout == (f"wrote 1 examples to {tmp_path / 'out.jsonl'}, skipped 2 (1 the conversation must end with an assistant "
+                        "reply; 1 field 'text' must alternate '### Human:' and '### Assistant:' turns, a human's first)\n"), r.stderr
 
 
 def test_segments_blank_content_missing_input_and_leading_whitespace():

@@ -223,7 +223,7 @@ def read_params(ckpt_dir, context=None):
     d = Path(ckpt_dir)
     if is_hf(d):
         where = d / "config.json"
-        p = hf_params(raw := read_json(where), where, context)
+        p = hf_params(raw := read_json(where), where)
     else:  # Meta's params.json; Mistral's own download adds hidden_dim (an explicit FFN width), head_dim and sliding_window
         where = d / "params.json"
         if not where.is_file():
@@ -234,11 +234,11 @@ def read_params(ckpt_dir, context=None):
         p = {k: v for k, v in raw.items() if k in META_KEYS} | {"ffn_dim": raw.get("hidden_dim")}  # None: Meta's formula
         p["max_seq_len"] = max(2048, context or 0)  # params.json has no context length: Meta's code takes it from its caller
     heads, kv = p["n_heads"], p.get("n_kv_heads", p["n_heads"])  # attention needs whole, even (rotary pairs) head dims
+    if raw.get("head_dim") not in (None, p["dim"] / heads):
+        raise InputError(f"{where}: head_dim {raw['head_dim']} is not dim / heads = {p['dim']} / {heads} = {p['dim'] / heads:g} (not implemented)")
     if p["dim"] % heads or p["dim"] // heads % 2 or heads % kv:
         raise InputError(f"{where}: dim {p['dim']}, {heads} heads, {kv} kv heads: need a whole, even head dim and kv heads "
                          "dividing heads")
-    if raw.get("head_dim") not in (None, p["dim"] // heads):
-        raise InputError(f"{where}: head_dim {raw['head_dim']} is not the width over the heads, {p['dim']} / {heads} (not implemented)")
     if window := raw.get("sliding_window"):  # within the window, full causal attention is what the model computes
         if context and context > window:
             raise InputError(f"{where}: sliding_window {window} is shorter than the context of {context} tokens (not implemented)")
@@ -274,8 +274,8 @@ def _read_meta(d, context):
     return params, take, sum(sd[k].nbytes for sd in sds for k in expected), f"{d}/consolidated.*.pth"
 
 
-def hf_params(c, where, context=None):
-    # config.json -> LLaMAConfig fields. What the network does not implement is refused here, before any weight is read.
+def hf_params(c, where):
+    # config.json -> LLaMAConfig fields; what the network does not implement is refused here (or in read_params) before any weight is read
     c = {k: v for k, v in c.items() if v is not None}  # null: the field's default
     rope = c.get("rope_parameters", {})  # transformers >= 5 keeps θ there: {"rope_type": "default", "rope_theta": θ}
     if not isinstance(rope, dict) or set(rope) - {"rope_type", "rope_theta"} or rope.get("rope_type", "default") != "default":
@@ -301,7 +301,7 @@ def hf_params(c, where, context=None):
              vocab_size=c["vocab_size"], ffn_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
              rope_theta=c.get("rope_theta", 10000.0), max_seq_len=c.get("max_position_embeddings", 2048),
              tie_embeddings=c.get("tie_word_embeddings", False))
-    return p  # head_dim and sliding_window: read_params, for both layouts
+    return p
 
 
 def _read_hf(d, context):

@@ -240,7 +240,7 @@ def main(args):
         raise InputError(f"--lang: only oasst records a language, not {kind}")
     examples = convert(kind, src, flags.get("lang") or None, skipped := Counter())
     atomic_write_bytes(dst, "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples).encode())
-    why = ", ".join(f"{n} {reason}" for reason, n in skipped.items())
+    why = "; ".join(f"{n} {reason}" for reason, n in skipped.items())
     print(f"wrote {len(examples)} examples to {dst}, skipped {sum(skipped.values())}" + (f" ({why})" if why else ""))
 
 
