@@ -1009,6 +1009,32 @@ def test_pinned_fallback_matches_torch_adamw():
     assert opt.memory == "pinned"
 
 
+def test_managed_allocation_reports_cuda_errors_and_frees_what_it_got(monkeypatch):
+    # on any machine, against a stand-in for libcuda: a failed cuMemAllocManaged (error 2, out of memory) is the
+    # RuntimeError that "auto" falls back on, a successful one (0) is kept, wrapped and freed once
+    calls = []
+
+    class Lib:
+        err = 2
+
+        def cuMemAllocManaged(self, ptr, size, flags):
+            calls.append((size.value, flags))
+            ptr._obj.value = 4096
+            return self.err
+
+        def cuMemFree_v2(self, ptr):
+            calls.append(("free", ptr.value))
+    lib = Lib()
+    monkeypatch.setattr(qlora, "_cuda", lambda: lib)
+    with pytest.raises(RuntimeError, match=re.escape("cuMemAllocManaged(24 bytes) failed with CUDA error 2")):
+        qlora._Managed((2, 3))
+    lib.err = 0
+    m = qlora._Managed((2, 3))
+    assert m.ptr == 4096 and m.__cuda_array_interface__ == {"shape": (2, 3), "typestr": "<f4", "data": (4096, False), "version": 3}
+    del m
+    assert calls == [(24, 1), (24, 1), ("free", 4096)]
+
+
 @needs_cuda
 def test_auto_falls_back_to_pinned_and_says_so(monkeypatch):
     # no managed memory: "auto" takes pinned memory for good, reports it, and leaves `paging` as given
@@ -1366,6 +1392,21 @@ def test_train_tokenizer_reads_texts_longer_than_sentencepieces_default(tmp_path
     assert tok.sp.unk_id() not in tok.encode(wide[0][:50]) and tok.decode(tok.encode(wide[0][:50])) == wide[0][:50]
 
 
+def test_train_tokenizer_tries_the_size_sentencepiece_names_once(tmp_path, monkeypatch):
+    # a sentencepiece that refuses the size it named as well: one line naming the second refusal, not a loop or an
+    # empty tokenizer.model written as if trained
+    sizes = []
+
+    def refuse(vocab_size, **kw):
+        sizes.append(vocab_size)
+        raise RuntimeError(f"Vocabulary size too high ({vocab_size}). Please set it to a value <= {vocab_size - 10}.\nmore")
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", refuse)
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path / 't.model'}: cannot train a tokenizer on this data (Vocabulary "
+                                                   "size too high (50). Please set it to a value <= 40.)")):
+        C.train_tokenizer(WORDS, tmp_path / "t.model", vocab_size=60)
+    assert sizes == [60, 50] and not (tmp_path / "t.model").exists()
+
+
 def test_tokenizer_without_bos_or_eos_is_refused(tmp_path):
     # e.g. T5's sentencepiece model (no bos): the id -1 would index the embedding
     for bos, eos in ((-1, 2), (1, -1)):
@@ -1701,8 +1742,9 @@ def test_chat_finds_the_base_the_tokenizer_and_the_device_as_recorded(demo_adapt
     cuda = demo_variant(demo_adapter, tmp_path / "cuda" / "adapter.pt", base={"device": "cuda"})
     with pytest.raises(InputError, match=re.escape("its random base was made on cuda; rebuilding it needs the same here")):
         chat_here(monkeypatch, capsys, "--adapter", cuda, "--prompt", "x", "--quantize", "false")
-    for edit in (dict(base={"seed": None}), dict(base={"tokenizer": 5}), dict(model_config={"vocab_size": "120"})):  # edited by
-        bad = demo_variant(demo_adapter, tmp_path / "bad" / "adapter.pt", **edit)  # hand: one line, not a KeyError or TypeError
+    for edit in (dict(base={"seed": None}), dict(base={"tokenizer": 5}), *(dict(model_config={"vocab_size": v}) for v in ("120", 0, True))):
+        # edited by hand: one line, not a KeyError or TypeError (nor an embedding of 0 rows, or of 1 for True)
+        bad = demo_variant(demo_adapter, tmp_path / "bad" / "adapter.pt", **edit)
         with pytest.raises(InputError, match=re.escape(f"{bad}: its random base records no seed, no tokenizer or no vocabulary")):
             chat_here(monkeypatch, capsys, "--adapter", bad, "--prompt", "x", "--quantize", "false")
     rec = {"seed": 3, "tokenizer": str(recorded), "device": "cuda"}  # made on CUDA and rebuilt on CUDA: fine (any machine can ask)
@@ -1935,9 +1977,10 @@ def test_config_json_defaults_are_transformers_and_params_json_fields_are_checke
     need = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100, intermediate_size=172)
     p = C.hf_params(need, "config.json")
     assert (p["n_kv_heads"], p["norm_eps"], p["rope_theta"], p["max_seq_len"], p["tie_embeddings"]) == (4, 1e-6, 10000.0, 2048, False)
-    (tmp_path / "w").mkdir()
-    (tmp_path / "w" / "config.json").write_text(json.dumps({**need, "max_position_embeddings": 128, "sliding_window": 64}))
-    assert C.read_params(tmp_path / "w")["max_seq_len"] == 64
+    (tmp_path / "w").mkdir()  # a window wider than the positions (Qwen2-style configs) leaves them as they are
+    for window, n in ((64, 64), (4096, 128)):
+        (tmp_path / "w" / "config.json").write_text(json.dumps({**need, "max_position_embeddings": 128, "sliding_window": window}))
+        assert C.read_params(tmp_path / "w")["max_seq_len"] == n
     (tmp_path / "w" / "config.json").write_text(json.dumps({**need, "head_dim": 16}))  # as hidden_size / num_attention_heads: fine
     assert C.read_params(tmp_path / "w")["dim"] == 64
     # transformers >= 5 writes θ inside rope_parameters (Llama 3: 500000), which wins over a top-level one
@@ -1966,7 +2009,13 @@ def test_mistral_own_download_layout(tmp_path, tokenizer_file):
     assert (net.config.hidden_dim, net.config.max_seq_len) == (100, 96)  # generating, too, stays within the window
     idx = torch.randint(cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
     assert rel_err(net(idx)[0], reference_forward(weights, cfg, idx)) < 1e-4
+    # null, as Meta's ModelArgs writes an unset optional field: as if absent (no window, Meta's ffn_dim_multiplier unused)
+    (d / "params.json").write_text(json.dumps({**params, "sliding_window": None, "ffn_dim_multiplier": None}))
+    p = C.read_params(d, context=80)
+    assert (p["ffn_dim"], p["max_seq_len"], "ffn_dim_multiplier" in p) == (100, 2048, False)
     for change, expect in ((dict(head_dim=32), "head_dim 32 is not dim / heads = 64 / 4 = 16 (not implemented)"),
+                           (dict(head_dim="16"), 'head_dim must be a positive integer, got "16"'),  # a hand edit: not "16 is not"
+                           (dict(sliding_window="96"), 'sliding_window must be a positive integer, got "96"'),  # not a TypeError
                            (dict(hidden_dim=100.0), "hidden_dim must be a positive integer, got 100.0"),
                            (dict(sliding_window=64), "sliding_window 64 is shorter than the context of 80 tokens")):
         (d / "params.json").write_text(json.dumps({**params, **change}))
@@ -2057,6 +2106,21 @@ def test_peft_config_fields_refused_or_read(tmp_path, meta_ckpt, change, expect)
             C.read_adapter(tmp_path / "a")
     else:  # rsLoRA scales by α/√r, not α/r
         assert C.read_adapter(tmp_path / "a")["scaling"] == (8 / 2 if change.get("use_rslora") else 8 / 4)
+
+
+def test_peft_tensor_of_no_llama_linear_layer_is_refused(tmp_path, meta_ckpt):
+    # a peft adapter of another architecture (Phi-3's fused qkv_proj), or a tensor outside the layers (lm_head): one
+    # line naming the tensor, not a LoRA weight left unloaded or a KeyError later
+    d, _, _ = meta_ckpt
+    C.export_peft(M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=4, progress=False), tmp_path / "a")
+    st = tmp_path / "a" / "adapter_model.safetensors"
+    lora = C.read_safetensors(st)
+    for extra in ("base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight", "base_model.model.lm_head.lora_A.weight"):
+        C.save_safetensors({**lora, extra: torch.zeros(4, 64)}, st)
+        with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'a'}: tensor {extra!r} is not a LoRA weight of a LLaMA linear layer")):
+            C.read_adapter(tmp_path / "a")
+    C.save_safetensors(lora, st)
+    assert C.read_adapter(tmp_path / "a")["lora"].keys() == lora.keys()
 
 
 def test_peft_adapter_on_some_layers_loads_and_exports_again(tmp_path, meta_ckpt, tokenizer_file):
@@ -2736,6 +2800,11 @@ def test_convert_skips_blank_instructions_and_half_guanaco_texts(tmp_path):
     r = run_prepare("guanaco", src, tmp_path / "out.jsonl")  # reasons hold commas: told apart by semicolons
     assert r.stdout == (f"wrote 1 examples to {tmp_path / 'out.jsonl'}, skipped 2 (1 the conversation must end with an assistant "
                         "reply; 1 field 'text' must alternate '### Human:' and '### Assistant:' turns, a human's first)\n"), r.stderr
+    # nothing left: the error counts every reason, not only the first
+    src = write(tmp_path / "g.jsonl", [json.dumps({"text": t}) for t in ("### Human: a", "Intro### Assistant: b", "### Human: c")])
+    with pytest.raises(InputError, match=re.escape(f"{src}: no examples left to write; 2 skipped: the conversation must end with "
+                                                   "an assistant reply; 1 skipped: field 'text' must alternate")):
+        convert("guanaco", src)
 
 
 def test_segments_blank_content_missing_input_and_leading_whitespace():
@@ -4019,6 +4088,17 @@ def test_a_checkpoint_run_takes_nothing_from_an_adapters_random_base(tmp_path, m
     run("--ckpt_dir", d, "--adapter", tmp_path / "a.pt", "--out_dir", tmp_path / "o", "--max_iters", 0, "--sample_tokens", 0,
         "--data", mixed_data(tmp_path / "d.jsonl", 2, 2), "--val_fraction", 0, "--source_max_len", 32, "--target_max_len", 16)
     assert not list((tmp_path / "o").glob("tokenizer*"))
+
+
+def test_init_random_sizes_the_embedding_to_at_least_the_architectures(tmp_path, meta_ckpt, train_here):
+    # what random_base later rebuilds from: --init random with a checkpoint's tokenizer (120 tokens) keeps tiny's 512
+    # rows (the demo's, sized to its own tokenizer, are checked with the data order), from --seed, recorded
+    run, rec = train_here
+    run(*FAST, "--data", mixed_data(tmp_path / "d.jsonl", 4, 4), "--max_iters", 1, "--val_fraction", 0, "--init", "random",
+        "--ckpt_dir", meta_ckpt[0], "--seed", 8, "--out_dir", tmp_path / "o")
+    ck = torch.load(tmp_path / "o" / "adapter.pt", weights_only=True)
+    assert (rec.seeds, ck["base"]["seed"], ck["model_config"]["vocab_size"]) == ([8], 8, 512)
+    assert C.Tokenizer(meta_ckpt[0].parent / "tokenizer.model").n_words < 512
 
 
 def test_train_on_a_checkpoint_and_use_the_exports_from_any_folder(tmp_path, meta_ckpt):
