@@ -2233,8 +2233,8 @@ def test_export_peft_permutes_q_k_for_hf_rotary(tmp_path, meta_ckpt):
     wq, wk = (m.weight + s * m.lora_B @ m.lora_A for m in (att.wq, att.wk))
     q = M.apply_rope((x @ wq.T).view(1, 6, cfg.n_heads, hd), *M.rope_tables(hd, 6, 1e4, "cpu"))[0]
     k = M.apply_rope((x @ wk.T).view(1, 6, cfg.n_kv_heads, hd), *M.rope_tables(hd, 6, 1e4, "cpu"))[0]
-    wq_hf = C.hf_permute(att.wq.weight, cfg.n_heads) + s * sd[pre + "q_proj.lora_B.weight"].double() @ sd[pre + "q_proj.lora_A.weight"].double()
-    wk_hf = C.hf_permute(att.wk.weight, cfg.n_kv_heads) + s * sd[pre + "k_proj.lora_B.weight"].double() @ sd[pre + "k_proj.lora_A.weight"].double()
+    wq_hf = C.hf_permute(att.wq.weight, "attention.wq", cfg.n_heads, 0) + s * sd[pre + "q_proj.lora_B.weight"].double() @ sd[pre + "q_proj.lora_A.weight"].double()
+    wk_hf = C.hf_permute(att.wk.weight, "attention.wk", 0, cfg.n_kv_heads) + s * sd[pre + "k_proj.lora_B.weight"].double() @ sd[pre + "k_proj.lora_A.weight"].double()
     q_hf, k_hf = hf_rope((x @ wq_hf.T).view(6, cfg.n_heads, hd)), hf_rope((x @ wk_hf.T).view(6, cfg.n_kv_heads, hd))
     rep = cfg.n_heads // cfg.n_kv_heads
     scores = torch.einsum("thd,shd->hts", q, k.repeat_interleave(rep, 1))

@@ -158,12 +158,14 @@ def peft_name(name):  # layers.3.attention.wq -> base_model.model.model.layers.3
     return "base_model.model." + hf_name(name + ".weight").removesuffix(".weight")
 
 
-def hf_permute(w, n_heads, back=False):
-    # HF's LLaMA rotates halves (rotate_half) instead of interleaved pairs, so its q/k rows are
-    # permuted per head: row (h, i, j) of Meta's (h, hd/2, 2) layout goes to (h, j, i); back=True undoes
-    # it. For LoRA only B's rows move: W + s·B A permuted = W_perm + s·(B permuted) A.
+def hf_permute(w, name, n_heads, n_kv_heads, back=False):
+    # HF's LLaMA rotates halves (rotate_half) instead of interleaved pairs, so the rows of wq (n_heads heads) and wk (n_kv_heads)
+    # are permuted per head: row (h, i, j) of Meta's (h, hd/2, 2) layout goes to (h, j, i); back=True undoes it; the weights of
+    # other names are returned as they are. For LoRA only B's rows move: W + s·B A permuted = W_perm + s·(B permuted) A.
+    if (h := n_heads if "attention.wq" in name else n_kv_heads if "attention.wk" in name else None) is None:
+        return w
     rows = w.shape[0]
-    shape = (n_heads, 2, rows // n_heads // 2, -1) if back else (n_heads, rows // n_heads // 2, 2, -1)
+    shape = (h, 2, rows // h // 2, -1) if back else (h, rows // h // 2, 2, -1)
     return w.reshape(shape).transpose(1, 2).reshape(rows, -1)
 
 
@@ -375,8 +377,7 @@ def open_checkpoint(ckpt_dir, device=None, dtype=torch.bfloat16, tokenizer=None,
             raise InputError(f"{where}: {hf_name(name) if hf else name} has shape {tuple(t.shape)}, {src} implies "
                              f"{tuple(shape)} (missing shard or wrong {src}?)")
         nbytes, t = t.nbytes, t.to(device=device, dtype=dtype)
-        if hf and name.endswith(("wq.weight", "wk.weight")):  # back to Meta's interleaved rotary layout
-            t = hf_permute(t, params["n_heads" if name.endswith("wq.weight") else "n_kv_heads"], back=True)
+        t = hf_permute(t, name, params["n_heads"], params["n_kv_heads"], back=True) if hf else t  # to Meta's interleaved rotary
         prog.step(name, nbytes)
         return t
 
@@ -443,8 +444,7 @@ def load_adapter(model, adapter):
             if (t := lora.pop(k, None)) is None or tuple(t.shape) != shape:
                 raise InputError(f"{a['where']}: tensor {k!r} " + ("missing" if t is None else
                                  f"has shape {tuple(t.shape)}, the model's {name} needs {shape}"))
-            if x == "B" and a["hf"] and sub in ("attention.wq", "attention.wk"):
-                t = hf_permute(t, cfg.n_heads if sub == "attention.wq" else cfg.n_kv_heads, back=True)
+            t = hf_permute(t, sub, cfg.n_heads, cfg.n_kv_heads, back=True) if x == "B" and a["hf"] else t
             setattr(m, f"lora_{x}", torch.nn.Parameter(t.to(m.weight.device, torch.float32).contiguous()))
         m.r, m.scaling = a["r"], a["scaling"]
     if lora:
@@ -495,8 +495,7 @@ def export_merged(model, out_dir, dtype=torch.float16, base=None, tokenizer=None
         sd[n] = w.detach().to("cpu", dtype).contiguous()
         prog.step(n, sd[n].nbytes)
     if hf:
-        heads = {"attention.wq.weight": cfg.n_heads, "attention.wk.weight": cfg.n_kv_heads}
-        sd = {hf_name(n): hf_permute(w, heads[k]) if (k := n.split(".", 2)[-1]) in heads else w for n, w in sd.items()}
+        sd = {hf_name(n): hf_permute(w, n, cfg.n_heads, cfg.n_kv_heads) for n, w in sd.items()}
         save_safetensors(sd, out_dir / "model.safetensors", {"format": "pt"})
         atomic_write_bytes(out_dir / "config.json", hf_config(cfg, dtype, tokenizer and Tokenizer(tokenizer)).encode())
     else:
@@ -520,11 +519,9 @@ def export_peft(model, out_dir, base=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear) and m.r > 0:
-            sub, key, b = name.split(".", 2)[2], peft_name(name), m.lora_B.detach()
-            if sub in ("attention.wq", "attention.wk"):
-                b = hf_permute(b, cfg.n_heads if sub == "attention.wq" else cfg.n_kv_heads)
+            key, b = peft_name(name), hf_permute(m.lora_B.detach(), name, cfg.n_heads, cfg.n_kv_heads)
             sd[key + ".lora_A.weight"], sd[key + ".lora_B.weight"] = m.lora_A.detach(), b
-            targets.add(LINEARS[sub].split(".")[1])
+            targets.add(LINEARS[name.split(".", 2)[2]].split(".")[1])
     conf = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
             "lora_dropout": cfg.lora_dropout, "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False,
             "inference_mode": True, "base_model_name_or_path": str(base) if base is not None else None}
