@@ -3882,13 +3882,32 @@ def test_resume_refuses_a_checkpoint_edited_by_hand(tmp_path, demo_tokenizer):
              ({"optimizer": {}}, "cannot restore it ('state')"),
              ({"rng": [5]}, "cannot restore it ("),
              ({"iter_num": "1"}, "not a checkpoint written by train.py"),
-             ({"config": [1]}, "not a checkpoint written by train.py")]
+             ({"config": [1]}, "not a checkpoint written by train.py"),
+             ({"model_config": [1]}, "not a checkpoint written by train.py"),
+             ({"model_config": {**ck["model_config"], "vocab_size": 120}},
+              f"made for a model with vocab_size 120; this one has {ck['model_config']['vocab_size']}"),
+             ({"model_config": {k: v for k, v in ck["model_config"].items() if k != "tie_embeddings"}},
+              "made for a model with tie_embeddings None; this one has False")]
     for i, (change, expect) in enumerate(cases):
         d = fresh_out_dir(tmp_path / str(i), demo_tokenizer)
         torch.save({**ck, **change}, d / "ckpt.pt")
         r = run_train(*FAST, "--max_iters", 2, "--out_dir", d, "--resume")
         assert r.returncode == 2 and f"error: --resume: {d / 'ckpt.pt'}: {expect}" in r.stderr, (change, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and not (d / "adapter.pt").exists()
+
+
+def test_resume_refuses_a_base_whose_params_json_changed(tmp_path, meta_ckpt):
+    # every setting read_checkpoint compares is the same (the folder, by name), but the model it holds is not
+    d, out = tmp_path / "7B", tmp_path / "o"
+    shutil.copytree(meta_ckpt[0], d)
+    shutil.copy(meta_ckpt[0].parent / "tokenizer.model", d / "tokenizer.model")
+    args = ("--ckpt_dir", d, "--out_dir", out, "--lora_r", 8, "--sample_tokens", 0, "--batch_size", 1, "--eval_interval", 1)
+    assert run_train(*args, "--max_iters", 1).returncode == 0
+    (d / "params.json").write_text(json.dumps({**json.loads((d / "params.json").read_text()), "norm_eps": 1e-3}))
+    r = run_train(*args, "--max_iters", 2, "--resume")
+    assert r.returncode == 2 and r.stderr.startswith("loaded 2 layers") and r.stderr.splitlines()[1:] == [
+        f"error: --resume: {out / 'ckpt.pt'}: made for a model with norm_eps 1e-05; this one has 0.001"]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 1
 
 
 def test_new_run_into_an_out_dir_holding_one_is_refused(tmp_path, demo_tokenizer):

@@ -161,8 +161,8 @@ def build_model(c, tok, device, dtype, master, seed, vocab=None):
 def read_checkpoint(path, c, world):
     # ckpt.pt as save_checkpoint wrote it for this run's model and data; memory-mapped: file -> paged memory
     ck = torch_load(path, tensors=False)  # one line naming the file if it is not torch.save's
-    if not (isinstance(ck, dict) and {"config", "lora", "optimizer", "iter_num", "rng"} <= ck.keys() and is_state_dict(ck["lora"])
-            and isinstance(ck["config"], dict) and isinstance(ck["rng"], list) and type(ck["iter_num"]) is int and ck["iter_num"] >= 0):
+    want = {"config": dict, "model_config": dict, "lora": dict, "optimizer": dict, "iter_num": int, "rng": list}
+    if not (isinstance(ck, dict) and all(type(ck.get(k)) is t for k, t in want.items()) and is_state_dict(ck["lora"]) and ck["iter_num"] >= 0):
         raise InputError(f"--resume: {path}: not a checkpoint written by train.py")
     for k in ("model", "ckpt_dir", "adapter", "lora_r", "lora_alpha", "lora_dropout", "data_sha1", "tokenizer_sha1", "seed", "batch_size",
               "micro_batch", "source_max_len", "target_max_len", "train_on_source", "group_by_length", "val_fraction"):
@@ -248,7 +248,9 @@ def train(c):
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = PagedAdamW(params, lr=c["learning_rate"], betas=(c["beta1"], c["beta2"]), weight_decay=c["weight_decay"])
     iter_num, saved = 0, None  # saved: the iteration of the last checkpoint
-    if ck:
+    if ck:  # the settings read_checkpoint compares can still build another model: an edited params.json, another random base
+        if k := next((k for k, v in vars(raw.config).items() if ck["model_config"].get(k) != v), None):
+            raise InputError(f"--resume: {ckpt_path}: made for a model with {k} {ck['model_config'].get(k)}; this one has {vars(raw.config)[k]}")
         if ck["lora"].keys() != (lora := {k for k in raw.state_dict() if ".lora_" in k}):  # resuming would start some layers' LoRA afresh
             raise InputError(f"--resume: {ckpt_path}: its LoRA weights are not this model's ({min(lora ^ ck['lora'].keys())})")
         try:  # edited by hand, or more than the GPU holds: one line
