@@ -2013,6 +2013,13 @@ def test_mistral_own_download_layout(tmp_path, tokenizer_file):
     (d / "params.json").write_text(json.dumps({**params, "sliding_window": None, "ffn_dim_multiplier": None}))
     p = C.read_params(d, context=80)
     assert (p["ffn_dim"], p["max_seq_len"], "ffn_dim_multiplier" in p) == (100, 2048, False)
+    # from v0.3 on (no window): the weights in one consolidated.safetensors under the same names, tokenizer.model.v3
+    (v3 := tmp_path / "mistral-v0.3").mkdir()
+    (v3 / "params.json").write_text(json.dumps({k: v for k, v in params.items() if k != "sliding_window"}))
+    C.save_safetensors(torch.load(d / "consolidated.00.pth"), v3 / "consolidated.safetensors")
+    shutil.copy(tokenizer_file, v3 / "tokenizer.model.v3")
+    net = M.LLaMA.from_checkpoint(v3, quantize=False, dtype=torch.float32, lora_r=0, progress=False)
+    assert rel_err(net(idx)[0], reference_forward(weights, cfg, idx)) < 1e-4 and C.find_tokenizer(v3) == v3 / "tokenizer.model.v3"
     for change, expect in ((dict(head_dim=32), "head_dim 32 is not dim / heads = 64 / 4 = 16 (not implemented)"),
                            (dict(head_dim="16"), 'head_dim must be a positive integer, got "16"'),  # a hand edit: not "16 is not"
                            (dict(sliding_window="96"), 'sliding_window must be a positive integer, got "96"'),  # not a TypeError
