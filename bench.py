@@ -27,7 +27,7 @@ from model import CONFIGS, LLaMA, LLaMAConfig, mfu, paper_hparams
 # -----------------------------------------------------------------------------------------------
 # flags: python bench.py kernels|e2e|load [--name value]
 ckpt_dir = "checkpoints/7B"  # load: the Meta checkpoint folder
-write = ""  # load: first write a random checkpoint of this architecture (7B, 13B, ...) into --ckpt_dir
+write = ""  # load: first write a random checkpoint of this architecture (7B, 13B, ...) into --ckpt_dir, a new or empty folder
 model = "7B"  # e2e: the architecture, random weights (on a CPU, only when named)
 batch = 2  # e2e: sequences per step
 seq = 2048  # e2e: tokens per sequence (past the architecture's context, the context is stretched)
@@ -114,6 +114,8 @@ def e2e(model, batch, seq, steps, r, quantize):
 
 def write_random_checkpoint(name, d):
     # Meta's layout with LLaMA.from_config's random bf16 weights (no LoRA); the head is a buffer named "output"
+    if Path(d).is_dir() and any(Path(d).iterdir()):  # never over a real checkpoint (--ckpt_dir's default is where one goes)
+        raise InputError(f"--ckpt_dir {d}: not empty; --write makes its random checkpoint in a new or empty folder")
     cfg = LLaMAConfig(**{**CONFIGS[name], "lora_r": 0})
     sd = LLaMA.from_config(cfg, quantize=False).state_dict()
     sd["output.weight"] = sd.pop("output")

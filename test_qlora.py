@@ -2824,6 +2824,8 @@ def test_segments_blank_content_missing_input_and_leading_whitespace():
     no_input = P.segments({"instruction": "Say hi.", "input": "", "output": "Hi"}, "f:1")
     assert P.segments({"instruction": "Say hi.", "output": "Hi"}, "f:1") == no_input
     assert P.segments({"instruction": "Say hi.", "input": " \n", "output": "Hi"}, "f:1") == no_input
+    # tatsu-lab/alpaca's records also hold the whole formatted example as "text": read as the Alpaca example they are
+    assert P.segments({"instruction": "Say hi.", "output": "Hi", "text": "Below is an instruction ... Hi"}, "f:1") == no_input
     # only whitespace before the first "### Human:" is no segment; a conversation ending in a question is refused
     assert P.segments({"text": " \n### Human: a### Assistant: b"}, "f:1")[0] == ("### Human: a### Assistant: ", False)
     # the turns lose the whitespace around them on both sides, as the messages they are would have none
@@ -3526,6 +3528,13 @@ def test_mmlu_log_line_per_evaluation(tmp_path):
     assert [json.loads(l) for l in lines] == [
         {"iter": 0, "accuracy": 0.35212, "questions": 1531, "subjects": {"anatomy": 0.5, "virology": 0.2042}},
         {"iter": 200, "accuracy": 0.4, "questions": 1531, "subjects": {"anatomy": 0.5, "virology": 0.2042}}]
+    # a run resumed at iter 200 evaluates it again: one line for it; a new run in the folder (--overwrite) starts the log afresh
+    (tmp_path / "mmlu_val.jsonl").write_bytes((tmp_path / "mmlu_val.jsonl").read_bytes() + b"a line not of ours\n")
+    MM.append_log(tmp_path, "val", 200, dict(r, accuracy=0.5))
+    assert [l[:30] for l in (tmp_path / "mmlu_val.jsonl").read_text().splitlines()] == [
+        lines[0][:30], "a line not of ours", '{"iter": 200, "accuracy": 0.5,']
+    MM.append_log(tmp_path, "val", 0, dict(r, accuracy=0.1))
+    assert [json.loads(l)["accuracy"] for l in (tmp_path / "mmlu_val.jsonl").read_text().splitlines()[1:]] == [0.1]
 
 
 BAD_MMLU = [  # ({file: text}, text the one-line error must contain)
@@ -3780,6 +3789,8 @@ def test_resume_compares_the_data_by_content_and_every_setting_of_the_model_and_
     for args, what in ((["--data", data], "--data contents (SHA-1) "), (["--lora_alpha", 32], "--lora_alpha 16.0, this run has --lora_alpha 32.0"),
                        (["--lora_dropout", 0.2], "--lora_dropout 0.1, this run has --lora_dropout 0.2"),
                        (["--val_fraction", 0.2], "--val_fraction"), (["--train_on_source"], "--train_on_source False"),
+                       (["--weight_decay", 0.1], "--weight_decay 0.0, this run has --weight_decay 0.1"),  # the optimizer's state_dict
+                       (["--beta1", 0.8], "--beta1 0.9, this run has --beta1 0.8"), (["--beta2", 0.9], "--beta2 0.999"),  # restores them
                        (["--group_by_length", "false"], "--group_by_length True"),
                        (["--mmlu", mmlu_dirs[0]], "a tokenizer (SHA-1) "),  # the demo's tokenizer then keeps MMLU's letters: another one
                        ):
@@ -3924,6 +3935,10 @@ def test_new_run_into_an_out_dir_holding_one_is_refused(tmp_path, demo_tokenizer
     r = run_train(*FAST, "--max_iters", 1, "--out_dir", d)
     assert r.returncode == 2 and f"{d / 'ckpt.pt'}: out_dir holds a run; --resume continues it, --overwrite replaces it" in r.stderr
     assert (d / "ckpt.pt").read_bytes() == b"the old run" and (d / "adapter.pt").read_bytes() == b"the old adapter"
+    (d / "ckpt.pt").unlink()  # the adapter kept, its (large) optimizer state not: still a run's result, never replaced unasked
+    r = run_train(*FAST, "--max_iters", 1, "--out_dir", d)
+    assert r.returncode == 2 and r.stderr == f"error: {d / 'adapter.pt'}: out_dir holds a run; --overwrite replaces it, or choose another --out_dir\n"
+    assert (d / "adapter.pt").read_bytes() == b"the old adapter"
     r = run_train(*FAST, "--max_iters", 1, "--out_dir", d, "--overwrite")
     assert r.returncode == 0, r.stderr
     assert torch.load(d / "ckpt.pt", weights_only=False)["iter_num"] == 1
@@ -4018,6 +4033,14 @@ def test_help_lists_every_flag_with_default_and_meaning():
 def test_bench_command_line(args, expect):
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 2 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_bench_write_never_replaces_a_checkpoint(tmp_path):
+    (tmp_path / "params.json").write_text("{}")  # --ckpt_dir's default is where the README puts Meta's download
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "load", "--write", "tiny", "--ckpt_dir", tmp_path], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode == 2 and r.stderr == f"error: --ckpt_dir {tmp_path}: not empty; --write makes its random checkpoint in a new or empty folder\n"
+    assert os.listdir(tmp_path) == ["params.json"]
 
 
 def test_bench_e2e_runs_past_the_architectures_context():
@@ -4154,6 +4177,9 @@ def test_train_on_a_checkpoint_and_use_the_exports_from_any_folder(tmp_path, met
         assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
         said[args[1]] = chat.stdout
     assert said["o/merged"] == said["o/merged_hf"]  # one model in two layouts
+    # training on from the adapter alone takes the checkpoint it records, as model.py did above (not the tiny demo's random base)
+    r = run_train("--adapter", out / "adapter.pt", "--out_dir", tmp_path / "o2", "--max_iters", 0, "--sample_tokens", 0)
+    assert r.returncode == 0 and f"model {d} (checkpoint): " in r.stdout, r.stderr
 
 
 @pytest.mark.parametrize("content", [b"", b"\x0agarbage" * 50])
@@ -4526,8 +4552,9 @@ def test_read_checkpoint_names_every_setting_that_changes_the_model_or_data(tmp_
     # the checked settings, each refused by name when it differs; another process count; a negative iter; no rng
     c = {k: f"value of {k}" for k in ("model", "ckpt_dir", "adapter", "data_sha1", "tokenizer_sha1")}
     c.update(lora_r=8, lora_alpha=16.0, lora_dropout=0.1, seed=0, batch_size=4, micro_batch=2, source_max_len=48, target_max_len=24,
-             train_on_source=False, group_by_length=True, val_fraction=0.05, learning_rate=1e-3, max_grad_norm=0.3, eval_interval=3)
-    ck = {"config": dict(c), "lora": {"a.lora_A": torch.zeros(2)}, "optimizer": {}, "iter_num": 3, "rng": [{"torch": None}]}
+             train_on_source=False, group_by_length=True, val_fraction=0.05, weight_decay=0.0, beta1=0.9, beta2=0.999,
+             learning_rate=1e-3, max_grad_norm=0.3, eval_interval=3)
+    ck = {"config": dict(c), "model_config": {}, "lora": {"a.lora_A": torch.zeros(2)}, "optimizer": {}, "iter_num": 3, "rng": [{"torch": None}]}
     path = tmp_path / "ckpt.pt"
 
     def read(ck, c, world=1):
@@ -4537,14 +4564,16 @@ def test_read_checkpoint_names_every_setting_that_changes_the_model_or_data(tmp_
     assert read(ck, c)["iter_num"] == 3
     assert read(ck, {**c, "learning_rate": 2e-3, "max_grad_norm": 1.0, "eval_interval": 5})["iter_num"] == 3  # the optimizer's, the log's: free
     for k in ("model", "ckpt_dir", "adapter", "lora_r", "lora_alpha", "lora_dropout", "data_sha1", "tokenizer_sha1", "seed", "batch_size",
-              "micro_batch", "source_max_len", "target_max_len", "train_on_source", "group_by_length", "val_fraction"):
+              "micro_batch", "source_max_len", "target_max_len", "train_on_source", "group_by_length", "val_fraction", "weight_decay",
+              "beta1", "beta2"):
         new = not c[k] if isinstance(c[k], bool) else c[k] + (1 if not isinstance(c[k], str) else "x")
         name = {"data_sha1": "--data contents (SHA-1)", "tokenizer_sha1": "a tokenizer (SHA-1)"}.get(k, f"--{k}")
         with pytest.raises(InputError, match=re.escape(f"{path} was made with {name} {c[k]}, this run has {name} {new}")):
             read(ck, {**c, k: new})
     with pytest.raises(InputError, match=re.escape(f"{path} was made by 1 processes, this run has 2")):
         read(ck, c, world=2)
-    for bad in ({**ck, "iter_num": -1}, {k: v for k, v in ck.items() if k != "rng"}, {**ck, "lora": {"a": 1}}):
+    for bad in ({**ck, "iter_num": -1}, {k: v for k, v in ck.items() if k != "rng"}, {**ck, "lora": {"a": 1}}, {**ck, "iter_num": True},
+                {**ck, "optimizer": [1]}, {k: v for k, v in ck.items() if k != "model_config"}):
         with pytest.raises(InputError, match=re.escape(f"{path}: not a checkpoint written by train.py")):
             read(bad, c)
 

@@ -74,6 +74,9 @@ DEMO = dict(max_iters=400, batch_size=8, micro_batch=8, learning_rate=2e-3, warm
 # -----------------------------------------------------------------------------------------------
 
 def resolve(given, defaults):  # every default, once: the demo's, then the paper's per-size ones (which need the architecture)
+    a = read_adapter(given["adapter"]) if given.get("adapter") else None  # its rank, scale and (none named) base are what will run
+    if a and isinstance(rec := (a["info"].get("base") or {}).get("ckpt_dir"), str) and not {"model", "ckpt_dir", "init"} & given.keys():
+        given = {**given, "ckpt_dir": rec}  # the checkpoint it was trained on, as `python model.py --adapter` takes it
     demo = given.get("model", defaults["model"]) == "tiny" and not given.get("ckpt_dir") and given.get("init", "random") in ("", "random")
     c = {**defaults, **(DEMO if demo else {}), **given, "demo": demo}  # the later wins: flags > demo > defaults
     for k in ("batch_size", "micro_batch", "eval_interval", "eval_iters", "log_interval", "lora_r", "source_max_len", "target_max_len"):
@@ -85,8 +88,7 @@ def resolve(given, defaults):  # every default, once: the demo's, then the paper
     for k, ok in (("init", ("checkpoint", "random")), ("merge_base", ("nf4", "original")), ("mmlu_split", ("val", "test"))):
         if c[k] not in ok:
             raise InputError(f"--{k}: expected {' or '.join(ok)}, got {c[k]!r}")
-    if c["adapter"]:  # its rank and scale are what will run, so they are what is saved
-        a = read_adapter(c["adapter"])
+    if a:
         c["lora_r"], c["lora_alpha"] = a["r"], a["scaling"] * a["r"]
     if c["init"] == "random":
         if c["model"] not in CONFIGS:
@@ -165,8 +167,9 @@ def read_checkpoint(path, c, world):
     if not (isinstance(ck, dict) and all(type(ck.get(k)) is t for k, t in want.items()) and is_state_dict(ck["lora"]) and ck["iter_num"] >= 0):
         raise InputError(f"--resume: {path}: not a checkpoint written by train.py")
     for k in ("model", "ckpt_dir", "adapter", "lora_r", "lora_alpha", "lora_dropout", "data_sha1", "tokenizer_sha1", "seed", "batch_size",
-              "micro_batch", "source_max_len", "target_max_len", "train_on_source", "group_by_length", "val_fraction"):
-        if (old := ck["config"].get(k)) != c[k]:  # anything that changes the model or the data stream (the data by content)
+              "micro_batch", "source_max_len", "target_max_len", "train_on_source", "group_by_length", "val_fraction", "weight_decay",
+              "beta1", "beta2"):  # the model, the data stream (the data by content), what the optimizer's state_dict restores
+        if (old := ck["config"].get(k)) != c[k]:
             name = {"data_sha1": "--data contents (SHA-1)", "tokenizer_sha1": "a tokenizer (SHA-1)"}.get(k, f"--{k}")
             raise InputError(f"--resume: {path} was made with {name} {old}, this run has {name} {c[k]}")
     if len(ck["rng"]) != world:
@@ -186,8 +189,9 @@ def train(c):
         device = "cpu"
         torch.set_num_threads(c["threads"])  # more threads than free cores makes each step many times slower
     data, ckpt_path = c["data"], (out_dir := Path(c["out_dir"])) / "ckpt.pt"
-    if ckpt_path.exists() and not (c["resume"] or c["overwrite"]):
-        raise InputError(f"{ckpt_path}: out_dir holds a run; --resume continues it, --overwrite replaces it, or choose another --out_dir")
+    if (held := next((p for p in (ckpt_path, out_dir / "adapter.pt") if p.exists()), None)) and not (c["resume"] or c["overwrite"]):
+        raise InputError(f"{held}: out_dir holds a run; {'--resume continues it, ' * (held == ckpt_path)}--overwrite replaces it, "
+                         "or choose another --out_dir")
     if c["resume"] and not ckpt_path.is_file():  # before anything is written into out_dir
         raise InputError(f"--resume: {ckpt_path} not found")
     if ddp:

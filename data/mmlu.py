@@ -8,6 +8,7 @@ question,A,B,C,D,answer without a header), or the QLoRA code's preprocessed DIR/
 """
 import csv
 import json
+import re
 import time
 from collections import Counter
 from contextlib import nullcontext
@@ -127,7 +128,10 @@ def summary(it, split, r):
 
 
 def append_log(out_dir, split, it, r):
-    # one JSON object per evaluation; the file is rewritten whole (atomic_write), never left half-appended
+    # one JSON object per evaluation; the file is rewritten whole (atomic_write), never left half-appended. Lines of iter `it`
+    # and later are dropped: a resumed run's log goes on from where it stopped, a new run's (--overwrite) starts afresh
     log = Path(out_dir) / f"mmlu_{split}.jsonl"
+    old = log.read_bytes().splitlines(True) if log.exists() else []
+    keep = [l for l in old if not (m := re.match(rb'{"iter": (\d+)', l)) or int(m[1]) < it]  # a line of ours begins so
     line = json.dumps({"iter": it, **{k: r[k] for k in ("accuracy", "questions", "subjects")}}) + "\n"
-    atomic_write_bytes(log, (log.read_bytes() if log.exists() else b"") + line.encode())
+    atomic_write_bytes(log, b"".join(keep) + line.encode())

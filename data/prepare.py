@@ -146,7 +146,7 @@ def segments(obj, where):
 
     if not isinstance(obj, dict):
         raise InputError(f"{where}: expected a JSON object")
-    if "messages" not in obj and "text" not in obj:  # Alpaca
+    if "messages" not in obj and ("text" not in obj or "output" in obj):  # Alpaca (tatsu-lab/alpaca's has the whole prompt as text)
         if "output" not in obj and "instruction" not in obj:
             raise InputError(f"{where}: expected fields instruction/input/output, text, or messages")
         inp = text(obj, "input") if "input" in obj else ""
