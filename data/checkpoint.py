@@ -303,12 +303,10 @@ def hf_params(c, where):
         raise InputError(f"{where}: rope_scaling {json.dumps(c['rope_scaling'])} is not implemented (only null)")
     if c.get("hidden_act", "silu") != "silu":
         raise InputError(f"{where}: hidden_act {c['hidden_act']!r} is not implemented (only silu)")
-    dim, heads = c["hidden_size"], c["num_attention_heads"]
-    p = dict(dim=dim, n_layers=c["num_hidden_layers"], n_heads=heads, n_kv_heads=c.get("num_key_value_heads", heads),
-             vocab_size=c["vocab_size"], ffn_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6),
-             rope_theta=c.get("rope_theta", 10000.0), max_seq_len=c.get("max_position_embeddings", 2048),
-             tie_embeddings=c.get("tie_word_embeddings", False))
-    return p
+    return dict(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
+                n_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]), vocab_size=c["vocab_size"],
+                ffn_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta", 10000.0),
+                max_seq_len=c.get("max_position_embeddings", 2048), tie_embeddings=c.get("tie_word_embeddings", False))
 
 
 def _read_hf(d, context):
