@@ -64,7 +64,6 @@ def train_tokenizer(texts, path, vocab_size, symbols=()):
             if not (fit := re.search(r"value <= (\d+)|required_chars\. \d+ vs (\d+)", str(e))) or retry:  # the size it named failed too
                 raise InputError(f"{path}: cannot train a tokenizer on this data ({str(e).splitlines()[0][:200]})") from None
             vocab_size = int(fit[1] or fit[2])
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buf.getvalue())
     return vocab_size
 
