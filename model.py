@@ -299,9 +299,8 @@ def chat(argv):
     for k, lo, hi in (("max_new_tokens", 0, 1e9), ("top_k", 0, 1e9), ("top_p", 0, 1), ("temperature", 0, 1e4), ("seed", 0, 2**63 - 1)):
         if not lo <= f[k] <= hi:  # not NaN either
             raise InputError(f"--{k} must be in [{lo}, {hi:g}], got {f[k]}")
-    adapter = read_adapter(f["adapter"]) if f["adapter"] else None
-    info = adapter["info"] if adapter else {}
-    base = info.get("base") or {}
+    adapter = read_adapter(f["adapter"]) if f["adapter"] else {"info": {}}
+    info, base = adapter["info"], adapter["info"].get("base") or {}
     device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)  # as train.py
     if d := f["ckpt_dir"] or base.get("ckpt_dir"):
         net = LLaMA.from_checkpoint(d, f["quantize"], device, dtype, lora_r=0)
@@ -311,10 +310,10 @@ def chat(argv):
         tok, net = Tokenizer(t), LLaMA.from_config(LLaMAConfig(**info["model_config"]), f["quantize"], device, dtype, seed=seed)
     else:
         raise InputError("--ckpt_dir DIR is needed (no --adapter, or the adapter does not record its base)")
-    if adapter:
+    if f["adapter"]:
         load_adapter(net, adapter)
     net.eval()
-    template = f["template"] or info.get("template") or ("alpaca" if adapter else "none")
+    template = f["template"] or info.get("template") or ("alpaca" if f["adapter"] else "none")
     if (wrap := {"alpaca": ALPACA[False], "guanaco": GUANACO, "none": "{instruction}"}.get(template)) is None:
         raise InputError(f"--template: expected alpaca, guanaco or none, got {template!r}")
     stop = GUANACO.split(" {")[0] if template == "guanaco" else ""  # "### Human:", where the paper's adapters may put eos

@@ -3529,12 +3529,10 @@ def test_mmlu_log_line_per_evaluation(tmp_path):
         {"iter": 0, "accuracy": 0.35212, "questions": 1531, "subjects": {"anatomy": 0.5, "virology": 0.2042}},
         {"iter": 200, "accuracy": 0.4, "questions": 1531, "subjects": {"anatomy": 0.5, "virology": 0.2042}}]
     # a run resumed at iter 200 evaluates it again: one line for it; a new run in the folder (--overwrite) starts the log afresh
-    (tmp_path / "mmlu_val.jsonl").write_bytes((tmp_path / "mmlu_val.jsonl").read_bytes() + b"a line not of ours\n")
     MM.append_log(tmp_path, "val", 200, dict(r, accuracy=0.5))
-    assert [l[:30] for l in (tmp_path / "mmlu_val.jsonl").read_text().splitlines()] == [
-        lines[0][:30], "a line not of ours", '{"iter": 200, "accuracy": 0.5,']
+    assert (tmp_path / "mmlu_val.jsonl").read_text().splitlines() == [lines[0], lines[1].replace("0.4", "0.5")]
     MM.append_log(tmp_path, "val", 0, dict(r, accuracy=0.1))
-    assert [json.loads(l)["accuracy"] for l in (tmp_path / "mmlu_val.jsonl").read_text().splitlines()[1:]] == [0.1]
+    assert [json.loads(l)["accuracy"] for l in (tmp_path / "mmlu_val.jsonl").read_text().splitlines()] == [0.1]
 
 
 BAD_MMLU = [  # ({file: text}, text the one-line error must contain)

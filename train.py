@@ -74,9 +74,10 @@ DEMO = dict(max_iters=400, batch_size=8, micro_batch=8, learning_rate=2e-3, warm
 # -----------------------------------------------------------------------------------------------
 
 def resolve(given, defaults):  # every default, once: the demo's, then the paper's per-size ones (which need the architecture)
-    a = read_adapter(given["adapter"]) if given.get("adapter") else None  # its rank, scale and (none named) base are what will run
-    if a and isinstance(rec := (a["info"].get("base") or {}).get("ckpt_dir"), str) and not {"model", "ckpt_dir", "init"} & given.keys():
-        given = {**given, "ckpt_dir": rec}  # the checkpoint it was trained on, as `python model.py --adapter` takes it
+    if a := read_adapter(given["adapter"]) if given.get("adapter") else None:  # its r, α and (none named) base are what will run
+        rec = (a["info"].get("base") or {}).get("ckpt_dir")  # the checkpoint it was trained on, as `python model.py --adapter` takes it
+        use = {"ckpt_dir": rec} if isinstance(rec, str) and not {"model", "ckpt_dir", "init"} & given.keys() else {}
+        given = {**given, **use, "lora_r": a["r"], "lora_alpha": a["scaling"] * a["r"]}
     demo = given.get("model", defaults["model"]) == "tiny" and not given.get("ckpt_dir") and given.get("init", "random") in ("", "random")
     c = {**defaults, **(DEMO if demo else {}), **given, "demo": demo}  # the later wins: flags > demo > defaults
     for k in ("batch_size", "micro_batch", "eval_interval", "eval_iters", "log_interval", "lora_r", "source_max_len", "target_max_len"):
@@ -88,8 +89,6 @@ def resolve(given, defaults):  # every default, once: the demo's, then the paper
     for k, ok in (("init", ("checkpoint", "random")), ("merge_base", ("nf4", "original")), ("mmlu_split", ("val", "test"))):
         if c[k] not in ok:
             raise InputError(f"--{k}: expected {' or '.join(ok)}, got {c[k]!r}")
-    if a:
-        c["lora_r"], c["lora_alpha"] = a["r"], a["scaling"] * a["r"]
     if c["init"] == "random":
         if c["model"] not in CONFIGS:
             raise InputError(f"--model {c['model']}: unknown architecture for --init random (known: {', '.join(CONFIGS)})")

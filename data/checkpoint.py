@@ -2,8 +2,7 @@
 or peft package). The network (model.py) is built from `load(name, shape)`, which hands over one tensor at a
 time under Meta's names, so that each weight can be quantized the moment it arrives.
 
-  Meta:          consolidated.NN.pth + params.json, tokenizer.model beside it or one level up (Mistral's own
-                 from v0.3 on: consolidated.safetensors, tokenizer.model.v3)
+  Meta:          consolidated.NN.pth or Mistral's consolidated.safetensors + params.json, tokenizer.model(.v3) beside it or one level up
   Hugging Face:  config.json + model.safetensors | model-0000k-of-0000n.safetensors + .index.json
                  | pytorch_model*.bin (+ .index.json), and tokenizer.model (sentencepiece)
   safetensors:   8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}},
@@ -73,8 +72,7 @@ def is_hf(d):  # Hugging Face's layout: config.json and no Meta shards (Mistral'
 
 
 def find_tokenizer(ckpt_dir):
-    # in the folder; for Meta's layout also one level up, where its download puts it (llama/tokenizer.model, llama/7B/...);
-    # Mistral's own downloads from v0.3 on name theirs tokenizer.model.v3
+    # in the folder (Mistral's from v0.3 on: tokenizer.model.v3); for Meta's layout also one level up, where its download puts it
     d = Path(ckpt_dir)
     return next((f for p in ((d,) if is_hf(d) else (d, d.parent)) for f in (p / "tokenizer.model", p / "tokenizer.model.v3")
                  if f.is_file()), None)
@@ -251,12 +249,11 @@ def read_params(ckpt_dir, context=None):
 
 
 def _read_meta(d, context):
-    params, shards = read_params(d, context), sorted(d.glob("consolidated.*.pth"))
-    if not shards and (d / "consolidated.safetensors").is_file():  # Mistral's downloads from v0.3 on: one safetensors file
-        shards = [d / "consolidated.safetensors"]
-    elif not shards:
+    params, pth = read_params(d, context), sorted(d.glob("consolidated.*.pth"))
+    shards = pth or sorted(d.glob("consolidated.safetensors"))  # the latter: Mistral's downloads from v0.3 on, one file
+    if not shards:
         raise InputError(f"{d}: no consolidated.NN.pth checkpoint shards (or consolidated.safetensors)")
-    elif gap := next((f"consolidated.{i:02d}.pth" for i, s in enumerate(shards) if s.name != f"consolidated.{i:02d}.pth"), None):
+    if gap := next((f"consolidated.{i:02d}.pth" for i, s in enumerate(pth) if s.name != f"consolidated.{i:02d}.pth"), None):
         raise InputError(f"{d / gap}: shard missing ({len(shards)} shards found)")
     sds, expected = [torch_load(s) if s.suffix == ".pth" else read_safetensors(s) for s in shards], meta_names(params["n_layers"])
     for s, sd in zip(shards, sds):

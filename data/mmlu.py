@@ -8,7 +8,6 @@ question,A,B,C,D,answer without a header), or the QLoRA code's preprocessed DIR/
 """
 import csv
 import json
-import re
 import time
 from collections import Counter
 from contextlib import nullcontext
@@ -128,10 +127,7 @@ def summary(it, split, r):
 
 
 def append_log(out_dir, split, it, r):
-    # one JSON object per evaluation; the file is rewritten whole (atomic_write), never left half-appended. Lines of iter `it`
-    # and later are dropped: a resumed run's log goes on from where it stopped, a new run's (--overwrite) starts afresh
-    log = Path(out_dir) / f"mmlu_{split}.jsonl"
-    old = log.read_bytes().splitlines(True) if log.exists() else []
-    keep = [l for l in old if not (m := re.match(rb'{"iter": (\d+)', l)) or int(m[1]) < it]  # a line of ours begins so
-    line = json.dumps({"iter": it, **{k: r[k] for k in ("accuracy", "questions", "subjects")}}) + "\n"
-    atomic_write_bytes(log, b"".join(keep) + line.encode())
+    # one JSON object per evaluation, rewritten whole (atomic_write); from iter `it` on replaced: a resumed run's log goes on
+    log, line = Path(out_dir) / f"mmlu_{split}.jsonl", {"iter": it, **{k: r[k] for k in ("accuracy", "questions", "subjects")}}
+    keep = [e for _, e in (read_records(log) if log.exists() else []) if isinstance(e, dict) and e.get("iter") in range(it)]
+    atomic_write_bytes(log, "".join(json.dumps(e) + "\n" for e in keep + [line]).encode())
