@@ -2,7 +2,7 @@
 
   python bench.py kernels                       # NF4 dequant GB/s; NF4 linear vs bf16 cuBLAS per shape and M
   python bench.py e2e --model 7B --batch 2 --seq 2048 [--steps 10]   # QLoRA training steps: tok/s, MFU, memory
-  python bench.py load --ckpt_dir DIR [--write 7B]   # load time and peak memory (--write: make a random Meta checkpoint first)
+  python bench.py load --ckpt_dir DIR [--write 7B]   # load time and peak memory (--write: first a random Meta checkpoint in a new DIR)
 
 Memory is reported two ways: the caching allocator's peak (torch.cuda.max_memory_allocated) and the
 device-level peak (total minus free, from cudaMemGetInfo), which also counts the paged optimizer state

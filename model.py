@@ -299,7 +299,7 @@ def chat(argv):
     for k, lo, hi in (("max_new_tokens", 0, 1e9), ("top_k", 0, 1e9), ("top_p", 0, 1), ("temperature", 0, 1e4), ("seed", 0, 2**63 - 1)):
         if not lo <= f[k] <= hi:  # not NaN either
             raise InputError(f"--{k} must be in [{lo}, {hi:g}], got {f[k]}")
-    adapter = read_adapter(f["adapter"]) if f["adapter"] else {"info": {}}
+    adapter = read_adapter(f["adapter"]) if f["adapter"] else {"info": {}}  # none: an adapter that records nothing
     info, base = adapter["info"], adapter["info"].get("base") or {}
     device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)  # as train.py
     if d := f["ckpt_dir"] or base.get("ckpt_dir"):

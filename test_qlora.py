@@ -1758,13 +1758,14 @@ def test_chat_finds_the_base_the_tokenizer_and_the_device_as_recorded(demo_adapt
     # --ckpt_dir wins over the base folder an adapter records (here: one that is gone), and serves one recording none
     d, _, _ = meta_ckpt
     net = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=4, progress=False)
-    for i, base in enumerate(({"ckpt_dir": str(tmp_path / "gone")}, None)):
+    for i, base in enumerate(({"ckpt_dir": str(tmp_path / "gone")}, None, str(d))):  # a base edited into a string: as if none
         torch.save({"lora": net.lora_state_dict(), "model_config": vars(net.config), "base": base}, tmp_path / f"{i}.pt")
         calls, _ = chat_here(monkeypatch, capsys, "--adapter", tmp_path / f"{i}.pt", "--ckpt_dir", d, "--template", "none",
                              "--prompt", "the lazy dog", "--quantize", "false")
         assert calls[0][0] == [tok.bos_id] + tok.encode("the lazy dog")
-    with pytest.raises(InputError, match=re.escape("--ckpt_dir DIR is needed")):  # no folder, no random base: said so
-        chat_here(monkeypatch, capsys, "--adapter", tmp_path / "1.pt", "--prompt", "x")
+    for i in (1, 2):
+        with pytest.raises(InputError, match=re.escape("--ckpt_dir DIR is needed")):  # no folder, no random base: said so
+            chat_here(monkeypatch, capsys, "--adapter", tmp_path / f"{i}.pt", "--prompt", "x")
 
 
 def byte_tokenizer(path):  # as LLaMA's, characters it has no token for fall back to byte tokens (<0xC3> <0xA9> for "é")
@@ -2018,8 +2019,12 @@ def test_mistral_own_download_layout(tmp_path, tokenizer_file):
     (v3 / "params.json").write_text(json.dumps({k: v for k, v in params.items() if k != "sliding_window"}))
     C.save_safetensors(torch.load(d / "consolidated.00.pth"), v3 / "consolidated.safetensors")
     shutil.copy(tokenizer_file, v3 / "tokenizer.model.v3")
+    (v3 / "config.json").write_text('{"architectures": ["MistralForCausalLM"]}')  # its Hugging Face repo holds both layouts
     net = M.LLaMA.from_checkpoint(v3, quantize=False, dtype=torch.float32, lora_r=0, progress=False)
     assert rel_err(net(idx)[0], reference_forward(weights, cfg, idx)) < 1e-4 and C.find_tokenizer(v3) == v3 / "tokenizer.model.v3"
+    (v3 / "params.json").write_text(json.dumps({**params, "hidden_dim": 96, "sliding_window": None}))
+    with pytest.raises(InputError, match=re.escape(f"{v3 / 'consolidated.safetensors'}: layers.0.feed_forward.w1.weight has shape")):
+        M.LLaMA.from_checkpoint(v3, quantize=False, dtype=torch.float32, lora_r=0, progress=False)
     for change, expect in ((dict(head_dim=32), "head_dim 32 is not dim / heads = 64 / 4 = 16 (not implemented)"),
                            (dict(head_dim="16"), 'head_dim must be a positive integer, got "16"'),  # a hand edit: not "16 is not"
                            (dict(sliding_window="96"), 'sliding_window must be a positive integer, got "96"'),  # not a TypeError
@@ -4175,9 +4180,17 @@ def test_train_on_a_checkpoint_and_use_the_exports_from_any_folder(tmp_path, met
         assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
         said[args[1]] = chat.stdout
     assert said["o/merged"] == said["o/merged_hf"]  # one model in two layouts
-    # training on from the adapter alone takes the checkpoint it records, as model.py did above (not the tiny demo's random base)
-    r = run_train("--adapter", out / "adapter.pt", "--out_dir", tmp_path / "o2", "--max_iters", 0, "--sample_tokens", 0)
-    assert r.returncode == 0 and f"model {d} (checkpoint): " in r.stdout, r.stderr
+    # training on from the adapter alone takes the checkpoint it records, as model.py did above (not the tiny demo's random
+    # base); --init checkpoint agrees with it; a peft folder's base_model_name_or_path counts, unless it names no folder here
+    for args in (["--adapter", out / "adapter.pt"], ["--adapter", out / "peft", "--init", "checkpoint"]):
+        r = run_train(*args, "--out_dir", tmp_path / "o2", "--max_iters", 0, "--sample_tokens", 0)
+        assert r.returncode == 0 and f"model {d} (checkpoint): " in r.stdout, r.stderr
+    shutil.copytree(out / "peft", tmp_path / "hub")
+    conf = json.loads((tmp_path / "hub" / "adapter_config.json").read_text())
+    (tmp_path / "hub" / "adapter_config.json").write_text(json.dumps({**conf, "base_model_name_or_path": "meta-llama/Llama-2-7b-hf"}))
+    r = run_train("--adapter", tmp_path / "hub", "--out_dir", tmp_path / "o3", "--max_iters", 0)
+    assert r.returncode == 2 and r.stderr == (f"error: --adapter {tmp_path / 'hub'}: its base meta-llama/Llama-2-7b-hf is not a "
+                                              "folder here; name one with --ckpt_dir\n")
 
 
 @pytest.mark.parametrize("content", [b"", b"\x0agarbage" * 50])

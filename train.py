@@ -74,9 +74,11 @@ DEMO = dict(max_iters=400, batch_size=8, micro_batch=8, learning_rate=2e-3, warm
 # -----------------------------------------------------------------------------------------------
 
 def resolve(given, defaults):  # every default, once: the demo's, then the paper's per-size ones (which need the architecture)
-    if a := read_adapter(given["adapter"]) if given.get("adapter") else None:  # its r, α and (none named) base are what will run
-        rec = (a["info"].get("base") or {}).get("ckpt_dir")  # the checkpoint it was trained on, as `python model.py --adapter` takes it
-        use = {"ckpt_dir": rec} if isinstance(rec, str) and not {"model", "ckpt_dir", "init"} & given.keys() else {}
+    if given.get("adapter"):  # its r and α are what will run; so is the checkpoint it records, when no flag names a base
+        a, named = read_adapter(given["adapter"]), {"model", "ckpt_dir"} & given.keys() or given.get("init") == "random"
+        use = {"ckpt_dir": rec} if isinstance(rec := (a["info"].get("base") or {}).get("ckpt_dir"), str) and not named else {}
+        if use and not Path(rec).is_dir():  # e.g. peft's base_model_name_or_path, a hub model's name (as model.py reads it)
+            raise InputError(f"--adapter {given['adapter']}: its base {rec} is not a folder here; name one with --ckpt_dir")
         given = {**given, **use, "lora_r": a["r"], "lora_alpha": a["scaling"] * a["r"]}
     demo = given.get("model", defaults["model"]) == "tiny" and not given.get("ckpt_dir") and given.get("init", "random") in ("", "random")
     c = {**defaults, **(DEMO if demo else {}), **given, "demo": demo}  # the later wins: flags > demo > defaults
@@ -234,11 +236,10 @@ def train(c):
         net = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[int(device[5:])] if device.startswith("cuda") else None,
                                                         broadcast_buffers=False)
 
-    # tokenize refuses data only when no response keeps a token: every example ends with one and --target_max_len >= 1
-    examples, truncated, dropped = tokenize(items, tok, c["source_max_len"], c["target_max_len"], c["train_on_source"])
-    if master and (truncated or dropped):
-        print(f"{data}: {truncated} examples cut to --source_max_len={c['source_max_len']} / --target_max_len={c['target_max_len']}; "
-              f"{dropped} dropped (no response tokens left)")
+    # none dropped, none refused: every example ends with a response, whose first token fits (--target_max_len >= 1)
+    examples, truncated, _ = tokenize(items, tok, c["source_max_len"], c["target_max_len"], c["train_on_source"])
+    if master and truncated:
+        print(f"{data}: {truncated} examples cut to --source_max_len={c['source_max_len']} / --target_max_len={c['target_max_len']}")
     random.Random(c["seed"]).shuffle(examples)
     n_val = int(len(examples) * c["val_fraction"]) if len(examples) > 1 else 0
     val_set, train_set = examples[:n_val], examples[n_val:]

@@ -67,8 +67,8 @@ def train_tokenizer(texts, path, vocab_size, symbols=()):
     return vocab_size
 
 
-def is_hf(d):  # Hugging Face's layout: config.json and no Meta shards (Mistral's HF folders also hold a params.json)
-    return (Path(d) / "config.json").is_file() and not any(Path(d).glob("consolidated.*.pth"))
+def is_hf(d):  # Hugging Face's layout: config.json and no Meta shards (Mistral's HF folders also hold a params.json, v0.3's both)
+    return (Path(d) / "config.json").is_file() and not any(Path(d).glob("consolidated.*"))
 
 
 def find_tokenizer(ckpt_dir):
@@ -274,7 +274,7 @@ def _read_meta(d, context):
         except (RuntimeError, IndexError):  # shards of different models
             raise InputError(f"{d}: {name} has shapes {[tuple(t.shape) for t in parts]} in its shards: they do not fit") from None
 
-    return params, take, sum(sd[k].nbytes for sd in sds for k in expected), f"{d}/consolidated.*.pth"
+    return params, take, sum(sd[k].nbytes for sd in sds for k in expected), f"{d}/consolidated.*.pth" if pth else str(shards[0])
 
 
 def hf_params(c, where):
@@ -386,7 +386,7 @@ def open_checkpoint(ckpt_dir, device=None, dtype=torch.bfloat16, tokenizer=None,
 # -----------------------------------------------------------------------------------------------
 # adapters in: ours (adapter.pt) or peft's folder
 
-def read_adapter(path):  # -> {"lora": {name in the file: tensor}, "r", "scaling", "targets", "hf", "where", "info"}
+def read_adapter(path):  # -> {"lora": {name in the file: tensor}, "r", "scaling", "targets", "hf", "where", "info" (its base: a dict)}
     path, short = Path(path), {v.split(".")[1]: k for k, v in LINEARS.items()}  # q_proj -> attention.wq
     if path.is_dir():  # peft's folder
         where, conf = path / "adapter_config.json", read_json(path / "adapter_config.json")
@@ -417,7 +417,7 @@ def read_adapter(path):  # -> {"lora": {name in the file: tensor}, "r", "scaling
         lora = ck["lora"]  # names layers.3.attention.wq.lora_A: a name of no layer is refused by load_adapter
         r, alpha = ck["model_config"].get("lora_r"), ck["model_config"].get("lora_alpha")
         targets = {sub for sub in LINEARS if any(f".{sub}.lora_" in k for k in lora)}
-        info, rslora = {k: v for k, v in ck.items() if k not in ("lora", "optimizer", "rng")}, False
+        info, rslora = {k: v for k, v in ck.items() if k not in ("lora", "optimizer", "rng") and (k != "base" or isinstance(v, dict))}, False
     else:
         raise InputError(f"{path}: adapter not found (adapter.pt, or a peft folder with adapter_config.json)")
     if type(r) is not int or r < 1 or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
