@@ -2025,6 +2025,9 @@ def test_mistral_own_download_layout(tmp_path, tokenizer_file):
     (v3 / "params.json").write_text(json.dumps({**params, "hidden_dim": 96, "sliding_window": None}))
     with pytest.raises(InputError, match=re.escape(f"{v3 / 'consolidated.safetensors'}: layers.0.feed_forward.w1.weight has shape")):
         M.LLaMA.from_checkpoint(v3, quantize=False, dtype=torch.float32, lora_r=0, progress=False)
+    (d / "consolidated.safetensors").write_bytes(b"junk")  # the fallback only: beside .pth shards it is not read
+    net = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=0, context=80, progress=False)
+    assert rel_err(net(idx)[0], reference_forward(weights, cfg, idx)) < 1e-4
     for change, expect in ((dict(head_dim=32), "head_dim 32 is not dim / heads = 64 / 4 = 16 (not implemented)"),
                            (dict(head_dim="16"), 'head_dim must be a positive integer, got "16"'),  # a hand edit: not "16 is not"
                            (dict(sliding_window="96"), 'sliding_window must be a positive integer, got "96"'),  # not a TypeError
@@ -2085,6 +2088,11 @@ def test_meta_folder_with_a_config_json_and_which_tokenizer_is_used(tmp_path, me
     shutil.copy(tokenizer_file, d / "tokenizer.model")
     (d.parent / "tokenizer.model").write_bytes(b"another")
     assert C.find_tokenizer(d) == d / "tokenizer.model"
+    # Mistral's tokenizer.model.v3 comes after the folder's own tokenizer.model, and before the one a level up (another model's)
+    shutil.copy(tokenizer_file, d / "tokenizer.model.v3")
+    assert C.find_tokenizer(d) == d / "tokenizer.model"
+    (d / "tokenizer.model").unlink()
+    assert C.find_tokenizer(d) == d / "tokenizer.model.v3"
     (tmp_path / "bad.model").write_bytes(b"junk")
     with pytest.raises(InputError, match="bad.model: not a sentencepiece tokenizer model"):
         C.open_checkpoint(d, tokenizer=tmp_path / "bad.model", progress=False)
@@ -2831,6 +2839,12 @@ def test_segments_blank_content_missing_input_and_leading_whitespace():
     assert P.segments({"instruction": "Say hi.", "input": " \n", "output": "Hi"}, "f:1") == no_input
     # tatsu-lab/alpaca's records also hold the whole formatted example as "text": read as the Alpaca example they are
     assert P.segments({"instruction": "Say hi.", "output": "Hi", "text": "Below is an instruction ... Hi"}, "f:1") == no_input
+    # "output" is what makes a record with a text Alpaca's (without an instruction: refused, not read by its text);
+    # "messages" comes before both
+    with pytest.raises(InputError, match="^f:1: field 'instruction' must be a non-empty string$"):
+        P.segments({"text": "### Human: a### Assistant: b", "output": "b"}, "f:1")
+    chat = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    assert P.segments({**chat, "output": "c"}, "f:1") == P.segments(chat, "f:1")
     # only whitespace before the first "### Human:" is no segment; a conversation ending in a question is refused
     assert P.segments({"text": " \n### Human: a### Assistant: b"}, "f:1")[0] == ("### Human: a### Assistant: ", False)
     # the turns lose the whitespace around them on both sides, as the messages they are would have none
@@ -3538,6 +3552,10 @@ def test_mmlu_log_line_per_evaluation(tmp_path):
     assert (tmp_path / "mmlu_val.jsonl").read_text().splitlines() == [lines[0], lines[1].replace("0.4", "0.5")]
     MM.append_log(tmp_path, "val", 0, dict(r, accuracy=0.1))
     assert [json.loads(l)["accuracy"] for l in (tmp_path / "mmlu_val.jsonl").read_text().splitlines()] == [0.1]
+    # lines of no evaluation (not an object, no whole iter: written by hand) are dropped, not a crash
+    (tmp_path / "mmlu_val.jsonl").write_text(f'{{"note": "x"}}\n[1]\n{{"iter": "5"}}\n{lines[0]}\n{{"iter": null}}\n')
+    MM.append_log(tmp_path, "val", 200, dict(r, accuracy=0.5))
+    assert (tmp_path / "mmlu_val.jsonl").read_text().splitlines() == [lines[0], lines[1].replace("0.4", "0.5")]
 
 
 BAD_MMLU = [  # ({file: text}, text the one-line error must contain)
@@ -4044,6 +4062,10 @@ def test_bench_write_never_replaces_a_checkpoint(tmp_path):
                        capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 2 and r.stderr == f"error: --ckpt_dir {tmp_path}: not empty; --write makes its random checkpoint in a new or empty folder\n"
     assert os.listdir(tmp_path) == ["params.json"]
+    (empty := tmp_path / "empty").mkdir()  # a new or empty folder: written, then loaded
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "load", "--write", "tiny", "--ckpt_dir", empty], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode == 0 and f"| {empty} |" in r.stdout and sorted(os.listdir(empty)) == ["consolidated.00.pth", "params.json"], r.stderr
 
 
 def test_bench_e2e_runs_past_the_architectures_context():
@@ -4557,6 +4579,24 @@ def test_resolve_paper_defaults_per_size_and_flags_over_demo(monkeypatch):
             TR.resolve({flag: 0}, defaults)
     with pytest.raises(InputError, match=r"^--temperature must be at least 0 \(below 2\^63\), got -0.5$"):
         TR.resolve({"temperature": -0.5}, defaults)
+
+
+def test_resolve_takes_an_adapters_rank_alpha_and_the_base_it_records_unless_a_flag_names_one(tmp_path, meta_ckpt, monkeypatch):
+    # as `python model.py --adapter` takes it: --adapter alone trains on the checkpoint it records; --ckpt_dir, --model or
+    # --init names another base; its r and α replace the flags'
+    defaults, lora = train_defaults(), {"layers.0.attention.wq.lora_A": torch.zeros(4, 64)}
+    torch.save({"lora": lora, "model_config": {"lora_r": 4, "lora_alpha": 12.0}, "base": {"init": "checkpoint", "ckpt_dir": str(meta_ckpt[0])}},
+               a := tmp_path / "adapter.pt")
+    c = TR.resolve({"adapter": a, "lora_r": 8, "lora_alpha": 16}, defaults)
+    assert (c["ckpt_dir"], c["init"], c["demo"], c["lora_r"], c["lora_alpha"]) == (str(meta_ckpt[0]), "checkpoint", False, 4, 12.0)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(meta_ckpt[0], other := tmp_path / "checkpoints" / "other")
+    assert TR.resolve({"adapter": a, "ckpt_dir": other}, defaults)["ckpt_dir"] == str(other)
+    assert TR.resolve({"adapter": a, "model": "other"}, defaults)["ckpt_dir"] == str(other)  # checkpoints/other
+    assert TR.resolve({"adapter": a, "init": "random"}, defaults)["ckpt_dir"] == ""  # the demo's random base
+    # a random base records no folder: none is taken
+    torch.save({"lora": lora, "model_config": {"lora_r": 4, "lora_alpha": 12.0}, "base": {"init": "random", "model": "tiny"}}, a)
+    assert TR.resolve({"adapter": a}, defaults)["ckpt_dir"] == ""
 
 
 def test_read_checkpoint_names_every_setting_that_changes_the_model_or_data(tmp_path):
