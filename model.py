@@ -286,7 +286,7 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):  # (B, vocab) logit
 
 # -----------------------------------------------------------------------------------------------
 # python model.py: answer or chat. Guanaco's conversation is its "### Human: ...### Assistant: " turns, each
-# answer closed by eos as in training, the oldest tokens dropped when it outgrows max_seq_len. Alpaca was
+# answer closed by eos as in training, the oldest tokens after bos dropped past max_seq_len. Alpaca was
 # trained on single instructions, so there each line is a fresh one.
 
 FLAGS = dict(ckpt_dir="", adapter="", prompt="", template="", max_new_tokens=256, temperature=0.7, top_p=0.9, top_k=0,
@@ -317,7 +317,7 @@ def chat(argv):
     if (wrap := {"alpaca": ALPACA[False], "guanaco": GUANACO, "none": "{instruction}"}.get(template)) is None:
         raise InputError(f"--template: expected alpaca, guanaco or none, got {template!r}")
     stop = GUANACO.split(" {")[0] if template == "guanaco" else ""  # "### Human:", where the paper's adapters may put eos
-    keep = max(net.config.max_seq_len - f["max_new_tokens"], net.config.max_seq_len // 2)  # prompt tokens kept
+    keep = max(net.config.max_seq_len - f["max_new_tokens"], net.config.max_seq_len // 2)  # prompt tokens kept: bos, the newest
     torch.manual_seed(f["seed"])
 
     history = [tok.bos_id]
@@ -342,8 +342,8 @@ def chat(argv):
                 return hit
 
             with torch.autocast("cuda", torch.bfloat16, enabled=device == "cuda"):
-                net.generate(torch.tensor([ids[-keep:]], device=device), f["max_new_tokens"], f["temperature"],
-                             f["top_k"] or None, f["top_p"] if f["top_p"] < 1 else None, tok.eos_id, show)
+                net.generate(torch.tensor([ids[:1] + ids[max(1, len(ids) + 1 - keep):]], device=device), f["max_new_tokens"],
+                             f["temperature"], f["top_k"] or None, f["top_p"] if f["top_p"] < 1 else None, tok.eos_id, show)
             show(torch.tensor([], dtype=torch.long), end=True)  # what was held back
             print(flush=True)
             history = ids + tok.encode(shown.strip()) + [tok.eos_id]  # the answer as training reads it, closed by eos

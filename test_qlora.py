@@ -1725,9 +1725,14 @@ def test_chat_keeps_the_newest_prompt_tokens_within_the_context(demo_adapter, tm
     prompt = " ".join(WORDS[:30])
     ids = [tok.bos_id] + tok.encode(P.ALPACA[False].format(instruction=prompt))
     assert len(ids) > 24
-    for new, keep in ((4, 20), (20, 12)):  # keep max(context - new tokens, context / 2) of the prompt, the newest
+    for new, keep in ((4, 20), (20, 12)):  # keep max(context - new tokens, context / 2) of the prompt: bos, as in training, and the newest
         calls, _ = chat_here(monkeypatch, capsys, "--adapter", short, "--prompt", prompt, "--max_new_tokens", new, "--quantize", "false")
-        assert calls[0][0] == ids[-keep:]
+        assert calls[0][0] == ids[:1] + ids[1 - keep:]
+    # a Guanaco conversation that outgrows the context: every turn still starts with bos
+    calls, _ = chat_here(monkeypatch, capsys, "--adapter", short, "--template", "guanaco", "--max_new_tokens", 4, "--quantize", "false",
+                         stdin=f"{prompt}\n{prompt}\nhi\n".encode(), answers=[tok.encode("red")] * 3)
+    assert [(c[0][0], len(c[0])) for c in calls] == [(tok.bos_id, 20)] * 3
+    assert calls[2][0][-3:] == tok.encode(P.GUANACO.format(instruction="hi"))[-3:]  # the newest turn
 
 
 def test_chat_finds_the_base_the_tokenizer_and_the_device_as_recorded(demo_adapter, meta_ckpt, tmp_path, monkeypatch, capsys):
