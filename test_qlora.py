@@ -4635,12 +4635,13 @@ def test_read_checkpoint_names_every_setting_that_changes_the_model_or_data(tmp_
 
 
 def test_train_refuses_a_batch_size_micro_batches_do_not_fill(tmp_path, train_here):
-    run, _ = train_here
+    run, rec = train_here
     with pytest.raises(InputError, match=r"^--batch_size 5 must be a multiple of --micro_batch 2 × 1 processes$"):
         run("--batch_size", 5, "--micro_batch", 2, "--out_dir", tmp_path / "a", "--max_iters", 1)
     data = mixed_data(tmp_path / "d.jsonl", 2, 1)
     with pytest.raises(InputError, match=rf"^{re.escape(str(data))}: 3 training examples, fewer than --micro_batch 4$"):
         run("--data", data, "--batch_size", 4, "--micro_batch", 4, "--val_fraction", 0, "--out_dir", tmp_path / "b", "--max_iters", 1)
+    assert rec.seeds == []  # refused before the model is built (a 7B takes minutes)
 
 
 def test_ddp_two_processes_accumulating_log_the_one_process_losses(tmp_path):

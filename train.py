@@ -206,7 +206,6 @@ def train(c):
 
     items = read_data(data)
     questions = mmlu_eval.read_mmlu(c["mmlu"], c["mmlu_split"], c["mmlu_max"]) if c["mmlu"] else []
-    t0 = time.time()
     info = read_adapter(c["adapter"])["info"] if c["adapter"] and c["init"] == "random" else {}  # its random base: rebuilt as it was
     given, seed, vocab = (random_base(c["adapter"], info, device.split(":")[0]) if (info.get("base") or {}).get("init") == "random"
                           else (None, c["seed"], None))
@@ -216,6 +215,17 @@ def train(c):
     ck = read_checkpoint(ckpt_path, c, world) if c["resume"] else None  # before the slow part (the model): fails fast
     if questions:
         mmlu_eval.letter_ids(tok)  # a tokenizer without single-token letters fails here, not after training
+    # none dropped, none refused: every example ends with a response, whose first token fits (--target_max_len >= 1)
+    examples, truncated, _ = tokenize(items, tok, c["source_max_len"], c["target_max_len"], c["train_on_source"])
+    if master and truncated:
+        print(f"{data}: {truncated} examples cut to --source_max_len={c['source_max_len']} / --target_max_len={c['target_max_len']}")
+    random.Random(c["seed"]).shuffle(examples)
+    n_val = int(len(examples) * c["val_fraction"]) if len(examples) > 1 else 0
+    val_set, train_set = examples[:n_val], examples[n_val:]
+    micro_batch = c["micro_batch"]
+    if len(train_set) < micro_batch:
+        raise InputError(f"{data}: {len(train_set)} training examples, fewer than --micro_batch {micro_batch}")
+    t0 = time.time()
     raw, base = build_model(c, tok, device, dtype, master, seed, vocab)
     # the prompt template a chat with the result should use: the one most training examples had
     alpaca = sum(segs[0][0].startswith(ALPACA[False][:45]) for _, segs in items)
@@ -235,17 +245,6 @@ def train(c):
         warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")  # newer torch; its own advice
         net = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[int(device[5:])] if device.startswith("cuda") else None,
                                                         broadcast_buffers=False)
-
-    # none dropped, none refused: every example ends with a response, whose first token fits (--target_max_len >= 1)
-    examples, truncated, _ = tokenize(items, tok, c["source_max_len"], c["target_max_len"], c["train_on_source"])
-    if master and truncated:
-        print(f"{data}: {truncated} examples cut to --source_max_len={c['source_max_len']} / --target_max_len={c['target_max_len']}")
-    random.Random(c["seed"]).shuffle(examples)
-    n_val = int(len(examples) * c["val_fraction"]) if len(examples) > 1 else 0
-    val_set, train_set = examples[:n_val], examples[n_val:]
-    micro_batch = c["micro_batch"]
-    if len(train_set) < micro_batch:
-        raise InputError(f"{data}: {len(train_set)} training examples, fewer than --micro_batch {micro_batch}")
 
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = PagedAdamW(params, lr=c["learning_rate"], betas=(c["beta1"], c["beta2"]), weight_decay=c["weight_decay"])
