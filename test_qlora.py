@@ -3124,28 +3124,29 @@ def test_oasst_text_and_messages_formats():
 
 def test_labels_mask_everything_but_responses():
     items = [("f:1", [("ab", False), ("cd", True), ("e", False), ("fg", True)])]
-    ((ids, labels),), _, _ = P.tokenize(items, CharTok(), 100, 100)
+    ((ids, labels),), _ = P.tokenize(items, CharTok(), 100, 100)
     tok = CharTok()
     assert ids == [1] + tok.encode("ab") + tok.encode("cd") + [2] + tok.encode("e") + tok.encode("fg") + [2]
     assert labels == [-100] * 3 + tok.encode("cd") + [2] + [-100] + tok.encode("fg") + [2]
-    ((_, labels),), _, _ = P.tokenize(items, CharTok(), 100, 100, train_on_source=True)
+    ((_, labels),), _ = P.tokenize(items, CharTok(), 100, 100, train_on_source=True)
     assert labels == [-100] + ids[1:]  # everything but bos
 
 
-def test_truncation_limits_and_dropped_examples():
-    ex, truncated, dropped = P.tokenize([("f:1", [("abcdef", False), ("xyz", True)]), ("f:2", [("ab", False), ("", True)])],
-                                        CharTok(), source_max_len=3, target_max_len=2)
+def test_truncation_limits_keep_every_example():
+    ex, truncated = P.tokenize([("f:1", [("abcdef", False), ("xyz", True)]), ("f:2", [("ab", False), ("", True)])],
+                               CharTok(), source_max_len=3, target_max_len=2)
     ids, labels = ex[0]
     assert len(ids) == 3 + 2 and labels[-2:] == CharTok().encode("xy")  # bos counts in the prompt's 3; eos cut with the response tail
     assert ids[:3] == [1] + CharTok().encode("ab")
-    assert (truncated, dropped) == (1, 0)
-    with pytest.raises(InputError, match="no usable examples"):  # nothing of any response fits
-        P.tokenize([("f:1", [("ab", False), ("c", True)])], CharTok(), 3, 0)
+    assert truncated == 1 and ex[1] == ([1] + CharTok().encode("ab") + [2], [-100] * 3 + [2])  # an empty response: eos is learned
+    # a prompt that fills the whole budget still leaves target_max_len tokens of its response
+    ((ids, labels),), truncated = P.tokenize([("f:1", [("a" * 50, False), ("xyz", True)])], CharTok(), 4, 1)
+    assert truncated == 1 and len(ids) == 5 and labels == [-100] * 4 + CharTok().encode("x")
 
 
 def test_conversation_cut_ends_with_the_cut_turns_response():
     segs = [("Q1", False), ("A1", True), ("QQQQQQ2", False), ("A2", True), ("Q3", False), ("A3", True)]
-    ((ids, labels),), truncated, _ = P.tokenize([("f:1", segs)], CharTok(), source_max_len=6, target_max_len=100)
+    ((ids, labels),), truncated = P.tokenize([("f:1", segs)], CharTok(), source_max_len=6, target_max_len=100)
     tok = CharTok()
     # the prompt budget (bos counted) runs out inside turn 2: keep its cut prompt and its answer, drop turn 3
     assert ids == [1] + tok.encode("Q1") + tok.encode("A1") + [2] + tok.encode("QQQ") + tok.encode("A2") + [2]
@@ -3383,8 +3384,8 @@ def test_real_instructions_through_the_pipeline(tmp_path):
     items = P.read_data(f)
     C.train_tokenizer([s for _, segs in items for s, _ in segs], tmp_path / "tok.model", vocab_size=800)
     tok = C.Tokenizer(tmp_path / "tok.model")
-    examples, truncated, dropped = P.tokenize(items, tok, 4096, 4096)
-    assert len(examples) == len(rows) == 175 and truncated == dropped == 0
+    examples, truncated = P.tokenize(items, tok, 4096, 4096)
+    assert len(examples) == len(rows) == 175 and truncated == 0
     for (ids, labels), r in zip(examples, rows):
         resp = [t for t in labels if t != -100]
         assert resp[-1] == tok.eos_id and tok.decode(resp[:-1]) == r["output"].strip()

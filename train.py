@@ -215,8 +215,7 @@ def train(c):
     ck = read_checkpoint(ckpt_path, c, world) if c["resume"] else None  # before the slow part (the model): fails fast
     if questions:
         mmlu_eval.letter_ids(tok)  # a tokenizer without single-token letters fails here, not after training
-    # none dropped, none refused: every example ends with a response, whose first token fits (--target_max_len >= 1)
-    examples, truncated, _ = tokenize(items, tok, c["source_max_len"], c["target_max_len"], c["train_on_source"])
+    examples, truncated = tokenize(items, tok, c["source_max_len"], c["target_max_len"], c["train_on_source"])
     if master and truncated:
         print(f"{data}: {truncated} examples cut to --source_max_len={c['source_max_len']} / --target_max_len={c['target_max_len']}")
     random.Random(c["seed"]).shuffle(examples)

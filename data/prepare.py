@@ -182,9 +182,10 @@ def read_data(path):  # -> [(file:line, segments)]: read_records' checks, then e
 
 
 def tokenize(items, tok, source_max_len, target_max_len, train_on_source=False):
-    # (bos + prompt)[:source_max_len] + (response + eos)[:target_max_len], as the paper's collator; -100 labels off responses
-    examples, truncated, dropped = [], 0, 0
-    for where, segs in items:
+    # (bos + prompt)[:source_max_len] + (response + eos)[:target_max_len], as the paper's collator; -100 labels off responses.
+    # -> (examples, how many were cut). None is dropped: every example ends with a response, of which target_max_len >= 1 tokens fit
+    examples, truncated = [], 0
+    for _, segs in items:
         ids, labels, budget, cut = [tok.bos_id], [-100], {False: source_max_len - 1, True: target_max_len}, False
         for text, is_resp in segs:
             t = tok.encode(text) + [tok.eos_id] * is_resp  # eos ends every response: the model learns to stop
@@ -196,13 +197,8 @@ def tokenize(items, tok, source_max_len, target_max_len, train_on_source=False):
             if cut and is_resp:  # after a cut, end with the response it belongs to: no orphaned turns
                 break
         truncated += cut
-        if all(l == -100 for l in labels):
-            dropped += 1  # nothing of the response survived truncation: nothing to learn from
-        else:
-            examples.append((ids, labels))
-    if not examples:
-        raise InputError(f"no usable examples ({dropped} had no response tokens left after truncation)")
-    return examples, truncated, dropped
+        examples.append((ids, labels))
+    return examples, truncated
 
 
 def batch_order(lengths, epoch, micro_batch, seed, group_by_length=True):
