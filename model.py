@@ -302,7 +302,9 @@ def chat(argv):
     adapter = read_adapter(f["adapter"]) if f["adapter"] else {"info": {}}  # none: an adapter that records nothing
     info, base = adapter["info"], adapter["info"].get("base") or {}
     device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)  # as train.py
-    if d := f["ckpt_dir"] or base.get("ckpt_dir"):
+    if (d := f["ckpt_dir"] or base.get("ckpt_dir")) and not (f["ckpt_dir"] or Path(d).is_dir()):  # e.g. peft's hub model name
+        raise InputError(f"--adapter {f['adapter']}: its base {d} is not a folder here; name one with --ckpt_dir")
+    if d:
         net = LLaMA.from_checkpoint(d, f["quantize"], device, dtype, lora_r=0)
         tok = Tokenizer(find_tokenizer(d) or Path(d) / "tokenizer.model")
     elif base.get("init") == "random":  # train.py's demo: the same random base (same seed, device kind, dtype)

@@ -4219,6 +4219,17 @@ def test_train_on_a_checkpoint_and_use_the_exports_from_any_folder(tmp_path, met
     r = run_train("--adapter", tmp_path / "hub", "--out_dir", tmp_path / "o3", "--max_iters", 0)
     assert r.returncode == 2 and r.stderr == (f"error: --adapter {tmp_path / 'hub'}: its base meta-llama/Llama-2-7b-hf is not a "
                                               "folder here; name one with --ckpt_dir\n")
+    assert run_chat("--adapter", tmp_path / "hub", "--prompt", "x").stderr == r.stderr  # model.py reads it as train.py does
+    chat = run_chat("--adapter", tmp_path / "hub", "--ckpt_dir", d, "--prompt", "x", "--max_new_tokens", 2)
+    assert chat.returncode == 0, chat.stderr
+
+
+def test_export_over_a_file_is_refused_before_training(tmp_path):
+    (out := tmp_path / "o").mkdir()
+    (out / "merged_hf").write_text("mine")
+    r = run_train("--out_dir", out, "--export", "peft,merged_hf")
+    assert r.returncode == 2 and r.stderr == f"error: {out / 'merged_hf'}: is a file; --export peft,merged_hf writes a folder there\n"
+    assert [p.name for p in out.iterdir()] == ["merged_hf"] and (out / "merged_hf").read_text() == "mine"  # nothing trained
 
 
 @pytest.mark.parametrize("content", [b"", b"\x0agarbage" * 50])
