@@ -3151,6 +3151,12 @@ def test_conversation_cut_ends_with_the_cut_turns_response():
     # the prompt budget (bos counted) runs out inside turn 2: keep its cut prompt and its answer, drop turn 3
     assert ids == [1] + tok.encode("Q1") + tok.encode("A1") + [2] + tok.encode("QQQ") + tok.encode("A2") + [2]
     assert truncated == 1
+    # it runs out exactly after turn 1: turn 2's prompt keeps nothing, so its answer is not trained right after A1's eos
+    ((ids, labels),), truncated = P.tokenize([("f:1", segs)], CharTok(), source_max_len=3, target_max_len=100)
+    assert ids == [1] + tok.encode("Q1") + tok.encode("A1") + [2] and truncated == 1
+    # the first prompt cut to nothing keeps its response (the paper's collator cuts the source alone)
+    ((ids, labels),), _ = P.tokenize([("f:1", segs)], CharTok(), source_max_len=1, target_max_len=100)
+    assert ids == [1] + tok.encode("A1") + [2]
 
 
 def test_group_by_length_and_deterministic_order():

@@ -194,7 +194,8 @@ def tokenize(items, tok, source_max_len, target_max_len, train_on_source=False):
             ids += t[:keep]
             labels += t[:keep] if is_resp or train_on_source else [-100] * keep
             cut |= keep < len(t)
-            if cut and is_resp:  # after a cut, end with the response it belongs to: no orphaned turns
+            # after a cut, end with the response it belongs to; a later prompt cut to nothing ends it before its response
+            if cut and (is_resp or not keep and budget[True] < target_max_len):  # (which would follow an eos unprompted)
                 break
         truncated += cut
         examples.append((ids, labels))
