@@ -4567,6 +4567,10 @@ def test_train_data_order_template_sample_and_what_is_saved(tmp_path, train_here
         ids, labels = val_set[0]
         prompt = ids[: labels.index(next(l for l in labels if l != -100))]
         assert rec.samples == [dict(training=False, prompt=prompt, n=4, temperature=0.5, eos_id=tok.eos_id)] and "--- sample ---" in out
+    rec.samples.clear()  # with every label set (--train_on_source) the sample still continues that example's prompt, not bos alone
+    run("--data", data, "--out_dir", d, "--batch_size", 4, "--micro_batch", 2, "--val_fraction", 0.2, "--max_iters", 1, "--seed", 3,
+        "--sample_tokens", 4, "--train_on_source", "--overwrite")
+    assert [s["prompt"] for s in rec.samples] == [prompt]
     rec.samples.clear()
     run("--data", data, "--out_dir", d, "--batch_size", 4, "--micro_batch", 2, "--max_iters", 1, "--sample_tokens", 0, "--overwrite",
         "--lora_r", 8, "--lora_alpha", 4)

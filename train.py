@@ -217,10 +217,10 @@ def train(c):
     ck = read_checkpoint(ckpt_path, c, world) if c["resume"] else None  # before the slow part (the model): fails fast
     if questions:
         mmlu_eval.letter_ids(tok)  # a tokenizer without single-token letters fails here, not after training
+    random.Random(c["seed"]).shuffle(items)  # the examples' order: the first n_val held out, the sample's prompt the first's
     examples, truncated = tokenize(items, tok, c["source_max_len"], c["target_max_len"], c["train_on_source"])
     if master and truncated:
         print(f"{data}: {truncated} examples cut to --source_max_len={c['source_max_len']} / --target_max_len={c['target_max_len']}")
-    random.Random(c["seed"]).shuffle(examples)
     n_val = int(len(examples) * c["val_fraction"]) if len(examples) > 1 else 0
     val_set, train_set = examples[:n_val], examples[n_val:]
     micro_batch = c["micro_batch"]
@@ -358,8 +358,8 @@ def train(c):
             done = (f"trained {max_iters - iter_num} iters in {time.time() - t_start:.1f}s" if max_iters > iter_num else
                     f"nothing to train (--max_iters {max_iters}" + (f", the checkpoint is at iter {iter_num})" if iter_num else ")"))
             print(f"{done}; " + (f"adapter (iter {saved}) in {out_dir / 'adapter.pt'}" if saved is not None else "no adapter written"))
-            if c["sample_tokens"] and (val_set or train_set):
-                ids, labels = (val_set or train_set)[0]
+            if c["sample_tokens"]:  # continue the first example's prompt (tokenized without --train_on_source, to find its end)
+                ids, labels = tokenize(items[:1], tok, c["source_max_len"], c["target_max_len"])[0][0]
                 prompt = ids[: next(i for i, l in enumerate(labels) if l != -100)]
                 raw.eval()
                 with ctx:
