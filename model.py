@@ -301,12 +301,15 @@ def chat(argv):
             raise InputError(f"--{k} must be in [{lo}, {hi:g}], got {f[k]}")
     adapter = read_adapter(f["adapter"]) if f["adapter"] else {"info": {}}  # none: an adapter that records nothing
     info, base = adapter["info"], adapter["info"].get("base") or {}
+    template = f["template"] or info.get("template") or ("alpaca" if f["adapter"] else "none")
+    if (wrap := {"alpaca": ALPACA[False], "guanaco": GUANACO, "none": "{instruction}"}.get(template)) is None:
+        raise InputError(f"--template: expected alpaca, guanaco or none, got {template!r}")
     device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)  # as train.py
     if (d := f["ckpt_dir"] or base.get("ckpt_dir")) and not (f["ckpt_dir"] or Path(d).is_dir()):  # e.g. peft's hub model name
         raise InputError(f"--adapter {f['adapter']}: its base {d} is not a folder here; name one with --ckpt_dir")
     if d:
+        tok = Tokenizer(find_tokenizer(d) or Path(d) / "tokenizer.model")  # checked before the (slow) load, as --template
         net = LLaMA.from_checkpoint(d, f["quantize"], device, dtype, lora_r=0)
-        tok = Tokenizer(find_tokenizer(d) or Path(d) / "tokenizer.model")
     elif base.get("init") == "random":  # train.py's demo: the same random base (same seed, device kind, dtype)
         t, seed, _ = random_base(f["adapter"], info, device)
         tok, net = Tokenizer(t), LLaMA.from_config(LLaMAConfig(**info["model_config"]), f["quantize"], device, dtype, seed=seed)
@@ -315,17 +318,14 @@ def chat(argv):
     if f["adapter"]:
         load_adapter(net, adapter)
     net.eval()
-    template = f["template"] or info.get("template") or ("alpaca" if f["adapter"] else "none")
-    if (wrap := {"alpaca": ALPACA[False], "guanaco": GUANACO, "none": "{instruction}"}.get(template)) is None:
-        raise InputError(f"--template: expected alpaca, guanaco or none, got {template!r}")
     stop = GUANACO.split(" {")[0] if template == "guanaco" else ""  # "### Human:", where the paper's adapters may put eos
     keep = max(net.config.max_seq_len - f["max_new_tokens"], net.config.max_seq_len // 2)  # prompt tokens kept: bos, the newest
     torch.manual_seed(f["seed"])
 
     history = [tok.bos_id]
-    sys.stdin.reconfigure(errors="surrogateescape")  # bytes that are not UTF-8 reach the check below, in any locale
+    sys.stdin.reconfigure(errors="surrogateescape")  # bytes that are not UTF-8 reach the check below; a BOM (Notepad's) is dropped
     with suppress(EOFError):  # --prompt, or one turn per line of stdin until an empty line (or EOF)
-        for line in [f["prompt"]] if f["prompt"] else iter(lambda: input("> " * sys.stdin.isatty()).strip(), ""):
+        for line in [f["prompt"]] if f["prompt"] else iter(lambda: input("> " * sys.stdin.isatty()).lstrip("\ufeff").strip(), ""):
             if any("\ud800" <= ch <= "\udfff" for ch in line):  # such bytes, as Python escapes them
                 raise InputError(f"{'--prompt' if f['prompt'] else 'stdin'}: not UTF-8 text")
             ids = (history if template == "guanaco" else [tok.bos_id]) + tok.encode(wrap.format(instruction=line))

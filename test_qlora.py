@@ -1665,11 +1665,16 @@ def demo_variant(demo_adapter, path, **change):  # the demo adapter.pt with some
     return path
 
 
-def test_chat_checks_flag_ranges_and_words_before_loading_anything():
+def test_chat_checks_flag_ranges_and_words_before_loading_anything(tmp_path, monkeypatch):
+    monkeypatch.setattr(M.LLaMA, "from_checkpoint", None)  # a load would be a TypeError: every check below comes first
+    (d := tmp_path / "7B").mkdir()
+    (d / "params.json").write_text(json.dumps({"dim": 128, "n_layers": 1, "n_heads": 4}))
     for argv, expect in ((["--top_p", "1.5"], "--top_p must be in [0, 1], got 1.5"),
                          (["--temperature", "20000"], "--temperature must be in [0, 10000], got 20000.0"),
                          (["--seed", "-1"], "--seed must be in [0, 9.22337e+18], got -1"),
-                         (["hello"], "unexpected argument 'hello'")):
+                         (["hello"], "unexpected argument 'hello'"),
+                         (["--ckpt_dir", str(d), "--template", "Alpaca"], "--template: expected alpaca, guanaco or none, got 'Alpaca'"),
+                         (["--ckpt_dir", str(d)], f"{d / 'tokenizer.model'}: tokenizer not found")):
         with pytest.raises(InputError, match=re.escape(expect)):
             M.chat(argv)
 
@@ -1702,7 +1707,7 @@ def test_chat_turns_history_eos_and_blank_lines(demo_adapter, monkeypatch, capsy
     lines = ("the brown fox", "seven birds", "old stone bridges")
     t1, t2, t3 = tok.encode(" the quick "), tok.encode("lazy dog"), tok.encode("rivers")  # t1: spaces an answer in training has not
     assert t1 != tok.encode("the quick")
-    stdin = ("  " + "\n".join(lines) + "  \n \nnever read\n").encode()  # surrounding spaces go; a blank line ends the chat
+    stdin = ("\ufeff  " + "\n".join(lines) + "  \n \nnever read\n").encode()  # a BOM, surrounding spaces go; a blank line ends it
     calls, out = chat_here(monkeypatch, capsys, "--adapter", path, "--template", "guanaco", "--quantize", "false", stdin=stdin,
                            answers=[t1[:], t2 + [tok.eos_id], t3[:]])
     g = [tok.encode(f"### Human: {line}### Assistant: ") for line in lines]
@@ -1712,8 +1717,8 @@ def test_chat_turns_history_eos_and_blank_lines(demo_adapter, monkeypatch, capsy
     assert [c[0] for c in calls] == [first, second, third]
     assert out == "".join(tok.decode(t) + "\n" for t in (t1, t2 + [tok.eos_id], t3))
     # Alpaca: every line a fresh instruction
-    calls, _ = chat_here(monkeypatch, capsys, "--adapter", path, "--quantize", "false", stdin=b"the brown fox\nseven birds\n",
-                         answers=[t1[:], t2[:]])
+    calls, _ = chat_here(monkeypatch, capsys, "--adapter", path, "--quantize", "false", stdin=b"the brown fox\r\nseven birds\n",
+                         answers=[t1[:], t2[:]])  # CRLF (a prompt file saved by Notepad) is not part of the prompt
     assert [c[0] for c in calls] == [[tok.bos_id] + tok.encode(P.ALPACA[False].format(instruction=line)) for line in lines[:2]]
     with pytest.raises(InputError, match=re.escape("stdin: not UTF-8 text")):  # not a UnicodeDecodeError from input()
         chat_here(monkeypatch, capsys, "--adapter", path, "--quantize", "false", stdin=b"caf\xe9\n")
