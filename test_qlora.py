@@ -3045,6 +3045,18 @@ def test_atomic_write_refuses_what_is_not_a_regular_file(tmp_path):
     (tmp_path / "file").write_text("")  # any other OSError names the target (not its temporary file)
     with pytest.raises(InputError, match=re.escape(f"cannot write {tmp_path / 'file' / 'x'} (Not a directory)")):
         atomic_write_bytes(tmp_path / "file" / "x", b"x")
+    # a link is written through: its target gets the new bytes (beside it, renamed over it), the link stays a link;
+    # through a link to a pipe (/dev/stdout -> /proc/self/fd/1 -> ...), refused like the pipe (the link is not replaced)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "t.jsonl").write_text("old")
+    for link, to in (("l.jsonl", tmp_path / "d" / "t.jsonl"), ("p", tmp_path / "pipe"), ("gone", tmp_path / "d" / "new.jsonl")):
+        (tmp_path / link).symlink_to(to)
+    atomic_write_bytes(tmp_path / "l.jsonl", b"new")
+    atomic_write_bytes(tmp_path / "gone", b"made")  # a link to a file not there yet: as open() does, the file is made
+    with pytest.raises(InputError, match=f"{tmp_path / 'p'}: exists and is not a regular file"):
+        atomic_write_bytes(tmp_path / "p", b"x")
+    assert all((tmp_path / n).is_symlink() for n in ("l.jsonl", "p", "gone")) and stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
+    assert {p.name: p.read_text() for p in (tmp_path / "d").iterdir()} == {"t.jsonl": "new", "new.jsonl": "made"}
 
 
 def test_run_turns_an_os_error_into_one_line(tmp_path, capsys):

@@ -23,15 +23,16 @@ class InputError(Exception):
 def atomic_write(path, write, size=0):
     # write(f) fills a temporary file beside path; fsync it, rename it over path, fsync the folder.
     # size (bytes, an estimate) only goes into the message when the disk is full.
-    path, tmp = Path(path), Path(f"{path}.tmp")
-    if path.exists() and not path.is_file():  # a folder, or a device like /dev/stdout: never renamed over
+    path, real = Path(path), Path(os.path.realpath(path))  # a link is written through (/dev/stdout: to what it names), never replaced
+    tmp = Path(f"{real}.tmp")
+    if real.exists() and not real.is_file():  # a folder, or a device like a terminal: never renamed over
         raise InputError(f"{path}: exists and is not a regular file")
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        tmp.replace(path)
+        tmp.replace(real)
     except BaseException as e:
         if os.path.lexists(tmp):  # (nothing to remove under a file or a missing folder)
             tmp.unlink()
@@ -43,7 +44,7 @@ def atomic_write(path, write, size=0):
             raise
         need = f" (needs ~{size / 1e6:,.0f} MB)" if size >= 1e6 else f" (needs ~{size / 1e3:,.0f} kB)" if size else ""
         raise InputError(f"no space left on device writing {path}{need}") from None
-    fd = os.open(path.parent, os.O_RDONLY)
+    fd = os.open(real.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
