@@ -9,8 +9,8 @@ question,A,B,C,D,answer without a header), or the QLoRA code's preprocessed DIR/
 import csv
 import json
 import time
-from collections import Counter
 from contextlib import nullcontext
+from itertools import groupby
 from pathlib import Path
 from statistics import fmean
 
@@ -63,11 +63,8 @@ def read_mmlu(folder, split="val", max_per_subject=0):
     else:
         raise InputError(f"{folder}: not an MMLU folder (expected dev/ and {split}/ with *_{split}.csv files, "
                          f"or five_shot_mmlu_{split}.json)")
-    seen, kept = Counter(), []
-    for q in out:  # the first max_per_subject questions of each subject
-        seen[q["subject"]] += 1
-        if not max_per_subject or seen[q["subject"]] <= max_per_subject:
-            kept.append(q)
+    by_subject = groupby(sorted(out, key=lambda q: q["subject"]), key=lambda q: q["subject"])  # (sorted is stable: file order kept)
+    kept = [q for _, qs in by_subject for q in list(qs)[: max_per_subject or None]]  # the first max_per_subject of each (0: all)
     if not kept:
         raise InputError(f"{folder}: no {split} questions")
     return kept
