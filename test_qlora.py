@@ -3778,11 +3778,20 @@ def test_bad_data_gives_one_line_and_exit_2(tmp_path, lines, expect):
     (["--mmlu_split", "train"], "--mmlu_split: expected val or test, got 'train'"),
     (["--merge_base", "original"], "--merge_base must be nf4 for a random base (no original weights), got original"),
     (["--adapter", "/nonexistent/adapter.pt"], "/nonexistent/adapter.pt: adapter not found"),
+    (["--data", "data"], "--data must be a file (not a pipe: it is read twice), got data"),  # a folder
 ])
 def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, expect):
     r = run_train(*args, "--out_dir", tmp_path)
     assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "model " not in r.stdout  # refused before anything was built
+
+
+def test_data_from_a_pipe_is_refused_before_it_is_read(tmp_path):
+    # read twice, to train and for its SHA-1 (which --resume compares): a second read of a pipe (<(zcat data.gz)) gives
+    # nothing, so any data would have passed --resume's check; a FIFO's second open waited for a writer for ever
+    os.mkfifo(fifo := tmp_path / "data.jsonl")
+    r = run_train("--data", fifo, "--out_dir", tmp_path / "o", timeout=60)
+    assert r.returncode == 2 and r.stderr == f"error: --data must be a file (not a pipe: it is read twice), got {fifo}\n"
 
 
 def test_resume_into_a_missing_out_dir_leaves_nothing_behind(tmp_path):
