@@ -2785,7 +2785,7 @@ def test_read_records_layout_line_numbers_and_surrogates(tmp_path):
 def test_oasst_path_skips_deleted_replies_trailing_prompts_and_orphans(tmp_path):
     # a deleted reply is never followed however well ranked; a path ending in two prompter messages drops both
     # (a conversation ends with an answer); in the flat table only parent_id null starts a conversation, so
-    # messages whose parent is not in the file (a partial export) are not made into conversations of their own
+    # messages whose parent is not in the file (a partial export) are not made into conversations of their own: counted
     qa = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
     tree = {"prompt": msg("prompter", "Q", replies=[
         msg("assistant", "deleted", rank=0, deleted=True),
@@ -2795,7 +2795,9 @@ def test_oasst_path_skips_deleted_replies_trailing_prompts_and_orphans(tmp_path)
             {"message_id": "a", "parent_id": "q", "role": "assistant", "text": "A"},
             {"message_id": "x", "parent_id": "not in this file", "role": "prompter", "text": "orphan Q"},
             {"message_id": "y", "parent_id": "x", "role": "assistant", "text": "orphan A"}]
-    assert convert("oasst", write(tmp_path / "messages.jsonl", [json.dumps(r) for r in rows])) == [qa]
+    skipped = Counter()
+    assert convert("oasst", write(tmp_path / "messages.jsonl", [json.dumps(r) for r in rows]), skipped=skipped) == [qa]
+    assert skipped == {"messages whose parent is not in the file, and their replies": 1}
 
 
 def test_convert_self_instruct_tasks_one_example_per_instance(tmp_path):
