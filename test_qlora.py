@@ -4102,6 +4102,9 @@ def test_bench_write_never_replaces_a_checkpoint(tmp_path):
                        capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 2 and r.stderr == f"error: --ckpt_dir {tmp_path}: not empty; --write makes its random checkpoint in a new or empty folder\n"
     assert os.listdir(tmp_path) == ["params.json"]
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "load", "--write", "tiny", "--ckpt_dir", tmp_path / "params.json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)  # refused before the model is built
+    assert r.returncode == 2 and r.stderr == f"error: --ckpt_dir {tmp_path / 'params.json'}: a file; --write makes its random checkpoint in a new or empty folder\n"
     (empty := tmp_path / "empty").mkdir()  # a new or empty folder: written, then loaded
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "load", "--write", "tiny", "--ckpt_dir", empty], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env=ENV)
