@@ -2403,7 +2403,6 @@ def test_installed_transformers_and_peft_agree(tmp_path, tokenizer_file, arch, k
      "config.json: quantization_config: the weights are quantized already; use the 16-bit original"),
     (dict(rope_parameters={"rope_theta": "5e5"}), 'config.json: rope_parameters: rope_theta must be a positive number, got "5e5"'),
     (dict(architectures=["MistralForCausalLM"], sliding_window=64), "sliding_window 64 is shorter than the context of 100 tokens"),
-    ("tokenizer_json", "only tokenizer.json, which is not read (transformers 5 saves no other: copy the base's tokenizer.model)"),
     (dict(architectures=["Qwen2ForCausalLM"]), "architectures ['Qwen2ForCausalLM']: only LlamaForCausalLM"),
     ("f8_dtype", "tensor 'model.norm.weight' has dtype F8_E4M3; only F16, BF16 and F32 are read"),
     (dict(head_dim=32), "config.json: head_dim 32 is not dim / heads = 64 / 4 = 16 (not implemented)"),
@@ -2444,9 +2443,6 @@ def test_hf_unsupported_is_one_line_before_any_weight_is_read(tmp_path, meta_ckp
         else:
             del sd["model.layers.1.post_attention_layernorm.weight"]
         write_safetensors(st, sd)
-    elif damage == "tokenizer_json":
-        (hf / "tokenizer.model").unlink()
-        (hf / "tokenizer.json").write_text("{}")
     elif damage in ("missing_shard", "missing_shard1"):
         (hf / f"model-0000{1 + (damage == 'missing_shard')}-of-00002.safetensors").unlink()
     elif damage in ("index_map_list", "index_map_null", "index_file_int"):  # an index edited by hand or written by another tool
@@ -4267,6 +4263,20 @@ def test_export_over_a_file_is_refused_before_training(tmp_path):
     r = run_train("--out_dir", out, "--export", "peft,merged_hf")
     assert r.returncode == 2 and r.stderr == f"error: {out / 'merged_hf'}: is a file; --export peft,merged_hf writes a folder there\n"
     assert [p.name for p in out.iterdir()] == ["merged_hf"] and (out / "merged_hf").read_text() == "mine"  # nothing trained
+
+
+def test_a_folder_with_only_tokenizer_json_says_so(tmp_path, meta_ckpt, tokenizer_file):
+    # Llama 3's, or what transformers 5 saves: a tokenizer.json, which sentencepiece does not read; said before any load
+    _, cfg, weights = meta_ckpt
+    hf = write_hf(tmp_path / "hf", cfg, weights, tokenizer_file)
+    (hf / "tokenizer.model").unlink()
+    (hf / "tokenizer.json").write_text("{}")
+    expect = f"error: {hf / 'tokenizer.model'}: tokenizer not found (only tokenizer.json, which is not read: copy the base's tokenizer.model)\n"
+    for r in (run_train("--ckpt_dir", hf, "--out_dir", tmp_path / "o", "--lora_r", 8, "--source_max_len", 64, "--target_max_len", 32),
+              run_chat("--ckpt_dir", hf, "--prompt", "x")):
+        assert r.returncode == 2 and r.stderr == expect and r.stdout == ""
+    (hf / "tokenizer.json").unlink()  # without it, the plain message
+    assert run_chat("--ckpt_dir", hf, "--prompt", "x").stderr == f"error: {hf / 'tokenizer.model'}: tokenizer not found\n"
 
 
 @pytest.mark.parametrize("content", [b"", b"\x0agarbage" * 50])

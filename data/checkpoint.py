@@ -29,8 +29,9 @@ from qlora import LoRALinear, merge_lora
 class Tokenizer:
     def __init__(self, path):
         self.path = path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{path}: tokenizer not found")
+        if not path.is_file():  # beside it a tokenizer.json alone (Llama 3's, or what transformers 5 saves): say so
+            raise InputError(f"{path}: tokenizer not found" + " (only tokenizer.json, which is not read: copy the base's "
+                             "tokenizer.model)" * (path.parent / "tokenizer.json").is_file())
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError):  # empty, truncated, or some other file
@@ -362,8 +363,6 @@ def open_checkpoint(ckpt_dir, device=None, dtype=torch.bfloat16, tokenizer=None,
     d, hf = Path(ckpt_dir), is_hf(ckpt_dir)
     params, take, total, where = (_read_hf if hf else _read_meta)(d, context)
     tok = tokenizer if tokenizer is not None else find_tokenizer(d)
-    if tok is None and (d / "tokenizer.json").is_file():
-        raise InputError(f"{d}: only tokenizer.json, which is not read (transformers 5 saves no other: copy the base's tokenizer.model)")
     n_words = Tokenizer(tok).n_words if tok is not None else params["vocab_size"]
     if n_words > params["vocab_size"]:  # the embedding may be padded past the tokenizer (a multiple of 64, an added pad)
         raise InputError(f"{tok}: tokenizer has {n_words} tokens, the checkpoint's embedding has {params['vocab_size']}")
