@@ -3848,11 +3848,18 @@ def test_resume_compares_the_data_by_content_and_every_setting_of_the_model_and_
                        (["--val_fraction", 0.2], "--val_fraction"), (["--train_on_source"], "--train_on_source False"),
                        (["--weight_decay", 0.1], "--weight_decay 0.0, this run has --weight_decay 0.1"),  # the optimizer's state_dict
                        (["--beta1", 0.8], "--beta1 0.9, this run has --beta1 0.8"), (["--beta2", 0.9], "--beta2 0.999"),  # restores them
-                       (["--group_by_length", "false"], "--group_by_length True"),
-                       (["--mmlu", mmlu_dirs[0]], "a tokenizer (SHA-1) "),  # the demo's tokenizer then keeps MMLU's letters: another one
-                       ):
+                       (["--group_by_length", "false"], "--group_by_length True")):
         r = run_train(*FAST, "--max_iters", 2, "--out_dir", d, "--data", same, "--resume", *args)
         assert r.returncode == 2 and f"was made with {what}" in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+    # a resumed demo keeps its tokenizer (not one trained anew for --mmlu, which keeps MMLU's letters): --mmlu then says why not
+    r = run_train(*FAST, "--max_iters", 2, "--out_dir", d, "--data", same, "--resume", "--mmlu", mmlu_dirs[0])
+    assert r.returncode == 2 and r.stderr.startswith(f"error: {d / demo_tokenizer.name}: 'A'..'D' after 'Answer:' are not four distinct")
+    assert [p.name for p in d.glob("tokenizer-*")] == [demo_tokenizer.name]
+    ck = torch.load(d / "ckpt.pt", weights_only=True)
+    ck["base"]["device"] = "cuda"  # a random base is rebuilt on the device kind it was made on (CUDA draws other weights)
+    torch.save(ck, d / "ckpt.pt")
+    r = run_train(*FAST, "--max_iters", 2, "--out_dir", d, "--data", same, "--resume", env=CPU_ENV)
+    assert r.returncode == 2 and r.stderr == f"error: {d / 'ckpt.pt'}: its random base was made on cuda; rebuilding it needs the same here\n"
 
 
 def torchrun_train(*args):
@@ -4142,6 +4149,8 @@ def test_mmlu_adapter_and_chat_after_the_demo(tmp_path, mmlu_dirs):
     assert f"iter 0: val loss {val}" in r.stdout and [p.name for p in b.glob("tokenizer-*")] == [tok.name]
     assert (b / tok.name).read_bytes() == tok.read_bytes()
     assert json.loads((b / "mmlu_val.jsonl").read_text())["subjects"] == logged[-1]["subjects"]
+    r = run_train(*FAST, "--max_iters", 4, "--out_dir", a, "--resume")  # without --mmlu: its tokenizer (with the letters) goes on
+    assert r.returncode == 0 and "resumed from" in r.stdout and [p.name for p in a.glob("tokenizer-*")] == [tok.name], r.stderr
     ad["base"]["device"] = "cuda"  # CUDA draws other weights from one seed: not rebuilt on a CPU
     torch.save(ad, tmp_path / "cuda.pt")
     r = run_train(*FAST, "--max_iters", 0, "--adapter", tmp_path / "cuda.pt", "--out_dir", tmp_path / "c", env=CPU_ENV)

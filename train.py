@@ -171,7 +171,7 @@ def read_checkpoint(path, c, world):
     for k in ("model", "ckpt_dir", "adapter", "lora_r", "lora_alpha", "lora_dropout", "data_sha1", "tokenizer_sha1", "seed", "batch_size",
               "micro_batch", "source_max_len", "target_max_len", "train_on_source", "group_by_length", "val_fraction", "weight_decay",
               "beta1", "beta2"):  # the model, the data stream (the data by content), what the optimizer's state_dict restores
-        if (old := ck["config"].get(k)) != c[k]:
+        if k in c and (old := ck["config"].get(k)) != c[k]:  # (tokenizer_sha1: once the tokenizer is known, a second call)
             name = {"data_sha1": "--data contents (SHA-1)", "tokenizer_sha1": "a tokenizer (SHA-1)"}.get(k, f"--{k}")
             raise InputError(f"--resume: {path} was made with {name} {old}, this run has {name} {c[k]}")
     if len(ck["rng"]) != world:
@@ -209,13 +209,14 @@ def train(c):
 
     items = read_data(data)
     questions = mmlu_eval.read_mmlu(c["mmlu"], c["mmlu_split"], c["mmlu_max"]) if c["mmlu"] else []
-    info = read_adapter(c["adapter"])["info"] if c["adapter"] and c["init"] == "random" else {}  # its random base: rebuilt as it was
-    given, seed, vocab = (random_base(c["adapter"], info, device.split(":")[0]) if (info.get("base") or {}).get("init") == "random"
-                          else (None, c["seed"], None))
-    tok = load_tokenizer(c, items, master, ddp, given)
-    for k, f in (("data_sha1", data), ("tokenizer_sha1", tok.path)):  # what ran, by content (not name): --resume compares them
-        c[k] = hashlib.sha1(Path(f).read_bytes()).hexdigest()
+    c["data_sha1"] = hashlib.sha1(Path(data).read_bytes()).hexdigest()  # what ran, by content (not name): --resume compares it
     ck = read_checkpoint(ckpt_path, c, world) if c["resume"] else None  # before the slow part (the model): fails fast
+    info = ck or (read_adapter(c["adapter"])["info"] if c["adapter"] and c["init"] == "random" else {})  # a random base recorded
+    given, seed, vocab = (random_base(ckpt_path if ck else c["adapter"], info, device.split(":")[0])  # there is rebuilt as it was:
+                          if (info.get("base") or {}).get("init") == "random" else (None, c["seed"], None))  # tokenizer, seed, vocab
+    tok = load_tokenizer(c, items, master, ddp, given)
+    c["tokenizer_sha1"] = hashlib.sha1(tok.path.read_bytes()).hexdigest()
+    ck = read_checkpoint(ckpt_path, c, world) if ck else None  # now with the tokenizer (e.g. the base's tokenizer.model replaced)
     if questions:
         mmlu_eval.letter_ids(tok)  # a tokenizer without single-token letters fails here, not after training
     random.Random(c["seed"]).shuffle(items)  # the examples' order: the first n_val held out, the sample's prompt the first's
@@ -228,7 +229,7 @@ def train(c):
     if len(train_set) < micro_batch:
         raise InputError(f"{data}: {len(train_set)} training examples, fewer than --micro_batch {micro_batch}")
     t0 = time.time()
-    raw, base = build_model(c, tok, device, dtype, master, seed, vocab)
+    raw, base = build_model(c, tok, device, dtype, master, seed, None if ck else vocab)  # resumed: recomputed, checked against ck
     # the prompt template a chat with the result should use: the one most training examples had
     alpaca = sum(segs[0][0].startswith(ALPACA[False][:45]) for _, segs in items)
     template = "alpaca" if 2 * alpaca >= len(items) else "guanaco"
