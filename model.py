@@ -191,8 +191,7 @@ class LLaMA(nn.Module):
         self.tok_embeddings = nn.Embedding.from_pretrained(emb, freeze=True)
         self.layers = nn.ModuleList(Block(cfg, i, load, linear) for i in range(cfg.n_layers))
         self.norm = RMSNorm(load("norm.weight", (cfg.dim,)), cfg.norm_eps)
-        out = emb if cfg.tie_embeddings else load("output.weight", (cfg.vocab_size, cfg.dim))
-        self.register_buffer("output", out)  # the head, frozen
+        self.register_buffer("output", emb if cfg.tie_embeddings else load("output.weight", (cfg.vocab_size, cfg.dim)))  # the head, frozen
         cos_sin = torch.stack(rope_tables(cfg.head_dim, 2 * cfg.max_seq_len, cfg.rope_theta, emb.device))
         self.register_buffer("rope", cos_sin, persistent=False)  # (2, 2·max_seq_len, head_dim/2): cos, sin
 
@@ -289,8 +288,7 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):  # (B, vocab) logit
 # answer closed by eos as in training, the oldest tokens after bos dropped past max_seq_len. Alpaca was
 # trained on single instructions, so there each line is a fresh one.
 
-FLAGS = dict(ckpt_dir="", adapter="", prompt="", template="", max_new_tokens=256, temperature=0.7, top_p=0.9, top_k=0,
-             seed=0, quantize=True)
+FLAGS = dict(ckpt_dir="", adapter="", prompt="", template="", max_new_tokens=256, temperature=0.7, top_p=0.9, top_k=0, seed=0, quantize=True)
 
 
 def chat(argv):

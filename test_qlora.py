@@ -2787,7 +2787,7 @@ def test_oasst_path_skips_deleted_replies_trailing_prompts_and_orphans(tmp_path)
         msg("assistant", "deleted", rank=0, deleted=True),
         msg("assistant", "A", rank=1, replies=[msg("prompter", "Q2", replies=[msg("prompter", "Q3")])])])}
     assert convert("oasst", write(tmp_path / "trees.jsonl", [json.dumps(tree)])) == [qa]
-    rows = [{"message_id": "q", "parent_id": None, "role": "prompter", "text": "Q"},
+    rows = [{"message_id": "q", "role": "prompter", "text": "Q"},  # no parent_id at all: a root, as null is
             {"message_id": "a", "parent_id": "q", "role": "assistant", "text": "A"},
             {"message_id": "x", "parent_id": "not in this file", "role": "prompter", "text": "orphan Q"},
             {"message_id": "y", "parent_id": "x", "role": "assistant", "text": "orphan A"}]

@@ -231,8 +231,7 @@ def train(c):
     t0 = time.time()
     raw, base = build_model(c, tok, device, dtype, master, seed, None if ck else vocab)  # resumed: recomputed, checked against ck
     # the prompt template a chat with the result should use: the one most training examples had
-    alpaca = sum(segs[0][0].startswith(ALPACA[False][:45]) for _, segs in items)
-    template = "alpaca" if 2 * alpaca >= len(items) else "guanaco"
+    template = "alpaca" if 2 * sum(segs[0][0].startswith(ALPACA[False][:45]) for _, segs in items) >= len(items) else "guanaco"
     raw.grad_checkpoint = c["grad_checkpoint"]
     n_base = sum(m.in_features * m.out_features for m in raw.modules() if isinstance(m, LoRALinear))  # block linears
     if master:

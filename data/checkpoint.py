@@ -144,8 +144,7 @@ TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "mod
 
 
 def meta_names(n_layers):
-    return ["tok_embeddings.weight", *(f"layers.{i}.{n}.weight" for i in range(n_layers) for n in PER_LAYER),
-            "norm.weight", "output.weight"]
+    return ["tok_embeddings.weight", *(f"layers.{i}.{n}.weight" for i in range(n_layers) for n in PER_LAYER), "norm.weight", "output.weight"]
 
 
 def hf_name(name):  # layers.3.attention.wq.weight -> model.layers.3.self_attn.q_proj.weight
@@ -240,8 +239,7 @@ def read_params(ckpt_dir, context=None):
     if raw.get("head_dim") not in (None, p["dim"] / heads):
         raise InputError(f"{where}: head_dim {raw['head_dim']} is not dim / heads = {p['dim']} / {heads} = {p['dim'] / heads:g} (not implemented)")
     if p["dim"] % heads or p["dim"] // heads % 2 or heads % kv:
-        raise InputError(f"{where}: dim {p['dim']}, {heads} heads, {kv} kv heads: need a whole, even head dim and kv heads "
-                         "dividing heads")
+        raise InputError(f"{where}: dim {p['dim']}, {heads} heads, {kv} kv heads: need a whole, even head dim and kv heads dividing heads")
     if window := raw.get("sliding_window"):  # within the window, full causal attention is what the model computes
         if context and context > window:
             raise InputError(f"{where}: sliding_window {window} is shorter than the context of {context} tokens (not implemented)")
@@ -375,9 +373,8 @@ def open_checkpoint(ckpt_dir, device=None, dtype=torch.bfloat16, tokenizer=None,
             raise InputError(f"{where}: {hf_name(name) if hf else name} has shape {tuple(t.shape)}, {src} implies "
                              f"{tuple(shape)} (missing shard or wrong {src}?)")
         nbytes, t = t.nbytes, t.to(device=device, dtype=dtype)
-        t = hf_permute(t, name, params["n_heads"], params["n_kv_heads"], back=True) if hf else t  # to Meta's interleaved rotary
         prog.step(name, nbytes)
-        return t
+        return hf_permute(t, name, params["n_heads"], params["n_kv_heads"], back=True) if hf else t  # to Meta's interleaved rotary
 
     return params, load, prog
 

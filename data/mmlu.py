@@ -61,8 +61,7 @@ def read_mmlu(folder, split="val", max_per_subject=0):
             header = f"The following are multiple choice questions (with answers) about  {subject.replace('_', ' ')}.\n\n"  # 2 spaces, as in evaluate.py
             out += [dict(subject=subject, header=header, shots=shots, question=t, answer=a) for t, a in read_csv(path)]
     else:
-        raise InputError(f"{folder}: not an MMLU folder (expected dev/ and {split}/ with *_{split}.csv files, "
-                         f"or five_shot_mmlu_{split}.json)")
+        raise InputError(f"{folder}: not an MMLU folder (expected dev/ and {split}/ with *_{split}.csv files, or five_shot_mmlu_{split}.json)")
     by_subject = groupby(sorted(out, key=lambda q: q["subject"]), key=lambda q: q["subject"])  # (sorted is stable: file order kept)
     kept = [q for _, qs in by_subject for q in list(qs)[: max_per_subject or None]]  # the first max_per_subject of each (0: all)
     if not kept:

@@ -104,7 +104,7 @@ def convert(kind, path, lang=None, skipped=None):
         for n in nodes.values():
             if field(f"{path}:{n['line']}", n, "parent_id", kind=(str, type(None))) in nodes:
                 nodes[n["parent_id"]]["replies"].append(n)
-            elif n["parent_id"] is not None:  # e.g. a table filtered by row: no conversation to start from, so counted
+            elif n.get("parent_id") is not None:  # e.g. a table filtered by row: no conversation to start from, so counted
                 skipped["messages whose parent is not in the file, and their replies"] += 1
         records = [(n["line"], {"prompt": n}) for n in nodes.values() if n.get("parent_id") is None]
     for line, r in records:
