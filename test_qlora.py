@@ -2818,7 +2818,9 @@ def test_convert_skips_blank_instructions_and_half_guanaco_texts(tmp_path):
                       ("### Assistant: b### Human: a### Assistant: c", "field 'text' must alternate '### Human:' and '### Assistant:'"),
                       ("### Human: a### Human: b### Assistant: c", "field 'text' must alternate"),
                       ("### Human: a### Assistant: b### Assistant: c", "field 'text' must alternate"),  # any turn, not only the first two
-                      ("Intro### Assistant: b", "field 'text' must alternate"), (" ", "field 'text' must be a non-empty string")):
+                      ("Intro### Assistant: b", "field 'text' must alternate"), (" ", "field 'text' must be a non-empty string"),
+                      ("### Human: a### Assistant: \n ", "field 'text' has an empty '### Assistant:' turn"),  # a message content
+                      ("### Human: ### Assistant: b", "field 'text' has an empty '### Human:' turn")):  # must not be blank either
         src, skipped = write(tmp_path / "g.jsonl", [json.dumps({"text": text}), json.dumps({"text": good})]), Counter()
         assert convert("guanaco", src, skipped=skipped) == [{"text": good}]
         assert len(skipped) == 1 and next(iter(skipped)).startswith(why) and sum(skipped.values()) == 1

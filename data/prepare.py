@@ -168,6 +168,8 @@ def segments(obj, where):
         parts = re.split(r"(### Human:|### Assistant:)", text(obj, "text"))
         if len(parts) < 3 or any(m != ("### Human:", "### Assistant:")[i % 2] for i, m in enumerate(parts[1::2])):  # not rewritten
             raise InputError(f"{where}: field 'text' must alternate '### Human:' and '### Assistant:' turns, a human's first")
+        if empty := next((m for m, body in zip(parts[1::2], parts[2::2]) if not body.strip()), None):  # as messages' contents
+            raise InputError(f"{where}: field 'text' has an empty '{empty}' turn")  # (an empty answer would teach empty answers)
         out = [(parts[0], False)] if parts[0].strip() else []
         for marker, body in zip(parts[1::2], parts[2::2]):
             out.append((GUANACO.format(instruction=body.strip()), False) if marker == "### Human:" else (body.strip(), True))
