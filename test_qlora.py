@@ -2805,6 +2805,9 @@ def test_convert_self_instruct_tasks_one_example_per_instance(tmp_path):
     assert convert("self_instruct", write(tmp_path / "t.jsonl", [json.dumps(task)]), skipped=skipped) == [
         {"instruction": "Relate the pair.", "input": "Night : Day", "output": "Opposites."},
         {"instruction": "Relate the pair.", "input": "", "output": "None given."}] and sum(skipped.values()) == 1
+    skipped = Counter()  # a task without instances is counted too, not lost without a word
+    got = convert("self_instruct", write(tmp_path / "t.jsonl", [json.dumps({**task, "instances": []}), json.dumps(task)]), skipped=skipped)
+    assert [e["output"] for e in got] == ["Opposites.", "None given."] and skipped == {"with an empty instruction or output": 2}
 
 
 def test_convert_skips_blank_instructions_and_half_guanaco_texts(tmp_path):

@@ -96,8 +96,9 @@ def convert(kind, path, lang=None, skipped=None):
         raise InputError(f"unknown format '{kind}' (expected alpaca, oasst, guanaco or self_instruct)")
     out, records = [], read_records(path)
     if kind == "self_instruct":  # Wang et al. 2023's {instruction, instances: [{input, output}]}: an example per instance
-        records = [(line, {**(i if isinstance(i, dict) else {}), "instruction": r.get("instruction")})  # the task's instruction
-                   for line, r in records for i in field(f"{path}:{line}", r, "instances", kind=list)]
+        # with the task's instruction; a task without instances gives one with an empty output, skipped and counted as such
+        records = [(line, {**(i if isinstance(i, dict) else {}), "instruction": r.get("instruction")})
+                   for line, r in records for i in field(f"{path}:{line}", r, "instances", kind=list) or [{"output": ""}]]
     if kind == "oasst" and records and isinstance(records[0][1], dict) and "message_id" in records[0][1]:
         # the flat message table: rebuild the trees from parent_id links, roots in file order
         nodes = {field(f"{path}:{line}", m, "message_id"): dict(m, replies=[], line=line) for line, m in records}
