@@ -1761,6 +1761,9 @@ def test_chat_finds_the_base_the_tokenizer_and_the_device_as_recorded(demo_adapt
     assert C.random_base(path, {"base": rec, "model_config": {"vocab_size": 120}}, "cuda") == (recorded, 3, 120)
     with pytest.raises(InputError, match=re.escape("its random base was made on cpu; rebuilding it needs the same here")):
         C.random_base(path, {"base": {**rec, "device": "cpu"}, "model_config": {"vocab_size": 120}}, "cuda")
+    with pytest.raises(InputError, match=re.escape(f"{path}: its random base's vocabulary of {tok.n_words - 1} is smaller than its "
+                                                   f"tokenizer's, {tok.n_words} ({recorded})")):  # not an IndexError in training
+        C.random_base(path, {"base": rec, "model_config": {"vocab_size": tok.n_words - 1}}, "cuda")
     ck = torch.load(path, weights_only=True)
     del ck["base"]["device"]
     torch.save(ck, tmp_path / "old.pt")
@@ -3049,7 +3052,16 @@ def test_atomic_write_refuses_what_is_not_a_regular_file(tmp_path):
     with pytest.raises(InputError, match=re.escape(f"cannot write {tmp_path / 'file' / 'x'} (Not a directory)")):
         atomic_write_bytes(tmp_path / "file" / "x", b"x")
     # a link is written through: its target gets the new bytes (beside it, renamed over it), the link stays a link;
-    # through a link to a pipe (/dev/stdout -> /proc/self/fd/1 -> ...), refused like the pipe (the link is not replaced)
+    # a link to a pipe is refused like the pipe; and a stream (/dev/stdout -> /proc/self/fd/1) even when it goes to a file:
+    # renaming over that file would lose what it held (`>> all.jsonl`), and what is printed after would go nowhere
+    with open(tmp_path / "held.jsonl", "a") as held:
+        held.write("kept\n")
+        held.flush()
+        (tmp_path / "stdout").symlink_to(f"/proc/self/fd/{held.fileno()}")
+        with pytest.raises(InputError, match=f"{tmp_path / 'stdout'}: exists and is not a regular file"):
+            atomic_write_bytes(tmp_path / "stdout", b"x")
+    assert (tmp_path / "held.jsonl").read_text() == "kept\n" and (tmp_path / "stdout").is_symlink()
+    (tmp_path / "stdout").unlink()
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "t.jsonl").write_text("old")
     for link, to in (("l.jsonl", tmp_path / "d" / "t.jsonl"), ("p", tmp_path / "pipe"), ("gone", tmp_path / "d" / "new.jsonl")):
@@ -3971,8 +3983,8 @@ def test_resume_refuses_a_checkpoint_edited_by_hand(tmp_path, demo_tokenizer):
              ({"iter_num": "1"}, "not a checkpoint written by train.py"),
              ({"config": [1]}, "not a checkpoint written by train.py"),
              ({"model_config": [1]}, "not a checkpoint written by train.py"),
-             ({"model_config": {**ck["model_config"], "vocab_size": 120}},
-              f"made for a model with vocab_size 120; this one has {ck['model_config']['vocab_size']}"),
+             ({"model_config": {**ck["model_config"], "lora_r": 8}},
+              f"made for a model with lora_r 8; this one has {ck['model_config']['lora_r']}"),
              ({"model_config": {k: v for k, v in ck["model_config"].items() if k != "tie_embeddings"}},
               "made for a model with tie_embeddings None; this one has False")]
     for i, (change, expect) in enumerate(cases):
@@ -3981,6 +3993,25 @@ def test_resume_refuses_a_checkpoint_edited_by_hand(tmp_path, demo_tokenizer):
         r = run_train(*FAST, "--max_iters", 2, "--out_dir", d, "--resume")
         assert r.returncode == 2 and f"error: --resume: {d / 'ckpt.pt'}: {expect}" in r.stderr, (change, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and not (d / "adapter.pt").exists()
+    # the random base is rebuilt as ckpt.pt records it: a vocabulary smaller than its tokenizer is refused, not an IndexError
+    d = fresh_out_dir(tmp_path / "vocab", demo_tokenizer)
+    torch.save({**ck, "model_config": {**ck["model_config"], "vocab_size": 120}}, d / "ckpt.pt")
+    r = run_train(*FAST, "--max_iters", 2, "--out_dir", d, "--resume")
+    assert r.returncode == 2 and r.stderr.startswith(f"error: {d / 'ckpt.pt'}: its random base's vocabulary of 120 is smaller"), r.stderr
+
+
+def test_resume_rebuilds_an_adapters_random_base_at_its_vocabulary(tmp_path):
+    # a demo adapter's base has its tokenizer's vocabulary (here below 512); a run on it that is not the demo (--ckpt_dir
+    # named, --init random) builds that base again, and so does its --resume (not one at --init random's own size)
+    data = mixed_data(tmp_path / "d.jsonl", 7, 6)
+    assert run_train(*FAST, "--data", data, "--max_iters", 1, "--out_dir", tmp_path / "a").returncode == 0
+    (tmp_path / "empty").mkdir()
+    args = (*FAST, "--data", data, "--adapter", tmp_path / "a" / "adapter.pt", "--init", "random", "--ckpt_dir", tmp_path / "empty",
+            "--out_dir", tmp_path / "b")
+    assert run_train(*args, "--max_iters", 1).returncode == 0
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model_config"]["vocab_size"] < 512
+    r = run_train(*args, "--max_iters", 2, "--resume")
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
 
 
 def test_resume_refuses_a_base_whose_params_json_changed(tmp_path, meta_ckpt):

@@ -229,7 +229,7 @@ def train(c):
     if len(train_set) < micro_batch:
         raise InputError(f"{data}: {len(train_set)} training examples, fewer than --micro_batch {micro_batch}")
     t0 = time.time()
-    raw, base = build_model(c, tok, device, dtype, master, seed, None if ck else vocab)  # resumed: recomputed, checked against ck
+    raw, base = build_model(c, tok, device, dtype, master, seed, vocab)
     # the prompt template a chat with the result should use: the one most training examples had
     template = "alpaca" if 2 * sum(segs[0][0].startswith(ALPACA[False][:45]) for _, segs in items) >= len(items) else "guanaco"
     raw.grad_checkpoint = c["grad_checkpoint"]

@@ -87,7 +87,10 @@ def random_base(adapter, info, device):
         raise InputError(f"{adapter}: its random base records no seed, no tokenizer or no vocabulary size")  # edited by hand
     if base.get("device", device) != device:  # CPU and CUDA generators draw other weights from one seed
         raise InputError(f"{adapter}: its random base was made on {base['device']}; rebuilding it needs the same here")
-    return (t if (t := Path(base["tokenizer"])).is_file() else Path(adapter).parent / t.name), base["seed"], vocab
+    tok = t if (t := Path(base["tokenizer"])).is_file() else Path(adapter).parent / t.name
+    if (n := Tokenizer(tok).n_words) > vocab:  # edited by hand: the tokenizer's ids would run past the embedding
+        raise InputError(f"{adapter}: its random base's vocabulary of {vocab} is smaller than its tokenizer's, {n} ({tok})")
+    return tok, base["seed"], vocab
 
 
 def read_json(path):

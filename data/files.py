@@ -23,9 +23,9 @@ class InputError(Exception):
 def atomic_write(path, write, size=0):
     # write(f) fills a temporary file beside path; fsync it, rename it over path, fsync the folder.
     # size (bytes, an estimate) only goes into the message when the disk is full.
-    path, real = Path(path), Path(os.path.realpath(path))  # a link is written through (/dev/stdout: to what it names), never replaced
-    tmp = Path(f"{real}.tmp")
-    if real.exists() and not real.is_file():  # a folder, or a device like a terminal: never renamed over
+    path, real = Path(path), Path(os.path.realpath(path))  # a link is written through to its target, never replaced by a file
+    tmp = Path(f"{real}.tmp")  # a folder, a device, a pipe, or a stream (/dev/stdout -> /proc/self/fd/1, even to a file): refused
+    if real.exists() and not real.is_file() or path.is_symlink() and "/proc/" in os.readlink(path) + str(path):
         raise InputError(f"{path}: exists and is not a regular file")
     try:
         with open(tmp, "wb") as f:
