@@ -139,8 +139,7 @@ class Attention(nn.Module):
                 mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         # flash attention on the GPU; grouped-query attention shares each k/v head among n_head/n_kv_head queries
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -258,8 +257,7 @@ class LLaMA(nn.Module):
         return cls(cfg, load, quantize)
 
     @classmethod
-    def from_checkpoint(cls, ckpt_dir, quantize=True, device=None, dtype=torch.bfloat16, tokenizer=None, context=None,
-                        progress=True, **lora):
+    def from_checkpoint(cls, ckpt_dir, quantize=True, device=None, dtype=torch.bfloat16, tokenizer=None, context=None, progress=True, **lora):
         # Meta's layout or HF's (told apart by their files), read tensor by tensor; context: the longest sequence
         params, load, prog = open_checkpoint(ckpt_dir, device, dtype, tokenizer, context, progress)
         net = cls(LLaMAConfig(**params, **lora), load, quantize)
@@ -303,8 +301,9 @@ def chat(argv):
     if (wrap := {"alpaca": ALPACA[False], "guanaco": GUANACO, "none": "{instruction}"}.get(template)) is None:
         raise InputError(f"--template: expected alpaca, guanaco or none, got {template!r}")
     device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)  # as train.py
-    if (d := f["ckpt_dir"] or base.get("ckpt_dir")) and not (f["ckpt_dir"] or Path(d).is_dir()):  # e.g. peft's hub model name
-        raise InputError(f"--adapter {f['adapter']}: its base {d} is not a folder here; name one with --ckpt_dir")
+    if (d := f["ckpt_dir"] or base.get("ckpt_dir")) and not Path(d).is_dir():  # a typo, or peft's hub model name
+        raise InputError(f"--ckpt_dir {d}: not a folder" if f["ckpt_dir"] else
+                         f"--adapter {f['adapter']}: its base {d} is not a folder here; name one with --ckpt_dir")
     if d:
         tok = Tokenizer(find_tokenizer(d) or Path(d) / "tokenizer.model")  # checked before the (slow) load, as --template
         net = LLaMA.from_checkpoint(d, f["quantize"], device, dtype, lora_r=0)

@@ -1674,7 +1674,8 @@ def test_chat_checks_flag_ranges_and_words_before_loading_anything(tmp_path, mon
                          (["--seed", "-1"], "--seed must be in [0, 9.22337e+18], got -1"),
                          (["hello"], "unexpected argument 'hello'"),
                          (["--ckpt_dir", str(d), "--template", "Alpaca"], "--template: expected alpaca, guanaco or none, got 'Alpaca'"),
-                         (["--ckpt_dir", str(d)], f"{d / 'tokenizer.model'}: tokenizer not found")):
+                         (["--ckpt_dir", str(d)], f"{d / 'tokenizer.model'}: tokenizer not found"),
+                         (["--ckpt_dir", str(d / "typo")], f"--ckpt_dir {d / 'typo'}: not a folder")):
         with pytest.raises(InputError, match=re.escape(expect)):
             M.chat(argv)
 
@@ -1794,7 +1795,8 @@ def test_chat_streams_a_character_split_over_byte_tokens_whole(demo_adapter, tmp
     tok = byte_tokenizer(tmp_path / "bytes.model")
     answer = tok.encode("the café ☕ is open")
     assert "<0xC3>" in [tok.sp.id_to_piece(i) for i in answer]  # é is two byte tokens here
-    adapter = demo_variant(demo_adapter, tmp_path / "b" / "adapter.pt", base={"tokenizer": str(tok.path)})
+    adapter = demo_variant(demo_adapter, tmp_path / "b" / "adapter.pt", base={"tokenizer": str(tok.path)},
+                           model_config={"vocab_size": tok.n_words})  # a base as wide as that tokenizer
     _, out = chat_here(monkeypatch, capsys, "--adapter", adapter, "--prompt", "the lazy dog", "--quantize", "false", answers=[answer])
     assert out == "the café ☕ is open\n"
 
@@ -1804,7 +1806,8 @@ def test_chat_ends_a_guanaco_answer_at_a_human_turn_of_its_own(demo_adapter, tmp
     # It ends there with no part of the marker printed (a possible start of it is held back until the answer ends),
     # and the conversation keeps the answer alone, closed by eos
     tok = byte_tokenizer(tmp_path / "bytes.model")
-    adapter = demo_variant(demo_adapter, tmp_path / "b" / "adapter.pt", base={"tokenizer": str(tok.path)})
+    adapter = demo_variant(demo_adapter, tmp_path / "b" / "adapter.pt", base={"tokenizer": str(tok.path)},
+                           model_config={"vocab_size": tok.n_words})  # a base as wide as that tokenizer
     answers = ["the fox. ### Human: and you?### Assistant: a dog", "see C# ##", "old ## stone"]
     assert all(tok.decode(tok.encode(a)) == a for a in answers) and len(tok.encode("### Human:")) > 5  # streamed piece by piece
     ids = [tok.encode(a) for a in answers]
@@ -3186,6 +3189,13 @@ def test_conversation_cut_ends_with_the_cut_turns_response():
     # it runs out exactly after turn 1: turn 2's prompt keeps nothing, so its answer is not trained right after A1's eos
     ((ids, labels),), truncated = P.tokenize([("f:1", segs)], CharTok(), source_max_len=3, target_max_len=100)
     assert ids == [1] + tok.encode("Q1") + tok.encode("A1") + [2] and truncated == 1
+    # its answers' budget runs out exactly after turn 1: turn 2's prompt is not left dangling (trained under --train_on_source)
+    ((ids, labels),), truncated = P.tokenize([("f:1", segs)], CharTok(), source_max_len=100, target_max_len=3, train_on_source=True)
+    assert ids == [1] + tok.encode("Q1") + tok.encode("A1") + [2] and labels == [-100] + ids[1:] and truncated == 1
+    # a later turn's system message cut: the turn goes whole, system message and all
+    sys_segs = [("S1", False), ("Q1", False), ("A1", True), ("SSSS2", False), ("Q2", False), ("A2", True)]
+    ((ids, labels),), truncated = P.tokenize([("f:1", sys_segs)], CharTok(), source_max_len=7, target_max_len=100)
+    assert ids == [1] + tok.encode("S1Q1A1") + [2] and truncated == 1
     # the first prompt cut to nothing keeps its response (the paper's collator cuts the source alone)
     ((ids, labels),), _ = P.tokenize([("f:1", segs)], CharTok(), source_max_len=1, target_max_len=100)
     assert ids == [1] + tok.encode("A1") + [2]

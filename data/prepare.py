@@ -191,19 +191,21 @@ def tokenize(items, tok, source_max_len, target_max_len, train_on_source=False):
     # -> (examples, how many were cut). None is dropped: every example ends with a response, of which target_max_len >= 1 tokens fit
     examples, truncated = [], 0
     for _, segs in items:
-        ids, labels, budget, cut = [tok.bos_id], [-100], {False: source_max_len - 1, True: target_max_len}, False
+        ids, labels, budget, cut, end = [tok.bos_id], [-100], {False: source_max_len - 1, True: target_max_len}, False, 1
         for text, is_resp in segs:
             t = tok.encode(text) + [tok.eos_id] * is_resp  # eos ends every response: the model learns to stop
             keep = min(len(t), budget[is_resp])
+            cut |= keep < len(t)
+            if not keep and end > 1:  # no room left for a later turn's prompt or answer: the example ends after the last answer
+                break
             budget[is_resp] -= keep
             ids += t[:keep]
             labels += t[:keep] if is_resp or train_on_source else [-100] * keep
-            cut |= keep < len(t)
-            # after a cut, end with the response it belongs to; a later prompt cut to nothing ends it before its response
-            if cut and (is_resp or not keep and budget[True] < target_max_len):  # (which would follow an eos unprompted)
+            end = len(ids) if is_resp else end  # the end of the last response kept
+            if cut and is_resp:  # after a cut, end with the response it belongs to: no orphaned turns
                 break
         truncated += cut
-        examples.append((ids, labels))
+        examples.append((ids[:end], labels[:end]))  # nothing after the last response (a later turn's prompt without it)
     return examples, truncated
 
 
