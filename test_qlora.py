@@ -3054,27 +3054,24 @@ def test_atomic_write_refuses_what_is_not_a_regular_file(tmp_path):
     (tmp_path / "file").write_text("")  # any other OSError names the target (not its temporary file)
     with pytest.raises(InputError, match=re.escape(f"cannot write {tmp_path / 'file' / 'x'} (Not a directory)")):
         atomic_write_bytes(tmp_path / "file" / "x", b"x")
-    # a link is written through: its target gets the new bytes (beside it, renamed over it), the link stays a link;
-    # a link to a pipe is refused like the pipe; and a stream (/dev/stdout -> /proc/self/fd/1) even when it goes to a file:
-    # renaming over that file would lose what it held (`>> all.jsonl`), and what is printed after would go nowhere
+    # a link is refused, the link and its target untouched: /dev/stdout -> /proc/self/fd/1 (and /dev/fd/1) is a stream, even
+    # when it goes to a file: renaming over the link replaced the machine's /dev/stdout, renaming over its target would lose
+    # what a shell appends to (`>> all.jsonl`); an ordinary link, a link to a pipe, a dangling link, a loop: the same
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "t.jsonl").write_text("old")
     with open(tmp_path / "held.jsonl", "a") as held:
         held.write("kept\n")
         held.flush()
-        (tmp_path / "stdout").symlink_to(f"/proc/self/fd/{held.fileno()}")
-        with pytest.raises(InputError, match=f"{tmp_path / 'stdout'}: exists and is not a regular file"):
-            atomic_write_bytes(tmp_path / "stdout", b"x")
-    assert (tmp_path / "held.jsonl").read_text() == "kept\n" and (tmp_path / "stdout").is_symlink()
-    (tmp_path / "stdout").unlink()
-    (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "t.jsonl").write_text("old")
-    for link, to in (("l.jsonl", tmp_path / "d" / "t.jsonl"), ("p", tmp_path / "pipe"), ("gone", tmp_path / "d" / "new.jsonl")):
-        (tmp_path / link).symlink_to(to)
-    atomic_write_bytes(tmp_path / "l.jsonl", b"new")
-    atomic_write_bytes(tmp_path / "gone", b"made")  # a link to a file not there yet: as open() does, the file is made
-    with pytest.raises(InputError, match=f"{tmp_path / 'p'}: exists and is not a regular file"):
-        atomic_write_bytes(tmp_path / "p", b"x")
-    assert all((tmp_path / n).is_symlink() for n in ("l.jsonl", "p", "gone")) and stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
-    assert {p.name: p.read_text() for p in (tmp_path / "d").iterdir()} == {"t.jsonl": "new", "new.jsonl": "made"}
+        links = {"stdout": f"/proc/self/fd/{held.fileno()}", "l.jsonl": tmp_path / "d" / "t.jsonl", "p": tmp_path / "pipe",
+                 "gone": tmp_path / "d" / "new.jsonl", "loop": tmp_path / "loop"}
+        for link, to in links.items():
+            (tmp_path / link).symlink_to(to)
+            with pytest.raises(InputError, match=re.escape(f"{tmp_path / link}: exists and is not a regular file (a link: name its target)")):
+                atomic_write_bytes(tmp_path / link, b"x")
+        with pytest.raises(InputError, match=re.escape(f"/proc/self/fd/{held.fileno()}: exists and is not a regular file (a link")):
+            atomic_write_bytes(f"/proc/self/fd/{held.fileno()}", b"x")
+    assert (tmp_path / "held.jsonl").read_text() == "kept\n" and all((tmp_path / n).is_symlink() for n in links)
+    assert {p.name: p.read_text() for p in (tmp_path / "d").iterdir()} == {"t.jsonl": "old"} and stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
 
 
 def test_run_turns_an_os_error_into_one_line(tmp_path, capsys):
@@ -3993,6 +3990,7 @@ def test_resume_refuses_a_checkpoint_edited_by_hand(tmp_path, demo_tokenizer):
              ({"iter_num": "1"}, "not a checkpoint written by train.py"),
              ({"config": [1]}, "not a checkpoint written by train.py"),
              ({"model_config": [1]}, "not a checkpoint written by train.py"),
+             ({"base": "x"}, "not a checkpoint written by train.py"),  # (its random base is rebuilt from it)
              ({"model_config": {**ck["model_config"], "lora_r": 8}},
               f"made for a model with lora_r 8; this one has {ck['model_config']['lora_r']}"),
              ({"model_config": {k: v for k, v in ck["model_config"].items() if k != "tie_embeddings"}},

@@ -165,7 +165,7 @@ def build_model(c, tok, device, dtype, master, seed, vocab=None):
 def read_checkpoint(path, c, world):
     # ckpt.pt as save_checkpoint wrote it for this run's model and data; memory-mapped: file -> paged memory
     ck = torch_load(path, tensors=False)  # one line naming the file if it is not torch.save's
-    want = {"config": dict, "model_config": dict, "lora": dict, "optimizer": dict, "iter_num": int, "rng": list}
+    want = {"config": dict, "model_config": dict, "base": dict, "lora": dict, "optimizer": dict, "iter_num": int, "rng": list}
     if not (isinstance(ck, dict) and all(type(ck.get(k)) is t for k, t in want.items()) and is_state_dict(ck["lora"]) and ck["iter_num"] >= 0):
         raise InputError(f"--resume: {path}: not a checkpoint written by train.py")
     for k in ("model", "ckpt_dir", "adapter", "lora_r", "lora_alpha", "lora_dropout", "data_sha1", "tokenizer_sha1", "seed", "batch_size",

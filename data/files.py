@@ -23,16 +23,15 @@ class InputError(Exception):
 def atomic_write(path, write, size=0):
     # write(f) fills a temporary file beside path; fsync it, rename it over path, fsync the folder.
     # size (bytes, an estimate) only goes into the message when the disk is full.
-    path, real = Path(path), Path(os.path.realpath(path))  # a link is written through to its target, never replaced by a file
-    tmp = Path(f"{real}.tmp")  # a folder, a device, a pipe, or a stream (/dev/stdout -> /proc/self/fd/1, even to a file): refused
-    if real.exists() and not real.is_file() or path.is_symlink() and "/proc/" in os.readlink(path) + str(path):
-        raise InputError(f"{path}: exists and is not a regular file")
+    path, tmp = Path(path), Path(f"{path}.tmp")  # a link (/dev/stdout, /dev/fd/1: a stream, even into a file), a folder, a device:
+    if path.is_symlink() or path.exists() and not path.is_file():  # never renamed over (nor written through: `>> file` would lose it)
+        raise InputError(f"{path}: exists and is not a regular file" + " (a link: name its target)" * path.is_symlink())
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        tmp.replace(real)
+        tmp.replace(path)
     except BaseException as e:
         if os.path.lexists(tmp):  # (nothing to remove under a file or a missing folder)
             tmp.unlink()
@@ -44,7 +43,7 @@ def atomic_write(path, write, size=0):
             raise
         need = f" (needs ~{size / 1e6:,.0f} MB)" if size >= 1e6 else f" (needs ~{size / 1e3:,.0f} kB)" if size else ""
         raise InputError(f"no space left on device writing {path}{need}") from None
-    fd = os.open(real.parent, os.O_RDONLY)
+    fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
