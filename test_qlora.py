@@ -2765,7 +2765,12 @@ def test_read_records_layout_line_numbers_and_surrogates(tmp_path):
     assert P.read_records(f) == [(3, {"instruction": "i", "output": "o"}), (5, {"instruction": "j", "output": "p"})]
     # a malformed item spread over lines is reported at the line of the error, not the line it starts on
     f.write_text('[\n  {"instruction": "i",\n   "output": }\n]\n')
-    with pytest.raises(InputError, match=re.escape(f"{f}:3: malformed JSON")):
+    with pytest.raises(InputError, match=re.escape(f"{f}:3: malformed JSON (Expecting value)") + "$"):
+        P.read_records(f)
+    # one object spread over lines (a dataset wrapped as {"data": [...]}, pretty-printed) is valid JSON, but not this layout
+    f.write_text(json.dumps({"data": [{"instruction": "i", "output": "o"}]}, indent=2))
+    with pytest.raises(InputError, match=re.escape(f"{f}:1: malformed JSON (Expecting property name enclosed in double quotes) "
+                                                   "(one object per line, or one JSON array)")):
         P.read_records(f)
     # even one stray character after the array is refused, not dropped unread
     f.write_text('[{"instruction": "i", "output": "o"}]x')

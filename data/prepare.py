@@ -62,7 +62,7 @@ def read_records(path):  # (line number, object) pairs from a JSONL file, or fro
                 raise InputError(f"{path}:{line}: a lone UTF-16 surrogate (half of an emoji?) in a string")
     except (ValueError, RecursionError) as e:  # also a number of over 4,300 digits, nesting too deep to decode or encode
         at = e.lineno if array and isinstance(e, json.JSONDecodeError) else line
-        raise InputError(f"{path}:{at}: malformed JSON ({getattr(e, 'msg', e)})")
+        raise InputError(f"{path}:{at}: malformed JSON ({getattr(e, 'msg', e)})" + " (one object per line, or one JSON array)" * (not array))
     return records
 
 
