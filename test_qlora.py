@@ -4041,6 +4041,18 @@ def test_resume_refuses_a_base_whose_params_json_changed(tmp_path, meta_ckpt):
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 1
 
 
+def test_resume_refuses_a_base_whose_tokenizer_changed(tmp_path, meta_ckpt):
+    # ckpt.pt is read before the tokenizer (for a random base it records) and compared again once the tokenizer is known
+    d, out = tmp_path / "7B", tmp_path / "o"
+    shutil.copytree(meta_ckpt[0], d)
+    shutil.copy(meta_ckpt[0].parent / "tokenizer.model", d / "tokenizer.model")
+    args = ("--ckpt_dir", d, "--out_dir", out, "--lora_r", 8, "--sample_tokens", 0, "--batch_size", 1, "--eval_interval", 1)
+    assert run_train(*args, "--max_iters", 1).returncode == 0
+    C.train_tokenizer([" ".join(reversed(WORDS[i : i + 9])) for i in range(len(WORDS) - 9)] * 3, d / "tokenizer.model", 100)
+    r = run_train(*args, "--max_iters", 2, "--resume")
+    assert r.returncode == 2 and "was made with a tokenizer (SHA-1) " in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_new_run_into_an_out_dir_holding_one_is_refused(tmp_path, demo_tokenizer):
     d = fresh_out_dir(tmp_path / "o", demo_tokenizer)
     (d / "ckpt.pt").write_bytes(b"the old run")

@@ -162,9 +162,9 @@ def build_model(c, tok, device, dtype, master, seed, vocab=None):
     return net, base
 
 
-def read_checkpoint(path, c, world):
-    # ckpt.pt as save_checkpoint wrote it for this run's model and data; memory-mapped: file -> paged memory
-    ck = torch_load(path, tensors=False)  # one line naming the file if it is not torch.save's
+def read_checkpoint(path, c, world, ck=None):
+    # ckpt.pt as save_checkpoint wrote it for this run's model and data; memory-mapped: file -> paged memory. ck: the file's
+    ck = torch_load(path, tensors=False) if ck is None else ck  # contents, read already (one line naming the file if not torch.save's)
     want = {"config": dict, "model_config": dict, "base": dict, "lora": dict, "optimizer": dict, "iter_num": int, "rng": list}
     if not (isinstance(ck, dict) and all(type(ck.get(k)) is t for k, t in want.items()) and is_state_dict(ck["lora"]) and ck["iter_num"] >= 0):
         raise InputError(f"--resume: {path}: not a checkpoint written by train.py")
@@ -216,7 +216,7 @@ def train(c):
                           if (info.get("base") or {}).get("init") == "random" else (None, c["seed"], None))  # tokenizer, seed, vocab
     tok = load_tokenizer(c, items, master, ddp, given)
     c["tokenizer_sha1"] = hashlib.sha1(tok.path.read_bytes()).hexdigest()
-    ck = read_checkpoint(ckpt_path, c, world) if ck else None  # now with the tokenizer (e.g. the base's tokenizer.model replaced)
+    ck = read_checkpoint(ckpt_path, c, world, ck) if ck else None  # compared again with the tokenizer (its tokenizer.model replaced?)
     if questions:
         mmlu_eval.letter_ids(tok)  # a tokenizer without single-token letters fails here, not after training
     random.Random(c["seed"]).shuffle(items)  # the examples' order: the first n_val held out, the sample's prompt the first's
