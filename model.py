@@ -72,7 +72,7 @@ CONFIGS = {  # the published architectures, so `--init random` needs no files (p
 }
 
 
-def paper_hparams(dim):  # the paper's recipe per size (§5, Guanaco), read off the width rather than a folder's name
+def paper_hparams(dim):  # the paper's recipe per size (App. B.2, Guanaco), read off the width rather than a folder's name
     big = dim >= 6656  # 33B and up
     return dict(learning_rate=1e-4 if big else 2e-4, lora_dropout=0.05 if big else 0.1)
 
@@ -251,7 +251,7 @@ class LLaMA(nn.Module):
         def load(name, shape):
             if name.endswith("norm.weight"):
                 return torch.ones(shape, device=device, dtype=dtype)
-            # std 1/√fan_in keeps activations and logits O(1) at any width (≈ 0.02 at 4096)
+            # std 1/√fan_in keeps activations and logits O(1) at any width (1/64 at 4096)
             return (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * shape[-1] ** -0.5).to(dtype)
 
         return cls(cfg, load, quantize)

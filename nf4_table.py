@@ -2,7 +2,7 @@
 weights are bit-compatible with its format:
 
   NF4    16 values, "4-bit NormalFloat" (paper §3): the quantiles of N(0, 1), rescaled to [-1, 1].
-  DYN8   256 values, the signed 8-bit dynamic map that quantizes the block constants c2 (double quantization, paper §3).
+  DYN8   256 values, the signed 8-bit dynamic map for double quantization of c2 (paper §3's "8-bit Floats").
 
 Run as a script to see *why* NF4: `python nf4_table.py`.
 """

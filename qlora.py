@@ -13,7 +13,7 @@ transposed, flattened row-major and cut into blocks of `blocksize` (64): element
   paper     here              what                                                    shape, dtype
   W^NF4     packed            the NF4 index of each element, two per byte             (⌈numel/2⌉,) uint8
   c2^FP32   c2                first-level constant of each block: its absmax          (n_blocks,) fp32
-  c2^8bit   c2                with double quantization: c2's 8-bit codes (into DYN8)  (n_blocks,) uint8
+  c2^k-bit  c2                with double quantization: c2's 8-bit codes (into DYN8)  (n_blocks,) uint8
   c1^FP32   c1                second-level constant: absmax of each BLOCKSIZE2 = 256  (⌈n_blocks/256⌉,) fp32
                               consecutive centred c2
   mean      c2_mean           mean(c2^FP32), subtracted before quantizing c2          () fp32
@@ -150,10 +150,10 @@ def _dequantize_torch(q, out):
 
 # -----------------------------------------------------------------------------------------------
 # 4. Triton kernels. Training is matmul-bound at large M (rows = batch · sequence): there the cheapest route is to
-#    dequantize into a reused 16-bit buffer (one pass, ~4.25 bits read + 16 written per weight) and hand it to cuBLAS.
+#    dequantize into a reused 16-bit buffer (one pass, ~4.13 bits read + 16 written per weight) and hand it to cuBLAS.
 #    At small M (decoding) the matmul is bound by reading the weight, so a fused kernel that reads only the 4-bit weight
-#    should win; this one does not yet (H200, 2026-12-04, 4096x4096, M = 1: 1.03 ms; dequantize + cuBLAS 0.027, bf16
-#    0.019; slower at every M up to 256), so FUSED_MAX_M, the rows up to which nf4_matmul takes it, is 0.
+#    should win; this one does not yet (README's kernel table, H200: 20x slower than dequantize + cuBLAS at M = 1,
+#    slower at every M up to 256), so FUSED_MAX_M, the rows up to which nf4_matmul takes it, is 0.
 
 FUSED_MAX_M = 0
 
@@ -255,7 +255,7 @@ def _matmul(x, q, transpose, buffer):
 
 
 class NF4Matmul(torch.autograd.Function):
-    # y = x Ŵᵀ, dx = dy Ŵ. The base weight is frozen: no dW, and nothing but x's shape is saved.
+    # y = x Ŵᵀ, dx = dy Ŵ. The base weight is frozen: no dW, and nothing of x is saved.
     @staticmethod
     def forward(ctx, x, q, buffer):
         ctx.q, ctx.buffer = q, buffer

@@ -49,7 +49,7 @@ warmup_iters = -1  # -1: 3% of max_iters; then constant
 weight_decay = 0.0  # AdamW's decoupled weight decay
 beta1, beta2 = 0.9, 0.999  # AdamW's moment decay rates, in [0, 1)
 max_grad_norm = 0.3  # gradient clipping: the norm of all LoRA gradients together is at most this
-lora_r, lora_alpha = 64, 16.0  # LoRA rank and scale α (the update BA is scaled by α/r)
+lora_r, lora_alpha = 64, 16.0  # LoRA rank and scale α (the update L1 L2 is scaled by α/r)
 lora_dropout = -1.0  # -1: the paper's, 0.1 up to 13B, 0.05 for 33B and larger
 source_max_len, target_max_len = 1024, 256  # tokens of prompt and of response kept per example
 train_on_source = False  # False: loss on response tokens only
@@ -107,7 +107,7 @@ def resolve(given, defaults):  # every default, once: the demo's, then the paper
     c["warmup_iters"] = c["warmup_iters"] if c["warmup_iters"] != -1 else int(0.03 * c["max_iters"])
     c["threads"] = c["threads"] or (1 if demo and "OMP_NUM_THREADS" not in os.environ else torch.get_num_threads())
     # the adapted layers: wq, wo (n_heads·head_dim × dim), wk, wv (n_kv_heads·head_dim × dim), w1-w3 (hidden_dim × dim);
-    # a rank above the smaller side of one adds nothing there (rank BA <= min(in, out))
+    # a rank above the smaller side of one adds nothing there (rank L1 L2 <= min(in, out))
     max_r = min(arch.dim, arch.n_heads * arch.head_dim, arch.n_kv_heads * arch.head_dim, arch.hidden_dim)
     for k, ok, want in (*((k, 0 < c[k] < 1e9, "positive (below 1e9)") for k in ("learning_rate", "max_grad_norm", "lora_alpha")),
                         *((k, 0 <= c[k] < 2**63, "at least 0 (below 2^63)")
