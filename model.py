@@ -80,11 +80,12 @@ def paper_hparams(dim):  # the paper's recipe per size (App. B.2, Guanaco), read
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "4090": 165e12}  # dense bf16
 
 
-def mfu(n_linear, grad_checkpoint, tok_s, device_name):
-    # model FLOPs per token over the peak, as "12.3%" ("-" where the peak is unknown, e.g. on a CPU). Per token:
-    # forward 2N, backward 2N (input gradients only: the base is frozen), recomputation 2N; N = linear params
+def mfu(n_linear, tok_s, device_name):
+    # model FLOPs per token over the peak, as "12.3%" ("-" where the peak is unknown, e.g. on a CPU), as PaLM defines
+    # MFU: forward 2N + backward 2N (input gradients only: the base is frozen), N = the block linears' params; not counted:
+    # gradient checkpointing's recomputation (hardware FLOPs, not the model's), the attention scores, the head, LoRA
     peak = next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
-    return f"{100 * (6 if grad_checkpoint else 4) * n_linear * tok_s / peak:.1f}%" if peak else "-"
+    return f"{100 * 4 * n_linear * tok_s / peak:.1f}%" if peak else "-"
 
 
 # --- the network -------------------------------------------------------------------------------
