@@ -81,9 +81,8 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L
 
 
 def mfu(n_linear, tok_s, device_name):
-    # model FLOPs per token over the peak, as "12.3%" ("-" where the peak is unknown, e.g. on a CPU), as PaLM defines
-    # MFU: forward 2N + backward 2N (input gradients only: the base is frozen), N = the block linears' params; not counted:
-    # gradient checkpointing's recomputation (hardware FLOPs, not the model's), the attention scores, the head, LoRA
+    # PaLM's MFU, as "12.3%" ("-": the peak is unknown, e.g. a CPU): model FLOPs per token, forward 2N + backward 2N (input
+    # gradients: the base is frozen), N = block linear params; not recomputation (hardware FLOPs), attention scores, head, LoRA
     peak = next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
     return f"{100 * 4 * n_linear * tok_s / peak:.1f}%" if peak else "-"
 
