@@ -68,7 +68,7 @@ CONFIGS = {  # the published architectures, so `--init random` needs no files (p
     "2-7B": dict(dim=4096, n_layers=32, n_heads=32, max_seq_len=4096),
     "2-13B": dict(dim=5120, n_layers=40, n_heads=40, max_seq_len=4096),
     "2-70B": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096, max_seq_len=4096),
-    "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=256, lora_r=16),
+    "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=32, max_seq_len=256),
 }
 
 

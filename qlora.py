@@ -281,7 +281,7 @@ def nf4_matmul(x, q, buffer=None):
 #    model; lora_A is kaiming-uniform. Only lora_A, lora_B are parameters: the 4-bit base sits in buffers, no gradient.
 
 class LoRALinear(nn.Module):
-    def __init__(self, weight, r=64, alpha=16, dropout=0.0, dequant_buffer=None):
+    def __init__(self, weight, r, alpha, dropout=0.0, dequant_buffer=None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.quantized = isinstance(weight, NF4Weight)
@@ -357,7 +357,7 @@ def _prefetch(t, device):  # a hint: move the pages to the GPU on the current st
 
 
 class PagedAdamW(torch.optim.Optimizer):
-    def __init__(self, params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, paging="auto"):
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, paging="auto"):
         if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"PagedAdamW: need lr, eps, weight_decay >= 0 and 0 <= betas < 1, got lr={lr} betas={betas} eps={eps} weight_decay={weight_decay}")
         if paging not in ("auto", "managed", "pinned"):

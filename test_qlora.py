@@ -569,7 +569,7 @@ def test_dequant_buffer_is_shared_and_reused():
     ptr = w.data_ptr()
     assert_dequant_equal(w, big)
     assert buf.dequantize(small, DT).data_ptr() == ptr and len(buf.buffers) == 1
-    layers = [qlora.LoRALinear(q, r=4, dequant_buffer=buf) for q in (small, big)]
+    layers = [qlora.LoRALinear(q, r=4, alpha=16, dequant_buffer=buf) for q in (small, big)]
     for layer, q in zip(layers, (small, big)):
         x = torch.randn(M, q.shape[1]).to(DT).to(DEV)
         assert rel_err(layer(x), x.cpu().double() @ ref_dequant(q).T) < TOL[DT]  # B = 0: the base
@@ -762,7 +762,7 @@ def test_merge_lora_dtype_and_rank_zero():
     layer = make_layer()
     randomize_B(layer)
     assert qlora.merge_lora(layer, torch.float16).dtype == torch.float16 and qlora.merge_lora(layer).dtype == torch.float32
-    plain = qlora.LoRALinear(layer.weight, r=0)  # no adapter: the merge is the dequantized base
+    plain = qlora.LoRALinear(layer.weight, r=0, alpha=16)  # no adapter: the merge is the dequantized base
     assert not list(plain.parameters())
     assert torch.equal(qlora.merge_lora(plain).cpu(), ref_dequant(layer.weight, torch.float32))
     x = torch.randn(3, 96, device=DEV)
@@ -904,7 +904,7 @@ def test_paged_adamw_resume_keeps_fp32_state_for_bf16_params():
 ])
 def test_paged_adamw_invalid_hyperparameters(kw, bad):
     with pytest.raises(ValueError) as e:
-        qlora.PagedAdamW([torch.nn.Parameter(torch.zeros(2))], **kw)
+        qlora.PagedAdamW([torch.nn.Parameter(torch.zeros(2))], **{"lr": 1e-3, **kw})
     assert bad in str(e.value), str(e.value)
 
 
@@ -924,7 +924,7 @@ def test_paged_state_is_managed_memory():
     # the state lives in unified memory, outside PyTorch's allocator: memory_allocated does not grow
     p = torch.nn.Parameter(torch.randn(1 << 20, device="cuda"))
     p.grad = torch.randn_like(p)
-    opt = qlora.PagedAdamW([p], paging="managed")
+    opt = qlora.PagedAdamW([p], 1e-3, paging="managed")
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     opt.step()
@@ -973,7 +973,7 @@ def test_paged_state_makes_room_for_activations():
     ps = [torch.nn.Parameter(torch.randn(64 << 20, device="cuda")) for _ in range(4)]  # 1 GiB: 2 GiB of state
     for p in ps:
         p.grad = torch.randn_like(p)
-    opt = qlora.PagedAdamW(ps, paging="managed")
+    opt = qlora.PagedAdamW(ps, 1e-3, paging="managed")
     torch.cuda.synchronize()
     torch.cuda.empty_cache()  # earlier tests' cached blocks: not counted in the difference below
     before = torch.cuda.mem_get_info()[0]
