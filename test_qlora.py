@@ -1257,7 +1257,7 @@ def test_config_defaults_and_ffn_width():
     assert M.LLaMAConfig(dim=64, n_heads=4).n_kv_heads == 4  # no n_kv_heads in params.json: no grouped-query attention
     assert M.LLaMAConfig(dim=48, multiple_of=32).hidden_dim == 128  # int(8·48/3) = 128, a multiple already: kept
     assert M.LLaMAConfig(dim=64, multiple_of=32, ffn_dim_multiplier=1.3).hidden_dim == 224  # int(1.3 · 170) = 221 -> 224
-    assert M.paper_hparams(6656) == dict(learning_rate=1e-4, lora_dropout=0.05)  # 33B is "big" (§5)
+    assert M.paper_hparams(6656) == dict(learning_rate=1e-4, lora_dropout=0.05)  # 33B is "big" (App. B.2)
     assert M.paper_hparams(5120) == dict(learning_rate=2e-4, lora_dropout=0.1)
 
 
@@ -1508,7 +1508,7 @@ def test_named_configs_are_the_released_params_and_the_lora_defaults_the_papers(
         want = {"n_kv_heads": params["n_heads"], "ffn_dim_multiplier": None, **params}
         assert {k: getattr(cfg, k) for k in want} == want, name
         assert (cfg.max_seq_len, cfg.vocab_size, cfg.rope_theta) == (context, 32000, 10000.0), name
-    cfg = M.LLaMAConfig()  # QLoRA §5 / Appendix: r 64, α 16, dropout 0.1 up to 13B
+    cfg = M.LLaMAConfig()  # QLoRA App. B.2: r 64, α 16, dropout 0.1 up to 13B
     assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.norm_eps, cfg.max_seq_len) == (64, 16, 0.1, 1e-5, 2048)
     # dense bf16 peaks of the data sheets; "L40S" is looked up before "L40", of which it is a longer name
     for device, peak in (("NVIDIA H200", 989e12), ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA GeForce RTX 4090", 165e12)):
