@@ -48,8 +48,7 @@ def header():
 def kernels():
     header()
     ms = partial(do_bench, warmup=50, rep=300, return_mode="median")  # ms(fn): median milliseconds per call
-    print("\n## NF4 dequantize (double-quant), bf16 out: effective bandwidth = bytes read + written")
-    print("| shape | ms | GB/s |\n|---|---|---|")
+    print("\n## NF4 dequantize (double-quant), bf16 out: effective bandwidth = bytes read + written\n| shape | ms | GB/s |\n|---|---|---|")
     for n, k in SHAPES_7B + [(8192, 28672)]:
         q = qlora.quantize_nf4(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
         out = torch.empty(n, k, device="cuda", dtype=torch.bfloat16)
