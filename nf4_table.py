@@ -48,9 +48,7 @@ def midpoints(code):
 
 if __name__ == "__main__":
     nf4 = nf4_values()
-    print("NF4 code (index: value)")
-    for i, v in enumerate(nf4.tolist()):
-        print(f"  {i:2d} 0b{i:04b}  {v:+.10f}")
+    print("NF4 code (index: value)\n" + "\n".join(f"  {i:2d} 0b{i:04b}  {v:+.10f}" for i, v in enumerate(nf4.tolist())))
 
     # The experiment: N(0, 1) weights in blocks of 64, each block divided by its absmax (that is
     # what blockwise quantization does), then rounded to each 4-bit code.
