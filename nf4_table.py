@@ -32,8 +32,7 @@ def dynamic_map(max_exponent_bits=7):
     # their negatives, 0 and 1.0 = 256 values covering six orders of magnitude.
     data = [0.0, 1.0]
     for i in range(max_exponent_bits):
-        bounds = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
-        means = (bounds[:-1] + bounds[1:]) / 2.0
+        means = midpoints(torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32))  # of 2^i equal bins in [0.1, 1]
         scale = 10 ** (-(max_exponent_bits - 1) + i)
         data += (scale * means).tolist() + (-scale * means).tolist()
     return torch.tensor(sorted(data), dtype=torch.float32)  # (256,)
