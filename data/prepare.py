@@ -225,9 +225,8 @@ def batch_order(lengths, epoch, micro_batch, seed, group_by_length=True):
 
 
 def get_batch(examples, indices):  # right-padded (B, T) inputs and (B, T) targets; position t predicts token t + 1
-    x = pad_sequence([torch.tensor(examples[i][0]) for i in indices], batch_first=True)
-    y = pad_sequence([torch.tensor(examples[i][1][1:] + [-100]) for i in indices], batch_first=True, padding_value=-100)
-    return x, y
+    return (pad_sequence([torch.tensor(examples[i][0]) for i in indices], batch_first=True),
+            pad_sequence([torch.tensor(examples[i][1][1:] + [-100]) for i in indices], batch_first=True, padding_value=-100))
 
 
 USAGE = "python data/prepare.py {alpaca,oasst,guanaco,self_instruct} SRC OUT.jsonl [--lang en]"
