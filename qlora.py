@@ -398,8 +398,7 @@ class PagedAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                st = self.state[p]
-                if not st:
+                if not (st := self.state[p]):
                     st.update(step=torch.tensor(0.0), exp_avg=self._alloc(p), exp_avg_sq=self._alloc(p))
                 m, v = st["exp_avg"], st["exp_avg_sq"]
                 if pinned := m.device != p.device:  # host-resident state: copy in, update on the GPU, copy back
