@@ -55,8 +55,7 @@ def read_mmlu(folder, split="val", max_per_subject=0):
         for path in sorted((folder / split).glob(f"*_{split}.csv")):
             subject = path.name[: -len(f"_{split}.csv")]
             dev = folder / "dev" / f"{subject}_dev.csv"
-            shots = [f"{text} {LETTERS[a]}\n\n" for text, a in (read_csv(dev)[:5] if dev.is_file() else [])]
-            if not shots:
+            if not (shots := [f"{text} {LETTERS[a]}\n\n" for text, a in (read_csv(dev)[:5] if dev.is_file() else [])]):
                 raise InputError(f"{dev}: no dev questions for subject '{subject}' (its five examples)")
             header = f"The following are multiple choice questions (with answers) about  {subject.replace('_', ' ')}.\n\n"  # 2 spaces, as in evaluate.py
             out += [dict(subject=subject, header=header, shots=shots, question=t, answer=a) for t, a in read_csv(path)]
