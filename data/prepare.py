@@ -180,8 +180,7 @@ def segments(obj, where):
 
 
 def read_data(path):  # -> [(file:line, segments)]: read_records' checks, then every example's fields, before any work is done
-    items = [(f"{path}:{n}", segments(obj, f"{path}:{n}")) for n, obj in read_records(path)]
-    if not items:  # an empty array
+    if not (items := [(f"{path}:{n}", segments(obj, f"{path}:{n}")) for n, obj in read_records(path)]):  # an empty array
         raise InputError(f"{path}: no examples")
     return items
 
