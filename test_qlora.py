@@ -4069,6 +4069,19 @@ def test_new_run_into_an_out_dir_holding_one_is_refused(tmp_path, demo_tokenizer
     assert torch.load(d / "ckpt.pt", weights_only=False)["iter_num"] == 1
 
 
+def test_a_link_where_the_run_saves_is_refused_before_training(tmp_path, demo_tokenizer):
+    # atomic_write refuses to rename over a link; found only at the first checkpoint, that cost the training before it
+    d, target = fresh_out_dir(tmp_path / "o", demo_tokenizer), tmp_path / "elsewhere.pt"
+    target.write_bytes(b"the user's file")
+    for name, args in (("ckpt.pt", ("--overwrite",)), ("adapter.pt", ())):
+        (d / name).symlink_to(target if name == "ckpt.pt" else tmp_path / "missing")
+        r = run_train(*FAST, "--max_iters", 1, "--out_dir", d, *args)
+        assert r.returncode == 2 and "iter 0" not in r.stdout, r.stdout
+        assert r.stderr == f"error: {d / name}: is a link, and this run writes its checkpoints there: remove it or choose another --out_dir\n"
+        (d / name).unlink()
+    assert target.read_bytes() == b"the user's file" and [p.name for p in d.iterdir()] == [demo_tokenizer.name]
+
+
 def test_second_run_on_the_same_out_dir_names_the_holder(tmp_path):
     d = tmp_path / "o"
     holder = subprocess.Popen([sys.executable, "-c", "import sys; from data.files import locked_dir\n"

@@ -194,6 +194,8 @@ def train(c):
     if (held := next((p for p in (ckpt_path, out_dir / "adapter.pt") if p.exists()), None)) and not (c["resume"] or c["overwrite"]):
         raise InputError(f"{held}: out_dir holds a run; {'--resume continues it, ' * (held == ckpt_path)}--overwrite replaces it, "
                          "or choose another --out_dir")
+    if link := next((p for p in (ckpt_path, out_dir / "adapter.pt") if p.is_symlink()), None):  # refused now, not at the first save
+        raise InputError(f"{link}: is a link, and this run writes its checkpoints there: remove it or choose another --out_dir")
     if f := next((out_dir / k for k in c["export"].split(",") if k and (out_dir / k).is_file()), None):  # not after the training
         raise InputError(f"{f}: is a file; --export {c['export']} writes a folder there")
     if c["resume"] and not ckpt_path.is_file():  # before anything is written into out_dir
