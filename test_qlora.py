@@ -2937,6 +2937,12 @@ def test_locked_dir_pid_reuse_of_a_folder_and_cleanup(tmp_path):
         with locked_dir(spelled):
             pass
         assert (tmp_path / "pre").is_dir() and not (tmp_path / "gone").exists() and not (tmp_path / "pre" / "q").exists()
+    (tmp_path / "pre" / ".lock").symlink_to(tmp_path / "precious")  # a link where the lock goes: not written through
+    (tmp_path / "precious").write_text("the user's")
+    with pytest.raises(InputError, match=re.escape(f"--out_dir {tmp_path / 'pre'}: cannot write there (")):
+        with locked_dir(tmp_path / "pre"):
+            pass
+    assert (tmp_path / "precious").read_text() == "the user's" and (tmp_path / "pre" / ".lock").is_symlink()
 
 
 def test_run_turns_ctrl_c_into_its_own_line_and_exit_130(capsys):

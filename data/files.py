@@ -72,7 +72,7 @@ def locked_dir(d):
     made, lock = [p for p in (real, *real.parents) if not p.exists()], real / ".lock"  # made: innermost first
     try:
         real.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # a link there: refused (ELOOP)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if os.fstat(fd).st_nlink == 0:  # its holder removed it between our open and our lock: still taken
             raise BlockingIOError
