@@ -4354,6 +4354,20 @@ def test_export_over_a_file_is_refused_before_training(tmp_path):
     assert [p.name for p in out.iterdir()] == ["merged_hf"] and (out / "merged_hf").read_text() == "mine"  # nothing trained
 
 
+def test_export_over_the_base_it_trains_is_refused_before_training(tmp_path, meta_ckpt):
+    # a second finetune of a merged export, in the same out_dir: --export merged would replace the base it reads
+    (out := tmp_path / "o").mkdir()
+    shutil.copytree(meta_ckpt[0], out / "merged")
+    shutil.copy(meta_ckpt[0].parent / "tokenizer.model", out / "merged" / "tokenizer.model")
+    (tmp_path / "link").symlink_to(out / "merged")
+    before = {p.name: p.read_bytes() for p in (out / "merged").iterdir()}
+    for ckpt_dir, export in ((out / "merged", "merged"), (tmp_path / "link", "peft,merged")):
+        r = run_train("--ckpt_dir", ckpt_dir, "--out_dir", out, "--export", export, "--lora_r", 8, "--batch_size", 1, "--max_iters", 1)
+        assert r.returncode == 2 and r.stderr == f"error: {out / 'merged'}: is the base this run trains; --export {export} writes a folder there\n"
+    assert {p.name: p.read_bytes() for p in (out / "merged").iterdir()} == before and [p.name for p in out.iterdir()] == ["merged"]
+    assert run_train("--init", "random", "--out_dir", tmp_path / "r", "--export", "merged", "--max_iters", 0).returncode == 0
+
+
 def test_a_folder_with_only_tokenizer_json_says_so(tmp_path, meta_ckpt, tokenizer_file):
     # Llama 3's, or what transformers 5 saves: a tokenizer.json, which sentencepiece does not read; said before any load
     _, cfg, weights = meta_ckpt

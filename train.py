@@ -196,8 +196,9 @@ def train(c):
                          "or choose another --out_dir")
     if link := next((p for p in (ckpt_path, out_dir / "adapter.pt") if p.is_symlink()), None):  # refused now, not at the first save
         raise InputError(f"{link}: is a link, and this run writes its checkpoints there: remove it or choose another --out_dir")
-    if f := next((out_dir / k for k in c["export"].split(",") if k and (out_dir / k).is_file()), None):  # not after the training
-        raise InputError(f"{f}: is a file; --export {c['export']} writes a folder there")
+    base_dir = os.path.realpath(c["ckpt_dir"]) if c["init"] == "checkpoint" else None  # an export never writes over it
+    if f := next((out_dir / k for k in c["export"].split(",") if k and ((out_dir / k).is_file() or os.path.realpath(out_dir / k) == base_dir)), None):
+        raise InputError(f"{f}: is {'a file' if f.is_file() else 'the base this run trains'}; --export {c['export']} writes a folder there")
     if c["resume"] and not ckpt_path.is_file():  # before anything is written into out_dir
         raise InputError(f"--resume: {ckpt_path} not found")
     if ddp:
