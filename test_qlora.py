@@ -3819,6 +3819,13 @@ def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, expect):
     assert "model " not in r.stdout  # refused before anything was built
 
 
+def test_an_empty_out_dir_is_refused_not_taken_for_the_working_folder():
+    # --out_dir "$OUT" with OUT unset: Path("") is ".", where the run's files would land among the user's
+    with pytest.raises(InputError, match=re.escape("--out_dir must be a folder's name, not empty (. for the working folder), got ") + "$"):
+        TR.resolve({"out_dir": ""}, train_defaults())
+    assert TR.resolve({"out_dir": "."}, train_defaults())["out_dir"] == "."
+
+
 def test_data_from_a_pipe_is_refused_before_it_is_read(tmp_path):
     # read twice, to train and for its SHA-1 (which --resume compares): a second read of a pipe (<(zcat data.gz)) gives
     # nothing, so any data would have passed --resume's check; a FIFO's second open waited for a writer for ever

@@ -117,6 +117,7 @@ def resolve(given, defaults):  # every default, once: the demo's, then the paper
                         ("merge_base", c["merge_base"] == "nf4" or c["init"] == "checkpoint", "nf4 for a random base (no original weights)"),
                         ("overwrite", not (c["overwrite"] and c["resume"]), "off with --resume, which continues the run"),
                         ("data", os.path.isfile(c["data"]) or not os.path.exists(c["data"]), "a file (not a pipe: it is read twice)"),
+                        ("out_dir", c["out_dir"] != "", "a folder's name, not empty (. for the working folder)"),
                         ("source_max_len", c["source_max_len"] < arch.max_seq_len, f"below the context, {arch.max_seq_len} tokens"),
                         ("lora_r", c["lora_r"] <= max_r, f"at most {max_r} for this architecture (the smaller side of its narrowest adapted layer)"),
                         ("target_max_len", c["source_max_len"] + c["target_max_len"] <= arch.max_seq_len,
