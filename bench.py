@@ -106,7 +106,7 @@ def e2e(model, batch, seq, steps, r, quantize):
     n_lin = sum(m.in_features * m.out_features for m in net.modules() if isinstance(m, qlora.LoRALinear))
     tok_s, alloc = batch * seq / dt, torch.cuda.max_memory_allocated() / 1e9 if cuda else 0
     print("| model | batch x seq | tok/s | MFU | peak allocated GB | device-level peak GB | build s | build peak GB |\n|---|---|---|---|---|---|---|---|")
-    print(f"| {model} {'NF4' if quantize else 'bf16'} r={r} | {batch} x {seq} | {tok_s:.0f} | "
+    print(f"| {model} {'NF4' if quantize else 'bf16' if cuda else 'fp32'} r={r} | {batch} x {seq} | {tok_s:.0f} | "
           f"{mfu(n_lin, tok_s, name)} | {alloc:.2f} | {device_peak / 1e9:.2f} | {load_s:.1f} | {load_alloc:.2f} |")
     print(f"loss {loss.item():.3f}, optimizer state in {opt.memory} memory, step times ms: {', '.join(f'{1000 * t:.0f}' for t in times)}")
 

@@ -4206,6 +4206,9 @@ def test_bench_e2e_runs_past_the_architectures_context():
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "e2e", "--model", "tiny", "--batch", "1", "--seq", "600", "--steps", "2",
                         "--lora_r", "8"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0 and "| tiny NF4 r=8 | 1 x 600 |" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "e2e", "--model", "tiny", "--batch", "1", "--seq", "16", "--steps", "1",
+                        "--no_quant"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0 and f"| tiny {'bf16' if CUDA else 'fp32'} r=64 | 1 x 16 |" in r.stdout, r.stderr  # the base's dtype
 
 
 def test_bench_and_prepare_help():
