@@ -4095,6 +4095,13 @@ def test_a_link_where_the_run_saves_is_refused_before_training(tmp_path, demo_to
     assert target.read_bytes() == b"the user's file" and [p.name for p in d.iterdir()] == [demo_tokenizer.name]
 
 
+def test_rank_minus_one_is_one_process_in_main_and_train(tmp_path):
+    # nanoGPT's rule (RANK unset or -1: not distributed) in both places: main() took -1 for another process than rank 0,
+    # which neither locked nor made out_dir, while train() ran as the one process and wrote there
+    r = run_train(*FAST, "--max_iters", 0, "--sample_tokens", 0, "--out_dir", tmp_path / "o", env={**ENV, "RANK": "-1"})
+    assert r.returncode == 0 and "nothing to train" in r.stdout and [p.suffix for p in (tmp_path / "o").iterdir()] == [".model"], r.stderr
+
+
 def test_second_run_on_the_same_out_dir_names_the_holder(tmp_path):
     d = tmp_path / "o"
     holder = subprocess.Popen([sys.executable, "-c", "import sys; from data.files import locked_dir\n"

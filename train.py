@@ -389,7 +389,7 @@ def main(argv):
     defaults = {k: v for k, v in globals().items() if not k.startswith("_") and k.islower() and isinstance(v, (int, float, bool, str))}
     demo = ", ".join(f"--{k} {v}" for k, v in DEMO.items())
     help_text = f"{__doc__.strip()}\n\nflags, default, meaning (the tiny demo's own defaults: {demo}):\n{flag_help(__file__, defaults)}"
-    master = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 alone locks out_dir and speaks
+    master = int(os.environ.get("RANK", -1)) in (-1, 0)  # under torchrun, rank 0 alone locks out_dir and speaks (-1: as train)
     c = resolve(parse_flags(argv, defaults, help_text, words_ok=False)[1], defaults)
     try:
         with locked_dir(c["out_dir"]) if master else nullcontext():
