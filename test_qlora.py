@@ -2939,7 +2939,7 @@ def test_locked_dir_pid_reuse_of_a_folder_and_cleanup(tmp_path):
         assert (tmp_path / "pre").is_dir() and not (tmp_path / "gone").exists() and not (tmp_path / "pre" / "q").exists()
     (tmp_path / "pre" / ".lock").symlink_to(tmp_path / "precious")  # a link where the lock goes: not written through
     (tmp_path / "precious").write_text("the user's")
-    with pytest.raises(InputError, match=re.escape(f"--out_dir {tmp_path / 'pre'}: cannot write there (")):
+    with pytest.raises(InputError, match=re.escape(f"--out_dir {tmp_path / 'pre'}: its .lock is a link: remove it")):
         with locked_dir(tmp_path / "pre"):
             pass
     assert (tmp_path / "precious").read_text() == "the user's" and (tmp_path / "pre" / ".lock").is_symlink()
@@ -4086,7 +4086,7 @@ def test_a_link_where_the_run_saves_is_refused_before_training(tmp_path, demo_to
     # atomic_write refuses to rename over a link; found only at the first checkpoint, that cost the training before it
     d, target = fresh_out_dir(tmp_path / "o", demo_tokenizer), tmp_path / "elsewhere.pt"
     target.write_bytes(b"the user's file")
-    for name, args in (("ckpt.pt", ("--overwrite",)), ("adapter.pt", ())):
+    for name, args in (("ckpt.pt", ()), ("ckpt.pt", ("--overwrite",)), ("adapter.pt", ())):  # said first: --overwrite would not do
         (d / name).symlink_to(target if name == "ckpt.pt" else tmp_path / "missing")
         r = run_train(*FAST, "--max_iters", 1, "--out_dir", d, *args)
         assert r.returncode == 2 and "iter 0" not in r.stdout, r.stdout
@@ -4378,10 +4378,17 @@ def test_export_over_the_base_it_trains_is_refused_before_training(tmp_path, met
     shutil.copy(meta_ckpt[0].parent / "tokenizer.model", out / "merged" / "tokenizer.model")
     (tmp_path / "link").symlink_to(out / "merged")
     before = {p.name: p.read_bytes() for p in (out / "merged").iterdir()}
-    for ckpt_dir, export in ((out / "merged", "merged"), (tmp_path / "link", "peft,merged")):
-        r = run_train("--ckpt_dir", ckpt_dir, "--out_dir", out, "--export", export, "--lora_r", 8, "--batch_size", 1, "--max_iters", 1)
-        assert r.returncode == 2 and r.stderr == f"error: {out / 'merged'}: is the base this run trains; --export {export} writes a folder there\n"
+    for ckpt_dir, export, init in ((out / "merged", "merged", "checkpoint"), (tmp_path / "link", "peft,merged", "checkpoint"),
+                                   (out / "merged", "merged", "random")):  # a random base: the folder lends its tokenizer
+        r = run_train("--ckpt_dir", ckpt_dir, "--init", init, "--out_dir", out, "--export", export, "--lora_r", 8, "--batch_size", 1,
+                      "--max_iters", 1, "--source_max_len", 96, "--target_max_len", 48)
+        assert r.returncode == 2 and r.stderr == f"error: {out / 'merged'}: is --ckpt_dir; --export {export} writes a folder there\n"
     assert {p.name: p.read_bytes() for p in (out / "merged").iterdir()} == before and [p.name for p in out.iterdir()] == ["merged"]
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "merged").symlink_to(tmp_path / "elsewhere")  # a link (here dangling) was written through, or failed after training
+    r = run_train("--init", "random", "--out_dir", tmp_path / "r", "--export", "merged", "--max_iters", 0)
+    assert r.returncode == 2 and r.stderr == f"error: {tmp_path / 'r' / 'merged'}: is a link; --export merged writes a folder there\n"
+    (tmp_path / "r" / "merged").unlink()  # and with no --ckpt_dir, a random base's export goes ahead
     assert run_train("--init", "random", "--out_dir", tmp_path / "r", "--export", "merged", "--max_iters", 0).returncode == 0
 
 

@@ -192,14 +192,15 @@ def train(c):
         device = "cpu"
         torch.set_num_threads(c["threads"])  # more threads than free cores makes each step many times slower
     data, ckpt_path = c["data"], (out_dir := Path(c["out_dir"])) / "ckpt.pt"
+    if link := next((p for p in (ckpt_path, out_dir / "adapter.pt") if p.is_symlink()), None):  # refused now, not at the first save
+        raise InputError(f"{link}: is a link, and this run writes its checkpoints there: remove it or choose another --out_dir")
     if (held := next((p for p in (ckpt_path, out_dir / "adapter.pt") if p.exists()), None)) and not (c["resume"] or c["overwrite"]):
         raise InputError(f"{held}: out_dir holds a run; {'--resume continues it, ' * (held == ckpt_path)}--overwrite replaces it, "
                          "or choose another --out_dir")
-    if link := next((p for p in (ckpt_path, out_dir / "adapter.pt") if p.is_symlink()), None):  # refused now, not at the first save
-        raise InputError(f"{link}: is a link, and this run writes its checkpoints there: remove it or choose another --out_dir")
-    base_dir = os.path.realpath(c["ckpt_dir"]) if c["init"] == "checkpoint" else None  # an export never writes over it
-    if f := next((out_dir / k for k in c["export"].split(",") if k and ((out_dir / k).is_file() or os.path.realpath(out_dir / k) == base_dir)), None):
-        raise InputError(f"{f}: is {'a file' if f.is_file() else 'the base this run trains'}; --export {c['export']} writes a folder there")
+    for f in (out_dir / k for k in c["export"].split(",") if k):  # refused now, not after the training
+        same = c["ckpt_dir"] and os.path.realpath(f) == os.path.realpath(c["ckpt_dir"])  # never written over: the user's weights
+        if why := "a link" if f.is_symlink() else "a file" if f.is_file() else "--ckpt_dir" if same else "":
+            raise InputError(f"{f}: is {why}; --export {c['export']} writes a folder there")
     if c["resume"] and not ckpt_path.is_file():  # before anything is written into out_dir
         raise InputError(f"--resume: {ckpt_path} not found")
     if ddp:

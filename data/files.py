@@ -72,7 +72,7 @@ def locked_dir(d):
     made, lock = [p for p in (real, *real.parents) if not p.exists()], real / ".lock"  # made: innermost first
     try:
         real.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # a link there: refused (ELOOP)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # a link: ELOOP
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if os.fstat(fd).st_nlink == 0:  # its holder removed it between our open and our lock: still taken
             raise BlockingIOError
@@ -83,7 +83,8 @@ def locked_dir(d):
         os.close(fd)
         raise InputError(f"--out_dir {d}: in use by another run (pid {pid}); wait for it or choose another --out_dir") from None
     except OSError as e:
-        raise InputError(f"--out_dir {d}: " + ("is a file, not a folder" if d.is_file() else f"cannot write there ({e.strerror})")) from None
+        why = "its .lock is a link: remove it" if (e.errno, e.filename) == (errno.ELOOP, str(lock)) else f"cannot write there ({e.strerror})"
+        raise InputError(f"--out_dir {d}: " + ("is a file, not a folder" if d.is_file() else why)) from None
     try:
         yield d
     finally:
