@@ -33,7 +33,7 @@ batch = 2  # e2e: sequences per step
 seq = 2048  # e2e: tokens per sequence (past the architecture's context, the context is stretched)
 steps = 10  # e2e: steps timed (the first, warm-up, left out of the median)
 lora_r = recipe.lora_r  # e2e: LoRA rank
-no_quant = False  # e2e, load: a 16-bit base (plain LoRA) for comparison
+no_quant = False  # e2e, load: an unquantized base (plain LoRA; bf16 on a GPU, fp32 on a CPU) for comparison
 # -----------------------------------------------------------------------------------------------
 
 SHAPES_7B = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in): wq/wk/wv/wo, w1/w3, w2

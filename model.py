@@ -81,8 +81,8 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L
 
 
 def mfu(n_linear, tok_s, device_name):
-    # PaLM's MFU, as "12.3%" ("-": the peak is unknown, e.g. a CPU): model FLOPs per token, forward 2N + backward 2N (input
-    # gradients: the base is frozen), N = block linear params; not recomputation (hardware FLOPs), attention scores, head, LoRA
+    # MFU, as "12.3%" ("-": the peak is unknown, e.g. a CPU): forward 2N + backward 2N (input gradients: the base is frozen) per
+    # token, N = block linear params; recomputation excluded as in PaLM's; unlike PaLM's, attention, head, LoRA too: a lower bound
     peak = next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
     return f"{100 * 4 * n_linear * tok_s / peak:.1f}%" if peak else "-"
 

@@ -152,7 +152,7 @@ def _dequantize_torch(q, out):
 # 4. Triton kernels. Training is matmul-bound at large M (rows = batch · sequence): there the cheapest route is to
 #    dequantize into a reused 16-bit buffer (one pass, ~4.13 bits read + 16 written per weight) and hand it to cuBLAS.
 #    At small M (decoding) the matmul is bound by reading the weight, so a fused kernel that reads only the 4-bit weight
-#    should win; this one does not yet (README's kernel table, H200: 20x slower than dequantize + cuBLAS at M = 1,
+#    should win; this one does not yet (README's kernel table, H200: 15-28x slower than dequantize + cuBLAS at M = 1,
 #    slower at every M up to 256), so FUSED_MAX_M, the rows up to which nf4_matmul takes it, is 0.
 
 FUSED_MAX_M = 0
