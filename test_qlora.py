@@ -2067,15 +2067,16 @@ def test_meta_folder_without_shards_and_the_bytes_progress_expects(tmp_path, met
     assert C.open_checkpoint(hf, progress=False)[2].total == sum(w.nbytes for k, w in weights.items() if k != "output.weight")
 
 
-def test_hf_folder_prefers_index_and_safetensors_and_skips_what_it_recomputes(tmp_path, meta_ckpt, tokenizer_file):
-    # hub folders often hold both model.safetensors and pytorch_model.bin: the safetensors is read (no pickle);
-    # an index is read before a stray single file. Old conversions store rotary_emb.inv_freq, and tied models
+def test_hf_folder_prefers_one_file_and_safetensors_and_skips_what_it_recomputes(tmp_path, meta_ckpt, tokenizer_file):
+    # hub folders often hold both model.safetensors and pytorch_model.bin: the safetensors is read (no pickle); a single
+    # file before an index, as transformers reads them (an export into a sharded folder leaves the old index and shards
+    # beside its model.safetensors, which was read as before). Old conversions store rotary_emb.inv_freq, and tied models
     # sometimes an lm_head.weight: both are skipped, and the tied head is the embedding
     d, cfg, weights = meta_ckpt
     idx = torch.randint(cfg.vocab_size, (1, 7), generator=torch.Generator().manual_seed(3))
     ref = reference_forward(weights, cfg, idx)
-    for shards, stray in ((1, "pytorch_model.bin"), (2, "model.safetensors")):
-        hf = write_hf(tmp_path / f"hf{shards}", cfg, weights, tokenizer_file, shards=shards)
+    for k, stray in enumerate(("pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")):
+        hf = write_hf(tmp_path / f"hf{k}", cfg, weights, tokenizer_file)
         (hf / stray).write_bytes(b"not read")
         net = M.LLaMA.from_checkpoint(hf, quantize=False, dtype=torch.float32, lora_r=0, progress=False)
         assert rel_err(net(idx)[0], ref) < 1e-4
