@@ -2125,12 +2125,16 @@ def test_meta_folder_with_a_config_json_and_which_tokenizer_is_used(tmp_path, me
     (dict(use_qalora=True), "use_qalora true is not supported"),
     (dict(arrow_config={"top_k": 3}), 'arrow_config {"top_k": 3} is not supported'),
     *((dict([(k, {"r": 1})]), f'{k} {{"r": 1}} is not supported') for k in ("velora_config", "monteclora_config", "use_bdlora", "kasa_config")),
+    (dict(layers_to_transform=[0, 1]), "layers_to_transform [0, 1] is not supported"),  # not a missing tensor of layer 2
+    (dict(exclude_modules=["layers.0.self_attn.q_proj"]), 'exclude_modules ["layers.0.self_attn.q_proj"] is not supported'),
+    (dict(layer_replication=[[0, 1], [0, 2]]), "layer_replication [[0, 1], [0, 2]] is not supported"),  # another stack of layers
     (dict(init_lora_weights="pissa"), 'init_lora_weights "pissa" is not supported'),  # trained on a base peft changed
     (dict(init_lora_weights="loftq"), 'init_lora_weights "loftq" is not supported'),
     (dict(init_lora_weights="gaussian"), None), (dict(init_lora_weights=True), None), (dict(init_lora_weights=False), None),
     (dict(init_lora_weights="eva"), None), (dict(init_lora_weights="orthogonal"), None),  # other starting A, B; the base unchanged
     (dict(use_dora=None, fan_in_fan_out=None, bias=None, rank_pattern=None, alpha_pattern=None), None),  # null: the default
     (dict(use_qalora=False, alora_invocation_tokens=None, kasa_config=None, loftq_config={}, qalora_group_size=16), None),
+    (dict(layers_to_transform=None, exclude_modules=None, layer_replication=None, layers_pattern=None), None),  # peft writes these
     (dict(use_rslora=True), None),
 ])
 def test_peft_config_fields_refused_or_read(tmp_path, meta_ckpt, change, expect):

@@ -391,8 +391,9 @@ def read_adapter(path):  # -> {"lora": {name in the file: tensor}, "r", "scaling
         where, conf = path / "adapter_config.json", read_json(path / "adapter_config.json")
         ok = {"peft_type": ("LORA",), "bias": ("none",), "init_lora_weights": (True, "gaussian", "eva", "orthogonal"),  # not PiSSA,
               **dict.fromkeys(("fan_in_fan_out", "rank_pattern", "alpha_pattern", "use_qalora", "use_dora",  # LoftQ...: a changed base;
-                               "velora_config", "alora_invocation_tokens", "monteclora_config", "use_bdlora", "arrow_config",
-                               "kasa_config"), ())}  # LoRA variants that we do not compute (peft 0.21's)
+                               "velora_config", "alora_invocation_tokens", "monteclora_config", "use_bdlora", "arrow_config",  # LoRA
+                               "kasa_config", "layers_to_transform", "layer_replication", "exclude_modules"), ())}  # variants and
+        # layer choices that we do not compute (peft 0.21's): refused by name, not found out as a missing or unused tensor
         for key, values in ok.items():
             if (conf.get(key) or None) not in (None, *values):  # None: false, null, {} or [], each field's default
                 raise InputError(f"{where}: {key} {json.dumps(conf[key])} is not supported")
