@@ -2197,6 +2197,8 @@ def test_meta_params_give_back_the_ffn_width_and_rope_theta():
         p = json.loads(C.meta_params(M.LLaMAConfig(dim=64, n_heads=4, ffn_dim=ffn)))
         assert M.LLaMAConfig(**p).hidden_dim == ffn
     assert "rope_theta" not in json.loads(C.meta_params(M.LLaMAConfig(dim=64, n_heads=4)))
+    p = json.loads(C.meta_params(M.LLaMAConfig(dim=64, n_heads=4, ffn_dim=256)))  # the formula's own width: LLaMA-1's
+    assert "ffn_dim_multiplier" not in p and p["multiple_of"] == 256  # ModelArgs has no ffn_dim_multiplier field
     assert json.loads(C.meta_params(M.LLaMAConfig(dim=64, n_heads=4, rope_theta=1e6)))["rope_theta"] == 1e6
 
 
@@ -2509,6 +2511,7 @@ def test_published_hf_configs(tmp_path, name, conf, n_params):
     assert cfg.rope_theta == conf.get("rope_theta", 10000.0) and cfg.max_seq_len <= conf["max_position_embeddings"]
     # the merged export's params.json: only Meta's fields, and Meta's FFN formula gives back intermediate_size
     p = json.loads(C.meta_params(cfg))
+    assert ("ffn_dim_multiplier" in p) == name.startswith("Mistral")  # the others' widths are Meta's formula's
     assert set(p) <= {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta"}
     h = int(2 * 4 * p["dim"] / 3)
     h = int(p.get("ffn_dim_multiplier", 1.0) * h)

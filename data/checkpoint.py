@@ -456,12 +456,12 @@ def load_adapter(model, adapter):
 # export: a merged 16-bit checkpoint in Meta's layout or Hugging Face's, and the adapter in peft's format
 
 def meta_params(cfg):
-    # params.json as Meta's loaders read it: they do ModelArgs(**params), so no keys of ours. An explicit
-    # FFN width (HF's intermediate_size) is written so that Meta's formula gives it back exactly:
-    # multiple_of 1 and int(multiplier · int(8·dim/3)) = ffn_dim.
-    # left out at their defaults: LLaMA-1 has no n_kv_heads; Llama 2's ModelArgs no rope_theta (CodeLlama's params.json has it)
+    # params.json as Meta's loaders read it: they do ModelArgs(**params), so no keys of ours. An explicit FFN width (HF's
+    # intermediate_size) that Meta's formula does not give is written so that it does: multiple_of 1 and
+    # int(multiplier · int(8·dim/3)) = ffn_dim. Left out at their defaults: LLaMA-1 has no n_kv_heads or ffn_dim_multiplier
+    # (a LLaMA-1 read from HF's layout has the formula's width); Llama 2's ModelArgs no rope_theta (CodeLlama's params.json has)
     p = {k: getattr(cfg, k) for k in META_KEYS if getattr(cfg, k) != {"n_kv_heads": cfg.n_heads, "rope_theta": 10000.0}.get(k)}
-    if cfg.ffn_dim is not None:
+    if cfg.ffn_dim not in (None, type(cfg)(**{**vars(cfg), "ffn_dim": None}).hidden_dim):
         p.update(multiple_of=1, ffn_dim_multiplier=(cfg.ffn_dim + 0.5) / int(2 * 4 * cfg.dim / 3))
     return json.dumps({k: v for k, v in p.items() if v is not None}, indent=2)
 
