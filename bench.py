@@ -1,4 +1,4 @@
-"""Benchmarks, on one GPU. Three commands:
+"""Benchmarks, on one GPU (e2e and load also on a CPU). Three commands:
 
   python bench.py kernels                       # NF4 dequant GB/s; NF4 linear vs bf16 cuBLAS per shape and M
   python bench.py e2e --model 7B --batch 2 --seq 2048 [--steps 10]   # QLoRA training steps: tok/s, MFU, memory
@@ -33,7 +33,7 @@ batch = 2  # e2e: sequences per step
 seq = 2048  # e2e: tokens per sequence (past the architecture's context, the context is stretched)
 steps = 10  # e2e: steps timed (the first, warm-up, left out of the median)
 lora_r = recipe.lora_r  # e2e: LoRA rank
-no_quant = False  # e2e, load: an unquantized base (plain LoRA; bf16 on a GPU, fp32 on a CPU) for comparison
+no_quant = False  # e2e, load: an unquantized base (plain LoRA; bf16, but fp32 for e2e on a CPU) for comparison
 # -----------------------------------------------------------------------------------------------
 
 SHAPES_7B = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in): wq/wk/wv/wo, w1/w3, w2

@@ -67,7 +67,7 @@ merge_base = "nf4"  # the merged exports' base: "nf4" (the dequantized 4-bit bas
 mmlu = ""  # an MMLU folder (dev/ val/ test/ CSVs, or five_shot_mmlu_*.json): 5-shot accuracy at every evaluation
 mmlu_split, mmlu_max = "val", 0  # the MMLU split, val or test; questions per subject (0: all)
 sample_tokens, temperature = 64, 0.8  # the sample printed at the end (0 tokens: none; temperature 0: greedy)
-# the tiny demo (no flag naming a model) runs with these instead of the defaults above; flags still win
+# the tiny demo (--model tiny, no --ckpt_dir, random init) runs with these instead of the defaults above; flags still win
 DEMO = dict(max_iters=400, batch_size=8, micro_batch=8, learning_rate=2e-3, warmup_iters=10, source_max_len=96,
             target_max_len=48, eval_interval=100, eval_iters=4, log_interval=10, grad_checkpoint=False, val_fraction=0.08,
             temperature=0.0)
@@ -106,7 +106,7 @@ def resolve(given, defaults):  # every default, once: the demo's, then the paper
     c["lora_dropout"] = c["lora_dropout"] if c["lora_dropout"] != -1 else paper["lora_dropout"]
     c["warmup_iters"] = c["warmup_iters"] if c["warmup_iters"] != -1 else int(0.03 * c["max_iters"])
     c["threads"] = c["threads"] or (1 if demo and "OMP_NUM_THREADS" not in os.environ else torch.get_num_threads())
-    # the adapted layers: wq, wo (n_heads·head_dim × dim), wk, wv (n_kv_heads·head_dim × dim), w1-w3 (hidden_dim × dim);
+    # the adapted layers' sides: wq, wo {n_heads·head_dim, dim}, wk, wv {n_kv_heads·head_dim, dim}, w1-w3 {hidden_dim, dim};
     # a rank above the smaller side of one adds nothing there (rank L1 L2 <= min(in, out))
     max_r = min(arch.dim, arch.n_heads * arch.head_dim, arch.n_kv_heads * arch.head_dim, arch.hidden_dim)
     for k, ok, want in (*((k, 0 < c[k] < 1e9, "positive (below 1e9)") for k in ("learning_rate", "max_grad_norm", "lora_alpha")),

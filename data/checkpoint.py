@@ -204,7 +204,7 @@ def read_safetensors(path):
 
 
 def save_safetensors(tensors, path, metadata=None):
-    # header padded with spaces to a multiple of 8, so that every tensor starts 8-byte aligned
+    # header padded with spaces to a multiple of 8, so that the data (its first tensor) starts 8-byte aligned
     names, header, off = {v: k for k, v in ST_DTYPES.items()}, {"__metadata__": metadata or {}}, 0
     tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
     for k, t in tensors.items():
@@ -393,7 +393,7 @@ def read_adapter(path):  # -> {"lora": {name in the file: tensor}, "r", "scaling
               **dict.fromkeys(("fan_in_fan_out", "rank_pattern", "alpha_pattern", "use_qalora", "use_dora",  # LoftQ...: a changed base;
                                "velora_config", "alora_invocation_tokens", "monteclora_config", "use_bdlora", "arrow_config",  # LoRA
                                "kasa_config", "layers_to_transform", "layer_replication", "exclude_modules"), ())}  # variants and
-        # layer choices that we do not compute (peft 0.21's): refused by name, not found out as a missing or unused tensor
+        # layer choices we do not compute (peft 0.21's): refused by name (others, e.g. lora_bias, by their extra tensors)
         for key, values in ok.items():
             if (conf.get(key) or None) not in (None, *values):  # None: false, null, {} or [], each field's default
                 raise InputError(f"{where}: {key} {json.dumps(conf[key])} is not supported")
@@ -488,7 +488,7 @@ def export_merged(model, out_dir, dtype=torch.float16, base=None, tokenizer=None
     linear = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     shapes = {n: tuple((linear[n].weight if n in linear else tensors[n]).shape) for n in names}
     prog = Progress("merged", cfg.n_layers, sum(math.prod(s) for s in shapes.values()) * dtype.itemsize, quiet=not progress)
-    for n in names:  # to host memory one weight at a time: the GPU holds one 16-bit weight at most
+    for n in names:  # to host memory one weight at a time: the GPU holds one weight's fp32 merge at most
         w0 = load(n, shapes[n]) if load is not None else None  # the original weight; None: the model's own
         w = merge_lora(linear[n], torch.float32, w0) if n in linear else w0 if w0 is not None else tensors[n]
         sd[n] = w.detach().to("cpu", dtype).contiguous()
