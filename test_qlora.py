@@ -5,6 +5,7 @@ if not torch.cuda.is_available():
 
 import csv
 import ctypes
+import datetime
 import errno
 import io
 import json
@@ -3929,6 +3930,21 @@ def torchrun_train(*args):
     return p, out, err
 
 
+def test_ddp_waits_hours_for_rank_0s_own_work(tmp_path, demo_tokenizer, train_here, monkeypatch):
+    # the other processes wait in a collective while rank 0 validates, scores MMLU and exports: NCCL's default timeout
+    # (10 min) would end a 65B run at its first MMLU evaluation or its merged export
+    run, _ = train_here
+    init, got = TR.dist.init_process_group, []
+    monkeypatch.setattr(TR.dist, "init_process_group", lambda *a, **kw: got.append(kw["timeout"]) or init(*a, **kw))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
+        monkeypatch.setenv(k, str(v))
+    assert "trained 1 iters" in run(*FAST, "--max_iters", 1, "--out_dir", fresh_out_dir(tmp_path / "o", demo_tokenizer))
+    assert got == [datetime.timedelta(hours=6)] and not TR.dist.is_initialized()
+
+
 def test_ddp_two_gloo_processes_match_one(tmp_path, demo_tokenizer):
     for sub in ("one", "two"):
         (tmp_path / sub).mkdir()
@@ -3957,6 +3973,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, demo_tokenizer)
     assert r.returncode == 2 and re.search(r"(loss|gradient norm) nan; stopping before the update", r.stderr) and "Traceback" not in r.stderr
     ck = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert ck["iter_num"] == 1 and not list(tmp_path.glob("*.tmp"))  # the step before the NaN, intact
+    assert r.stderr.endswith(f"(last checkpoint: {tmp_path / 'ckpt.pt'} (iter 1); --resume continues)\n"), r.stderr
+    # a new run over it stops before its own first checkpoint: the file there is the run it replaces, said so
+    r = run_train(*FAST, "--eval_interval", 100, "--max_iters", 8, "--learning_rate", 1e8, "--warmup_iters", 0, "--out_dir", tmp_path, "--overwrite")
+    assert r.returncode == 2 and r.stderr.endswith(f"(no checkpoint yet ({tmp_path / 'ckpt.pt'}: the run --overwrite replaces))\n"), r.stderr
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["iter_num"] == 1
 
 
 def fresh_out_dir(path, demo_tokenizer):

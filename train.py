@@ -19,6 +19,7 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -203,8 +204,8 @@ def train(c):
             raise InputError(f"{f}: is {why}; --export {c['export']} writes a folder there")
     if c["resume"] and not ckpt_path.is_file():  # before anything is written into out_dir
         raise InputError(f"--resume: {ckpt_path} not found")
-    if ddp:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if ddp:  # rank 0 alone validates, runs MMLU and exports while the others wait in a collective: at 65B hours, not NCCL's 10 min
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=6))
     master = rank == 0
     if c["batch_size"] % (c["micro_batch"] * world):
         raise InputError(f"--batch_size {c['batch_size']} must be a multiple of --micro_batch {c['micro_batch']} × {world} processes")
@@ -301,6 +302,10 @@ def train(c):
             print(mmlu_eval.summary(it, c["mmlu_split"], r))
             mmlu_eval.append_log(out_dir, c["mmlu_split"], it, r)
 
+    def last():  # where a stopped run can go on from: this run's last checkpoint (before it: the file of the run it replaces)
+        return (f"last checkpoint: {ckpt_path} (iter {saved}); --resume continues" if saved is not None else "no checkpoint yet"
+                + f" ({ckpt_path}: the run --overwrite replaces)" * ckpt_path.exists())
+
     def save_checkpoint(it):
         # every process's RNG state (dropout), gathered to rank 0, which writes adapter.pt and ckpt.pt atomically
         nonlocal saved
@@ -341,8 +346,7 @@ def train(c):
             # a NaN/inf anywhere (any process: the gradients are already averaged) shows in the gradient norm
             gnorm = torch.nn.utils.clip_grad_norm_(params, c["max_grad_norm"]).item()
             if not (math.isfinite(loss_sum) and math.isfinite(gnorm)):
-                raise InputError(f"iter {it}: loss {loss_sum}, gradient norm {gnorm}; stopping before the update "
-                                 f"(last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none'})")
+                raise InputError(f"iter {it}: loss {loss_sum}, gradient norm {gnorm}; stopping before the update ({last()})")
             optimizer.step()
             if master and it == iter_num:  # the optimizer picks its memory at the first allocation
                 print(f"optimizer state in {optimizer.memory} memory (paging={optimizer.paging!r})")
@@ -380,8 +384,7 @@ def train(c):
                     export_peft(raw, out_dir / kind, base=src)
                 print(f"exported {kind} to {out_dir / kind}")
     except KeyboardInterrupt:  # no save: a step may be half done; the last checkpoint is a consistent point
-        last = f"last checkpoint: {ckpt_path} (iter {saved}); --resume continues" if saved is not None else "no checkpoint yet"
-        raise KeyboardInterrupt(f"interrupted at iter {it}; {last}") from None
+        raise KeyboardInterrupt(f"interrupted at iter {it}; {last()}") from None
     if ddp:
         dist.barrier()  # no process leaves (and destroys its process group) while another still writes
 
