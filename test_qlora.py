@@ -4069,13 +4069,22 @@ def test_resume_rebuilds_an_adapters_random_base_at_its_vocabulary(tmp_path):
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
 
 
-def test_resume_refuses_a_base_whose_params_json_changed(tmp_path, meta_ckpt):
-    # every setting read_checkpoint compares is the same (the folder, by name), but the model it holds is not
-    d, out = tmp_path / "7B", tmp_path / "o"
+def meta_copy(meta_ckpt, d):  # the tiny Meta checkpoint copied to d, its tokenizer inside -> d
     shutil.copytree(meta_ckpt[0], d)
     shutil.copy(meta_ckpt[0].parent / "tokenizer.model", d / "tokenizer.model")
+    return d
+
+
+def trained_on_a_copy(tmp_path, meta_ckpt):  # one iteration, checkpointed, on a copy of the checkpoint -> (copy, out_dir, flags)
+    d, out = meta_copy(meta_ckpt, tmp_path / "7B"), tmp_path / "o"
     args = ("--ckpt_dir", d, "--out_dir", out, "--lora_r", 8, "--sample_tokens", 0, "--batch_size", 1, "--eval_interval", 1)
     assert run_train(*args, "--max_iters", 1).returncode == 0
+    return d, out, args
+
+
+def test_resume_refuses_a_base_whose_params_json_changed(tmp_path, meta_ckpt):
+    # every setting read_checkpoint compares is the same (the folder, by name), but the model it holds is not
+    d, out, args = trained_on_a_copy(tmp_path, meta_ckpt)
     (d / "params.json").write_text(json.dumps({**json.loads((d / "params.json").read_text()), "norm_eps": 1e-3}))
     r = run_train(*args, "--max_iters", 2, "--resume")
     assert r.returncode == 2 and r.stderr.startswith("loaded 2 layers") and r.stderr.splitlines()[1:] == [
@@ -4085,11 +4094,7 @@ def test_resume_refuses_a_base_whose_params_json_changed(tmp_path, meta_ckpt):
 
 def test_resume_refuses_a_base_whose_tokenizer_changed(tmp_path, meta_ckpt):
     # ckpt.pt is read before the tokenizer (for a random base it records) and compared again once the tokenizer is known
-    d, out = tmp_path / "7B", tmp_path / "o"
-    shutil.copytree(meta_ckpt[0], d)
-    shutil.copy(meta_ckpt[0].parent / "tokenizer.model", d / "tokenizer.model")
-    args = ("--ckpt_dir", d, "--out_dir", out, "--lora_r", 8, "--sample_tokens", 0, "--batch_size", 1, "--eval_interval", 1)
-    assert run_train(*args, "--max_iters", 1).returncode == 0
+    d, _, args = trained_on_a_copy(tmp_path, meta_ckpt)
     C.train_tokenizer([" ".join(reversed(WORDS[i : i + 9])) for i in range(len(WORDS) - 9)] * 3, d / "tokenizer.model", 100)
     r = run_train(*args, "--max_iters", 2, "--resume")
     assert r.returncode == 2 and "was made with a tokenizer (SHA-1) " in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -4403,8 +4408,7 @@ def test_export_over_a_file_is_refused_before_training(tmp_path):
 def test_export_over_the_base_it_trains_is_refused_before_training(tmp_path, meta_ckpt):
     # a second finetune of a merged export, in the same out_dir: --export merged would replace the base it reads
     (out := tmp_path / "o").mkdir()
-    shutil.copytree(meta_ckpt[0], out / "merged")
-    shutil.copy(meta_ckpt[0].parent / "tokenizer.model", out / "merged" / "tokenizer.model")
+    meta_copy(meta_ckpt, out / "merged")
     (tmp_path / "link").symlink_to(out / "merged")
     before = {p.name: p.read_bytes() for p in (out / "merged").iterdir()}
     for ckpt_dir, export, init in ((out / "merged", "merged", "checkpoint"), (tmp_path / "link", "peft,merged", "checkpoint"),
