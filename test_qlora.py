@@ -3636,7 +3636,9 @@ BAD_MMLU = [  # ({file: text}, text the one-line error must contain)
     ({"dev/x_dev.csv": "q,a,b,c,d,A\n", "val/x_val.csv": "q,a,b,c,d,A\n", "val/y_val.csv": "q,a,b,c,d,B\n"},
      "y_dev.csv: no dev questions for subject 'y'"),
     ({"dev/x_dev.csv": "", "val/x_val.csv": "q,a,b,c,d,A\n"}, "x_dev.csv: no dev questions"),
-    ({"dev/x_dev.csv": "q,a,b,c,d,A\n", "val/x_val.csv": b"q,\xff,b,c,d,A\n"}, "x_val.csv:1: cannot read"),
+    ({"dev/x_dev.csv": "q,a,b,c,d,A\n", "val/x_val.csv": b"q,\xff,b,c,d,A\n"}, "x_val.csv:1: not UTF-8 text (byte 0xff"),
+    ({"dev/x_dev.csv": "q,a,b,c,d,A\n", "val/x_val.csv": b'"two\nlines",a,b,c,d,A\n' * 2000 + b"caf\xe9,a,b,c,d,A\n"},
+     "x_val.csv:4001: not UTF-8 text (byte 0xe9"),  # by its line, also far past the first read's 8 KB
     ({"dev/x_dev.csv": "q,a,b,c,d,A\n", "test/x_test.csv": "q,a,b,c,d,A\n"}, "not an MMLU folder"),
     ({"five_shot_mmlu_val.json": '{"subject": "x", "input": "Answer:", "output": "A"}\n{"subject": "x",\n'},
      "five_shot_mmlu_val.json:2: malformed JSON"),

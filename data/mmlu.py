@@ -7,6 +7,7 @@ question,A,B,C,D,answer without a header), or the QLoRA code's preprocessed DIR/
 (records {"input": five shots + question ending in "Answer:", "output": "A".."D", "subject"}).
 """
 import csv
+import io
 import json
 import time
 from contextlib import nullcontext
@@ -18,26 +19,25 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from data.files import InputError, atomic_write_bytes
-from data.prepare import field, read_records
+from data.prepare import field, read_records, read_text
 
 LETTERS = ("A", "B", "C", "D")
 LETTER_PIECES = tuple("\u2581" + x for x in LETTERS)  # "▁A".."▁D": how LLaMA's tokenizer spells them after "Answer:"
 
 
 def read_csv(path):  # [(question text ending in "Answer:", answer index)]; quoted fields may hold commas and newlines
-    rows, line = [], 1
+    rows, line, reader = [], 1, csv.reader(io.StringIO(read_text(path), newline=""))  # newline="": csv sees "\r\n"
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            for row in (reader := csv.reader(f)):
-                if row:  # a blank line reads as []
-                    if len(row) != 6:
-                        raise InputError(f"{path}:{line}: expected 6 fields (question,A,B,C,D,answer), got {len(row)}")
-                    if row[5].strip() not in LETTERS:
-                        raise InputError(f"{path}:{line}: answer {row[5]!r} is not one of A, B, C, D")
-                    text = row[0] + "".join(f"\n{c}. {a}" for c, a in zip(LETTERS, row[1:5])) + "\nAnswer:"
-                    rows.append((text, LETTERS.index(row[5].strip())))
-                line = reader.line_num + 1  # where the next row starts
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        for row in reader:
+            if row:  # a blank line reads as []
+                if len(row) != 6:
+                    raise InputError(f"{path}:{line}: expected 6 fields (question,A,B,C,D,answer), got {len(row)}")
+                if row[5].strip() not in LETTERS:
+                    raise InputError(f"{path}:{line}: answer {row[5]!r} is not one of A, B, C, D")
+                text = row[0] + "".join(f"\n{c}. {a}" for c, a in zip(LETTERS, row[1:5])) + "\nAnswer:"
+                rows.append((text, LETTERS.index(row[5].strip())))
+            line = reader.line_num + 1  # where the next row starts
+    except csv.Error as e:
         raise InputError(f"{path}:{line}: cannot read ({e})") from None
     return rows
 

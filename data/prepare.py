@@ -31,14 +31,17 @@ ALPACA = {  # the Alpaca template, as in the paper's code
 GUANACO = "### Human: {instruction}### Assistant: "  # one turn of a conversation, as the paper's OASST1 data writes it
 
 
-def read_records(path):  # (line number, object) pairs from a JSONL file, or from one JSON array like the Alpaca release
+def read_text(path):  # the whole file as text; a byte that is not UTF-8 is named by its line, like malformed JSON
     try:
-        text = open(path, encoding="utf-8-sig").read()  # -sig: tolerate a byte-order mark
+        return open(path, encoding="utf-8-sig").read()  # -sig: tolerate a byte-order mark
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror})")  # strerror: the path once
-    except UnicodeDecodeError as e:  # by its line, like malformed JSON (e.object: the file's bytes, after a BOM)
+    except UnicodeDecodeError as e:  # e.object: the file's bytes (after a BOM), all decoded at once by read()
         raise InputError(f"{path}:{e.object[:e.start].count(10) + 1}: not UTF-8 text (byte {e.object[e.start]:#04x}: {e.reason})")
-    if not text.strip():
+
+
+def read_records(path):  # (line number, object) pairs from a JSONL file, or from one JSON array like the Alpaca release
+    if not (text := read_text(path)).strip():
         raise InputError(f"{path}:1: file is empty")
     records, array = [], text.lstrip().startswith("[")
     try:
