@@ -1436,6 +1436,8 @@ def test_tokenizer_without_bos_or_eos_is_refused(tmp_path):
     ("params_negative", "params.json: n_heads must be a positive integer, got -4"),
     ("params_bool", "params.json: n_layers must be a positive integer, got true"),
     ("params_nan", "params.json: norm_eps must be a positive number, got NaN"),
+    ("params_scaled_rope", "params.json: use_scaled_rope true is not implemented (only false)"),  # Llama 3.1's
+    ("fp8_weights", "consolidated.01.pth: tensor 'layers.1.feed_forward.w1.weight' has dtype torch.float8_e4m3fn; only float16"),
     ("params_list", "params.json: expected a JSON object {...}, got [1]"),
     ("params_missing", "params.json: missing field 'n_heads'"),
     ("params_vocab", "tok_embeddings.weight has shape (V, 64), params.json implies ("),  # not the embedding's silently
@@ -1453,12 +1455,14 @@ def test_checkpoint_errors_name_file_and_tensor(tmp_path, meta_ckpt, tokenizer_f
         (d / "consolidated.00.pth").unlink()
     elif damage == "one_shard_only":  # a checkpoint for 2-way model parallelism with a shard lost
         (d / "consolidated.01.pth").unlink()
-    elif damage in ("extra_key", "missing_key", "shards_disagree"):
+    elif damage in ("extra_key", "missing_key", "shards_disagree", "fp8_weights"):
         sd = torch.load(d / "consolidated.01.pth")
         if damage == "shards_disagree":  # the second shard of another model (a smaller vocabulary)
             sd["tok_embeddings.weight"] = sd["tok_embeddings.weight"][:100].clone()
         elif damage == "extra_key":
             sd["layers.0.attention.bias"] = torch.zeros(1)
+        elif damage == "fp8_weights":  # Llama-3.1-405B-FP8's FFN, its scales in another file: never cast without them
+            sd["layers.1.feed_forward.w1.weight"] = sd["layers.1.feed_forward.w1.weight"].to(torch.float8_e4m3fn)
         else:
             del sd["layers.1.ffn_norm.weight"]
         torch.save(sd, d / "consolidated.01.pth")
@@ -1467,7 +1471,7 @@ def test_checkpoint_errors_name_file_and_tensor(tmp_path, meta_ckpt, tokenizer_f
     elif damage.startswith("params_"):
         p, change = json.loads((d / "params.json").read_text()), damage.removeprefix("params_")
         p.update({"string": {"dim": str(p["dim"])}, "negative": {"n_heads": -4}, "bool": {"n_layers": True},
-                  "nan": {"norm_eps": float("nan")}, "kv_heads": {"n_kv_heads": 3},
+                  "nan": {"norm_eps": float("nan")}, "kv_heads": {"n_kv_heads": 3}, "scaled_rope": {"use_scaled_rope": True},
                   "odd_head_dim": {"n_heads": 64, "n_kv_heads": 64}, "vocab": {"vocab_size": cfg.vocab_size + 8}}.get(change, {}))
         if change == "missing":
             del p["n_heads"]
@@ -1999,6 +2003,13 @@ def test_config_json_defaults_are_transformers_and_params_json_fields_are_checke
     for window, n in ((64, 64), (4096, 128)):
         (tmp_path / "w" / "config.json").write_text(json.dumps({**need, "max_position_embeddings": 128, "sliding_window": window}))
         assert C.read_params(tmp_path / "w")["max_seq_len"] == n
+    # Mistral's config without the key has transformers' window of 4096 (null: none); the old architectures spelling is LLaMA
+    for arch, conf, n in (("MistralForCausalLM", {}, 4096), ("MistralForCausalLM", {"sliding_window": None}, 8192), ("LLaMAForCausalLM", {}, 8192)):
+        (tmp_path / "w" / "config.json").write_text(json.dumps({**need, "max_position_embeddings": 8192, "architectures": [arch], **conf}))
+        assert C.read_params(tmp_path / "w")["max_seq_len"] == n
+    # rope_scaling that says "default" (as older transformers wrote it) is no scaling, as transformers reads it
+    for rs in ({"type": "default"}, {"rope_type": "default"}, None):
+        assert C.hf_params({**need, "rope_scaling": rs, "rope_theta": 1e6}, "config.json")["rope_theta"] == 1e6
     (tmp_path / "w" / "config.json").write_text(json.dumps({**need, "head_dim": 16}))  # as hidden_size / num_attention_heads: fine
     assert C.read_params(tmp_path / "w")["dim"] == 64
     # transformers >= 5 writes θ inside rope_parameters (Llama 3: 500000), which wins over a top-level one
@@ -2113,6 +2124,9 @@ def test_meta_folder_with_a_config_json_and_which_tokenizer_is_used(tmp_path, me
     assert C.find_tokenizer(d) == d / "tokenizer.model.v3"
     (tmp_path / "bad.model").write_bytes(b"junk")
     with pytest.raises(InputError, match="bad.model: not a sentencepiece tokenizer model"):
+        C.open_checkpoint(d, tokenizer=tmp_path / "bad.model", progress=False)
+    (tmp_path / "bad.model").write_bytes(b"IQ== 0\nIg== 1\nIw== 2\n")  # how Llama 3's tokenizer.model (tiktoken's ranks) begins
+    with pytest.raises(InputError, match="bad.model: Llama 3's tiktoken tokenizer: only sentencepiece models"):
         C.open_checkpoint(d, tokenizer=tmp_path / "bad.model", progress=False)
 
 

@@ -34,8 +34,10 @@ class Tokenizer:
                              "tokenizer.model)" * (path.parent / "tokenizer.json").is_file())
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        except (RuntimeError, OSError):  # empty, truncated, or some other file
-            raise InputError(f"{path}: not a sentencepiece tokenizer model (cannot parse it)") from None
+        except (RuntimeError, OSError):  # empty, truncated, or some other file; Llama 3's: tiktoken's "base64 rank" lines
+            tiktoken = re.match(rb"[A-Za-z0-9+/]+=* 0\n", path.open("rb").read(64))
+            raise InputError(f"{path}: " + ("Llama 3's tiktoken tokenizer: only sentencepiece models (LLaMA 1/2, Mistral) are read"
+                                            if tiktoken else "not a sentencepiece tokenizer model (cannot parse it)")) from None
         self.n_words, self.bos_id, self.eos_id = self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id()  # LLaMA: bos 1, eos 2
         if min(self.bos_id, self.eos_id) < 0:  # every example is bos ... eos: a model without them cannot read them
             raise InputError(f"{path}: the tokenizer has no bos or no eos token (bos_id {self.bos_id}, eos_id {self.eos_id})")
@@ -133,6 +135,8 @@ def torch_load(path, tensors=True):
         raise InputError(f"{path}: truncated or damaged ({str(e).splitlines()[0].split('. ')[0][:200]})") from None  # its first sentence
     if tensors and not is_state_dict(sd):
         raise InputError(f"{path}: not a state dict (a dict of named tensors)")
+    if tensors and (k := next((k for k, t in sd.items() if t.dtype not in ST_DTYPES.values()), None)):  # e.g. FP8 or int8
+        raise InputError(f"{path}: tensor {k!r} has dtype {sd[k].dtype}; only float16, bfloat16 and float32 are read")  # weights
     return sd
 
 
@@ -236,6 +240,8 @@ def read_params(ckpt_dir, context=None):
         raw = {k: v for k, v in read_json(where).items() if v is not None and (k, v) != ("vocab_size", -1)}
         check_fields(raw, where, ("dim", "n_layers", "n_heads"), ints=(*META_KEYS[:6], "hidden_dim", "head_dim", "sliding_window"),
                      floats=META_KEYS[6:])
+        if raw.get("use_scaled_rope"):  # Llama 3.1's: the long wavelengths stretched (Meta's apply_scaling)
+            raise InputError(f"{where}: use_scaled_rope {json.dumps(raw['use_scaled_rope'])} is not implemented (only false)")
         p = {k: v for k, v in raw.items() if k in META_KEYS} | {"ffn_dim": raw.get("hidden_dim")}  # None: Meta's formula
         p["max_seq_len"] = max(2048, context or 0)  # params.json has no context length: Meta's code takes it from its caller
     heads, kv = p["n_heads"], p.get("n_kv_heads", p["n_heads"])  # attention needs whole, even (rotary pairs) head dims
@@ -243,7 +249,8 @@ def read_params(ckpt_dir, context=None):
         raise InputError(f"{where}: head_dim {raw['head_dim']} is not dim / heads = {p['dim']} / {heads} = {p['dim'] / heads:g} (not implemented)")
     if p["dim"] % heads or p["dim"] // heads % 2 or heads % kv:
         raise InputError(f"{where}: dim {p['dim']}, {heads} heads, {kv} kv heads: need a whole, even head dim and kv heads dividing heads")
-    if window := raw.get("sliding_window"):  # within the window, full causal attention is what the model computes
+    window = raw.get("sliding_window", 4096 if raw.get("architectures") == ["MistralForCausalLM"] else None)  # absent: transformers'
+    if window:  # within the window, full causal attention is what the model computes
         if context and context > window:
             raise InputError(f"{where}: sliding_window {window} is shorter than the context of {context} tokens (not implemented)")
         p["max_seq_len"] = min(p["max_seq_len"], window)
@@ -291,14 +298,15 @@ def hf_params(c, where):
                  ints=("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
                        "intermediate_size", "max_position_embeddings", "head_dim", "sliding_window"),
                  floats=("rms_norm_eps", "rope_theta"), bools=("tie_word_embeddings", "attention_bias", "mlp_bias"))
-    if (arch := c.get("architectures") or ["LlamaForCausalLM"]) not in (["LlamaForCausalLM"], ["MistralForCausalLM"]):
+    arch = c.get("architectures") or ["LlamaForCausalLM"]  # LLaMAForCausalLM: early conversions' spelling of the same
+    if arch not in (["LlamaForCausalLM"], ["LLaMAForCausalLM"], ["MistralForCausalLM"]):
         raise InputError(f"{where}: architectures {arch}: only LlamaForCausalLM and MistralForCausalLM are implemented")
     if "quantization_config" in c:  # e.g. a -bnb-4bit folder: its weights are already quantized, and we quantize as we load
         raise InputError(f"{where}: quantization_config: the weights are quantized already; use the 16-bit original")
     if c.get("attention_bias") or c.get("mlp_bias"):
         raise InputError(f"{where}: attention or MLP biases (attention_bias/mlp_bias true) are not implemented")
-    if "rope_scaling" in c:
-        raise InputError(f"{where}: rope_scaling {json.dumps(c['rope_scaling'])} is not implemented (only null)")
+    if c.get("rope_scaling", {"type": "default"}) not in ({"type": "default"}, {"rope_type": "default"}):  # default: none
+        raise InputError(f"{where}: rope_scaling {json.dumps(c['rope_scaling'])} is not implemented (only null or default)")
     if c.get("hidden_act", "silu") != "silu":
         raise InputError(f"{where}: hidden_act {c['hidden_act']!r} is not implemented (only silu)")
     return dict(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
@@ -324,13 +332,11 @@ def _read_hf(d, context):
     names = {n: hf_name(n) for n in meta_names(params["n_layers"])}
     if params["tie_embeddings"]:  # the output head is the embedding; a stored lm_head.weight is not read
         names["output.weight"] = names["tok_embeddings.weight"]
-    for k, t in tensors.items():
+    for k in tensors:
         if k.endswith(".bias"):
             raise InputError(f"{d}: tensor {k!r}: biases are not implemented")
         if k not in names.values() and not k.endswith("rotary_emb.inv_freq") and k != "lm_head.weight":  # inv_freq: recomputed
             raise InputError(f"{d}: unexpected tensor {k!r}")
-        if t.dtype not in ST_DTYPES.values():
-            raise InputError(f"{d}: tensor {k!r} has dtype {t.dtype}; only float16, bfloat16 and float32 are read")
     if missing := next((k for k in names.values() if k not in tensors), None):
         raise InputError(f"{d}: missing tensor {missing!r}")
     total = sum(tensors[k].nbytes for k in set(names.values()))  # a tied head is the embedding, counted once
