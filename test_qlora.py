@@ -3062,7 +3062,7 @@ def test_atomic_write_fsyncs_the_file_then_renames_then_fsyncs_the_folder(tmp_pa
 
     def fsync(fd):
         st = os.fstat(fd)
-        kind = "folder" if stat.S_ISDIR(st.st_mode) else ("file", st.st_size, (tmp_path / "f.bin.tmp").read_bytes())
+        kind = "folder" if stat.S_ISDIR(st.st_mode) else ("file", st.st_size, (tmp_path / f"f.bin.{os.getpid()}.tmp").read_bytes())
         calls.append(("fsync", kind))
         real_fsync(fd)
 
@@ -3074,7 +3074,7 @@ def test_atomic_write_fsyncs_the_file_then_renames_then_fsyncs_the_folder(tmp_pa
     monkeypatch.setattr(os, "replace", replace)
     atomic_write_bytes(target, b"x" * 10_000)
     # the data is on disk under the temporary name before the rename; the rename is on disk after the folder's fsync
-    assert calls == [("fsync", ("file", 10_000, b"x" * 10_000)), ("replace", "f.bin.tmp", "f.bin"), ("fsync", "folder")]
+    assert calls == [("fsync", ("file", 10_000, b"x" * 10_000)), ("replace", f"f.bin.{os.getpid()}.tmp", "f.bin"), ("fsync", "folder")]
     assert target.read_bytes() == b"x" * 10_000
 
 
@@ -3125,7 +3125,7 @@ def edquot(f):
 
 @pytest.mark.parametrize("how", ["dev_full_torch", "dev_full_bytes", "enospc", "edquot"])
 def test_disk_full_keeps_the_old_file_and_leaves_no_tmp(tmp_path, how):
-    target, tmp = tmp_path / "ckpt.pt", tmp_path / "ckpt.pt.tmp"
+    target, tmp = tmp_path / "ckpt.pt", tmp_path / f"ckpt.pt.{os.getpid()}.tmp"
     target.write_bytes(b"the last good checkpoint")
     if how.startswith("dev_full"):
         if not os.path.exists("/dev/full"):
@@ -3281,7 +3281,7 @@ def test_alpaca_json_array_and_jsonl(tmp_path):
     r = run_prepare("alpaca", array, out)
     assert r.returncode == 0 and "wrote 3 examples" in r.stdout and "skipped 1" in r.stdout
     assert [json.loads(line) for line in out.read_text().splitlines()] == want
-    assert not (tmp_path / "out.jsonl.tmp").exists()
+    assert not list(tmp_path.glob("*.tmp"))
 
 def msg(role, text, rank=None, replies=(), **kw):
     m = {"role": role, "text": text, "replies": list(replies), **kw}
@@ -3377,7 +3377,7 @@ def test_bad_input(tmp_path, kind, lines, error):
     r = run_prepare(kind, src, out)
     assert r.returncode == 2 and r.stdout == ""
     assert error in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
-    assert not out.exists() and not (tmp_path / "out.jsonl.tmp").exists()
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
 
 def test_nesting_too_deep_is_one_line_at_any_depth(tmp_path):
     # json decodes a little deeper than it encodes: the surrogate check's json.dumps must be caught too
@@ -3409,7 +3409,11 @@ def test_failure_keeps_existing_output(tmp_path):
     out = write(tmp_path / "out.jsonl", [GOOD_ALPACA])
     src = write(tmp_path / "in.jsonl", ["not json"])
     assert run_prepare("alpaca", src, out).returncode == 2
-    assert out.read_text() == GOOD_ALPACA + "\n" and not (tmp_path / "out.jsonl.tmp").exists()
+    assert out.read_text() == GOOD_ALPACA + "\n" and not list(tmp_path.glob("*.tmp"))
+    # the temporary file is NAME.PID.tmp, made by the writing process: a user's NAME.tmp, even the input, is never touched
+    src = write(tmp_path / "data.tmp", [GOOD_ALPACA])
+    assert run_prepare("alpaca", src, tmp_path / "data").returncode == 0
+    assert src.read_text() == GOOD_ALPACA + "\n" and (tmp_path / "data").read_text() == out.read_text()
 
 def test_bad_command_line(tmp_path):
     for args, expect in [((), "usage"), (("alpaca", "x.json"), "usage"), (("oasst", "a", "b", "--lang"), "--lang needs a value"),
