@@ -2828,6 +2828,13 @@ def test_oasst_path_skips_deleted_replies_trailing_prompts_and_orphans(tmp_path)
     skipped = Counter()
     assert convert("oasst", write(tmp_path / "messages.jsonl", [json.dumps(r) for r in rows]), skipped=skipped) == [qa]
     assert skipped == {"messages whose parent is not in the file, and their replies": 1}
+    # a deleted or blank first prompt starts no conversation (counted); a NaN rank (pandas' missing one) ranks last
+    trees = [{"prompt": msg("prompter", "spam", deleted=True, replies=[msg("assistant", "A")])},
+             {"prompt": msg("prompter", " \n", replies=[msg("assistant", "A")])},
+             {"prompt": msg("prompter", "Q", replies=[msg("assistant", "unranked", rank=math.nan), msg("assistant", "A", rank=0)])}]
+    skipped = Counter()
+    assert convert("oasst", write(tmp_path / "gone.jsonl", [json.dumps(t) for t in trees]), skipped=skipped) == [qa]
+    assert skipped == {"whose prompt is deleted or blank": 2}
 
 
 def test_convert_self_instruct_tasks_one_example_per_instance(tmp_path):

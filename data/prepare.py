@@ -79,15 +79,19 @@ def field(where, obj, key, default=None, choices=None, kind=str):
     return val
 
 
+def usable(m):  # a message that is neither deleted nor blank (no text at all: field() names it)
+    return isinstance(m, dict) and not m.get("deleted") and str(m.get("text", "?")).strip()
+
+
 def best_path(path, line, node):  # follow the best-ranked reply at each level (rank 0 first, missing rank last), as Guanaco did
     messages = []
     while node is not None:
         where = f"{path}:{node.get('line', line)}"  # messages from the flat table carry their own line
         role = field(where, node, "role", choices=("prompter", "assistant"))
         messages.append({"role": "user" if role == "prompter" else "assistant", "content": field(where, node, "text")})
-        replies = [r for r in field(where, node, "replies", [], kind=(list, type(None))) or []  # deleted or blank: never chosen
-                   if isinstance(r, dict) and not r.get("deleted") and str(r.get("text", "?")).strip()]  # no text: field() says so
-        node = min(replies, key=lambda r: r["rank"] if isinstance(r.get("rank"), (int, float)) else 1e9, default=None)
+        replies = filter(usable, field(where, node, "replies", [], kind=(list, type(None))) or [])  # deleted or blank: never chosen
+        # a rank that is no number, or NaN (how pandas writes a missing one): last
+        node = min(replies, key=lambda r: r["rank"] if isinstance(r.get("rank"), (int, float)) and r["rank"] < 1e9 else 1e9, default=None)
     while messages and messages[-1]["role"] == "user":
         messages.pop()  # a conversation must end with an answer to learn from
     return messages
@@ -130,6 +134,8 @@ def convert(kind, path, lang=None, skipped=None):
             prompt = field(where, r, "prompt", kind=dict)
             if lang and prompt.get("lang") != lang:
                 skipped[f"not in language '{lang}'"] += 1
+            elif not usable(prompt):
+                skipped["whose prompt is deleted or blank"] += 1
             elif messages := best_path(path, line, prompt):
                 out.append({"messages": messages})
             else:
