@@ -4777,6 +4777,7 @@ def test_train_data_order_template_sample_and_what_is_saved(tmp_path, train_here
         examples = P.tokenize(P.read_data(data), tok, 96, 48)[0]
         random.Random(3).shuffle(examples)
         val_set, train_set = examples[:2], examples[2:]  # int(13 · 0.2) = 2
+        assert f"{data}: 11 examples to train on, 2 held out for validation\n" in out
         steps = step_batches(rec, 2)
         assert len(steps) == 7 and all(ex == train_set for s in steps for ex, _ in s)
         assert all(ex == val_set for kind, ex, _ in rec.batches if kind == "val")
@@ -4894,7 +4895,7 @@ def test_train_refuses_a_batch_size_micro_batches_do_not_fill(tmp_path, train_he
     data = mixed_data(tmp_path / "d.jsonl", 2, 1)
     with pytest.raises(InputError, match=rf"^{re.escape(str(data))}: 3 training examples, fewer than --micro_batch 4$"):
         run("--data", data, "--batch_size", 4, "--micro_batch", 4, "--val_fraction", 0, "--out_dir", tmp_path / "b", "--max_iters", 1)
-    assert rec.seeds == []  # refused before the model is built (a 7B takes minutes)
+    assert rec.seeds == [] and not (tmp_path / "b").exists()  # refused before the model is built (a 7B takes minutes), nothing written
 
 
 def test_ddp_two_processes_accumulating_log_the_one_process_losses(tmp_path):

@@ -214,6 +214,9 @@ def train(c):
     dtype, ctx = (torch.bfloat16, torch.autocast("cuda", dtype=torch.bfloat16)) if device.startswith("cuda") else (torch.float32, nullcontext())
 
     items = read_data(data)
+    n_val = int(len(items) * c["val_fraction"]) if len(items) > 1 else 0  # 0 (too few, or 0): no val loss is printed
+    if len(items) - n_val < c["micro_batch"]:  # before anything is written (a tokenizer trained for it)
+        raise InputError(f"{data}: {len(items) - n_val} training examples, fewer than --micro_batch {c['micro_batch']}")
     questions = mmlu_eval.read_mmlu(c["mmlu"], c["mmlu_split"], c["mmlu_max"]) if c["mmlu"] else []
     c["data_sha1"] = hashlib.sha1(Path(data).read_bytes()).hexdigest()  # what ran, by content (not name): --resume compares it
     ck = read_checkpoint(ckpt_path, c, world) if c["resume"] else None  # before the slow part (the model): fails fast
@@ -227,13 +230,11 @@ def train(c):
         mmlu_eval.letter_ids(tok)  # a tokenizer without single-token letters fails here, not after training
     random.Random(c["seed"]).shuffle(items)  # the examples' order: the first n_val held out, the sample's prompt the first's
     examples, truncated = tokenize(items, tok, c["source_max_len"], c["target_max_len"], c["train_on_source"])
-    if master and truncated:
-        print(f"{data}: {truncated} examples cut to --source_max_len={c['source_max_len']} / --target_max_len={c['target_max_len']}")
-    n_val = int(len(examples) * c["val_fraction"]) if len(examples) > 1 else 0
     val_set, train_set = examples[:n_val], examples[n_val:]
+    if master:
+        print(f"{data}: {len(train_set)} examples to train on, {n_val} held out for validation" + (
+              f", {truncated} cut to --source_max_len={c['source_max_len']} / --target_max_len={c['target_max_len']}" if truncated else ""))
     micro_batch = c["micro_batch"]
-    if len(train_set) < micro_batch:
-        raise InputError(f"{data}: {len(train_set)} training examples, fewer than --micro_batch {micro_batch}")
     t0 = time.time()
     raw, base = build_model(c, tok, device, dtype, master, seed, vocab)
     # the prompt template a chat with the result should use: the one most training examples had
