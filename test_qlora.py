@@ -2790,6 +2790,14 @@ def test_read_records_layout_line_numbers_and_surrogates(tmp_path):
     f.write_text('[\n  {"instruction": "i",\n   "output": }\n]\n')
     with pytest.raises(InputError, match=re.escape(f"{f}:3: malformed JSON (Expecting value)") + "$"):
         P.read_records(f)
+    # items that share a line (json.dump without indent) are also named by their position in the array
+    f.write_text(json.dumps([{"instruction": "i", "output": "o"}, {"instruction": "j", "output": None}]) + "\n")
+    assert [n for n, _ in P.read_records(f)] == ["1 (item 1)", "1 (item 2)"]
+    with pytest.raises(InputError, match=re.escape(f"{f}:1 (item 2): field 'output' must be a non-empty string")):
+        P.read_data(f)
+    f.write_text('[{"instruction": "i", "output": "o"}, {"instruction": }]')
+    with pytest.raises(InputError, match=re.escape(f"{f}:1 (item 2): malformed JSON (Expecting value)") + "$"):
+        P.read_records(f)
     # one object spread over lines (a dataset wrapped as {"data": [...]}, pretty-printed) is valid JSON, but not this layout
     f.write_text(json.dumps({"data": [{"instruction": "i", "output": "o"}]}, indent=2))
     with pytest.raises(InputError, match=re.escape(f"{f}:1: malformed JSON (Expecting property name enclosed in double quotes) "

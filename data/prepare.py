@@ -56,6 +56,8 @@ def read_records(path):  # (line number, object) pairs from a JSONL file, or fro
             if after < len(text):  # more after the array: refused rather than dropped unread
                 at, end = text.count("\n", 0, after) + 1, text.count("\n", 0, pos) + 1
                 raise InputError(f"{path}:{at}: more after the JSON array that ends on line {end} (one array, or one object per line)")
+            shared = Counter(n for n, _ in records)  # items on one line (json.dump without indent): also named by position
+            records = [(f"{n} (item {i})" if shared[n] > 1 else n, obj) for i, (n, obj) in enumerate(records, 1)]
         else:
             for line, s in enumerate(text.split("\n"), 1):  # not splitlines(): JSON may hold U+2028
                 if s.strip():
@@ -64,8 +66,9 @@ def read_records(path):  # (line number, object) pairs from a JSONL file, or fro
             if re.search("[\ud800-\udfff]", json.dumps(obj, ensure_ascii=False)):
                 raise InputError(f"{path}:{line}: a lone UTF-16 surrogate (half of an emoji?) in a string")
     except (ValueError, RecursionError) as e:  # also a number of over 4,300 digits, nesting too deep to decode or encode
-        at = e.lineno if array and isinstance(e, json.JSONDecodeError) else line
-        raise InputError(f"{path}:{at}: malformed JSON ({getattr(e, 'msg', e)})" + " (one object per line, or one JSON array)" * (not array))
+        if array and isinstance(e, json.JSONDecodeError):  # at the error's line; one of several items there: by position too
+            line = f"{e.lineno} (item {len(records) + 1})" if records and records[-1][0] == e.lineno else e.lineno
+        raise InputError(f"{path}:{line}: malformed JSON ({getattr(e, 'msg', e)})" + " (one object per line, or one JSON array)" * (not array))
     return records
 
 
