@@ -95,15 +95,13 @@ def locked_dir(d):
                 p.rmdir()
 
 
-def run(main):
-    # the one exit path of every command: bad input is one line `error: ...` and exit status 2, Ctrl-C one line
-    # (the interrupt's own message: where it stopped, what is kept) and exit status 130; never a traceback
+def run(main):  # every command's one exit path: one line, never a traceback
     try:
         main(sys.argv[1:])
     except (InputError, OSError) as e:  # OSError: a folder where a file goes, no permission, ... (the OS's words)
         print(f"error: {e.filename}: {e.strerror}" if getattr(e, "filename", None) else f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt as e:
+    except KeyboardInterrupt as e:  # Ctrl-C: the interrupt's own message (where it stopped, what is kept)
         print(e.args[0] if e.args else "interrupted", file=sys.stderr)
         sys.exit(130)
 
