@@ -115,8 +115,7 @@ def flag_help(source, defaults):
 
 
 def parse_flags(argv, defaults, help_text, words_ok=True):
-    # -> (positional words, {flag: value given}); words_ok=False: flags only. --key=value or --key value, typed
-    # like the default; a bool flag alone means true. --help (or -h) prints help_text and exits with status 0.
+    # -> (words, {flag: value}): --key=value or --key value, typed like its default; words_ok=False: flags only
     if "--help" in argv or "-h" in argv:
         print(help_text)
         sys.exit(0)
