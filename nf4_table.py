@@ -49,8 +49,7 @@ if __name__ == "__main__":
     nf4 = nf4_values()
     print("NF4 code (index: value)\n" + "\n".join(f"  {i:2d} 0b{i:04b}  {v:+.10f}" for i, v in enumerate(nf4.tolist())))
 
-    # The experiment: N(0, 1) weights in blocks of 64, each block divided by its absmax (that is
-    # what blockwise quantization does), then rounded to each 4-bit code.
+    # The experiment: blocks of 64 N(0, 1) weights divided by their absmax (as blockwise quantization does)
     torch.manual_seed(0)
     x = torch.randn(1 << 16, 64)
     x = x / x.abs().amax(dim=1, keepdim=True)
