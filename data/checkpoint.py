@@ -140,8 +140,7 @@ def torch_load(path, tensors=True):
     return sd
 
 
-# -----------------------------------------------------------------------------------------------
-# names: Meta's (the network's own) and Hugging Face's
+# --- names: Meta's (the network's own) and Hugging Face's --------------------------------------
 
 LINEARS = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
            "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
@@ -176,8 +175,7 @@ def hf_permute(w, name, n_heads, n_kv_heads, back=False):
     return w.reshape(shape).transpose(1, 2).reshape(rows, -1)
 
 
-# -----------------------------------------------------------------------------------------------
-# safetensors
+# --- safetensors -------------------------------------------------------------------------------
 
 ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
@@ -220,8 +218,7 @@ def save_safetensors(tensors, path, metadata=None):
     atomic_write(path, lambda f: f.writelines([struct.pack("<Q", len(h)), h, *body]), 8 + len(h) + off)
 
 
-# -----------------------------------------------------------------------------------------------
-# reading a checkpoint: Meta's layout or Hugging Face's, detected from the folder's files
+# --- reading a checkpoint: Meta's layout or Hugging Face's, detected from the folder's files ---
 
 META_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta")
 
@@ -388,8 +385,7 @@ def open_checkpoint(ckpt_dir, device=None, dtype=torch.bfloat16, tokenizer=None,
     return params, load, prog
 
 
-# -----------------------------------------------------------------------------------------------
-# adapters in: ours (adapter.pt) or peft's folder
+# --- adapters in: ours (adapter.pt) or peft's folder -------------------------------------------
 
 def read_adapter(path):  # -> {"lora": {name in the file: tensor}, "r", "scaling", "targets", "hf", "where", "info" (its base: a dict)}
     path, short = Path(path), {v.split(".")[1]: k for k, v in LINEARS.items()}  # q_proj -> attention.wq
@@ -458,8 +454,7 @@ def load_adapter(model, adapter):
     return a["info"]
 
 
-# -----------------------------------------------------------------------------------------------
-# export: a merged 16-bit checkpoint in Meta's layout or Hugging Face's, and the adapter in peft's format
+# --- export: a merged 16-bit checkpoint in Meta's layout or Hugging Face's; the adapter in peft's format
 
 def meta_params(cfg):
     # params.json as Meta's loaders read it: they do ModelArgs(**params), so no keys of ours. An explicit FFN width (HF's
