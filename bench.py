@@ -24,8 +24,7 @@ from data.checkpoint import meta_params
 from data.files import InputError, atomic_save, atomic_write_bytes, flag_help, parse_flags, run
 from model import CONFIGS, LLaMA, LLaMAConfig, mfu, paper_hparams
 
-# -----------------------------------------------------------------------------------------------
-# flags: python bench.py kernels|e2e|load [--name value]
+# --- flags: python bench.py kernels|e2e|load [--name value] ------------------------------------
 ckpt_dir = "checkpoints/7B"  # load: the Meta checkpoint folder
 write = ""  # load: first write a random checkpoint of this architecture (7B, 13B, ...) into --ckpt_dir, a new or empty folder
 model = "7B"  # e2e: the architecture, random weights (on a CPU, only when named)
