@@ -281,9 +281,7 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):  # (B, vocab) logit
     return torch.multinomial(logits.softmax(-1), 1)[:, 0]
 
 
-# -----------------------------------------------------------------------------------------------
-# python model.py: answer or chat. Guanaco's conversation is its "### Human: ...### Assistant: " turns, each
-# answer closed by eos as in training, the oldest tokens after bos dropped past max_seq_len; Alpaca's is single-turn.
+# --- python model.py: answer or chat -----------------------------------------------------------
 
 FLAGS = dict(ckpt_dir="", adapter="", prompt="", template="", max_new_tokens=256, temperature=0.7, top_p=0.9, top_k=0, seed=0, quantize=True)
 
