@@ -148,9 +148,7 @@ def convert(kind, path, lang=None, skipped=None):
     return out
 
 
-# -----------------------------------------------------------------------------------------------
-# reading the project's JSONL for training: each example becomes segments (text, is_response), then
-# token ids with labels that are -100 everywhere but on the responses
+# --- reading the project's JSONL for training: examples become segments (text, is_response), then tokens
 
 def segments(obj, where):
     def text(o, key, w=where):
