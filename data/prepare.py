@@ -45,8 +45,7 @@ def read_records(path):  # (line number, object) pairs from a JSONL file, or fro
         raise InputError(f"{path}:1: file is empty")
     records, array = [], text.lstrip().startswith("[")
     try:
-        if array:
-            # decode the array item by item so that a bad item can still be reported by its line
+        if array:  # decode the array item by item so that a bad item can still be reported by its line
             skip, dec, pos, last, line = re.compile(r"[\s,]*"), json.JSONDecoder(), text.index("[") + 1, 0, 1
             while not text.startswith("]", pos := skip.match(text, pos).end()):
                 line, last = line + text.count("\n", last, pos), pos
