@@ -20,7 +20,6 @@ if __name__ == "__main__":  # run as a script: the project folder, not data/, is
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 from data.files import InputError, atomic_write_bytes, parse_flags, run
 
-
 ALPACA = {  # the Alpaca template, as in the paper's code
     True: "Below is an instruction that describes a task, paired with an input that provides further context. "
           "Write a response that appropriately completes the request.\n\n"
