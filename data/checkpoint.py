@@ -224,8 +224,7 @@ META_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple
 
 
 def read_params(ckpt_dir, context=None):
-    # the architecture alone (params.json or config.json), as LLaMAConfig fields: cheap, so that defaults
-    # can be resolved before any weight is read
+    # the architecture alone as LLaMAConfig fields: cheap, so defaults are resolved before any weight is read
     d = Path(ckpt_dir)
     if is_hf(d):
         where = d / "config.json"
