@@ -229,8 +229,7 @@ def read_params(ckpt_dir, context=None):
         where = d / "config.json"
         p = hf_params(raw := read_json(where), where)
     else:  # Meta's params.json; Mistral's own download adds hidden_dim (an explicit FFN width), head_dim and sliding_window
-        where = d / "params.json"
-        if not where.is_file():
+        if not (where := d / "params.json").is_file():
             raise InputError(f"{where}: not found (Meta's layout: params.json + consolidated.NN.pth; Hugging Face's: config.json)")
         raw = {k: v for k, v in read_json(where).items() if v is not None and (k, v) != ("vocab_size", -1)}
         check_fields(raw, where, ("dim", "n_layers", "n_heads"), ints=(*META_KEYS[:6], "hidden_dim", "head_dim", "sliding_window"),
