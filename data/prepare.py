@@ -74,8 +74,7 @@ def field(where, obj, key, default=None, choices=None, kind=str):
     # every record is checked before use, so bad data fails with its location rather than a KeyError
     if not isinstance(obj, dict):
         raise InputError(f"{where}: expected a JSON object")
-    val = obj.get(key, default)
-    if not isinstance(val, kind) or (choices and val not in choices):
+    if not isinstance(val := obj.get(key, default), kind) or (choices and val not in choices):
         raise InputError(f"{where}: missing or invalid field '{key}'")
     return val
 
