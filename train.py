@@ -359,8 +359,7 @@ def train(c):
                 mem = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else resource.getrusage(0).ru_maxrss / 1e6
                 eta = dt_avg * (max_iters - it - 1)
                 print(f"iter {it}: loss {loss_sum:.4f}, lr {lr:.2e}, {dt * 1000:.0f}ms, {tok_s:.1f} tok/s, "
-                      f"mfu {mfu(n_base, tok_s, name)}, "
-                      f"mem {mem:.2f}GB, eta {eta // 60:.0f}m{eta % 60:02.0f}s")
+                      f"mfu {mfu(n_base, tok_s, name)}, mem {mem:.2f}GB, eta {eta // 60:.0f}m{eta % 60:02.0f}s")
             if (it + 1) % c["eval_interval"] == 0 or it == max_iters - 1:
                 save_checkpoint(it + 1)
         it = max(max_iters, iter_num)
