@@ -296,8 +296,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):  # x (..., in) -> (..., out)
         y = nf4_matmul(x, self.weight, self.dequant_buffer) if self.quantized else F.linear(x, self.weight.to(x.dtype))
-        if self.r > 0:
-            # (X L1) L2: two thin matmuls through the rank-r bottleneck, never the (in, out) product L1 L2
+        if self.r > 0:  # (X L1) L2: two thin matmuls through the rank-r bottleneck, never the (in, out) L1 L2
             h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., r)
             y = y + F.linear(h, self.lora_B.to(h.dtype)) * self.scaling
         return y
