@@ -122,8 +122,7 @@ def is_state_dict(sd):  # {name: tensor}, what torch's state_dict() returns
     return isinstance(sd, dict) and all(isinstance(k, str) and torch.is_tensor(t) for k, t in sd.items())
 
 
-def torch_load(path, tensors=True):
-    # -> what torch.save wrote; tensors=True: it must be a state dict {name: tensor}. One line when refused.
+def torch_load(path, tensors=True):  # -> what torch.save wrote; tensors=True: a state dict {name: tensor}
     with open(path, "rb") as f:
         if f.read(4) != b"PK\x03\x04":  # torch.save's zip format, the one that can be memory-mapped
             raise InputError(f"{path}: not in torch.save's zip format" + (" (empty file)" if not f.tell() else ""))
