@@ -251,8 +251,7 @@ def _matmul(x, q, transpose, buffer):
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-class NF4Matmul(torch.autograd.Function):
-    # y = x Ŵᵀ, dx = dy Ŵ. The base weight is frozen: no dW, and nothing of x is saved.
+class NF4Matmul(torch.autograd.Function):  # y = x Ŵᵀ, dx = dy Ŵ; a frozen base: no dW, nothing of x saved
     @staticmethod
     def forward(ctx, x, q, buffer):
         ctx.q, ctx.buffer = q, buffer
