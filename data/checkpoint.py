@@ -337,8 +337,7 @@ def _read_hf(d, context):
 
 
 class Progress:
-    # loading a 7B takes minutes on some machines. On a terminal: one line rewritten in place (layer i/N,
-    # GB, elapsed, ETA); otherwise one summary line at the end; quiet: nothing.
+    # loading a 7B takes minutes: on a terminal one line rewritten in place, else one summary line at the end
     def __init__(self, verb, n_layers, total, quiet=False):
         self.verb, self.n, self.total, self.done, self.t0 = verb, n_layers, total, 0, time.time()
         self.quiet, self.tty = quiet, not quiet and sys.stderr.isatty()
