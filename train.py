@@ -15,7 +15,6 @@ import math
 import os
 import random
 import resource
-import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -404,7 +403,7 @@ def main(argv):
                     dist.destroy_process_group()
     except KeyboardInterrupt as e:  # rank 0 alone says where it stopped and what is on disk
         if not master:
-            sys.exit(130)
+            raise SystemExit(130)
         raise KeyboardInterrupt(e.args[0] if e.args else "interrupted before training started") from None
 
 
