@@ -146,10 +146,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg, linear, prefix):
         super().__init__()
-        h = cfg.hidden_dim
-        self.w1 = linear(prefix + "w1.weight", (h, cfg.dim))  # gate
-        self.w2 = linear(prefix + "w2.weight", (cfg.dim, h))  # down
-        self.w3 = linear(prefix + "w3.weight", (h, cfg.dim))  # up
+        self.w1 = linear(prefix + "w1.weight", (cfg.hidden_dim, cfg.dim))  # gate
+        self.w2 = linear(prefix + "w2.weight", (cfg.dim, cfg.hidden_dim))  # down
+        self.w3 = linear(prefix + "w3.weight", (cfg.hidden_dim, cfg.dim))  # up
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
