@@ -45,8 +45,7 @@ def read_csv(path):  # [(question text ending in "Answer:", answer index)]; quot
 def read_mmlu(folder, split="val", max_per_subject=0):
     # -> [{"subject", "header", "shots": [solved question + "\n\n"], "question", "answer": 0..3}]
     folder, out = Path(folder), []
-    js = folder / f"five_shot_mmlu_{split}.json"
-    if js.is_file():  # the paper's files: header and shots already inside "input"
+    if (js := folder / f"five_shot_mmlu_{split}.json").is_file():  # the paper's files: shots inside "input"
         for line, r in read_records(js):
             where = f"{js}:{line}"
             out.append(dict(subject=field(where, r, "subject"), header="", shots=[], question=field(where, r, "input"),
