@@ -3669,6 +3669,8 @@ BAD_MMLU = [  # ({file: text}, text the one-line error must contain)
     ({"dev/x_dev.csv": "q,a,b,c,d,A\n", "val/x_val.csv": "q,a,b,c,d,A\n", "val/y_val.csv": "q,a,b,c,d,B\n"},
      "y_dev.csv: no dev questions for subject 'y'"),
     ({"dev/x_dev.csv": "", "val/x_val.csv": "q,a,b,c,d,A\n"}, "x_dev.csv: no dev questions"),
+    ({"dev/x_dev.csv": "q,a,b,c,d,A\n", "val/x_val.csv": "q,a,b,c,d,A\n", "dev/y_dev.csv": "q,a,b,c,d,A\n", "val/y_val.csv": "\n"},
+     "y_val.csv: no questions"),
     ({"dev/x_dev.csv": "q,a,b,c,d,A\n", "val/x_val.csv": b"q,\xff,b,c,d,A\n"}, "x_val.csv:1: not UTF-8 text (byte 0xff"),
     ({"dev/x_dev.csv": "q,a,b,c,d,A\n", "val/x_val.csv": b'"two\nlines",a,b,c,d,A\n' * 2000 + b"caf\xe9,a,b,c,d,A\n"},
      "x_val.csv:4001: not UTF-8 text (byte 0xe9"),  # by its line, also far past the first read's 8 KB

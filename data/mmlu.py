@@ -57,7 +57,9 @@ def read_mmlu(folder, split="val", max_per_subject=0):
             if not (shots := [f"{text} {LETTERS[a]}\n\n" for text, a in (read_csv(dev)[:5] if dev.is_file() else [])]):
                 raise InputError(f"{dev}: no dev questions for subject '{subject}' (its five examples)")
             header = f"The following are multiple choice questions (with answers) about  {subject.replace('_', ' ')}.\n\n"  # 2 spaces, as in evaluate.py
-            out += [dict(subject=subject, header=header, shots=shots, question=t, answer=a) for t, a in read_csv(path)]
+            if not (rows := read_csv(path)):  # a subject silently missing would change the mean over subjects
+                raise InputError(f"{path}: no questions (a download cut short?)")
+            out += [dict(subject=subject, header=header, shots=shots, question=t, answer=a) for t, a in rows]
     else:
         raise InputError(f"{folder}: not an MMLU folder (expected dev/ and {split}/ with *_{split}.csv files, or five_shot_mmlu_{split}.json)")
     by_subject = groupby(sorted(out, key=lambda q: q["subject"]), key=lambda q: q["subject"])  # (sorted is stable: file order kept)
