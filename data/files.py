@@ -22,9 +22,10 @@ class InputError(Exception):
 
 def atomic_write(path, write, size=0):
     # write(f) fills a temporary file beside path; size: bytes (an estimate), only for a full disk's message
-    path, tmp = Path(path), Path(f"{path}.{os.getpid()}.tmp")  # pid: never a file of the user's (NAME.tmp); a link (/dev/stdout, /dev/fd/1: a stream, even into a file), a folder, a device:
+    path = Path(path)  # a link (/dev/stdout, /dev/fd/1: a stream, even into a file), a folder, a device:
     if path.is_symlink() or path.exists() and not path.is_file():  # never renamed over (nor written through: `>> file` would lose it)
         raise InputError(f"{path}: exists and is not a regular file" + " (a link: name its target)" * path.is_symlink())
+    tmp = path.parent / f".{path.name}.tmp"  # hidden: not a name of the user's (data.tmp); a crash's leftover is reused
     try:
         with open(tmp, "wb") as f:
             write(f)
