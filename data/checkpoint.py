@@ -35,7 +35,8 @@ class Tokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError):  # empty, truncated, or some other file; Llama 3's: tiktoken's "base64 rank" lines
-            tiktoken = re.match(rb"[A-Za-z0-9+/]+=* 0\n", path.open("rb").read(64))
+            with open(path, "rb") as f:
+                tiktoken = re.match(rb"[A-Za-z0-9+/]+=* 0\n", f.read(64))
             raise InputError(f"{path}: " + ("Llama 3's tiktoken tokenizer: only sentencepiece models (LLaMA 1/2, Mistral) are read"
                                             if tiktoken else "not a sentencepiece tokenizer model (cannot parse it)")) from None
         self.n_words, self.bos_id, self.eos_id = self.sp.vocab_size(), self.sp.bos_id(), self.sp.eos_id()  # LLaMA: bos 1, eos 2
@@ -283,8 +284,10 @@ def hf_params(c, where):
     # config.json -> LLaMAConfig fields; what the network does not implement is refused here (or in read_params) before any weight is read
     c = {k: v for k, v in c.items() if v is not None}  # null: the field's default
     rope = c.get("rope_parameters", {})  # transformers >= 5 keeps θ there: {"rope_type": "default", "rope_theta": θ}
-    if not isinstance(rope, dict) or set(rope) - {"rope_type", "rope_theta"} or rope.get("rope_type", "default") != "default":
-        raise InputError(f"{where}: rope_parameters {json.dumps(rope)} is not implemented (only rope_type default)")
+    for key, r in (("rope_scaling", c.get("rope_scaling", {})), ("rope_parameters", rope)):  # "type": older transformers' word
+        kinds = {r.get("rope_type", "default"), r.get("type", "default")} if isinstance(r, dict) else None
+        if kinds != {"default"} or set(r) - {"rope_type", "type", "rope_theta"}:  # default: no scaling, as transformers reads it
+            raise InputError(f"{where}: {key} {json.dumps(r)} is not implemented (only rope_type default)")
     check_fields(rope, f"{where}: rope_parameters", (), floats=("rope_theta",))
     c = {**c, **rope}  # its rope_theta over a top-level one, as transformers reads them
     check_fields(c, where, ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"),
@@ -298,8 +301,6 @@ def hf_params(c, where):
         raise InputError(f"{where}: quantization_config: the weights are quantized already; use the 16-bit original")
     if c.get("attention_bias") or c.get("mlp_bias"):
         raise InputError(f"{where}: attention or MLP biases (attention_bias/mlp_bias true) are not implemented")
-    if c.get("rope_scaling", {"type": "default"}) not in ({"type": "default"}, {"rope_type": "default"}):  # default: none
-        raise InputError(f"{where}: rope_scaling {json.dumps(c['rope_scaling'])} is not implemented (only null or default)")
     if c.get("hidden_act", "silu") != "silu":
         raise InputError(f"{where}: hidden_act {c['hidden_act']!r} is not implemented (only silu)")
     return dict(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
