@@ -2007,9 +2007,12 @@ def test_config_json_defaults_are_transformers_and_params_json_fields_are_checke
     for arch, conf, n in (("MistralForCausalLM", {}, 4096), ("MistralForCausalLM", {"sliding_window": None}, 8192), ("LLaMAForCausalLM", {}, 8192)):
         (tmp_path / "w" / "config.json").write_text(json.dumps({**need, "max_position_embeddings": 8192, "architectures": [arch], **conf}))
         assert C.read_params(tmp_path / "w")["max_seq_len"] == n
-    # rope_scaling that says "default" (as older transformers wrote it) is no scaling, as transformers reads it
-    for rs in ({"type": "default"}, {"rope_type": "default"}, None):
+    # rope_scaling or rope_parameters that say "default" in either key (transformers 4.43+ writes both) are no scaling
+    for rs in ({"type": "default"}, {"rope_type": "default"}, {"type": "default", "rope_type": "default"}, None):
         assert C.hf_params({**need, "rope_scaling": rs, "rope_theta": 1e6}, "config.json")["rope_theta"] == 1e6
+        assert C.hf_params({**need, "rope_parameters": {**(rs or {}), "rope_theta": 1e6}}, "config.json")["rope_theta"] == 1e6
+    with pytest.raises(InputError, match=re.escape('rope_scaling {"type": "default", "rope_type": "linear"} is not implemented')):
+        C.hf_params({**need, "rope_scaling": {"type": "default", "rope_type": "linear"}}, "config.json")
     (tmp_path / "w" / "config.json").write_text(json.dumps({**need, "head_dim": 16}))  # as hidden_size / num_attention_heads: fine
     assert C.read_params(tmp_path / "w")["dim"] == 64
     # transformers >= 5 writes θ inside rope_parameters (Llama 3: 500000), which wins over a top-level one
@@ -2795,9 +2798,11 @@ def test_read_records_layout_line_numbers_and_surrogates(tmp_path):
     assert [n for n, _ in P.read_records(f)] == ["1 (item 1)", "1 (item 2)"]
     with pytest.raises(InputError, match=re.escape(f"{f}:1 (item 2): field 'output' must be a non-empty string")):
         P.read_data(f)
-    f.write_text('[{"instruction": "i", "output": "o"}, {"instruction": }]')
-    with pytest.raises(InputError, match=re.escape(f"{f}:1 (item 2): malformed JSON (Expecting value)") + "$"):
-        P.read_records(f)
+    for text, where in (('[{"instruction": "i", "output": "o"}, {"instruction": }]', "1 (item 2)"), ('[{"x": }, {"y": 1}]', "1 (item 1)"),
+                        ('[{"x": 1}, {"y": 2}\n', "2")):  # an array never closed: no item 3 named
+        f.write_text(text)
+        with pytest.raises(InputError, match=re.escape(f"{f}:{where}: malformed JSON (Expecting value)") + "$"):
+            P.read_records(f)
     # one object spread over lines (a dataset wrapped as {"data": [...]}, pretty-printed) is valid JSON, but not this layout
     f.write_text(json.dumps({"data": [{"instruction": "i", "output": "o"}]}, indent=2))
     with pytest.raises(InputError, match=re.escape(f"{f}:1: malformed JSON (Expecting property name enclosed in double quotes) "
@@ -3077,7 +3082,7 @@ def test_atomic_write_fsyncs_the_file_then_renames_then_fsyncs_the_folder(tmp_pa
 
     def fsync(fd):
         st = os.fstat(fd)
-        kind = "folder" if stat.S_ISDIR(st.st_mode) else ("file", st.st_size, (tmp_path / f"f.bin.{os.getpid()}.tmp").read_bytes())
+        kind = "folder" if stat.S_ISDIR(st.st_mode) else ("file", st.st_size, (tmp_path / ".f.bin.tmp").read_bytes())
         calls.append(("fsync", kind))
         real_fsync(fd)
 
@@ -3089,7 +3094,7 @@ def test_atomic_write_fsyncs_the_file_then_renames_then_fsyncs_the_folder(tmp_pa
     monkeypatch.setattr(os, "replace", replace)
     atomic_write_bytes(target, b"x" * 10_000)
     # the data is on disk under the temporary name before the rename; the rename is on disk after the folder's fsync
-    assert calls == [("fsync", ("file", 10_000, b"x" * 10_000)), ("replace", f"f.bin.{os.getpid()}.tmp", "f.bin"), ("fsync", "folder")]
+    assert calls == [("fsync", ("file", 10_000, b"x" * 10_000)), ("replace", ".f.bin.tmp", "f.bin"), ("fsync", "folder")]
     assert target.read_bytes() == b"x" * 10_000
 
 
@@ -3140,7 +3145,7 @@ def edquot(f):
 
 @pytest.mark.parametrize("how", ["dev_full_torch", "dev_full_bytes", "enospc", "edquot"])
 def test_disk_full_keeps_the_old_file_and_leaves_no_tmp(tmp_path, how):
-    target, tmp = tmp_path / "ckpt.pt", tmp_path / f"ckpt.pt.{os.getpid()}.tmp"
+    target, tmp = tmp_path / "ckpt.pt", tmp_path / ".ckpt.pt.tmp"
     target.write_bytes(b"the last good checkpoint")
     if how.startswith("dev_full"):
         if not os.path.exists("/dev/full"):
@@ -3155,7 +3160,7 @@ def test_disk_full_keeps_the_old_file_and_leaves_no_tmp(tmp_path, how):
             atomic_write(target, enospc if how == "enospc" else edquot, 7_500_000)
     need = {"dev_full_torch": "12 MB", "dev_full_bytes": "250 kB"}.get(how, "8 MB")
     assert str(e.value) == f"no space left on device writing {target} (needs ~{need})"
-    assert target.read_bytes() == b"the last good checkpoint" and not os.path.lexists(tmp)
+    assert target.read_bytes() == b"the last good checkpoint" and not os.path.lexists(tmp) and not list(tmp_path.glob("*.tmp"))
 
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, ValueError])
@@ -3357,7 +3362,7 @@ BAD = [  # (format, file lines, text the one-line error must contain)
     ("alpaca", [GOOD_ALPACA, json.dumps({"instruction": 5, "output": "o"})], "in.jsonl:2: missing or invalid field 'instruction'"),
     ("alpaca", [GOOD_ALPACA, "[1, 2]"], "in.jsonl:2: expected a JSON object"),
     ("alpaca", ["[", "  " + GOOD_ALPACA + ",", '  {"instruction": "i"}', "]"], "in.jsonl:3: missing or invalid field 'output'"),
-    ("alpaca", ["[", "  " + GOOD_ALPACA + ",", '  {"instruction": }', "]"], "in.jsonl:3: malformed JSON"),
+    ("alpaca", ["[", "  " + GOOD_ALPACA + ",", '  {"instruction": }', "]"], "in.jsonl:3 (item 2): malformed JSON"),
     ("alpaca", [], "in.jsonl:1: file is empty"),
     ("alpaca", ["[]"], "no examples"),
     ("guanaco", [json.dumps({"text": "### Human: a### Assistant: b"}), json.dumps({"txt": "x"})], "in.jsonl:2: missing or invalid field 'text'"),
@@ -3425,7 +3430,7 @@ def test_failure_keeps_existing_output(tmp_path):
     src = write(tmp_path / "in.jsonl", ["not json"])
     assert run_prepare("alpaca", src, out).returncode == 2
     assert out.read_text() == GOOD_ALPACA + "\n" and not list(tmp_path.glob("*.tmp"))
-    # the temporary file is NAME.PID.tmp, made by the writing process: a user's NAME.tmp, even the input, is never touched
+    # the temporary file is .NAME.tmp (hidden): a user's NAME.tmp, even the input, is never touched
     src = write(tmp_path / "data.tmp", [GOOD_ALPACA])
     assert run_prepare("alpaca", src, tmp_path / "data").returncode == 0
     assert src.read_text() == GOOD_ALPACA + "\n" and (tmp_path / "data").read_text() == out.read_text()
@@ -3576,6 +3581,8 @@ def test_mmlu_reads_both_shapes_and_builds_the_standard_prompt(mmlu_dirs):
         "Two\nlines?\nA. yes\nB. no\nC. maybe\nD. never\nAnswer: A\n\n"
         "3+3?\nA. 6\nB. 7\nC. 8\nD. 9\nAnswer: A\n\n"
         "5+5?\nA. 10\nB. 11\nC. 12\nD. 13\nAnswer:")
+    (csv_dir / "crlf.csv").write_bytes(b'"Two\r\nlines?",a,b,c,d,A\r\n')  # as csv reads a file: a quoted line break kept as it is
+    assert MM.read_csv(csv_dir / "crlf.csv") == [("Two\r\nlines?\nA. a\nB. b\nC. c\nD. d\nAnswer:", 0)]
     for d in (csv_dir, json_dir):
         qs = MM.read_mmlu(d)
         assert [(q["subject"], MM.prompt_text(q), "ABCD"[q["answer"]]) for q in qs] == items
@@ -3672,8 +3679,9 @@ BAD_MMLU = [  # ({file: text}, text the one-line error must contain)
     ({"dev/x_dev.csv": "q,a,b,c,d,A\n", "val/x_val.csv": "q,a,b,c,d,A\n", "dev/y_dev.csv": "q,a,b,c,d,A\n", "val/y_val.csv": "\n"},
      "y_val.csv: no questions"),
     ({"dev/x_dev.csv": "q,a,b,c,d,A\n", "val/x_val.csv": b"q,\xff,b,c,d,A\n"}, "x_val.csv:1: not UTF-8 text (byte 0xff"),
+    ({"dev/x_dev.csv": "q,a,b,c,d,A\r\n", "val/x_val.csv": b'"two\r\nlines",a,b,c,d,A\r\nq,a,b,c,d\r\n'}, "x_val.csv:3: expected 6"),
     ({"dev/x_dev.csv": "q,a,b,c,d,A\n", "val/x_val.csv": b'"two\nlines",a,b,c,d,A\n' * 2000 + b"caf\xe9,a,b,c,d,A\n"},
-     "x_val.csv:4001: not UTF-8 text (byte 0xe9"),  # by its line, also far past the first read's 8 KB
+     "x_val.csv:4001: not UTF-8 text (byte 0xe9"),  # by its line, also in a file larger than one read buffer
     ({"dev/x_dev.csv": "q,a,b,c,d,A\n", "test/x_test.csv": "q,a,b,c,d,A\n"}, "not an MMLU folder"),
     ({"five_shot_mmlu_val.json": '{"subject": "x", "input": "Answer:", "output": "A"}\n{"subject": "x",\n'},
      "five_shot_mmlu_val.json:2: malformed JSON"),

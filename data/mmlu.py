@@ -26,7 +26,7 @@ LETTER_PIECES = tuple("\u2581" + x for x in LETTERS)  # "▁A".."▁D": how LLaM
 
 
 def read_csv(path):  # [(question text ending in "Answer:", answer index)]; quoted fields may hold commas and newlines
-    rows, line, reader = [], 1, csv.reader(io.StringIO(read_text(path), newline=""))  # newline="": csv sees "\r\n"
+    rows, line, reader = [], 1, csv.reader(io.StringIO(read_text(path, newline=""), newline=""))  # "": "\r\n" kept in quoted fields
     try:
         for row in reader:
             if row:  # a blank line reads as []

@@ -30,9 +30,9 @@ ALPACA = {  # the Alpaca template, as in the paper's code
 GUANACO = "### Human: {instruction}### Assistant: "  # one turn of a conversation, as the paper's OASST1 data writes it
 
 
-def read_text(path):  # the whole file as text; a byte that is not UTF-8 is named by its line, like malformed JSON
+def read_text(path, newline=None):  # the whole file as text; a byte that is not UTF-8 is named by its line, like malformed JSON
     try:
-        return open(path, encoding="utf-8-sig").read()  # -sig: tolerate a byte-order mark
+        return open(path, encoding="utf-8-sig", newline=newline).read()  # -sig: tolerate a byte-order mark
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror})")  # strerror: the path once
     except UnicodeDecodeError as e:  # e.object: the file's bytes (after a BOM), all decoded at once by read()
@@ -64,8 +64,8 @@ def read_records(path):  # (line number, object) pairs from a JSONL file, or fro
             if re.search("[\ud800-\udfff]", json.dumps(obj, ensure_ascii=False)):
                 raise InputError(f"{path}:{line}: a lone UTF-16 surrogate (half of an emoji?) in a string")
     except (ValueError, RecursionError) as e:  # also a number of over 4,300 digits, nesting too deep to decode or encode
-        if array and isinstance(e, json.JSONDecodeError):  # at the error's line; one of several items there: by position too
-            line = f"{e.lineno} (item {len(records) + 1})" if records and records[-1][0] == e.lineno else e.lineno
+        if array and isinstance(e, json.JSONDecodeError):  # at the error's line; on the line its item starts: by position too
+            line = f"{line} (item {len(records) + 1})" if e.lineno == line and e.pos < len(text.rstrip()) else e.lineno
         raise InputError(f"{path}:{line}: malformed JSON ({getattr(e, 'msg', e)})" + " (one object per line, or one JSON array)" * (not array))
     return records
 
