@@ -3105,6 +3105,12 @@ def test_atomic_write_refuses_what_is_not_a_regular_file(tmp_path):
         with pytest.raises(InputError, match=f"{tmp_path / name}: exists and is not a regular file"):
             atomic_write_bytes(tmp_path / name, b"x")
     assert stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode) and not any((tmp_path / "folder").iterdir())
+    # a link planted at the temporary name (.NAME.tmp, in a shared folder) is removed, never written through; a leftover replaced
+    (tmp_path / "victim").write_text("theirs")
+    (tmp_path / ".out.bin.tmp").symlink_to(tmp_path / "victim")
+    atomic_write_bytes(tmp_path / "out.bin", b"ours")
+    assert (tmp_path / "victim").read_text() == "theirs" and (tmp_path / "out.bin").read_bytes() == b"ours"
+    assert not (tmp_path / "out.bin").is_symlink() and not os.path.lexists(tmp_path / ".out.bin.tmp")
     (tmp_path / "file").write_text("")  # any other OSError names the target (not its temporary file)
     with pytest.raises(InputError, match=re.escape(f"cannot write {tmp_path / 'file' / 'x'} (Not a directory)")):
         atomic_write_bytes(tmp_path / "file" / "x", b"x")
@@ -3144,13 +3150,14 @@ def edquot(f):
 
 
 @pytest.mark.parametrize("how", ["dev_full_torch", "dev_full_bytes", "enospc", "edquot"])
-def test_disk_full_keeps_the_old_file_and_leaves_no_tmp(tmp_path, how):
+def test_disk_full_keeps_the_old_file_and_leaves_no_tmp(tmp_path, monkeypatch, how):
     target, tmp = tmp_path / "ckpt.pt", tmp_path / ".ckpt.pt.tmp"
     target.write_bytes(b"the last good checkpoint")
     if how.startswith("dev_full"):
         if not os.path.exists("/dev/full"):
             pytest.skip("no /dev/full")
-        tmp.symlink_to("/dev/full")  # every write to the temporary file fails with ENOSPC, as on a full disk
+        real_open = os.open  # every write to the temporary file fails with ENOSPC, as on a full disk
+        monkeypatch.setattr(os, "open", lambda p, *a: real_open("/dev/full", os.O_WRONLY) if p == tmp else real_open(p, *a))
     with pytest.raises(InputError) as e:
         if how == "dev_full_torch":  # torch.save reports it as a RuntimeError ("unexpected pos ...") on top of the OSError
             atomic_save({"lora": torch.zeros(3, 1_000_000), "iter": 5}, target)  # 12 MB of float32

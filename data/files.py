@@ -25,9 +25,10 @@ def atomic_write(path, write, size=0):
     path = Path(path)  # a link (/dev/stdout, /dev/fd/1: a stream, even into a file), a folder, a device:
     if path.is_symlink() or path.exists() and not path.is_file():  # never renamed over (nor written through: `>> file` would lose it)
         raise InputError(f"{path}: exists and is not a regular file" + " (a link: name its target)" * path.is_symlink())
-    tmp = path.parent / f".{path.name}.tmp"  # hidden: not a name of the user's (data.tmp); a crash's leftover is reused
+    tmp = path.parent / f".{path.name}.tmp"  # hidden: not a name of the user's (data.tmp); a crash's leftover is replaced
     try:
-        with open(tmp, "wb") as f:
+        tmp.unlink(missing_ok=True)  # a leftover, or a link: never written through (O_EXCL: the file is one this call made)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
