@@ -4332,6 +4332,9 @@ def test_mmlu_adapter_and_chat_after_the_demo(tmp_path, mmlu_dirs):
     assert f"iter 0: val loss {val}" in r.stdout and [p.name for p in b.glob("tokenizer-*")] == [tok.name]
     assert (b / tok.name).read_bytes() == tok.read_bytes()
     assert json.loads((b / "mmlu_val.jsonl").read_text())["subjects"] == logged[-1]["subjects"]
+    # scoring again into that folder (the base, another adapter) would replace its log: refused without --overwrite
+    r = run_train(*FAST, "--max_iters", 0, "--mmlu", mmlu_dirs[0], "--out_dir", b)
+    assert r.returncode == 2 and f"{b / 'mmlu_val.jsonl'}: out_dir holds a run; --overwrite replaces it" in r.stderr, r.stderr
     r = run_train(*FAST, "--max_iters", 4, "--out_dir", a, "--resume")  # without --mmlu: its tokenizer (with the letters) goes on
     assert r.returncode == 0 and "resumed from" in r.stdout and [p.name for p in a.glob("tokenizer-*")] == [tok.name], r.stderr
     ad["base"]["device"] = "cuda"  # CUDA draws other weights from one seed: not rebuilt on a CPU

@@ -194,7 +194,8 @@ def train(c):
     data, ckpt_path = c["data"], (out_dir := Path(c["out_dir"])) / "ckpt.pt"
     if link := next((p for p in (ckpt_path, out_dir / "adapter.pt") if p.is_symlink()), None):  # refused now, not at the first save
         raise InputError(f"{link}: is a link, and this run writes its checkpoints there: remove it or choose another --out_dir")
-    if (held := next((p for p in (ckpt_path, out_dir / "adapter.pt") if p.exists()), None)) and not (c["resume"] or c["overwrite"]):
+    ours = (ckpt_path, out_dir / "adapter.pt", *[out_dir / f"mmlu_{c['mmlu_split']}.jsonl"] * bool(c["mmlu"]))  # the log: a new run's replaces it
+    if (held := next((p for p in ours if p.exists()), None)) and not (c["resume"] or c["overwrite"]):
         raise InputError(f"{held}: out_dir holds a run; {'--resume continues it, ' * (held == ckpt_path)}--overwrite replaces it, "
                          "or choose another --out_dir")
     for f in (out_dir / k for k in c["export"].split(",") if k):  # refused now, not after the training
