@@ -4458,6 +4458,15 @@ def test_export_over_a_file_is_refused_before_training(tmp_path):
     r = run_train("--out_dir", out, "--export", "peft,merged_hf")
     assert r.returncode == 2 and r.stderr == f"error: {out / 'merged_hf'}: is a file; --export peft,merged_hf writes a folder there\n"
     assert [p.name for p in out.iterdir()] == ["merged_hf"] and (out / "merged_hf").read_text() == "mine"  # nothing trained
+    # a folder with files in it (the user's, or a run's whose checkpoints are gone) is written into only with --overwrite
+    (out / "merged_hf").unlink()
+    (out / "peft").mkdir()
+    (out / "peft" / "adapter_config.json").write_text("mine")
+    r = run_train("--out_dir", out, "--export", "peft")
+    assert r.returncode == 2 and r.stderr == f"error: {out / 'peft'}: is a folder with files (--overwrite writes into it); --export peft writes a folder there\n"
+    assert (out / "peft" / "adapter_config.json").read_text() == "mine"
+    assert run_train("--out_dir", out, "--export", "peft", "--max_iters", 0, "--overwrite").returncode == 0
+    assert json.loads((out / "peft" / "adapter_config.json").read_text())["r"] == 64
 
 
 def test_export_over_the_base_it_trains_is_refused_before_training(tmp_path, meta_ckpt):

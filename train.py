@@ -200,7 +200,9 @@ def train(c):
                          "or choose another --out_dir")
     for f in (out_dir / k for k in c["export"].split(",") if k):  # refused now, not after the training
         same = c["ckpt_dir"] and os.path.realpath(f) == os.path.realpath(c["ckpt_dir"])  # never written over: the user's weights
-        if why := "a link" if f.is_symlink() else "a file" if f.is_file() else "--ckpt_dir" if same else "":
+        full = f.is_dir() and any(f.iterdir()) and not (c["resume"] or c["overwrite"])  # not this run's: another's, or the user's
+        why = "a link" if f.is_symlink() else "a file" if f.is_file() else "--ckpt_dir" if same else ""
+        if why := why or "a folder with files (--overwrite writes into it)" * full:
             raise InputError(f"{f}: is {why}; --export {c['export']} writes a folder there")
     if c["resume"] and not ckpt_path.is_file():  # before anything is written into out_dir
         raise InputError(f"--resume: {ckpt_path} not found")
