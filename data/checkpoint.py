@@ -9,6 +9,7 @@ time under Meta's names, so that each weight can be quantized the moment it arri
                  then the tensors' raw little-endian bytes (offsets counted from the end of the header)
   adapters:      ours (adapter.pt: {"lora": state dict, "model_config", "config", ...}) or peft's folder
 """
+import dataclasses
 import io
 import json
 import math
@@ -458,7 +459,7 @@ def meta_params(cfg):
     # int(multiplier · int(8·dim/3)) = ffn_dim. Left out at their defaults: LLaMA-1 has no n_kv_heads or ffn_dim_multiplier
     # (a LLaMA-1 read from HF's layout has the formula's width); Llama 2's ModelArgs no rope_theta (CodeLlama's params.json has)
     p = {k: getattr(cfg, k) for k in META_KEYS if getattr(cfg, k) != {"n_kv_heads": cfg.n_heads, "rope_theta": 10000.0}.get(k)}
-    if cfg.ffn_dim not in (None, type(cfg)(**{**vars(cfg), "ffn_dim": None}).hidden_dim):
+    if cfg.ffn_dim not in (None, dataclasses.replace(cfg, ffn_dim=None).hidden_dim):
         p.update(multiple_of=1, ffn_dim_multiplier=(cfg.ffn_dim + 0.5) / int(2 * 4 * cfg.dim / 3))
     return json.dumps({k: v for k, v in p.items() if v is not None}, indent=2)
 
