@@ -4662,6 +4662,25 @@ def test_train_lr_warms_up_linearly_then_stays_and_resume_continues_it(tmp_path,
     assert re.search(r"^iter 2: val loss \S+$", out, re.M) and "nothing to train (--max_iters 1, the checkpoint is at iter 2)" in out
 
 
+def test_resume_alone_goes_on_with_the_runs_own_settings(tmp_path, demo_tokenizer, train_here):
+    # --resume without the run's flags continues it as it ran (the defaults would refuse its --batch_size, or train a
+    # finished run on to their --max_iters at their learning rate); a flag given wins; --threads is this machine's,
+    # --out_dir where the checkpoint is now; what is saved is what ran
+    run, rec = train_here
+    d = fresh_out_dir(tmp_path / "o", demo_tokenizer)
+    run(*FAST, "--learning_rate", 1e-3, "--warmup_iters", 3, "--max_iters", 2, "--out_dir", tmp_path / "o")
+    ck = torch.load(d / "ckpt.pt", weights_only=True)
+    ck["config"].update(threads=10**6, out_dir=str(tmp_path / "moved"), overwrite=True)  # made elsewhere, on a larger machine
+    torch.save(ck, d / "ckpt.pt")
+    out = run("--out_dir", d, "--resume", "--max_iters", 4)
+    assert "resumed from" in out and [s["lr"] for s in rec.steps] == pytest.approx([1e-3 * min(1.0, (k + 1) / 4) for k in range(4)])
+    assert len(losses(out)) == 2 and rec.opt["lr"] == 1e-3
+    saved = torch.load(d / "adapter.pt", weights_only=True)["config"]
+    assert {k: saved[k] for k in ("max_iters", "batch_size", "learning_rate", "eval_interval", "threads", "out_dir", "overwrite")} == dict(
+        max_iters=4, batch_size=4, learning_rate=1e-3, eval_interval=3, threads=1, out_dir=str(d), overwrite=False)
+    assert "nothing to train (--max_iters 4, the checkpoint is at iter 4)" in run("--out_dir", d, "--resume")
+
+
 def test_train_losses_are_means_over_micro_batches_and_so_is_the_gradient(tmp_path, demo_tokenizer, train_here):
     # the logged loss of a step: the mean of its micro-batches' losses; each backward starts from loss / grad_accum;
     # the val loss: the mean over --eval_iters micro-batches of val_set (ranges, in order), in eval mode (training

@@ -61,7 +61,7 @@ grad_checkpoint = True  # recompute each block in backward instead of storing it
 compile = False  # torch.compile each block
 threads = 0  # CPU threads (0: 1 for the tiny demo unless OMP_NUM_THREADS is set, else torch's default)
 seed = 0  # weights of --init random, LoRA init, data order, dropout
-resume = False  # continue from out_dir/ckpt.pt exactly where it stopped
+resume = False  # continue from out_dir/ckpt.pt exactly where it stopped, with its settings (flags given win)
 export = ""  # after training, comma-separated: "merged" (16-bit, Meta's layout), "merged_hf" (Hugging Face's), "peft" (HF adapter)
 merge_base = "nf4"  # the merged exports' base: "nf4" (the dequantized 4-bit base that was trained) or "original" (16-bit)
 mmlu = ""  # an MMLU folder (dev/ val/ test/ CSVs, or five_shot_mmlu_*.json): 5-shot accuracy at every evaluation
@@ -163,8 +163,8 @@ def build_model(c, tok, device, dtype, master, seed, vocab=None):
     return net, base
 
 
-def read_checkpoint(path, c, world, ck=None):
-    # ckpt.pt as save_checkpoint wrote it for this run's model and data; memory-mapped: file -> paged memory. ck: the file's
+def read_checkpoint(path, c, world=0, ck=None):
+    # ckpt.pt as save_checkpoint wrote it for this run's model and data (world 0: any); memory-mapped. ck: the file's
     ck = torch_load(path, tensors=False) if ck is None else ck  # contents, read already (one line naming the file if not torch.save's)
     want = {"config": dict, "model_config": dict, "base": dict, "lora": dict, "optimizer": dict, "iter_num": int, "rng": list}
     if not (isinstance(ck, dict) and all(type(ck.get(k)) is t for k, t in want.items()) and is_state_dict(ck["lora"]) and ck["iter_num"] >= 0):
@@ -175,7 +175,7 @@ def read_checkpoint(path, c, world, ck=None):
         if k in c and (old := ck["config"].get(k)) != c[k]:  # (tokenizer_sha1: once the tokenizer is known, a second call)
             name = {"data_sha1": "--data contents (SHA-1)", "tokenizer_sha1": "a tokenizer (SHA-1)"}.get(k, f"--{k}")
             raise InputError(f"--resume: {path} was made with {name} {old}, this run has {name} {c[k]}")
-    if len(ck["rng"]) != world:
+    if world and len(ck["rng"]) != world:
         raise InputError(f"--resume: {path} was made by {len(ck['rng'])} processes, this run has {world}")
     return ck
 
@@ -396,7 +396,11 @@ def main(argv):
     demo = ", ".join(f"--{k} {v}" for k, v in DEMO.items())
     help_text = f"{__doc__.strip()}\n\nflags, default, meaning (the tiny demo's own defaults: {demo}):\n{flag_help(__file__, defaults)}"
     master = int(os.environ.get("RANK", -1)) in (-1, 0)  # under torchrun, rank 0 alone locks out_dir and speaks (-1: as train)
-    c = resolve(parse_flags(argv, defaults, help_text, words_ok=False)[1], defaults)
+    given = parse_flags(argv, defaults, help_text, words_ok=False)[1]
+    if given.get("resume") and (ckpt := Path(given.get("out_dir", defaults["out_dir"]), "ckpt.pt")).is_file():
+        ran = read_checkpoint(ckpt, {})["config"]  # the run goes on as it ran: a flag not given takes its value there, not the default
+        given = {**{k: v for k, v in ran.items() if k not in ("out_dir", "threads", "overwrite") and type(v) is type(defaults.get(k))}, **given}
+    c = resolve(given, defaults)
     try:
         with locked_dir(c["out_dir"]) if master else nullcontext():
             try:
