@@ -46,6 +46,8 @@ def midpoints(code):
 
 
 if __name__ == "__main__":
+    import signal
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends it quietly, as it does a Unix tool (not a traceback)
     nf4 = nf4_values()
     print("NF4 code (index: value)\n" + "\n".join(f"  {i:2d} 0b{i:04b}  {v:+.10f}" for i, v in enumerate(nf4.tolist())))
 

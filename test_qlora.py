@@ -149,6 +149,13 @@ def test_nf4_table_is_bitsandbytes():
     assert torch.equal(qlora.NF4, BNB_NF4)
 
 
+def test_nf4_table_script_piped_into_head_ends_quietly():
+    # `python nf4_table.py | head`: the reader is gone before the table is written (no traceback on stderr)
+    p = subprocess.Popen([sys.executable, str(ROOT / "nf4_table.py")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # long before torch is imported and the first line printed
+    assert p.stderr.read() == "" and p.wait() == -signal.SIGPIPE
+
+
 def test_nf4_midpoints_are_bitsandbytes_thresholds():
     # the quantizer's decision boundaries must be exactly the float32 constants of bnb's decision tree
     assert torch.equal(midpoints(BNB_NF4), BNB_NF4_MIDS)
