@@ -61,8 +61,7 @@ BLOCKSIZE2 = 256  # second-level block: one c1 per 256 values of c2 (the paper's
 class NF4Weight(nn.Module):  # a frozen 4-bit weight; its tensors are buffers, so .to(device) and state_dict() carry them
     def __init__(self, shape, dtype, blocksize, packed, c2, c1=None, c2_mean=None):
         super().__init__()
-        self.shape, self.dtype, self.blocksize = torch.Size(shape), dtype, blocksize
-        self.double_quant = c1 is not None
+        self.shape, self.dtype, self.blocksize, self.double_quant = torch.Size(shape), dtype, blocksize, c1 is not None
         for name, t in dict(packed=packed, c2=c2, c1=c1, c2_mean=c2_mean).items():  # c1, c2_mean: None unless double quant
             self.register_buffer(name, t)
         for name, table in dict(nf4=NF4, dyn8=DYN8).items():  # on this weight's device; not saved: the format's definition
