@@ -110,8 +110,7 @@ def quantize_nf4(w, blocksize=64, double_quant=True):
     return NF4Weight(w.shape, w.dtype, blocksize, packed, c2_8bit[: c2.numel()].contiguous(), c1, c2_mean)
 
 
-def _blockwise(x, blocksize, mids, even_ties=False):
-    # x (n,) fp32 -> indices (n_blocks · blocksize,) of the nearest code value, absmax (n_blocks,)
+def _blockwise(x, blocksize, mids, even_ties=False):  # x (n,) fp32 -> nearest code value's index (n_blocks · blocksize,), absmax (n_blocks,)
     x = F.pad(x, (0, -x.numel() % blocksize)).view(-1, blocksize)  # (n_blocks, blocksize), ragged tail: zeros
     absmax = x.abs().nan_to_num(nan=0.0, posinf=math.inf).amax(dim=1)  # NaN skipped (fmaxf in bitsandbytes), inf kept
     # multiply by the fp32 reciprocal, as bitsandbytes does (x / c can round differently). An all-zero block gives
