@@ -126,8 +126,7 @@ def _blockwise(x, blocksize, mids, even_ties=False):  # x (n,) fp32 -> nearest c
     return idx.to(torch.uint8).view(-1), absmax
 
 
-def dequantize_nf4(q, dtype=None, out=None):
-    # Ŵ = doubleDequant(c1, c2, W^NF4) in `dtype` (default: the weight's), written into `out` if given
+def dequantize_nf4(q, dtype=None, out=None):  # Ŵ = doubleDequant(c1, c2, W^NF4) in `dtype` (default: the weight's), into `out` if given
     out = torch.empty(q.shape, dtype=dtype or q.dtype, device=q.device) if out is None else out.view(q.shape)
     return _dequantize_triton(q, out) if _use_triton(out) else _dequantize_torch(q, out)
 
