@@ -152,8 +152,7 @@ def _dequantize_torch(q, out):
 FUSED_MAX_M = 0
 
 
-def _use_triton(t):
-    # CUDA tensors; CPU ones under TRITON_INTERPRET=1 (slow; for tests), read per call, but not bf16 (interpreter bug)
+def _use_triton(t):  # CUDA tensors; CPU ones under TRITON_INTERPRET=1 (slow; for tests), read per call, but not bf16 (interpreter bug)
     return t.is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and t.dtype != torch.bfloat16)
 
 
