@@ -258,8 +258,7 @@ class NF4Matmul(torch.autograd.Function):  # y = x Ŵᵀ, dx = dy Ŵ; a frozen b
         return _matmul(dy, ctx.q, True, ctx.buffer), None, None
 
 
-def nf4_matmul(x, q, buffer=None):
-    # x (..., in) -> x Ŵᵀ (..., out); a DequantBuffer to dequantize into, else a fresh tensor each call
+def nf4_matmul(x, q, buffer=None):  # x (..., in) -> x Ŵᵀ (..., out); a DequantBuffer to dequantize into, else a fresh tensor each call
     if x.shape[-1] != q.shape[1]:
         raise ValueError(f"nf4_matmul: x's last dimension must be the weight's in-features {q.shape[1]} "
                          f"(weight {tuple(q.shape)}), got x of shape {tuple(x.shape)}")
