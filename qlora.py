@@ -132,9 +132,8 @@ def dequantize_nf4(q, dtype=None, out=None):  # Ŵ = doubleDequant(c1, c2, W^NF4
 
 
 def _dequantize_torch(q, out):
-    # reference path (and the CPU path): dequant(c2^FP32, W^NF4), Ŵ[i] = c2[i // blocksize] · NF4[W^NF4[i]]
+    # reference path (and the CPU path): Ŵ[i] = c2^FP32[i // blocksize] · NF4[W^NF4[i]], c2^FP32 = dequant(c1, c2) with double quantization
     idx = torch.stack([q.packed >> 4, q.packed & 15], dim=1).view(-1)  # high nibble first
-    # c2^FP32, or with double quantization dequant(c1, c2) = c1[b // 256] · DYN8[c2[b]] + c2_mean
     c2 = q.dyn8[q.c2.long()] * q.c1.repeat_interleave(BLOCKSIZE2)[: q.c2.numel()] + q.c2_mean if q.double_quant else q.c2
     idx = F.pad(idx, (0, c2.numel() * q.blocksize - idx.numel()))
     w = q.nf4[idx.long()].view(-1, q.blocksize) * c2[:, None]
