@@ -97,8 +97,7 @@ def random_base(adapter, info, device):
     return tok, base["seed"], vocab
 
 
-def read_json(path):
-    # -> the JSON object in the file (UTF-8, or UTF-16/32 as some editors save it: json.loads detects it from bytes)
+def read_json(path):  # -> the JSON object in the file (UTF-8, or UTF-16/32 as some editors save it: json.loads detects it from bytes)
     try:
         d = json.loads(Path(path).read_bytes())
     except (ValueError, RecursionError) as e:  # also: not UTF-8/16/32 text (UnicodeDecodeError), nested too deep
