@@ -2020,6 +2020,7 @@ def test_config_json_defaults_are_transformers_and_params_json_fields_are_checke
         assert C.hf_params({**need, "rope_parameters": {**(rs or {}), "rope_theta": 1e6}}, "config.json")["rope_theta"] == 1e6
     with pytest.raises(InputError, match=re.escape('rope_scaling {"type": "default", "rope_type": "linear"} is not implemented')):
         C.hf_params({**need, "rope_scaling": {"type": "default", "rope_type": "linear"}}, "config.json")
+    assert C.hf_params({**need, "hidden_act": "swish"}, "config.json") == p  # silu's other name (transformers' ACT2FN)
     (tmp_path / "w" / "config.json").write_text(json.dumps({**need, "head_dim": 16}))  # as hidden_size / num_attention_heads: fine
     assert C.read_params(tmp_path / "w")["dim"] == 64
     # transformers >= 5 writes θ inside rope_parameters (Llama 3: 500000), which wins over a top-level one

@@ -301,8 +301,8 @@ def hf_params(c, where):
         raise InputError(f"{where}: quantization_config: the weights are quantized already; use the 16-bit original")
     if c.get("attention_bias") or c.get("mlp_bias"):
         raise InputError(f"{where}: attention or MLP biases (attention_bias/mlp_bias true) are not implemented")
-    if c.get("hidden_act", "silu") != "silu":
-        raise InputError(f"{where}: hidden_act {c['hidden_act']!r} is not implemented (only silu)")
+    if c.get("hidden_act", "silu") not in ("silu", "swish"):  # one function, two names (transformers' ACT2FN has both)
+        raise InputError(f"{where}: hidden_act {c['hidden_act']!r} is not implemented (only silu, or swish)")
     return dict(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
                 n_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]), vocab_size=c["vocab_size"],
                 ffn_dim=c["intermediate_size"], norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta", 10000.0),
