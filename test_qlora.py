@@ -4673,19 +4673,26 @@ def test_train_lr_warms_up_linearly_then_stays_and_resume_continues_it(tmp_path,
 def test_resume_alone_goes_on_with_the_runs_own_settings(tmp_path, demo_tokenizer, train_here):
     # --resume without the run's flags continues it as it ran (the defaults would refuse its --batch_size, or train a
     # finished run on to their --max_iters at their learning rate); a flag given wins; --threads is this machine's,
-    # --out_dir where the checkpoint is now; what is saved is what ran
+    # --out_dir where the checkpoint is now; --export is asked for by each command; what is saved is what ran
     run, rec = train_here
     d = fresh_out_dir(tmp_path / "o", demo_tokenizer)
-    run(*FAST, "--learning_rate", 1e-3, "--warmup_iters", 3, "--max_iters", 2, "--out_dir", tmp_path / "o")
+    run(*FAST, "--learning_rate", 1e-3, "--warmup_iters", 3, "--max_iters", 2, "--export", "peft", "--out_dir", tmp_path / "o")
+    assert len(rec.exports) == 1
     ck = torch.load(d / "ckpt.pt", weights_only=True)
     ck["config"].update(threads=10**6, out_dir=str(tmp_path / "moved"), overwrite=True)  # made elsewhere, on a larger machine
+    torch.save({**ck, "config": {**ck["config"], "max_grad_norm": 1}}, d / "ckpt.pt")  # edited by hand: refused, not replaced
+    with pytest.raises(InputError, match=re.escape(f"--resume: {d / 'ckpt.pt'}: its config has max_grad_norm 1, not a float (give --max_grad_norm)")):
+        run("--out_dir", d, "--resume", "--max_iters", 4)
+    torch.save({**ck, "config": {**ck["config"], "init": "checkpoint"}}, d / "ckpt.pt")  # a random base now: refused
+    with pytest.raises(InputError, match="was made with --init checkpoint, this run has --init random"):
+        run("--out_dir", d, "--resume", "--max_iters", 4, "--init", "random")
     torch.save(ck, d / "ckpt.pt")
     out = run("--out_dir", d, "--resume", "--max_iters", 4)
     assert "resumed from" in out and [s["lr"] for s in rec.steps] == pytest.approx([1e-3 * min(1.0, (k + 1) / 4) for k in range(4)])
-    assert len(losses(out)) == 2 and rec.opt["lr"] == 1e-3
+    assert len(losses(out)) == 2 and rec.opt["lr"] == 1e-3 and len(rec.exports) == 1
     saved = torch.load(d / "adapter.pt", weights_only=True)["config"]
-    assert {k: saved[k] for k in ("max_iters", "batch_size", "learning_rate", "eval_interval", "threads", "out_dir", "overwrite")} == dict(
-        max_iters=4, batch_size=4, learning_rate=1e-3, eval_interval=3, threads=1, out_dir=str(d), overwrite=False)
+    assert {k: saved[k] for k in ("max_iters", "batch_size", "learning_rate", "eval_interval", "threads", "out_dir", "overwrite", "export")} == dict(
+        max_iters=4, batch_size=4, learning_rate=1e-3, eval_interval=3, threads=1, out_dir=str(d), overwrite=False, export="")
     assert "nothing to train (--max_iters 4, the checkpoint is at iter 4)" in run("--out_dir", d, "--resume")
 
 

@@ -61,7 +61,7 @@ grad_checkpoint = True  # recompute each block in backward instead of storing it
 compile = False  # torch.compile each block
 threads = 0  # CPU threads (0: 1 for the tiny demo unless OMP_NUM_THREADS is set, else torch's default)
 seed = 0  # weights of --init random, LoRA init, data order, dropout
-resume = False  # continue from out_dir/ckpt.pt exactly where it stopped, with its settings (flags given win)
+resume = False  # continue from out_dir/ckpt.pt exactly where it stopped, with its settings (flags given win; --export not taken)
 export = ""  # after training, comma-separated: "merged" (16-bit, Meta's layout), "merged_hf" (Hugging Face's), "peft" (HF adapter)
 merge_base = "nf4"  # the merged exports' base: "nf4" (the dequantized 4-bit base that was trained) or "original" (16-bit)
 mmlu = ""  # an MMLU folder (dev/ val/ test/ CSVs, or five_shot_mmlu_*.json): 5-shot accuracy at every evaluation
@@ -169,8 +169,8 @@ def read_checkpoint(path, c, world=0, ck=None):
     want = {"config": dict, "model_config": dict, "base": dict, "lora": dict, "optimizer": dict, "iter_num": int, "rng": list}
     if not (isinstance(ck, dict) and all(type(ck.get(k)) is t for k, t in want.items()) and is_state_dict(ck["lora"]) and ck["iter_num"] >= 0):
         raise InputError(f"--resume: {path}: not a checkpoint written by train.py")
-    for k in ("model", "ckpt_dir", "adapter", "lora_r", "lora_alpha", "lora_dropout", "data_sha1", "tokenizer_sha1", "seed", "batch_size",
-              "micro_batch", "source_max_len", "target_max_len", "train_on_source", "group_by_length", "val_fraction", "weight_decay",
+    for k in ("model", "init", "ckpt_dir", "adapter", "lora_r", "lora_alpha", "lora_dropout", "data_sha1", "tokenizer_sha1", "seed",
+              "batch_size", "micro_batch", "source_max_len", "target_max_len", "train_on_source", "group_by_length", "val_fraction", "weight_decay",
               "beta1", "beta2"):  # the model, the data stream (the data by content), what the optimizer's state_dict restores
         if k in c and (old := ck["config"].get(k)) != c[k]:  # (tokenizer_sha1: once the tokenizer is known, a second call)
             name = {"data_sha1": "--data contents (SHA-1)", "tokenizer_sha1": "a tokenizer (SHA-1)"}.get(k, f"--{k}")
@@ -397,9 +397,12 @@ def main(argv):
     help_text = f"{__doc__.strip()}\n\nflags, default, meaning (the tiny demo's own defaults: {demo}):\n{flag_help(__file__, defaults)}"
     master = int(os.environ.get("RANK", -1)) in (-1, 0)  # under torchrun, rank 0 alone locks out_dir and speaks (-1: as train)
     given = parse_flags(argv, defaults, help_text, words_ok=False)[1]
-    if given.get("resume") and (ckpt := Path(given.get("out_dir", defaults["out_dir"]), "ckpt.pt")).is_file():
-        ran = read_checkpoint(ckpt, {})["config"]  # the run goes on as it ran: a flag not given takes its value there, not the default
-        given = {**{k: v for k, v in ran.items() if k not in ("out_dir", "threads", "overwrite") and type(v) is type(defaults.get(k))}, **given}
+    if given.get("resume") and (ckpt := Path(given.get("out_dir", defaults["out_dir"]), "ckpt.pt")).is_file():  # the run goes on as it
+        ran = {k: v for k, v in read_checkpoint(ckpt, {})["config"].items()  # ran: a flag not given takes its value there, not the
+               if k in defaults and k not in {*given, "out_dir", "threads", "overwrite", "export"}}  # default (--threads: this machine's)
+        if k := next((k for k in ran if type(ran[k]) is not type(defaults[k])), None):  # edited by hand (--export: this command's)
+            raise InputError(f"--resume: {ckpt}: its config has {k} {ran[k]!r}, not a {type(defaults[k]).__name__} (give --{k})")
+        given.update(ran)
     c = resolve(given, defaults)
     try:
         with locked_dir(c["out_dir"]) if master else nullcontext():
