@@ -110,8 +110,7 @@ def e2e(model, batch, seq, steps, r, quantize):
     print(f"loss {loss.item():.3f}, optimizer state in {opt.memory} memory, step times ms: {', '.join(f'{1000 * t:.0f}' for t in times)}")
 
 
-def write_random_checkpoint(name, d):
-    # Meta's layout with LLaMA.from_config's random bf16 weights (no LoRA); the head is a buffer named "output"
+def write_random_checkpoint(name, d):  # Meta's layout with LLaMA.from_config's random bf16 weights (no LoRA); the head is a buffer named "output"
     if Path(d).is_file() or Path(d).is_dir() and any(Path(d).iterdir()):  # never over a real checkpoint (--ckpt_dir's default)
         raise InputError(f"--ckpt_dir {d}: {'a file' if Path(d).is_file() else 'not empty'}; --write makes its random checkpoint in a new or empty folder")
     cfg = LLaMAConfig(**{**CONFIGS[name], "lora_r": 0})
