@@ -275,7 +275,7 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):  # (B, vocab) logit
     if top_p is not None:  # nucleus: the smallest set of tokens whose probability reaches top_p
         sorted_logits, order = logits.sort(descending=True)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the token that crosses top_p
+        drop = ((before := probs.cumsum(-1) - probs) >= top_p) & (before > 0)  # keep the token that reaches top_p, and the first
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -float("inf")))
     return torch.multinomial(logits.softmax(-1), 1)[:, 0]
 
@@ -295,7 +295,7 @@ def chat(argv):
     info, base = adapter["info"], adapter["info"].get("base") or {}
     template = f["template"] or info.get("template") or ("alpaca" if f["adapter"] else "none")
     if (wrap := {"alpaca": ALPACA[False], "guanaco": GUANACO, "none": "{instruction}"}.get(template)) is None:
-        raise InputError(f"--template: expected alpaca, guanaco or none, got {template!r}")
+        raise InputError(f"{'--template' if f['template'] else f['adapter'] + ': its template'}: expected alpaca, guanaco or none, got {template!r}")
     device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)  # as train.py
     if (d := f["ckpt_dir"] or base.get("ckpt_dir")) and not Path(d).is_dir():  # a typo, or peft's hub model name
         raise InputError(f"--ckpt_dir {d}: not a folder" if f["ckpt_dir"] else
@@ -316,6 +316,7 @@ def chat(argv):
     torch.manual_seed(f["seed"])
 
     history = [tok.bos_id]
+    sys.stdin = sys.stdin or open("/dev/null")  # closed (`<&-`): read as empty, as </dev/null is
     sys.stdin.reconfigure(errors="surrogateescape")  # bytes that are not UTF-8 reach the check below; a BOM (Notepad's) is dropped
     with suppress(EOFError):  # --prompt, or one turn per line of stdin until an empty line (or EOF)
         for line in [f["prompt"]] if f["prompt"] else iter(lambda: input("> " * sys.stdin.isatty()).lstrip("\ufeff").strip(), ""):

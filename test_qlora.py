@@ -1344,6 +1344,11 @@ def test_sample_temperature_top_k_top_p(monkeypatch):
     e = torch.tensor([3.0, 2.0]).double().exp()
     assert torch.allclose(seen[2], torch.tensor([[0, e[0] / e.sum(), e[1] / e.sum(), 0, 0]], dtype=torch.float64))  # the 2 likeliest, renormalised
     assert (seen[3] > 0).all() and seen[4][0, 2] == 0 and (seen[4][0, :2] > 0).all()
+    # a token whose predecessors already reach top_p is not needed (the smallest set, as transformers' TopPLogitsWarper)
+    M.sample(torch.tensor([[0.5, 0.5]]).log(), 1.0, top_p=0.5)
+    M.sample(torch.tensor([[0.5, 0.25, 0.25]]).log(), 1.0, top_p=0.5)
+    M.sample(torch.tensor([[0.5, 0.25, 0.25]]).log(), 1.0, top_p=0.0)  # the likeliest token is always kept
+    assert [(q[0] > 0).tolist() for q in seen[5:]] == [[True, False], [True, False, False], [True, False, False]]
 
 
 def test_installed_transformers_sampling_filters_agree(monkeypatch):
@@ -1751,6 +1756,23 @@ def test_chat_keeps_the_newest_prompt_tokens_within_the_context(demo_adapter, tm
                          stdin=f"{prompt}\n{prompt}\nhi\n".encode(), answers=[tok.encode("red")] * 3)
     assert [(c[0][0], len(c[0])) for c in calls] == [(tok.bos_id, 20)] * 3
     assert calls[2][0][-3:] == tok.encode(P.GUANACO.format(instruction="hi"))[-3:]  # the newest turn
+
+
+def test_chat_refuses_an_adapter_with_nan_or_an_unknown_template_and_reads_a_closed_stdin_as_empty(demo_adapter, tmp_path, monkeypatch, capsys):
+    path = demo_adapter[0]
+    ck = torch.load(path, weights_only=True)
+    k = next(k for k in ck["lora"] if k.endswith("lora_B"))
+    ck["lora"][k] = torch.full_like(ck["lora"][k], float("nan"))  # a diverged run's: a traceback from sampling, or garbage
+    torch.save(ck, tmp_path / "nan.pt")
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'nan.pt'}: tensor {k!r} holds NaN or inf")):
+        chat_here(monkeypatch, capsys, "--adapter", tmp_path / "nan.pt", "--prompt", "x", "--quantize", "false")
+    chatml = demo_variant(demo_adapter, tmp_path / "t" / "adapter.pt", template="chatml")  # named as the adapter's, not a flag's
+    with pytest.raises(InputError, match=re.escape(f"{chatml}: its template: expected alpaca, guanaco or none, got 'chatml'")):
+        chat_here(monkeypatch, capsys, "--adapter", chatml, "--prompt", "x")
+    for args in (["--prompt", "x"], []):  # stdin closed (`<&-`): --prompt does not read it; a chat ends at once, as on </dev/null
+        r = subprocess.run([sys.executable, str(ROOT / "model.py"), "--adapter", str(path), "--max_new_tokens", "2", *args], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300, env=CPU_ENV, stdin=subprocess.DEVNULL, preexec_fn=lambda: os.close(0))
+        assert r.returncode == 0 and r.stderr == "" and r.stdout.count("\n") == len(args) // 2, r.stderr
 
 
 def test_chat_finds_the_base_the_tokenizer_and_the_device_as_recorded(demo_adapter, meta_ckpt, tmp_path, monkeypatch, capsys):

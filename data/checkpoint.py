@@ -438,9 +438,9 @@ def load_adapter(model, adapter):
             continue
         for x, shape in (("A", (a["r"], m.in_features)), ("B", (m.out_features, a["r"]))):
             k = f"{peft_name(name)}.lora_{x}.weight" if a["hf"] else f"{name}.lora_{x}"  # its name in the file
-            if (t := lora.pop(k, None)) is None or tuple(t.shape) != shape:
-                raise InputError(f"{a['where']}: tensor {k!r} " + ("missing" if t is None else
-                                 f"has shape {tuple(t.shape)}, the model's {name} needs {shape}"))
+            if (t := lora.pop(k, None)) is None or tuple(t.shape) != shape or not t.isfinite().all():  # NaN: a diverged run's
+                raise InputError(f"{a['where']}: tensor {k!r} " + ("missing" if t is None else "holds NaN or inf" if tuple(t.shape) == shape
+                                 else f"has shape {tuple(t.shape)}, the model's {name} needs {shape}"))
             t = hf_permute(t, sub, cfg.n_heads, cfg.n_kv_heads, back=True) if x == "B" and a["hf"] else t
             setattr(m, f"lora_{x}", torch.nn.Parameter(t.to(m.weight.device, torch.float32).contiguous()))
         m.r, m.scaling = a["r"], a["scaling"]
