@@ -6,7 +6,7 @@ References: Touvron et al. 2023 (LLaMA, Llama 2); Meta's llama/model.py for the 
 
 Run as a script, it answers --prompt, or chats with one turn per line of stdin (until an empty line or EOF):
   python model.py --adapter out/adapter.pt --prompt "Name three colours."   # python train.py's demo (its base is rebuilt)
-  python model.py --ckpt_dir checkpoints/7B --adapter out/peft               # a base folder and an adapter: chat
+  python model.py --ckpt_dir checkpoints/7B --adapter out-7b/peft            # a base folder and an adapter: chat
   python model.py --ckpt_dir checkpoints/7B --template none --prompt "The capital of France is"
 The prompt is wrapped in the adapter's template (--template alpaca|guanaco|none; default: the adapter's, else
 alpaca; none without an adapter). Guanaco keeps the conversation; Alpaca's template is single-turn.
@@ -294,7 +294,7 @@ def chat(argv):
     adapter = read_adapter(f["adapter"]) if f["adapter"] else {"info": {}}  # none: an adapter that records nothing
     info, base = adapter["info"], adapter["info"].get("base") or {}
     template = f["template"] or info.get("template") or ("alpaca" if f["adapter"] else "none")
-    if (wrap := {"alpaca": ALPACA[False], "guanaco": GUANACO, "none": "{instruction}"}.get(template)) is None:
+    if (wrap := {"alpaca": ALPACA[False], "guanaco": GUANACO, "none": "{instruction}"}.get(str(template))) is None:
         raise InputError(f"{'--template' if f['template'] else f['adapter'] + ': its template'}: expected alpaca, guanaco or none, got {template!r}")
     device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)  # as train.py
     if (d := f["ckpt_dir"] or base.get("ckpt_dir")) and not Path(d).is_dir():  # a typo, or peft's hub model name

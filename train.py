@@ -1,12 +1,12 @@
 """QLoRA instruction finetuning of LLaMA, with the paper's recipe (Dettmers et al. 2023, §4-5, Guanaco).
 
   python train.py                                  # tiny random LLaMA on data/sample.jsonl, CPU, ~1 min
-  python train.py --model 7B --data my.jsonl       # Meta weights in checkpoints/7B (or --ckpt_dir DIR)
-  python train.py --model 65B --init random --max_iters 1      # does it fit? (no download needed)
-  torchrun --standalone --nproc_per_node=2 train.py --model 13B # data parallel over 2 GPUs
+  python train.py --model 7B --data my.jsonl --out_dir out-7b # Meta weights in checkpoints/7B (or --ckpt_dir DIR)
+  python train.py --model 65B --init random --max_iters 1 --out_dir /tmp/fit   # does it fit? (no download needed)
+  torchrun --standalone --nproc_per_node=2 train.py --model 13B --out_dir out-13b  # data parallel over 2 GPUs
 
 Every name in the config block below is a flag (--name=value or --name value; --resume alone means True;
---help lists them). One way through: parse the flags, resolve every default once (resolve), lock out_dir,
+--help lists them). One way through: parse the flags (--resume: those not given from ckpt.pt), resolve every default once, lock out_dir,
 build with the resolved values, train, save the resolved config beside the adapter: what is saved is what
 ran. Bad input is one line `error: ...` and exit status 2; Ctrl-C one line and 130, the last checkpoint kept.
 """
@@ -61,7 +61,7 @@ grad_checkpoint = True  # recompute each block in backward instead of storing it
 compile = False  # torch.compile each block
 threads = 0  # CPU threads (0: 1 for the tiny demo unless OMP_NUM_THREADS is set, else torch's default)
 seed = 0  # weights of --init random, LoRA init, data order, dropout
-resume = False  # continue from out_dir/ckpt.pt exactly where it stopped, with its settings (flags given win; --export not taken)
+resume = False  # continue from out_dir/ckpt.pt exactly where it stopped, with its settings (flags given win; not --threads, --export)
 export = ""  # after training, comma-separated: "merged" (16-bit, Meta's layout), "merged_hf" (Hugging Face's), "peft" (HF adapter)
 merge_base = "nf4"  # the merged exports' base: "nf4" (the dequantized 4-bit base that was trained) or "original" (16-bit)
 mmlu = ""  # an MMLU folder (dev/ val/ test/ CSVs, or five_shot_mmlu_*.json): 5-shot accuracy at every evaluation
@@ -172,7 +172,7 @@ def read_checkpoint(path, c, world=0, ck=None):
     for k in ("model", "init", "ckpt_dir", "adapter", "lora_r", "lora_alpha", "lora_dropout", "data_sha1", "tokenizer_sha1", "seed",
               "batch_size", "micro_batch", "source_max_len", "target_max_len", "train_on_source", "group_by_length", "val_fraction", "weight_decay",
               "beta1", "beta2"):  # the model, the data stream (the data by content), what the optimizer's state_dict restores
-        if k in c and (old := ck["config"].get(k)) != c[k]:  # (tokenizer_sha1: once the tokenizer is known, a second call)
+        if k in c and (old := ck["config"].get(k)) != c[k]:  # (tokenizer_sha1: once the tokenizer is known, a later call)
             name = {"data_sha1": "--data contents (SHA-1)", "tokenizer_sha1": "a tokenizer (SHA-1)"}.get(k, f"--{k}")
             raise InputError(f"--resume: {path} was made with {name} {old}, this run has {name} {c[k]}")
     if world and len(ck["rng"]) != world:
@@ -398,9 +398,9 @@ def main(argv):
     master = int(os.environ.get("RANK", -1)) in (-1, 0)  # under torchrun, rank 0 alone locks out_dir and speaks (-1: as train)
     given = parse_flags(argv, defaults, help_text, words_ok=False)[1]
     if given.get("resume") and (ckpt := Path(given.get("out_dir", defaults["out_dir"]), "ckpt.pt")).is_file():  # the run goes on as it
-        ran = {k: v for k, v in read_checkpoint(ckpt, {})["config"].items()  # ran: a flag not given takes its value there, not the
-               if k in defaults and k not in {*given, "out_dir", "threads", "overwrite", "export"}}  # default (--threads: this machine's)
-        if k := next((k for k in ran if type(ran[k]) is not type(defaults[k])), None):  # edited by hand (--export: this command's)
+        ran = {k: v for k, v in read_checkpoint(ckpt, {})["config"].items()  # ran: a flag not given takes ckpt.pt's value, not the
+               if k in defaults and k not in {*given, "out_dir", "threads", "overwrite", "export"}}  # default; not what this command
+        if k := next((k for k in ran if type(ran[k]) is not type(defaults[k])), None):  # decides: where, threads, what it writes
             raise InputError(f"--resume: {ckpt}: its config has {k} {ran[k]!r}, not a {type(defaults[k]).__name__} (give --{k})")
         given.update(ran)
     c = resolve(given, defaults)

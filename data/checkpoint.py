@@ -418,8 +418,9 @@ def read_adapter(path):  # -> {"lora": {name in the file: tensor}, "r", "scaling
         info, rslora = {k: v for k, v in ck.items() if k not in ("lora", "optimizer", "rng") and (k != "base" or isinstance(v, dict))}, False
     else:
         raise InputError(f"{path}: adapter not found (adapter.pt, or a peft folder with adapter_config.json)")
-    if type(r) is not int or r < 1 or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise InputError(f"{where}: the rank and alpha must be finite numbers, got {r!r}, {alpha!r}")
+    bad = next((k for k, t in lora.items() if not t.isfinite().all()), None)  # another trainer's diverged run: now, not after the base
+    if bad or type(r) is not int or r < 1 or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):  # is loaded
+        raise InputError(f"{path}: tensor {bad!r} holds NaN or inf" if bad else f"{where}: the rank and alpha must be finite numbers, got {r!r}, {alpha!r}")
     return dict(lora=lora, r=r, scaling=alpha / (math.sqrt(r) if rslora else r), targets=targets, hf=path.is_dir(),  # rsLoRA: α/√r
                 where=str(path), info=info)
 
@@ -438,9 +439,9 @@ def load_adapter(model, adapter):
             continue
         for x, shape in (("A", (a["r"], m.in_features)), ("B", (m.out_features, a["r"]))):
             k = f"{peft_name(name)}.lora_{x}.weight" if a["hf"] else f"{name}.lora_{x}"  # its name in the file
-            if (t := lora.pop(k, None)) is None or tuple(t.shape) != shape or not t.isfinite().all():  # NaN: a diverged run's
-                raise InputError(f"{a['where']}: tensor {k!r} " + ("missing" if t is None else "holds NaN or inf" if tuple(t.shape) == shape
-                                 else f"has shape {tuple(t.shape)}, the model's {name} needs {shape}"))
+            if (t := lora.pop(k, None)) is None or tuple(t.shape) != shape:
+                raise InputError(f"{a['where']}: tensor {k!r} " + ("missing" if t is None else
+                                 f"has shape {tuple(t.shape)}, the model's {name} needs {shape}"))
             t = hf_permute(t, sub, cfg.n_heads, cfg.n_kv_heads, back=True) if x == "B" and a["hf"] else t
             setattr(m, f"lora_{x}", torch.nn.Parameter(t.to(m.weight.device, torch.float32).contiguous()))
         m.r, m.scaling = a["r"], a["scaling"]
