@@ -309,8 +309,7 @@ def train(c):
         return (f"last checkpoint: {ckpt_path} (iter {saved}); --resume continues" if saved is not None else "no checkpoint yet"
                 + f" ({ckpt_path}: the run --overwrite replaces)" * ckpt_path.exists())
 
-    def save_checkpoint(it):
-        # every process's RNG state (dropout), gathered to rank 0, which writes adapter.pt and ckpt.pt atomically
+    def save_checkpoint(it):  # every process's RNG state (dropout), gathered to rank 0, which writes adapter.pt and ckpt.pt atomically
         nonlocal saved
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.startswith("cuda") else None}
         rngs = [rng] * world
