@@ -122,8 +122,7 @@ def write_random_checkpoint(name, d):  # Meta's layout with LLaMA.from_config's 
     print(f"wrote {sum(t.numel() for t in sd.values()) / 1e6:.0f}M params to {d}")
 
 
-def load(ckpt_dir, quantize):
-    # peak host memory: private (anonymous) pages, and the whole resident set incl. the mmap'd file pages
+def load(ckpt_dir, quantize):  # peak host memory: private (anonymous) pages, and the whole resident set incl. the mmap'd file pages
     def status():  # {"RssAnon": bytes, "VmRSS": bytes} from lines like "VmRSS:    123456 kB"
         return {k: int(v.split()[0]) * 1024 for k, v in (l.split(":", 1) for l in open("/proc/self/status")) if k in ("RssAnon", "VmRSS")}
 
