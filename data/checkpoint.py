@@ -180,8 +180,7 @@ def hf_permute(w, name, n_heads, n_kv_heads, back=False):
 ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
 
-def read_safetensors(path):
-    # -> {name: tensor}, each checked against the file size, over a private memory map: none read until used
+def read_safetensors(path):  # -> {name: tensor}, each checked against the file size, over a private memory map: none read until used
     size, out = path.stat().st_size, {}
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8).ljust(8, b"\xff"))[0]
