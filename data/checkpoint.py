@@ -221,8 +221,7 @@ def save_safetensors(tensors, path, metadata=None):
 META_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta")
 
 
-def read_params(ckpt_dir, context=None):
-    # the architecture alone as LLaMAConfig fields: cheap, so defaults are resolved before any weight is read
+def read_params(ckpt_dir, context=None):  # the architecture alone as LLaMAConfig fields: cheap, so defaults are resolved before any weight is read
     d = Path(ckpt_dir)
     if is_hf(d):
         where = d / "config.json"
