@@ -20,8 +20,7 @@ class InputError(Exception):
     pass  # "file:line: what is wrong" — shown as one line, exit 2
 
 
-def atomic_write(path, write, size=0):
-    # write(f) fills a temporary file beside path; size: bytes (an estimate), only for a full disk's message
+def atomic_write(path, write, size=0):  # write(f) fills a temporary file beside path; size: bytes (an estimate), only for a full disk's message
     path = Path(path)  # a link (/dev/stdout, /dev/fd/1: a stream, even into a file), a folder, a device:
     if path.is_symlink() or path.exists() and not path.is_file():  # never renamed over (nor written through: `>> file` would lose it)
         raise InputError(f"{path}: exists and is not a regular file" + " (a link: name its target)" * path.is_symlink())
