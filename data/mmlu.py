@@ -42,8 +42,7 @@ def read_csv(path):  # [(question text ending in "Answer:", answer index)]; quot
     return rows
 
 
-def read_mmlu(folder, split="val", max_per_subject=0):
-    # -> [{"subject", "header", "shots": [solved question + "\n\n"], "question", "answer": 0..3}]
+def read_mmlu(folder, split="val", max_per_subject=0):  # -> [{"subject", "header", "shots": [solved question + "\n\n"], "question", "answer": 0..3}]
     folder, out = Path(folder), []
     if (js := folder / f"five_shot_mmlu_{split}.json").is_file():  # the paper's files: shots inside "input"
         for line, r in read_records(js):
