@@ -315,14 +315,17 @@ def chat(argv):
     keep = max(net.config.max_seq_len - f["max_new_tokens"], net.config.max_seq_len // 2)  # prompt tokens kept: bos, the newest
     torch.manual_seed(f["seed"])
 
-    history = [tok.bos_id]
+    history, src = [tok.bos_id], "--prompt" if f["prompt"] else "stdin"
     sys.stdin = sys.stdin or open("/dev/null")  # closed (`<&-`): read as empty, as </dev/null is
     sys.stdin.reconfigure(errors="surrogateescape")  # bytes that are not UTF-8 reach the check below; a BOM (Notepad's) is dropped
     with suppress(EOFError):  # --prompt, or one turn per line of stdin until an empty line (or EOF)
         for line in [f["prompt"]] if f["prompt"] else iter(lambda: input("> " * sys.stdin.isatty()).lstrip("\ufeff").strip(), ""):
             if any("\ud800" <= ch <= "\udfff" for ch in line):  # such bytes, as Python escapes them
-                raise InputError(f"{'--prompt' if f['prompt'] else 'stdin'}: not UTF-8 text")
-            ids = (history if template == "guanaco" else [tok.bos_id]) + tok.encode(wrap.format(instruction=line))
+                raise InputError(f"{src}: not UTF-8 text")
+            turn = tok.encode(wrap.format(instruction=line))  # cut from the front to fit, it would lose its template's head
+            if len(turn) + 1 > keep:  # (older turns of a conversation are dropped first; bos and this turn stay)
+                raise InputError(f"{src}: {len(turn) + 1} tokens with bos and the template, over the {keep} a prompt may have here")
+            ids = (history if template == "guanaco" else [tok.bos_id]) + turn
             out, shown = [], ""  # the answer is printed as it is produced: decode it as it grows, print the new suffix
 
             def show(nxt, end=False):  # -> True once the answer reaches `stop`, no part of which is printed

@@ -1742,20 +1742,25 @@ def test_chat_turns_history_eos_and_blank_lines(demo_adapter, monkeypatch, capsy
         chat_here(monkeypatch, capsys, "--adapter", path, "--quantize", "false", stdin=b"caf\xe9\n")
 
 
-def test_chat_keeps_the_newest_prompt_tokens_within_the_context(demo_adapter, tmp_path, monkeypatch, capsys):
+def test_chat_refuses_a_prompt_over_the_context_and_drops_a_conversations_oldest_tokens(demo_adapter, tmp_path, monkeypatch, capsys):
     _, _, tok = demo_adapter
     short = demo_variant(demo_adapter, tmp_path / "a" / "adapter.pt", model_config={"max_seq_len": 24})
     prompt = " ".join(WORDS[:30])
-    ids = [tok.bos_id] + tok.encode(P.ALPACA[False].format(instruction=prompt))
-    assert len(ids) > 24
-    for new, keep in ((4, 20), (20, 12)):  # keep max(context - new tokens, context / 2) of the prompt: bos, as in training, and the newest
-        calls, _ = chat_here(monkeypatch, capsys, "--adapter", short, "--prompt", prompt, "--max_new_tokens", new, "--quantize", "false")
-        assert calls[0][0] == ids[:1] + ids[1 - keep:]
-    # a Guanaco conversation that outgrows the context: every turn still starts with bos
-    calls, _ = chat_here(monkeypatch, capsys, "--adapter", short, "--template", "guanaco", "--max_new_tokens", 4, "--quantize", "false",
-                         stdin=f"{prompt}\n{prompt}\nhi\n".encode(), answers=[tok.encode("red")] * 3)
-    assert [(c[0][0], len(c[0])) for c in calls] == [(tok.bos_id, 20)] * 3
-    assert calls[2][0][-3:] == tok.encode(P.GUANACO.format(instruction="hi"))[-3:]  # the newest turn
+    n = 1 + len(tok.encode(P.ALPACA[False].format(instruction=prompt)))
+    assert n > 24
+    for new, keep in ((4, 20), (20, 12)):  # a prompt may have max(context - new tokens, context / 2), bos included; cut from
+        with pytest.raises(InputError, match=re.escape(f"--prompt: {n} tokens with bos and the template, over the {keep} a prompt")):
+            chat_here(monkeypatch, capsys, "--adapter", short, "--prompt", prompt, "--max_new_tokens", new, "--quantize", "false")
+    # the front to fit, it would lose the template's head. A Guanaco conversation that outgrows the context loses its oldest
+    # tokens after bos instead: every prompt starts with bos and ends with the newest turn, whole
+    turn = tok.encode(P.GUANACO.format(instruction="hi"))
+    conv = demo_variant(demo_adapter, tmp_path / "b" / "adapter.pt", model_config={"max_seq_len": 2 * len(turn) + 2})
+    calls, _ = chat_here(monkeypatch, capsys, "--adapter", conv, "--template", "guanaco", "--max_new_tokens", 4, "--quantize", "false",
+                         stdin=b"hi\nhi\nhi\n", answers=[tok.encode("red") for _ in range(3)])
+    keep = 2 * len(turn) - 2  # the context less 4 new tokens
+    assert [len(c[0]) for c in calls] == [len(turn) + 1, keep, keep] and all(c[0][0] == tok.bos_id for c in calls)
+    assert all(c[0][-len(turn):] == turn for c in calls)
+    assert calls[2][0][-len(turn) - 1 - len(tok.encode("red")) : -len(turn)] == tok.encode("red") + [tok.eos_id]  # the answer before
 
 
 def test_chat_refuses_an_adapter_with_nan_or_an_unknown_template_and_reads_a_closed_stdin_as_empty(demo_adapter, tmp_path, monkeypatch, capsys):
@@ -1833,7 +1838,8 @@ def test_chat_streams_a_character_split_over_byte_tokens_whole(demo_adapter, tmp
     assert "<0xC3>" in [tok.sp.id_to_piece(i) for i in answer]  # é is two byte tokens here
     adapter = demo_variant(demo_adapter, tmp_path / "b" / "adapter.pt", base={"tokenizer": str(tok.path)},
                            model_config={"vocab_size": tok.n_words})  # a base as wide as that tokenizer
-    _, out = chat_here(monkeypatch, capsys, "--adapter", adapter, "--prompt", "the lazy dog", "--quantize", "false", answers=[answer])
+    _, out = chat_here(monkeypatch, capsys, "--adapter", adapter, "--prompt", "the lazy dog", "--quantize", "false", "--max_new_tokens", 64,
+                       answers=[answer])  # (bytes make the template 138 tokens: more than the 128 it may have beside 256 new ones)
     assert out == "the café ☕ is open\n"
 
 
