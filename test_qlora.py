@@ -1690,6 +1690,7 @@ def test_chat_checks_flag_ranges_and_words_before_loading_anything(tmp_path, mon
                          (["--temperature", "20000"], "--temperature must be in [0, 10000], got 20000.0"),
                          (["--seed", "-1"], "--seed must be in [0, 9.22337e+18], got -1"),
                          (["hello"], "unexpected argument 'hello'"),
+                         (["--prompt", " "], "--prompt: empty"), (["--prompt="], "--prompt: empty"),
                          (["--ckpt_dir", str(d), "--template", "Alpaca"], "--template: expected alpaca, guanaco or none, got 'Alpaca'"),
                          (["--ckpt_dir", str(d)], f"{d / 'tokenizer.model'}: tokenizer not found"),
                          (["--ckpt_dir", str(d / "typo")], f"--ckpt_dir {d / 'typo'}: not a folder")):
