@@ -4,7 +4,7 @@ Hugging Face folders, adapters, exports, the tokenizer) live in data/checkpoint.
 
 References: Touvron et al. 2023 (LLaMA, Llama 2); Meta's llama/model.py for the layout of the weights.
 
-Run as a script, it answers --prompt, or chats with one turn per line of stdin (until an empty line or EOF):
+Run as a script, it answers --prompt, or chats with one turn per line of stdin (until a blank line or EOF):
   python model.py --adapter out/adapter.pt --prompt "Name three colours."   # python train.py's demo (its base is rebuilt)
   python model.py --ckpt_dir checkpoints/7B --adapter out-7b/peft            # a base folder and an adapter: chat
   python model.py --ckpt_dir checkpoints/7B --template none --prompt "The capital of France is"
@@ -320,7 +320,7 @@ def chat(argv):
     history, src = [tok.bos_id], "--prompt" if f["prompt"] else "stdin"
     sys.stdin = sys.stdin or open("/dev/null")  # closed (`<&-`): read as empty, as </dev/null is
     sys.stdin.reconfigure(errors="surrogateescape")  # bytes that are not UTF-8 reach the check below; a BOM (Notepad's) is dropped
-    with suppress(EOFError):  # --prompt, or one turn per line of stdin until an empty line (or EOF)
+    with suppress(EOFError):  # --prompt, or one turn per line of stdin until a blank line (or EOF)
         for line in [f["prompt"]] if f["prompt"] else iter(lambda: input("> " * sys.stdin.isatty()).lstrip("\ufeff").strip(), ""):
             if any("\ud800" <= ch <= "\udfff" for ch in line):  # such bytes, as Python escapes them
                 raise InputError(f"{src}: not UTF-8 text")
