@@ -416,9 +416,10 @@ def read_adapter(path):  # -> {"lora": {name in the file: tensor}, "r", "scaling
         info, rslora = {k: v for k, v in ck.items() if k not in ("lora", "optimizer", "rng") and (k != "base" or isinstance(v, dict))}, False
     else:
         raise InputError(f"{path}: adapter not found (adapter.pt, or a peft folder with adapter_config.json)")
-    bad = next((k for k, t in lora.items() if not t.isfinite().all()), None)  # another trainer's diverged run: now, not after the base
-    if bad or type(r) is not int or r < 1 or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):  # is loaded
-        raise InputError(f"{path}: tensor {bad!r} holds NaN or inf" if bad else f"{where}: the rank and alpha must be finite numbers, got {r!r}, {alpha!r}")
+    if bad := next((k for k, t in lora.items() if not t.isfinite().all()), None):  # another trainer's diverged run: now, not after
+        raise InputError(f"{path}: tensor {bad!r} holds NaN or inf")  # the (slow) base is loaded
+    if type(r) is not int or r < 1 or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise InputError(f"{where}: the rank and alpha must be finite numbers, got {r!r}, {alpha!r}")
     return dict(lora=lora, r=r, scaling=alpha / (math.sqrt(r) if rslora else r), targets=targets, hf=path.is_dir(),  # rsLoRA: α/√r
                 where=str(path), info=info)
 
