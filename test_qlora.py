@@ -4275,6 +4275,30 @@ def test_ctrl_c_is_one_line_exit_130_and_keeps_the_last_checkpoint(tmp_path, dem
     assert not list(d.glob("*.tmp")) and not (d / ".lock").exists()
 
 
+
+def test_stopped_between_a_checkpoints_two_files_the_adapter_is_never_behind(tmp_path, demo_tokenizer, train_here, monkeypatch):
+    # a checkpoint is two files, adapter.pt then ckpt.pt: a Ctrl-C between them leaves ckpt.pt at the previous checkpoint,
+    # which the message names and --resume continues from, rewriting both. (ckpt.pt first left adapter.pt one checkpoint
+    # behind it, and a resume with nothing left to train reported that old file as the adapter of the last iteration.)
+    run, rec = train_here
+    d, save = fresh_out_dir(tmp_path / "o", demo_tokenizer), TR.atomic_save
+
+    def stop_at_fourth(obj, path):  # checkpoints at iters 3 and 6, two files each: stopped before the last file
+        if len(rec.saves) == 3:
+            raise KeyboardInterrupt
+        save(obj, path)
+
+    monkeypatch.setattr(TR, "atomic_save", stop_at_fourth)
+    with pytest.raises(KeyboardInterrupt, match=re.escape(f"interrupted at iter 5; last checkpoint: {d / 'ckpt.pt'} (iter 3); --resume")):
+        run(*FAST, "--max_iters", 6, "--out_dir", d)
+    assert rec.saves == [("adapter.pt", None), ("ckpt.pt", 3), ("adapter.pt", None)]
+    monkeypatch.setattr(TR, "atomic_save", save)
+    out = run(*FAST, "--max_iters", 6, "--out_dir", d, "--resume")
+    assert "resumed from" in out and "trained 3 iters" in out and f"adapter (iter 6) in {d / 'adapter.pt'}" in out
+    ck, ad = (torch.load(d / f, weights_only=False) for f in ("ckpt.pt", "adapter.pt"))
+    assert ck["iter_num"] == 6 and ck["lora"].keys() == ad["lora"].keys()
+    assert all(torch.equal(ck["lora"][k], ad["lora"][k]) for k in ck["lora"])
+
 @pytest.mark.skipif(CUDA, reason="CPU thread count")
 def test_demo_runs_on_one_cpu_thread_unless_told(tmp_path, demo_tokenizer):
     env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}
@@ -4890,7 +4914,7 @@ def test_train_data_order_template_sample_and_what_is_saved(tmp_path, train_here
         for e in range(2):  # 5 micro-batches of 2 per epoch: 10 of the 11 examples, each once
             assert len(set(sum(got[5 * e : 5 * e + 5], []))) == 10
         assert got[:5] != got[5:10]
-        assert rec.saves == [("ckpt.pt", 3), ("adapter.pt", None), ("ckpt.pt", 6), ("adapter.pt", None), ("ckpt.pt", 7), ("adapter.pt", None)]
+        assert rec.saves == [("adapter.pt", None), ("ckpt.pt", 3), ("adapter.pt", None), ("ckpt.pt", 6), ("adapter.pt", None), ("ckpt.pt", 7)]
         ad = torch.load(d / "adapter.pt", weights_only=True)
         assert sorted(ad) == ["base", "config", "lora", "model_config", "template"] and ad["template"] == template
         assert ad["base"]["seed"] == 3 and rec.seeds == [3] and ad["model_config"]["vocab_size"] == tok.n_words < 512

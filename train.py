@@ -317,9 +317,9 @@ def train(c):
             dist.all_gather_object(rngs, rng)
         if master:
             adapter = {"lora": raw.lora_state_dict(), "model_config": vars(raw.config), "config": c, "base": base, "template": template}
+            atomic_save(adapter, out_dir / "adapter.pt")  # first: stopped between the two, adapter.pt is ahead of the run, never behind
             atomic_save({**adapter, "optimizer": optimizer.state_dict(), "iter_num": it, "rng": rngs}, ckpt_path)
             saved = it
-            atomic_save(adapter, out_dir / "adapter.pt")
 
     name = torch.cuda.get_device_name() if device.startswith("cuda") else ""
     max_iters, warmup = c["max_iters"], c["warmup_iters"]
