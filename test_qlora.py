@@ -1172,6 +1172,20 @@ def test_16bit_load_matches_float64_reference(meta_ckpt):
     assert rel_err(logits, reference_forward(weights, cfg, idx)) < 1e-4
 
 
+def test_meta_shards_in_bfloat16_are_read(tmp_path, meta_ckpt):
+    # Meta's own downloads (Llama 2's consolidated.NN.pth) hold bfloat16 weights: read as the float ones are, each
+    # weight its bfloat16 value (only other dtypes, FP8 or int8, are refused)
+    src, cfg, weights = meta_ckpt
+    d = shutil.copytree(src, tmp_path / "bf16")
+    for f in sorted(d.glob("consolidated.*.pth")):
+        torch.save({k: t.to(torch.bfloat16) for k, t in torch.load(f, weights_only=True).items()}, f)
+    net = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=0, progress=False)
+    rounded = {k: w.to(torch.bfloat16).float() for k, w in weights.items()}
+    assert torch.equal(net.tok_embeddings.weight, rounded["tok_embeddings.weight"])
+    idx = torch.randint(cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    assert rel_err(net(idx)[0], reference_forward(rounded, cfg, idx)) < 1e-4
+
+
 def test_4bit_load_matches_reference_on_nf4_roundtripped_weights(meta_ckpt, monkeypatch):
     d, cfg, weights = meta_ckpt
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # torch path here; the kernels have their own tests
@@ -1752,6 +1766,12 @@ def test_chat_refuses_a_prompt_over_the_context_and_drops_a_conversations_oldest
     for new, keep in ((4, 20), (20, 12)):  # a prompt may have max(context - new tokens, context / 2), bos included; cut from
         with pytest.raises(InputError, match=re.escape(f"--prompt: {n} tokens with bos and the template, over the {keep} a prompt")):
             chat_here(monkeypatch, capsys, "--adapter", short, "--prompt", prompt, "--max_new_tokens", new, "--quantize", "false")
+    # at the limit: bos and the prompt exactly filling what a prompt may have is taken whole; one token over is refused
+    edge = demo_variant(demo_adapter, tmp_path / "e" / "adapter.pt", model_config={"max_seq_len": n + 4})
+    with pytest.raises(InputError, match=re.escape(f"--prompt: {n} tokens with bos and the template, over the {n - 1} a prompt")):
+        chat_here(monkeypatch, capsys, "--adapter", edge, "--prompt", prompt, "--max_new_tokens", 5, "--quantize", "false")
+    calls, _ = chat_here(monkeypatch, capsys, "--adapter", edge, "--prompt", prompt, "--max_new_tokens", 4, "--quantize", "false")
+    assert calls[0][0] == [tok.bos_id] + tok.encode(P.ALPACA[False].format(instruction=prompt))
     # the front to fit, it would lose the template's head. A Guanaco conversation that outgrows the context loses its oldest
     # tokens after bos instead: every prompt starts with bos and ends with the newest turn, whole
     turn = tok.encode(P.GUANACO.format(instruction="hi"))
@@ -2051,7 +2071,11 @@ def test_config_json_defaults_are_transformers_and_params_json_fields_are_checke
         assert C.hf_params({**need, "rope_parameters": {**(rs or {}), "rope_theta": 1e6}}, "config.json")["rope_theta"] == 1e6
     with pytest.raises(InputError, match=re.escape('rope_scaling {"type": "default", "rope_type": "linear"} is not implemented')):
         C.hf_params({**need, "rope_scaling": {"type": "default", "rope_type": "linear"}}, "config.json")
+    # the older key alone names a scaling too (a hand-edited config that lost its factor): refused, not run as plain rotary
+    with pytest.raises(InputError, match=re.escape('rope_scaling {"type": "linear"} is not implemented')):
+        C.hf_params({**need, "rope_scaling": {"type": "linear"}}, "config.json")
     assert C.hf_params({**need, "hidden_act": "swish"}, "config.json") == p  # silu's other name (transformers' ACT2FN)
+    assert C.hf_params({**need, "architectures": []}, "config.json") == p  # an empty list, as a missing one: LLaMA
     (tmp_path / "w" / "config.json").write_text(json.dumps({**need, "head_dim": 16}))  # as hidden_size / num_attention_heads: fine
     assert C.read_params(tmp_path / "w")["dim"] == 64
     # transformers >= 5 writes θ inside rope_parameters (Llama 3: 500000), which wins over a top-level one
@@ -2059,8 +2083,11 @@ def test_config_json_defaults_are_transformers_and_params_json_fields_are_checke
     assert C.hf_params(v5, "config.json")["rope_theta"] == C.hf_params({**v5, "rope_theta": 10000.0}, "config.json")["rope_theta"] == 500000.0
     assert C.hf_params({**need, "rope_parameters": {"rope_type": "default"}, "rope_theta": 1e6}, "config.json")["rope_theta"] == 1e6
     assert C.hf_params({**need, "rope_parameters": {"rope_theta": 1e6}}, "config.json")["rope_theta"] == 1e6  # rope_type: default
-    # params.json: multiple_of is an integer like the other sizes (a width is rounded up to a multiple of it)
+    # params.json: use_scaled_rope false (Meta's ModelArgs default, written out by some conversions) is plain rotary, as without it
     src = meta_ckpt[0]
+    (tmp_path / "params.json").write_text(json.dumps({**json.loads((src / "params.json").read_text()), "use_scaled_rope": False}))
+    assert C.read_params(tmp_path) == C.read_params(src)
+    # params.json: multiple_of is an integer like the other sizes (a width is rounded up to a multiple of it)
     (tmp_path / "params.json").write_text(json.dumps({**json.loads((src / "params.json").read_text()), "multiple_of": 32.5}))
     with pytest.raises(InputError, match="params.json: multiple_of must be a positive integer, got 32.5"):
         C.read_params(tmp_path)
@@ -2169,6 +2196,9 @@ def test_meta_folder_with_a_config_json_and_which_tokenizer_is_used(tmp_path, me
         C.open_checkpoint(d, tokenizer=tmp_path / "bad.model", progress=False)
     (tmp_path / "bad.model").write_bytes(b"IQ== 0\nIg== 1\nIw== 2\n")  # how Llama 3's tokenizer.model (tiktoken's ranks) begins
     with pytest.raises(InputError, match="bad.model: Llama 3's tiktoken tokenizer: only sentencepiece models"):
+        C.open_checkpoint(d, tokenizer=tmp_path / "bad.model", progress=False)
+    (tmp_path / "bad.model").write_bytes(b"junk\nIQ== 0\n")  # named Llama 3's only by how it begins; other text is just not one
+    with pytest.raises(InputError, match="bad.model: not a sentencepiece tokenizer model"):
         C.open_checkpoint(d, tokenizer=tmp_path / "bad.model", progress=False)
 
 
@@ -2644,6 +2674,7 @@ def test_own_adapter_pt_loads_and_returns_its_record(tmp_path, meta_ckpt):
     ("peft_alpha_nan", "the rank and alpha must be finite numbers, got 2, nan"),  # NaN logits in chat
     ("peft_missing", "tensor 'base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight' missing"),
     ("peft_bin_list", "adapter_model.bin: not a state dict"),
+    ("peft_inf", "tensor 'base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight' holds NaN or inf"),  # said before a load
     ("bad_name", "adapter.pt: tensor 'x' has no layer in this model"),  # adapter.pt written by another program
     ("not_tensor", "adapter.pt: not an adapter (expected a dict with 'lora' (named tensors) and 'model_config')"),
     ("empty", "adapter.pt: not an adapter"),
@@ -2663,6 +2694,10 @@ def test_adapter_mismatch_is_one_line(tmp_path, meta_ckpt, damage, expect):
         elif damage == "peft_bin_list":  # plain data weights_only accepts, in peft's pickled format
             (path / "adapter_model.safetensors").unlink()
             torch.save([1, 2], path / "adapter_model.bin")
+        elif damage == "peft_inf":  # another trainer's diverged run, in peft's format: an inf is as bad as a NaN
+            sd = read_safetensors(path / "adapter_model.safetensors")
+            sd["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"][0, 0] = float("inf")
+            write_safetensors(path / "adapter_model.safetensors", sd)
         else:
             sd = read_safetensors(path / "adapter_model.safetensors")
             del sd["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
@@ -4939,9 +4974,10 @@ def test_train_exports_from_the_nf4_base_unless_told_original(tmp_path, meta_ckp
     run, rec = train_here
     for extra, base in (([], None), (["--merge_base", "original"], str(meta_ckpt[0]))):
         rec.exports.clear()
-        run("--ckpt_dir", meta_ckpt[0], "--out_dir", tmp_path / str(len(extra)), "--max_iters", 1, "--lora_r", 4, "--sample_tokens", 0,
-            "--data", mixed_data(tmp_path / "d.jsonl", 2, 2), "--val_fraction", 0, "--source_max_len", 32, "--target_max_len", 16,
-            "--batch_size", 2, "--micro_batch", 2, "--export", "merged,peft", *extra)
+        out = run("--ckpt_dir", meta_ckpt[0], "--out_dir", tmp_path / str(len(extra)), "--max_iters", 1, "--lora_r", 4, "--sample_tokens", 0,
+                  "--data", mixed_data(tmp_path / "d.jsonl", 2, 2), "--val_fraction", 0, "--source_max_len", 32, "--target_max_len", 16,
+                  "--batch_size", 2, "--micro_batch", 2, "--export", "merged,peft", *extra)
+        assert "M params in NF4 linears" in out  # the checkpoint's base is trained on in 4 bits, as the paper's
         assert [k for k, _ in rec.exports] == ["merged", "peft"]
         assert rec.exports[0][1]["base"] == base and rec.exports[1][1]["base"] == str(meta_ckpt[0])
 
