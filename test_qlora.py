@@ -156,6 +156,15 @@ def test_nf4_table_script_piped_into_head_ends_quietly():
     assert p.stderr.read() == "" and p.wait() == -signal.SIGPIPE
 
 
+def test_nf4_table_script_prints_each_code_with_its_index_and_bits():
+    # the table a reader checks against bitsandbytes: code i is printed as i, its 4 bits and its value
+    r = subprocess.run([sys.executable, str(ROOT / "nf4_table.py")], capture_output=True, text=True, timeout=120)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and lines[0] == "NF4 code (index: value)", r.stderr
+    assert lines[1:17] == [f"  {i:2d} 0b{i:04b}  {v:+.10f}" for i, v in enumerate(BNB_NF4.tolist())]
+    assert lines[1] == "   0 0b0000  -1.0000000000" and lines[16] == "  15 0b1111  +1.0000000000"
+
+
 def test_nf4_midpoints_are_bitsandbytes_thresholds():
     # the quantizer's decision boundaries must be exactly the float32 constants of bnb's decision tree
     assert torch.equal(midpoints(BNB_NF4), BNB_NF4_MIDS)
@@ -2899,6 +2908,16 @@ def test_read_records_layout_line_numbers_and_surrogates(tmp_path):
         P.read_records(f)
 
 
+def test_read_records_array_cut_short_after_an_item_names_no_item_past_the_end(tmp_path):
+    # a download cut off after an item, without a final newline: the error is at the end of the file, where no
+    # item 3 begins, so only the line is named (as with a final newline); an error inside an item is still by position
+    f = tmp_path / "in.json"
+    for text, where in (('[{"x": 1}, {"y": 2}', "1"), ('[{"x": 1}, {"y": 2}, ', "1"), ('[{"x": 1}, {"y": }]', "1 (item 2)")):
+        f.write_text(text)
+        with pytest.raises(InputError, match=re.escape(f"{f}:{where}: malformed JSON (Expecting value)") + "$"):
+            P.read_records(f)
+
+
 def test_oasst_path_skips_deleted_replies_trailing_prompts_and_orphans(tmp_path):
     # a deleted reply is never followed however well ranked; a path ending in two prompter messages drops both
     # (a conversation ends with an answer); in the flat table only parent_id null starts a conversation, so
@@ -2922,6 +2941,14 @@ def test_oasst_path_skips_deleted_replies_trailing_prompts_and_orphans(tmp_path)
     skipped = Counter()
     assert convert("oasst", write(tmp_path / "gone.jsonl", [json.dumps(t) for t in trees]), skipped=skipped) == [qa]
     assert skipped == {"whose prompt is deleted or blank": 2}
+
+
+def test_oasst_replies_that_are_not_objects_are_never_chosen(tmp_path):
+    # a reply that is no message (null, a bare string, a list) is passed over like a deleted one: the path goes on
+    # through the message beside it, with no traceback from reading its fields
+    tree = {"prompt": msg("prompter", "Q", replies=[None, "A?", ["A"], msg("assistant", "A", rank=1)])}
+    assert convert("oasst", write(tmp_path / "trees.jsonl", [json.dumps(tree)])) == [
+        {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}]
 
 
 def test_convert_self_instruct_tasks_one_example_per_instance(tmp_path):
@@ -3119,6 +3146,32 @@ def test_mmlu_answer_spaces_and_subjects_in_name_order(tmp_path, monkeypatch):
     qs = MM.read_mmlu(tmp_path)
     assert [(q["subject"], q["answer"]) for q in qs] == [("a", 1), ("b", 1)]  # an answer letter padded with spaces is read
     assert qs[0]["shots"] == ["q\nA. a\nB. b\nC. c\nD. d\nAnswer: C\n\n"]
+
+
+def test_mmlu_csv_with_mac_line_ends_and_a_field_over_csvs_limit(tmp_path):
+    # CR alone ends a line too (old Mac exports): read row by row, a quoted CR kept, rows still named by their line
+    f = tmp_path / "x_val.csv"
+    f.write_bytes(b'1+1?,1,2,3,4,B\r"Two\rlines?",yes,no,maybe,never,A\r')
+    assert MM.read_csv(f) == [("1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:", 1), ("Two\rlines?\nA. yes\nB. no\nC. maybe\nD. never\nAnswer:", 0)]
+    f.write_bytes(b'1+1?,1,2,3,4,B\r"Two\rlines?",yes,no,maybe,never,A\rq,a,b\r')
+    with pytest.raises(InputError, match=re.escape(f"{f}:4: expected 6 fields (question,A,B,C,D,answer), got 3") + "$"):
+        MM.read_csv(f)
+    # what csv itself refuses (a field over its 131072 characters: a broken quote swallowing the file) is one line too
+    f.write_text("q,a,b,c,d,A\n" + "x" * 140_000 + ",a,b,c,d,A\n")
+    with pytest.raises(InputError, match=re.escape(f"{f}:2: cannot read (field larger than field limit (131072))") + "$"):
+        MM.read_csv(f)
+
+
+def test_mmlu_json_of_another_split_and_the_first_questions_of_each_subject_wherever_they_sit(tmp_path):
+    # --mmlu_split test reads five_shot_mmlu_test.json even beside a val file; a file that interleaves subjects keeps
+    # the first max_per_subject of each subject in file order, subjects in name order (as the CSV folders give them)
+    rec = lambda s, i: json.dumps({"subject": s, "input": f"{s} {i}\nAnswer:", "output": "ABCD"[i % 4]})  # noqa: E731
+    write(tmp_path / "five_shot_mmlu_val.json", [rec("val_only", 0)])
+    write(tmp_path / "five_shot_mmlu_test.json", [rec("b", 0), rec("a", 0), rec("b", 1), rec("a", 1), rec("b", 2), rec("a", 2)])
+    assert [q["question"] for q in MM.read_mmlu(tmp_path)] == ["val_only 0\nAnswer:"]
+    assert [(q["subject"], q["answer"]) for q in MM.read_mmlu(tmp_path, "test")] == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("b", 2)]
+    assert [q["question"] for q in MM.read_mmlu(tmp_path, "test", max_per_subject=2)] == [
+        "a 0\nAnswer:", "a 1\nAnswer:", "b 0\nAnswer:", "b 1\nAnswer:"]
 
 
 def test_mmlu_cut_prompts_counted_and_summarized(mmlu_dirs, mmlu_tok):
@@ -3333,6 +3386,13 @@ def test_conversation_cut_ends_with_the_cut_turns_response():
     assert ids == [1] + tok.encode("A1") + [2]
 
 
+def test_a_cut_prompt_counts_as_truncated_though_its_answer_fits():
+    # only the prompt is cut, its answer fits whole: the example was still truncated (the count train.py reports)
+    tok = CharTok()
+    ((ids, labels),), truncated = P.tokenize([("f:1", [("abcdef", False), ("xy", True)])], tok, source_max_len=3, target_max_len=100)
+    assert ids == [1] + tok.encode("ab") + tok.encode("xy") + [2] and truncated == 1
+
+
 def test_group_by_length_and_deterministic_order():
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(5, 500, (258,), generator=g).tolist()  # not a multiple of the micro-batch
@@ -3504,6 +3564,18 @@ def test_unreadable_data_is_one_line_naming_the_file(tmp_path):
         with pytest.raises(InputError) as e:
             read_data(tmp_path / "latin1.jsonl")
         assert str(e.value) == f"{tmp_path / 'latin1.jsonl'}:{line}: not UTF-8 text ({why})"
+
+
+def test_a_byte_order_mark_is_no_part_of_the_text(tmp_path):
+    # editors on Windows and Excel's "CSV UTF-8" start a file with EF BB BF: read as if it were not there, not as
+    # malformed JSON nor as a U+FEFF glued to the first MMLU question
+    bom = b"\xef\xbb\xbf"
+    (f := tmp_path / "bom.jsonl").write_bytes(bom + b'{"instruction": "a", "output": "b"}\n')
+    assert P.read_records(f) == [(1, {"instruction": "a", "output": "b"})]
+    (f := tmp_path / "bom.json").write_bytes(bom + b'[{"instruction": "a", "output": "b"}]')
+    assert P.read_records(f) == [(1, {"instruction": "a", "output": "b"})]
+    (f := tmp_path / "bom_val.csv").write_bytes(bom + b"1+1?,1,2,3,4,B\n")
+    assert MM.read_csv(f) == [("1+1?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:", 1)]
 
 
 def test_failure_keeps_existing_output(tmp_path):
@@ -4400,6 +4472,8 @@ def test_bench_e2e_runs_past_the_architectures_context():
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "e2e", "--model", "tiny", "--batch", "1", "--seq", "16", "--steps", "1",
                         "--no_quant"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0 and f"| tiny {'bf16' if CUDA else 'fp32'} r=64 | 1 x 16 |" in r.stdout, r.stderr  # the base's dtype
+    if not CUDA:  # no peak FLOP/s is known for a CPU: its MFU column says "-", not a share of some GPU's peak
+        assert re.search(r"^\| tiny fp32 r=64 \| 1 x 16 \| \d+ \| - \| ", r.stdout, re.M), r.stdout
 
 
 def test_bench_and_prepare_help():
