@@ -3089,6 +3089,16 @@ def test_locked_dir_pid_reuse_of_a_folder_and_cleanup(tmp_path):
     assert (tmp_path / "precious").read_text() == "the user's" and (tmp_path / "pre" / ".lock").is_symlink()
 
 
+def test_locked_dir_says_the_os_error_for_a_link_loop_above_the_lock(tmp_path):
+    # only a link at out_dir/.lock itself is "its .lock is a link": a loop further up --out_dir's path (which the same
+    # errno reports) is the OS's words, so that the user looks where the fault is
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(InputError, match=re.escape(f"--out_dir {tmp_path / 'loop' / 'out'}: cannot write there (Too many levels of symbolic links)") + "$"):
+        with locked_dir(tmp_path / "loop" / "out"):
+            pass
+    assert [p.name for p in tmp_path.iterdir()] == ["loop"] and (tmp_path / "loop").is_symlink()
+
+
 def test_run_turns_ctrl_c_into_its_own_line_and_exit_130(capsys):
     # the interrupt's own message (where it stopped, what is kept), or "interrupted" when it has none; exit status 130
     for args, err in ((("interrupted at iter 4; --resume continues",), "interrupted at iter 4; --resume continues\n"),
@@ -3259,6 +3269,33 @@ def test_atomic_write_refuses_what_is_not_a_regular_file(tmp_path):
             atomic_write_bytes(f"/proc/self/fd/{held.fileno()}", b"x")
     assert (tmp_path / "held.jsonl").read_text() == "kept\n" and all((tmp_path / n).is_symlink() for n in links)
     assert {p.name: p.read_text() for p in (tmp_path / "d").iterdir()} == {"t.jsonl": "old"} and stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
+
+
+def test_atomic_write_creates_its_temporary_file_afresh_with_the_usual_permissions(tmp_path, monkeypatch):
+    # a link planted at .NAME.tmp between the removal of a leftover and the open (another user of a shared folder) is
+    # never written through: the temporary file is one this call creates, or the write fails naming the target
+    (tmp_path / "victim").write_text("theirs")
+    tmp, real_open = tmp_path / ".out.bin.tmp", os.open
+
+    def racing_open(path, flags, *a):
+        if Path(path) == tmp and not os.path.lexists(tmp):
+            tmp.symlink_to(tmp_path / "victim")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", racing_open)
+    with pytest.raises(InputError, match=re.escape(f"cannot write {tmp_path / 'out.bin'} (File exists)") + "$"):
+        atomic_write_bytes(tmp_path / "out.bin", b"ours")
+    assert (tmp_path / "victim").read_text() == "theirs" and [p.name for p in tmp_path.iterdir()] == ["victim"]
+    monkeypatch.setattr(os, "open", real_open)
+    # the file gets open()'s permissions under the umask, as any file the user writes (an adapter shared with a group)
+    old = os.umask(0o002)
+    try:
+        atomic_write_bytes(tmp_path / "shared.bin", b"x")
+        os.umask(0o077)
+        atomic_write_bytes(tmp_path / "private.bin", b"x")
+    finally:
+        os.umask(old)
+    assert [stat.S_IMODE(os.stat(tmp_path / n).st_mode) for n in ("shared.bin", "private.bin")] == [0o664, 0o600]
 
 
 def test_run_turns_an_os_error_into_one_line(tmp_path, capsys):
@@ -4019,6 +4056,7 @@ def test_bad_data_gives_one_line_and_exit_2(tmp_path, lines, expect):
     (["--merge_base", "original"], "--merge_base must be nf4 for a random base (no original weights), got original"),
     (["--adapter", "/nonexistent/adapter.pt"], "/nonexistent/adapter.pt: adapter not found"),
     (["--data", "data"], "--data must be a file (not a pipe: it is read twice), got data"),  # a folder
+    (["--data", "/nonexistent/d.jsonl"], "error: /nonexistent/d.jsonl: cannot read (No such file or directory)"),  # a typo: not a pipe
 ])
 def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, expect):
     r = run_train(*args, "--out_dir", tmp_path)
@@ -4045,6 +4083,16 @@ def test_resume_into_a_missing_out_dir_leaves_nothing_behind(tmp_path):
     r = run_train("--resume", "--out_dir", tmp_path / "typo")  # the demo would first train its tokenizer there
     assert r.returncode == 2 and r.stderr == f"error: --resume: {tmp_path / 'typo' / 'ckpt.pt'} not found\n"
     assert not (tmp_path / "typo").exists()
+
+
+def test_resume_of_a_ckpt_pt_that_is_not_a_file_is_refused_not_read(tmp_path):
+    # --resume reads the run's settings from ckpt.pt only when it is a regular file: a pipe under that name would wait
+    # for a writer for ever, a folder is not a checkpoint either
+    for d, make in ((tmp_path / "fifo", os.mkfifo), (tmp_path / "folder", Path.mkdir)):
+        d.mkdir()
+        make(d / "ckpt.pt")
+        r = run_train("--resume", "--out_dir", d, timeout=60)
+        assert r.returncode == 2 and r.stderr == f"error: --resume: {d / 'ckpt.pt'} not found\n", r.stderr
 
 
 def losses(out):
@@ -4176,6 +4224,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, demo_tokenizer)
     r = run_train(*FAST, "--eval_interval", 100, "--max_iters", 8, "--learning_rate", 1e8, "--warmup_iters", 0, "--out_dir", tmp_path, "--overwrite")
     assert r.returncode == 2 and r.stderr.endswith(f"(no checkpoint yet ({tmp_path / 'ckpt.pt'}: the run --overwrite replaces))\n"), r.stderr
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["iter_num"] == 1
+
+
+def test_nan_loss_before_any_checkpoint_says_there_is_none(tmp_path, demo_tokenizer, train_here):
+    # a fresh out_dir: no checkpoint of this run, none of another that --overwrite would replace
+    run, _ = train_here
+    d = fresh_out_dir(tmp_path / "o", demo_tokenizer)
+    with pytest.raises(InputError, match=r"; stopping before the update \(no checkpoint yet\)$"):
+        run(*FAST, "--eval_interval", 100, "--max_iters", 8, "--learning_rate", 1e8, "--warmup_iters", 0, "--out_dir", d)
+    assert [p.name for p in d.iterdir()] == [demo_tokenizer.name]
 
 
 def fresh_out_dir(path, demo_tokenizer):
@@ -4314,6 +4371,19 @@ def test_new_run_into_an_out_dir_holding_one_is_refused(tmp_path, demo_tokenizer
     assert torch.load(d / "ckpt.pt", weights_only=False)["iter_num"] == 1
 
 
+def test_a_new_run_is_refused_over_the_mmlu_log_it_would_replace_and_only_that(tmp_path, demo_tokenizer, mmlu_dirs, train_here):
+    # --mmlu appends to out_dir/mmlu_SPLIT.jsonl, which a new run starts afresh: that split's log is a run's result, kept
+    # unless --overwrite; another split's log, or any log for a run without --mmlu, is not touched, so not in the way
+    run, rec = train_here
+    d = fresh_out_dir(tmp_path / "o", demo_tokenizer)
+    for split in ("val", "test"):
+        (d / f"mmlu_{split}.jsonl").write_text(f'{{"iter": 0, "split": "{split}"}}\n')
+    with pytest.raises(InputError, match=re.escape(f"{d / 'mmlu_test.jsonl'}: out_dir holds a run; --overwrite replaces it, or choose")):
+        run(*FAST, "--max_iters", 0, "--mmlu", mmlu_dirs[0], "--mmlu_split", "test", "--out_dir", d)
+    assert "nothing to train" in run(*FAST, "--max_iters", 0, "--out_dir", d)
+    assert {p.name: p.read_text() for p in d.glob("mmlu_*")} == {f"mmlu_{s}.jsonl": f'{{"iter": 0, "split": "{s}"}}\n' for s in ("val", "test")}
+
+
 def test_a_link_where_the_run_saves_is_refused_before_training(tmp_path, demo_tokenizer):
     # atomic_write refuses to rename over a link; found only at the first checkpoint, that cost the training before it
     d, target = fresh_out_dir(tmp_path / "o", demo_tokenizer), tmp_path / "elsewhere.pt"
@@ -4332,6 +4402,21 @@ def test_rank_minus_one_is_one_process_in_main_and_train(tmp_path):
     # which neither locked nor made out_dir, while train() ran as the one process and wrote there
     r = run_train(*FAST, "--max_iters", 0, "--sample_tokens", 0, "--out_dir", tmp_path / "o", env={**ENV, "RANK": "-1"})
     assert r.returncode == 0 and "nothing to train" in r.stdout and [p.suffix for p in (tmp_path / "o").iterdir()] == [".model"], r.stderr
+
+
+def test_ctrl_c_in_a_process_other_than_rank_0_exits_130_without_a_word(tmp_path, train_here, monkeypatch, capsys):
+    # under torchrun every process gets the Ctrl-C: rank 0 alone says where it stopped; the others leave with the
+    # status a shell gives an interrupt, and nothing printed
+    run, _ = train_here
+
+    def interrupted(c):
+        raise KeyboardInterrupt("interrupted at iter 3; no checkpoint yet")
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(TR, "train", interrupted)
+    with pytest.raises(SystemExit) as e:
+        run("--out_dir", tmp_path / "o", "--max_iters", 1)
+    assert e.value.code == 130 and capsys.readouterr() == ("", "") and not (tmp_path / "o").exists()
 
 
 def test_second_run_on_the_same_out_dir_names_the_holder(tmp_path):
@@ -4659,6 +4744,22 @@ def test_export_over_the_base_it_trains_is_refused_before_training(tmp_path, met
     assert r.returncode == 2 and r.stderr == f"error: {tmp_path / 'r' / 'merged'}: is a link; --export merged writes a folder there\n"
     (tmp_path / "r" / "merged").unlink()  # and with no --ckpt_dir, a random base's export goes ahead
     assert run_train("--init", "random", "--out_dir", tmp_path / "r", "--export", "merged", "--max_iters", 0).returncode == 0
+
+
+def test_export_into_an_empty_folder_or_a_resumed_runs_own_goes_ahead(tmp_path, demo_tokenizer, train_here, monkeypatch):
+    # refused is a folder with another's files: an empty one holds nothing to lose, and a resumed run's export (written
+    # by its first part) is its own to write again; with no --ckpt_dir (a random base) no folder is the base, not even
+    # the working one
+    run, rec = train_here
+    d = fresh_out_dir(tmp_path / "o", demo_tokenizer)
+    (d / "peft").mkdir()
+    run(*FAST, "--max_iters", 1, "--out_dir", d, "--export", "peft")
+    (d / "peft" / "adapter_config.json").write_text("{}")  # (the exports are recorded here, not written)
+    run(*FAST, "--max_iters", 2, "--out_dir", d, "--export", "peft", "--resume")
+    (d / "merged").mkdir()
+    monkeypatch.chdir(d / "merged")
+    run(*FAST, "--data", ROOT / "data" / "sample.jsonl", "--max_iters", 0, "--out_dir", d, "--export", "merged", "--overwrite")
+    assert [k for k, _ in rec.exports] == ["peft", "peft", "merged"]
 
 
 def test_a_folder_with_only_tokenizer_json_says_so(tmp_path, meta_ckpt, tokenizer_file):
@@ -5044,6 +5145,32 @@ def test_train_data_order_template_sample_and_what_is_saved(tmp_path, train_here
     assert (c["lora_r"], c["lora_alpha"]) == (8, 4.0)
 
 
+def test_train_cuts_examples_to_the_limits_says_how_many_and_trains_on_source_when_told(tmp_path, demo_tokenizer, train_here):
+    # the batches are tokenize(examples shuffled by --seed, --source_max_len, --target_max_len, --train_on_source): the
+    # prompt and the response each cut to its own limit (here every example), the count said; with --train_on_source the
+    # prompt's tokens are labels too, in training and validation
+    run, rec = train_here
+    d = fresh_out_dir(tmp_path / "o", demo_tokenizer)
+    out = run(*FAST, "--max_iters", 1, "--out_dir", d, "--train_on_source")
+    items = P.read_data(ROOT / "data" / "sample.jsonl")
+    random.Random(0).shuffle(items)
+    tok = C.Tokenizer(demo_tokenizer)
+    examples, cut = P.tokenize(items, tok, 48, 24, True)
+    n_val = int(len(items) * 0.08)  # the demo's --val_fraction
+    assert {kind: ex for kind, ex, _ in rec.batches} == {"val": examples[:n_val], "train": examples[n_val:]}
+    assert examples != P.tokenize(items, tok, 24, 48, True)[0] and examples != P.tokenize(items, tok, 48, 24)[0]
+    assert cut > 0 and (f"data/sample.jsonl: {len(items) - n_val} examples to train on, {n_val} held out for validation, "
+                        f"{cut} cut to --source_max_len=48 / --target_max_len=24\n") in out
+
+
+def test_train_template_of_a_tie_is_alpacas(tmp_path, train_here):
+    # as many Alpaca examples as others: the chat template recorded is Alpaca's (the paper's), not the conversation's
+    run, _ = train_here
+    run("--data", mixed_data(tmp_path / "d.jsonl", 3, 3), "--out_dir", tmp_path / "o", "--batch_size", 2, "--micro_batch", 2,
+        "--val_fraction", 0, "--max_iters", 1, "--sample_tokens", 0)
+    assert torch.load(tmp_path / "o" / "adapter.pt", weights_only=True)["template"] == "alpaca"
+
+
 def test_train_exports_from_the_nf4_base_unless_told_original(tmp_path, meta_ckpt, train_here):
     run, rec = train_here
     for extra, base in (([], None), (["--merge_base", "original"], str(meta_ckpt[0]))):
@@ -5125,6 +5252,17 @@ def test_read_checkpoint_names_every_setting_that_changes_the_model_or_data(tmp_
             read(bad, c)
 
 
+def test_read_checkpoint_without_a_process_count_takes_any(tmp_path):
+    # main() reads ckpt.pt's settings for --resume before any process group exists (world not given): a run of two
+    # processes resumed under torchrun is read there, and its process count compared later, by train()
+    ck = {"config": {"seed": 0}, "model_config": {}, "base": {}, "lora": {"a.lora_A": torch.zeros(2)}, "optimizer": {}, "iter_num": 3,
+          "rng": [{"torch": None}, {"torch": None}]}
+    torch.save(ck, path := tmp_path / "ckpt.pt")
+    assert TR.read_checkpoint(path, {})["config"] == {"seed": 0} and TR.read_checkpoint(path, {"seed": 0}, 2)["iter_num"] == 3
+    with pytest.raises(InputError, match=re.escape(f"{path} was made by 2 processes, this run has 1")):
+        TR.read_checkpoint(path, {}, 1)
+
+
 def test_train_refuses_a_batch_size_micro_batches_do_not_fill(tmp_path, train_here):
     run, rec = train_here
     with pytest.raises(InputError, match=r"^--batch_size 5 must be a multiple of --micro_batch 2 × 1 processes$"):
@@ -5133,6 +5271,16 @@ def test_train_refuses_a_batch_size_micro_batches_do_not_fill(tmp_path, train_he
     with pytest.raises(InputError, match=rf"^{re.escape(str(data))}: 3 training examples, fewer than --micro_batch 4$"):
         run("--data", data, "--batch_size", 4, "--micro_batch", 4, "--val_fraction", 0, "--out_dir", tmp_path / "b", "--max_iters", 1)
     assert rec.seeds == [] and not (tmp_path / "b").exists()  # refused before the model is built (a 7B takes minutes), nothing written
+
+
+def test_train_refuses_a_micro_batch_the_examples_left_after_validation_do_not_fill(tmp_path, train_here):
+    # 5 examples, 2 of them held out (--val_fraction 0.5): 3 to train on, fewer than a micro-batch of 4 although the file
+    # holds 5; refused before the model is built, not a division by zero at the first batch
+    run, rec = train_here
+    data = mixed_data(tmp_path / "d.jsonl", 3, 2)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(data))}: 3 training examples, fewer than --micro_batch 4$"):
+        run("--data", data, "--batch_size", 4, "--micro_batch", 4, "--val_fraction", 0.5, "--out_dir", tmp_path / "o", "--max_iters", 1)
+    assert rec.seeds == [] and not (tmp_path / "o").exists()
 
 
 def test_ddp_two_processes_accumulating_log_the_one_process_losses(tmp_path):
