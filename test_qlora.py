@@ -4092,7 +4092,7 @@ def test_resume_of_a_ckpt_pt_that_is_not_a_file_is_refused_not_read(tmp_path):
         d.mkdir()
         make(d / "ckpt.pt")
         r = run_train("--resume", "--out_dir", d, timeout=60)
-        assert r.returncode == 2 and r.stderr == f"error: --resume: {d / 'ckpt.pt'} not found\n", r.stderr
+        assert r.returncode == 2 and r.stderr == f"error: --resume: {d / 'ckpt.pt'} is not a file\n", r.stderr
 
 
 def losses(out):

@@ -205,7 +205,7 @@ def train(c):
         if why := why or "a folder with files (--overwrite writes into it)" * full:
             raise InputError(f"{f}: is {why}; --export {c['export']} writes a folder there")
     if c["resume"] and not ckpt_path.is_file():  # before anything is written into out_dir
-        raise InputError(f"--resume: {ckpt_path} not found")
+        raise InputError(f"--resume: {ckpt_path} " + ("is not a file" if ckpt_path.exists() else "not found"))  # a folder, a pipe
     if ddp:  # rank 0 alone validates, runs MMLU and exports while the others wait in a collective: at 65B hours, not NCCL's 10 min
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=6))
     master = rank == 0
