@@ -3631,8 +3631,11 @@ def test_bad_command_line(tmp_path):
                          (("self_instruct", "a", "b", "--lang", "en"), "error: --lang: only oasst records a language, not self_instruct"),
                          (("guanaco", "a", "b", "--lang", "en"), "error: --lang: only oasst records a language, not guanaco"),
                          (("llama", "a", "b", "--lang", "en"), "error: unknown format 'llama'")]:
-        r = run_prepare(*args)
-        assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        with pytest.raises(InputError) as e:  # in this process: the line run() prints (below, from the command line)
+            P.main(list(args))
+        assert expect.removeprefix("error: ") in str(e.value) and "\n" not in str(e.value), str(e.value)
+    r = run_prepare("llama", "a", "b", "--lang", "en")
+    assert r.returncode == 2 and r.stderr == "error: unknown format 'llama' (expected alpaca, oasst, guanaco or self_instruct)\n", r.stderr
     r = run_prepare("alpaca", tmp_path / "missing.json", tmp_path / "out.jsonl")
     assert r.returncode == 2 and "missing.json" in r.stderr and "Traceback" not in r.stderr
     src = write(tmp_path / "in.jsonl", [GOOD_ALPACA, json.dumps({"instruction": "", "output": "o"})])  # one to skip
@@ -4132,13 +4135,13 @@ def test_resume_gives_the_same_losses(tmp_path, demo_tokenizer):
     assert other.returncode == 2 and f"was made with --adapter , this run has --adapter {tmp_path / 'a' / 'adapter.pt'}" in other.stderr
 
 
-def test_resume_compares_the_data_by_content_and_every_setting_of_the_model_and_data(tmp_path, demo_tokenizer, mmlu_dirs):
+def test_resume_compares_the_data_by_content_and_every_setting_of_the_model_and_data(tmp_path, demo_tokenizer, mmlu_dirs, train_here, capsys):
+    run, _ = train_here
     d, data, same = fresh_out_dir(tmp_path / "o", demo_tokenizer), tmp_path / "d.jsonl", tmp_path / "same.jsonl"
     shutil.copy(ROOT / "data" / "sample.jsonl", data)
-    assert run_train(*FAST, "--max_iters", 1, "--out_dir", d, "--data", data).returncode == 0
+    run(*FAST, "--max_iters", 1, "--out_dir", d, "--data", data)
     shutil.copy(data, same)  # the same data under another name: accepted
-    r = run_train(*FAST, "--max_iters", 1, "--out_dir", d, "--data", same, "--resume")
-    assert r.returncode == 0 and "nothing to train" in r.stdout, r.stderr
+    assert "nothing to train" in run(*FAST, "--max_iters", 1, "--out_dir", d, "--data", same, "--resume")
     data.write_text("".join(data.read_text().splitlines(True)[:-1]))  # the same name, one example less: refused
     for args, what in ((["--data", data], "--data contents (SHA-1) "), (["--lora_alpha", 32], "--lora_alpha 16.0, this run has --lora_alpha 32.0"),
                        (["--lora_dropout", 0.2], "--lora_dropout 0.1, this run has --lora_dropout 0.2"),
@@ -4146,11 +4149,11 @@ def test_resume_compares_the_data_by_content_and_every_setting_of_the_model_and_
                        (["--weight_decay", 0.1], "--weight_decay 0.0, this run has --weight_decay 0.1"),  # the optimizer's state_dict
                        (["--beta1", 0.8], "--beta1 0.9, this run has --beta1 0.8"), (["--beta2", 0.9], "--beta2 0.999"),  # restores them
                        (["--group_by_length", "false"], "--group_by_length True")):
-        r = run_train(*FAST, "--max_iters", 2, "--out_dir", d, "--data", same, "--resume", *args)
-        assert r.returncode == 2 and f"was made with {what}" in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+        err = refused(run, capsys, *FAST, "--max_iters", 2, "--out_dir", d, "--data", same, "--resume", *args)
+        assert f"was made with {what}" in err, (args, err)
     # a resumed demo keeps its tokenizer (not one trained anew for --mmlu, which keeps MMLU's letters): --mmlu then says why not
-    r = run_train(*FAST, "--max_iters", 2, "--out_dir", d, "--data", same, "--resume", "--mmlu", mmlu_dirs[0])
-    assert r.returncode == 2 and r.stderr.startswith(f"error: {d / demo_tokenizer.name}: 'A'..'D' after 'Answer:' are not four distinct")
+    err = refused(run, capsys, *FAST, "--max_iters", 2, "--out_dir", d, "--data", same, "--resume", "--mmlu", mmlu_dirs[0])
+    assert err.startswith(f"{d / demo_tokenizer.name}: 'A'..'D' after 'Answer:' are not four distinct")
     assert [p.name for p in d.glob("tokenizer-*")] == [demo_tokenizer.name]
     ck = torch.load(d / "ckpt.pt", weights_only=True)
     ck["base"]["device"] = "cuda"  # a random base is rebuilt on the device kind it was made on (CUDA draws other weights)
@@ -4279,10 +4282,11 @@ def test_resume_refuses_damaged_or_foreign_checkpoints(tmp_path):
         assert (d / "ckpt.pt").read_bytes() == content and "model " not in r.stdout  # untouched; refused before the build
 
 
-def test_resume_refuses_a_checkpoint_edited_by_hand(tmp_path, demo_tokenizer):
+def test_resume_refuses_a_checkpoint_edited_by_hand(tmp_path, demo_tokenizer, train_here, capsys):
     # this run's own ckpt.pt, edited: one line naming it, never a traceback, never some LoRA silently started afresh
+    run, _ = train_here
     src = fresh_out_dir(tmp_path / "src", demo_tokenizer)
-    assert run_train(*FAST, "--max_iters", 1, "--out_dir", src).returncode == 0
+    run(*FAST, "--max_iters", 1, "--out_dir", src)
     ck = torch.load(src / "ckpt.pt", weights_only=True)
     lora, k = ck["lora"], "layers.0.attention.wq.lora_A"
     cases = [({"lora": {n: t for n, t in lora.items() if n != k}}, f"its LoRA weights are not this model's ({k})"),
@@ -4300,14 +4304,16 @@ def test_resume_refuses_a_checkpoint_edited_by_hand(tmp_path, demo_tokenizer):
     for i, (change, expect) in enumerate(cases):
         d = fresh_out_dir(tmp_path / str(i), demo_tokenizer)
         torch.save({**ck, **change}, d / "ckpt.pt")
-        r = run_train(*FAST, "--max_iters", 2, "--out_dir", d, "--resume")
-        assert r.returncode == 2 and f"error: --resume: {d / 'ckpt.pt'}: {expect}" in r.stderr, (change, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1 and not (d / "adapter.pt").exists()
+        err = refused(run, capsys, *FAST, "--max_iters", 2, "--out_dir", d, "--resume")
+        assert err.startswith(f"--resume: {d / 'ckpt.pt'}: {expect}") and not (d / "adapter.pt").exists(), (change, err)
     # the random base is rebuilt as ckpt.pt records it: a vocabulary smaller than its tokenizer is refused, not an IndexError
     d = fresh_out_dir(tmp_path / "vocab", demo_tokenizer)
     torch.save({**ck, "model_config": {**ck["model_config"], "vocab_size": 120}}, d / "ckpt.pt")
+    err = refused(run, capsys, *FAST, "--max_iters", 2, "--out_dir", d, "--resume")
+    assert err.startswith(f"{d / 'ckpt.pt'}: its random base's vocabulary of 120 is smaller"), err
+    # and from the command line: the same line after `error: `, exit status 2
     r = run_train(*FAST, "--max_iters", 2, "--out_dir", d, "--resume")
-    assert r.returncode == 2 and r.stderr.startswith(f"error: {d / 'ckpt.pt'}: its random base's vocabulary of 120 is smaller"), r.stderr
+    assert r.returncode == 2 and r.stderr == f"error: {err}\n", r.stderr
 
 
 def test_resume_rebuilds_an_adapters_random_base_at_its_vocabulary(tmp_path):
@@ -4355,19 +4361,19 @@ def test_resume_refuses_a_base_whose_tokenizer_changed(tmp_path, meta_ckpt):
     assert r.returncode == 2 and "was made with a tokenizer (SHA-1) " in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-def test_new_run_into_an_out_dir_holding_one_is_refused(tmp_path, demo_tokenizer):
+def test_new_run_into_an_out_dir_holding_one_is_refused(tmp_path, demo_tokenizer, train_here, capsys):
+    run, _ = train_here
     d = fresh_out_dir(tmp_path / "o", demo_tokenizer)
     (d / "ckpt.pt").write_bytes(b"the old run")
     (d / "adapter.pt").write_bytes(b"the old adapter")
-    r = run_train(*FAST, "--max_iters", 1, "--out_dir", d)
-    assert r.returncode == 2 and f"{d / 'ckpt.pt'}: out_dir holds a run; --resume continues it, --overwrite replaces it" in r.stderr
+    err = refused(run, capsys, *FAST, "--max_iters", 1, "--out_dir", d)
+    assert err.startswith(f"{d / 'ckpt.pt'}: out_dir holds a run; --resume continues it, --overwrite replaces it"), err
     assert (d / "ckpt.pt").read_bytes() == b"the old run" and (d / "adapter.pt").read_bytes() == b"the old adapter"
     (d / "ckpt.pt").unlink()  # the adapter kept, its (large) optimizer state not: still a run's result, never replaced unasked
-    r = run_train(*FAST, "--max_iters", 1, "--out_dir", d)
-    assert r.returncode == 2 and r.stderr == f"error: {d / 'adapter.pt'}: out_dir holds a run; --overwrite replaces it, or choose another --out_dir\n"
+    err = refused(run, capsys, *FAST, "--max_iters", 1, "--out_dir", d)
+    assert err == f"{d / 'adapter.pt'}: out_dir holds a run; --overwrite replaces it, or choose another --out_dir"
     assert (d / "adapter.pt").read_bytes() == b"the old adapter"
-    r = run_train(*FAST, "--max_iters", 1, "--out_dir", d, "--overwrite")
-    assert r.returncode == 0, r.stderr
+    run(*FAST, "--max_iters", 1, "--out_dir", d, "--overwrite")
     assert torch.load(d / "ckpt.pt", weights_only=False)["iter_num"] == 1
 
 
@@ -4384,15 +4390,15 @@ def test_a_new_run_is_refused_over_the_mmlu_log_it_would_replace_and_only_that(t
     assert {p.name: p.read_text() for p in d.glob("mmlu_*")} == {f"mmlu_{s}.jsonl": f'{{"iter": 0, "split": "{s}"}}\n' for s in ("val", "test")}
 
 
-def test_a_link_where_the_run_saves_is_refused_before_training(tmp_path, demo_tokenizer):
+def test_a_link_where_the_run_saves_is_refused_before_training(tmp_path, demo_tokenizer, train_here, capsys):
     # atomic_write refuses to rename over a link; found only at the first checkpoint, that cost the training before it
+    run, _ = train_here
     d, target = fresh_out_dir(tmp_path / "o", demo_tokenizer), tmp_path / "elsewhere.pt"
     target.write_bytes(b"the user's file")
     for name, args in (("ckpt.pt", ()), ("ckpt.pt", ("--overwrite",)), ("adapter.pt", ())):  # said first: --overwrite would not do
         (d / name).symlink_to(target if name == "ckpt.pt" else tmp_path / "missing")
-        r = run_train(*FAST, "--max_iters", 1, "--out_dir", d, *args)
-        assert r.returncode == 2 and "iter 0" not in r.stdout, r.stdout
-        assert r.stderr == f"error: {d / name}: is a link, and this run writes its checkpoints there: remove it or choose another --out_dir\n"
+        err = refused(run, capsys, *FAST, "--max_iters", 1, "--out_dir", d, *args)
+        assert err == f"{d / name}: is a link, and this run writes its checkpoints there: remove it or choose another --out_dir"
         (d / name).unlink()
     assert target.read_bytes() == b"the user's file" and [p.name for p in d.iterdir()] == [demo_tokenizer.name]
 
@@ -4709,34 +4715,36 @@ def test_train_on_a_checkpoint_and_use_the_exports_from_any_folder(tmp_path, met
     assert chat.returncode == 0, chat.stderr
 
 
-def test_export_over_a_file_is_refused_before_training(tmp_path):
+def test_export_over_a_file_is_refused_before_training(tmp_path, train_here, capsys):
+    run, _ = train_here
     (out := tmp_path / "o").mkdir()
     (out / "merged_hf").write_text("mine")
-    r = run_train("--out_dir", out, "--export", "peft,merged_hf")
-    assert r.returncode == 2 and r.stderr == f"error: {out / 'merged_hf'}: is a file; --export peft,merged_hf writes a folder there\n"
+    err = refused(run, capsys, "--out_dir", out, "--export", "peft,merged_hf")
+    assert err == f"{out / 'merged_hf'}: is a file; --export peft,merged_hf writes a folder there"
     assert [p.name for p in out.iterdir()] == ["merged_hf"] and (out / "merged_hf").read_text() == "mine"  # nothing trained
     # a folder with files in it (the user's, or a run's whose checkpoints are gone) is written into only with --overwrite
     (out / "merged_hf").unlink()
     (out / "peft").mkdir()
     (out / "peft" / "adapter_config.json").write_text("mine")
-    r = run_train("--out_dir", out, "--export", "peft")
-    assert r.returncode == 2 and r.stderr == f"error: {out / 'peft'}: is a folder with files (--overwrite writes into it); --export peft writes a folder there\n"
+    err = refused(run, capsys, "--out_dir", out, "--export", "peft")
+    assert err == f"{out / 'peft'}: is a folder with files (--overwrite writes into it); --export peft writes a folder there"
     assert (out / "peft" / "adapter_config.json").read_text() == "mine"
     assert run_train("--out_dir", out, "--export", "peft", "--max_iters", 0, "--overwrite").returncode == 0
     assert json.loads((out / "peft" / "adapter_config.json").read_text())["r"] == 64
 
 
-def test_export_over_the_base_it_trains_is_refused_before_training(tmp_path, meta_ckpt):
+def test_export_over_the_base_it_trains_is_refused_before_training(tmp_path, meta_ckpt, train_here, capsys):
     # a second finetune of a merged export, in the same out_dir: --export merged would replace the base it reads
+    run, _ = train_here
     (out := tmp_path / "o").mkdir()
     meta_copy(meta_ckpt, out / "merged")
     (tmp_path / "link").symlink_to(out / "merged")
     before = {p.name: p.read_bytes() for p in (out / "merged").iterdir()}
     for ckpt_dir, export, init in ((out / "merged", "merged", "checkpoint"), (tmp_path / "link", "peft,merged", "checkpoint"),
                                    (out / "merged", "merged", "random")):  # a random base: the folder lends its tokenizer
-        r = run_train("--ckpt_dir", ckpt_dir, "--init", init, "--out_dir", out, "--export", export, "--lora_r", 8, "--batch_size", 1,
-                      "--max_iters", 1, "--source_max_len", 96, "--target_max_len", 48)
-        assert r.returncode == 2 and r.stderr == f"error: {out / 'merged'}: is --ckpt_dir; --export {export} writes a folder there\n"
+        err = refused(run, capsys, "--ckpt_dir", ckpt_dir, "--init", init, "--out_dir", out, "--export", export, "--lora_r", 8,
+                      "--batch_size", 1, "--max_iters", 1, "--source_max_len", 96, "--target_max_len", 48)
+        assert err == f"{out / 'merged'}: is --ckpt_dir; --export {export} writes a folder there"
     assert {p.name: p.read_bytes() for p in (out / "merged").iterdir()} == before and [p.name for p in out.iterdir()] == ["merged"]
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "merged").symlink_to(tmp_path / "elsewhere")  # a link (here dangling) was written through, or failed after training
@@ -4888,6 +4896,16 @@ def train_here(monkeypatch, capsys):
         yield run, rec
     finally:
         torch.set_num_threads(threads)
+
+
+def refused(run, capsys, *args):
+    # train.py's main in this process, refused before it trains -> the one line run() prints (an InputError); nothing
+    # else said on stderr, no iteration logged
+    with pytest.raises(InputError) as e:
+        run(*args)
+    out, err = capsys.readouterr()
+    assert "\n" not in str(e.value) and err == "" and not re.search(r"^iter \d", out, re.M), (str(e.value), out, err)
+    return str(e.value)
 
 
 def train_defaults():
