@@ -4262,7 +4262,8 @@ def test_unwritable_out_dir_is_refused_before_building(tmp_path, where, expect):
     assert (tmp_path / "file").read_text() == "not a folder"
 
 
-def test_resume_refuses_damaged_or_foreign_checkpoints(tmp_path):
+def test_resume_refuses_damaged_or_foreign_checkpoints(tmp_path, train_here, capsys):
+    run, _ = train_here
     real = io.BytesIO()
     torch.save({"lora": {"w": torch.zeros(1000)}, "config": {}}, real)
     foreign = io.BytesIO()
@@ -4276,10 +4277,13 @@ def test_resume_refuses_damaged_or_foreign_checkpoints(tmp_path):
         d = tmp_path / str(i)
         d.mkdir()
         (d / "ckpt.pt").write_bytes(content)
-        r = run_train("--resume", "--out_dir", d, "--max_iters", 1)
-        assert r.returncode == 2 and f"{d / 'ckpt.pt'}: {expect}" in r.stderr, (expect, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr and "weights_only" not in r.stderr
-        assert (d / "ckpt.pt").read_bytes() == content and "model " not in r.stdout  # untouched; refused before the build
+        with pytest.raises(InputError) as e:
+            run("--resume", "--out_dir", d, "--max_iters", 1)
+        err, (out, stderr) = str(e.value), capsys.readouterr()
+        assert f"{d / 'ckpt.pt'}: {expect}" in err + "\n" and "\n" not in err and "weights_only" not in err + stderr, (expect, err)
+        assert (d / "ckpt.pt").read_bytes() == content and "model " not in out  # untouched; refused before the build
+    r = run_train("--resume", "--out_dir", d, "--max_iters", 1)  # from the command line: that line, exit status 2
+    assert r.returncode == 2 and r.stderr == f"error: {err}\n", r.stderr
 
 
 def test_resume_refuses_a_checkpoint_edited_by_hand(tmp_path, demo_tokenizer, train_here, capsys):
@@ -4440,16 +4444,16 @@ def test_second_run_on_the_same_out_dir_names_the_holder(tmp_path):
     assert holder.returncode == 0 and not d.exists()  # released at exit: the lock file and the folder it made are gone
 
 
-def test_final_line_says_what_happened(tmp_path, demo_tokenizer):
+def test_final_line_says_what_happened(tmp_path, demo_tokenizer, train_here):
+    run, _ = train_here
     d = fresh_out_dir(tmp_path / "o", demo_tokenizer)
-    r = run_train(*FAST, "--max_iters", 0, "--out_dir", d)
-    assert r.returncode == 0 and "nothing to train (--max_iters 0); no adapter written" in r.stdout
+    assert "nothing to train (--max_iters 0); no adapter written" in run(*FAST, "--max_iters", 0, "--out_dir", d)
     assert not (d / "adapter.pt").exists() and not (d / "ckpt.pt").exists()
-    r = run_train(*FAST, "--max_iters", 2, "--out_dir", d)
-    assert r.returncode == 0 and "trained 2 iters in" in r.stdout and f"adapter (iter 2) in {d / 'adapter.pt'}" in r.stdout
-    r = run_train(*FAST, "--max_iters", 1, "--out_dir", d, "--resume")
-    assert r.returncode == 0 and "nothing to train (--max_iters 1, the checkpoint is at iter 2)" in r.stdout
-    assert "trained -" not in r.stdout and f"adapter (iter 2) in {d / 'adapter.pt'}" in r.stdout
+    out = run(*FAST, "--max_iters", 2, "--out_dir", d)
+    assert "trained 2 iters in" in out and f"adapter (iter 2) in {d / 'adapter.pt'}" in out
+    out = run(*FAST, "--max_iters", 1, "--out_dir", d, "--resume")
+    assert "nothing to train (--max_iters 1, the checkpoint is at iter 2)" in out
+    assert "trained -" not in out and f"adapter (iter 2) in {d / 'adapter.pt'}" in out
     assert sorted(p.name for p in d.iterdir()) == sorted(["adapter.pt", "ckpt.pt", demo_tokenizer.name])  # no .lock, no .tmp
 
 
