@@ -4277,11 +4277,9 @@ def test_resume_refuses_damaged_or_foreign_checkpoints(tmp_path, train_here, cap
         d = tmp_path / str(i)
         d.mkdir()
         (d / "ckpt.pt").write_bytes(content)
-        with pytest.raises(InputError) as e:
-            run("--resume", "--out_dir", d, "--max_iters", 1)
-        err, (out, stderr) = str(e.value), capsys.readouterr()
-        assert f"{d / 'ckpt.pt'}: {expect}" in err + "\n" and "\n" not in err and "weights_only" not in err + stderr, (expect, err)
-        assert (d / "ckpt.pt").read_bytes() == content and "model " not in out  # untouched; refused before the build
+        err = refused(run, capsys, "--resume", "--out_dir", d, "--max_iters", 1, before="model ")  # refused before the build
+        assert f"{d / 'ckpt.pt'}: {expect}" in err + "\n" and "weights_only" not in err, (expect, err)
+        assert (d / "ckpt.pt").read_bytes() == content  # untouched
     r = run_train("--resume", "--out_dir", d, "--max_iters", 1)  # from the command line: that line, exit status 2
     assert r.returncode == 2 and r.stderr == f"error: {err}\n", r.stderr
 
@@ -4902,13 +4900,13 @@ def train_here(monkeypatch, capsys):
         torch.set_num_threads(threads)
 
 
-def refused(run, capsys, *args):
-    # train.py's main in this process, refused before it trains -> the one line run() prints (an InputError); nothing
-    # else said on stderr, no iteration logged
+def refused(run, capsys, *args, before=r"iter \d"):
+    # train.py's main in this process, refused before stdout has a line starting with `before` (by default: before it
+    # trains) -> the one line run() prints (an InputError); nothing else said on stderr
     with pytest.raises(InputError) as e:
         run(*args)
     out, err = capsys.readouterr()
-    assert "\n" not in str(e.value) and err == "" and not re.search(r"^iter \d", out, re.M), (str(e.value), out, err)
+    assert "\n" not in str(e.value) and err == "" and not re.search(f"^{before}", out, re.M), (str(e.value), out, err)
     return str(e.value)
 
 
