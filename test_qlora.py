@@ -4318,18 +4318,18 @@ def test_resume_refuses_a_checkpoint_edited_by_hand(tmp_path, demo_tokenizer, tr
     assert r.returncode == 2 and r.stderr == f"error: {err}\n", r.stderr
 
 
-def test_resume_rebuilds_an_adapters_random_base_at_its_vocabulary(tmp_path):
+def test_resume_rebuilds_an_adapters_random_base_at_its_vocabulary(tmp_path, train_here):
     # a demo adapter's base has its tokenizer's vocabulary (here below 512); a run on it that is not the demo (--ckpt_dir
     # named, --init random) builds that base again, and so does its --resume (not one at --init random's own size)
+    run, rec = train_here
     data = mixed_data(tmp_path / "d.jsonl", 7, 6)
-    assert run_train(*FAST, "--data", data, "--max_iters", 1, "--out_dir", tmp_path / "a").returncode == 0
+    run(*FAST, "--data", data, "--max_iters", 1, "--out_dir", tmp_path / "a")
     (tmp_path / "empty").mkdir()
     args = (*FAST, "--data", data, "--adapter", tmp_path / "a" / "adapter.pt", "--init", "random", "--ckpt_dir", tmp_path / "empty",
             "--out_dir", tmp_path / "b")
-    assert run_train(*args, "--max_iters", 1).returncode == 0
+    run(*args, "--max_iters", 1)
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model_config"]["vocab_size"] < 512
-    r = run_train(*args, "--max_iters", 2, "--resume")
-    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+    assert "resumed from" in run(*args, "--max_iters", 2, "--resume") and len(rec.steps) == 3  # 1 + 1 + the one step resumed
 
 
 def meta_copy(meta_ckpt, d):  # the tiny Meta checkpoint copied to d, its tokenizer inside -> d
@@ -4338,29 +4338,31 @@ def meta_copy(meta_ckpt, d):  # the tiny Meta checkpoint copied to d, its tokeni
     return d
 
 
-def trained_on_a_copy(tmp_path, meta_ckpt):  # one iteration, checkpointed, on a copy of the checkpoint -> (copy, out_dir, flags)
+def trained_on_a_copy(tmp_path, meta_ckpt, run):  # one iteration, checkpointed, on a copy of the checkpoint -> (copy, out_dir, flags)
     d, out = meta_copy(meta_ckpt, tmp_path / "7B"), tmp_path / "o"
     args = ("--ckpt_dir", d, "--out_dir", out, "--lora_r", 8, "--sample_tokens", 0, "--batch_size", 1, "--eval_interval", 1)
-    assert run_train(*args, "--max_iters", 1).returncode == 0
+    run(*args, "--max_iters", 1)
     return d, out, args
 
 
-def test_resume_refuses_a_base_whose_params_json_changed(tmp_path, meta_ckpt):
+def test_resume_refuses_a_base_whose_params_json_changed(tmp_path, meta_ckpt, train_here, capsys):
     # every setting read_checkpoint compares is the same (the folder, by name), but the model it holds is not
-    d, out, args = trained_on_a_copy(tmp_path, meta_ckpt)
+    run, _ = train_here
+    d, out, args = trained_on_a_copy(tmp_path, meta_ckpt, run)
     (d / "params.json").write_text(json.dumps({**json.loads((d / "params.json").read_text()), "norm_eps": 1e-3}))
-    r = run_train(*args, "--max_iters", 2, "--resume")
-    assert r.returncode == 2 and r.stderr.startswith("loaded 2 layers") and r.stderr.splitlines()[1:] == [
-        f"error: --resume: {out / 'ckpt.pt'}: made for a model with norm_eps 1e-05; this one has 0.001"]
+    with pytest.raises(InputError) as e:  # after the base's load, before training
+        run(*args, "--max_iters", 2, "--resume")
+    assert str(e.value) == f"--resume: {out / 'ckpt.pt'}: made for a model with norm_eps 1e-05; this one has 0.001"
+    assert "loaded 2 layers" in capsys.readouterr().err
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 1
 
 
-def test_resume_refuses_a_base_whose_tokenizer_changed(tmp_path, meta_ckpt):
+def test_resume_refuses_a_base_whose_tokenizer_changed(tmp_path, meta_ckpt, train_here, capsys):
     # ckpt.pt is read before the tokenizer (for a random base it records) and compared again once the tokenizer is known
-    d, _, args = trained_on_a_copy(tmp_path, meta_ckpt)
+    run, _ = train_here
+    d, _, args = trained_on_a_copy(tmp_path, meta_ckpt, run)
     C.train_tokenizer([" ".join(reversed(WORDS[i : i + 9])) for i in range(len(WORDS) - 9)] * 3, d / "tokenizer.model", 100)
-    r = run_train(*args, "--max_iters", 2, "--resume")
-    assert r.returncode == 2 and "was made with a tokenizer (SHA-1) " in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "was made with a tokenizer (SHA-1) " in refused(run, capsys, *args, "--max_iters", 2, "--resume", )
 
 
 def test_new_run_into_an_out_dir_holding_one_is_refused(tmp_path, demo_tokenizer, train_here, capsys):
