@@ -26,6 +26,7 @@ import pytest
 import sentencepiece as spm
 import torch.nn.functional as F
 
+import bench as B
 import data.checkpoint as C
 import data.mmlu as MM
 import data.prepare as P
@@ -4539,20 +4540,25 @@ def test_help_lists_every_flag_with_default_and_meaning():
     pytest.param(["e2e"], "would build a random 7B on the CPU", marks=pytest.mark.skipif(CUDA, reason="CPU only")),
     pytest.param(["kernels"], "needs a CUDA GPU", marks=pytest.mark.skipif(CUDA, reason="CPU only")),
 ])
-def test_bench_command_line(args, expect):
-    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)
-    assert r.returncode == 2 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+def test_bench_command_line(args, expect, monkeypatch, capsys):
+    assert bench_here(monkeypatch, capsys, *args) == 2 and expect in (err := capsys.readouterr().err) and err.count("\n") == 1
 
 
-def test_bench_write_never_replaces_a_checkpoint(tmp_path):
+def bench_here(monkeypatch, capsys, *args):  # bench.py's command line in this process -> its exit status (its output left in capsys)
+    monkeypatch.setattr(sys, "argv", ["bench.py", *map(str, args)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # any other exception (a traceback) fails here
+        files_run(B.main)
+    return e.value.code
+
+
+def test_bench_write_never_replaces_a_checkpoint(tmp_path, monkeypatch, capsys):
     (tmp_path / "params.json").write_text("{}")  # --ckpt_dir's default is where the README puts Meta's download
-    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "load", "--write", "tiny", "--ckpt_dir", tmp_path], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120, env=ENV)
-    assert r.returncode == 2 and r.stderr == f"error: --ckpt_dir {tmp_path}: not empty; --write makes its random checkpoint in a new or empty folder\n"
+    assert bench_here(monkeypatch, capsys, "load", "--write", "tiny", "--ckpt_dir", tmp_path) == 2
+    assert capsys.readouterr().err == f"error: --ckpt_dir {tmp_path}: not empty; --write makes its random checkpoint in a new or empty folder\n"
     assert os.listdir(tmp_path) == ["params.json"]
-    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "load", "--write", "tiny", "--ckpt_dir", tmp_path / "params.json"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)  # refused before the model is built
-    assert r.returncode == 2 and r.stderr == f"error: --ckpt_dir {tmp_path / 'params.json'}: a file; --write makes its random checkpoint in a new or empty folder\n"
+    assert bench_here(monkeypatch, capsys, "load", "--write", "tiny", "--ckpt_dir", tmp_path / "params.json") == 2  # before the build
+    assert capsys.readouterr().err == f"error: --ckpt_dir {tmp_path / 'params.json'}: a file; --write makes its random checkpoint in a new or empty folder\n"
     (empty := tmp_path / "empty").mkdir()  # a new or empty folder: written, then loaded
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "load", "--write", "tiny", "--ckpt_dir", empty], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env=ENV)
