@@ -251,8 +251,7 @@ def read_params(ckpt_dir, context=None):  # the architecture alone as LLaMAConfi
 
 def _read_meta(d, context):
     params, pth = read_params(d, context), sorted(d.glob("consolidated.*.pth"))
-    shards = pth or sorted(d.glob("consolidated.safetensors"))  # the latter: Mistral's downloads from v0.3 on, one file
-    if not shards:
+    if not (shards := pth or sorted(d.glob("consolidated.safetensors"))):  # the latter: Mistral's downloads from v0.3 on, one file
         raise InputError(f"{d}: no consolidated.NN.pth checkpoint shards (or consolidated.safetensors)")
     if gap := next((f"consolidated.{i:02d}.pth" for i, s in enumerate(pth) if s.name != f"consolidated.{i:02d}.pth"), None):
         raise InputError(f"{d / gap}: shard missing ({len(shards)} shards found)")
