@@ -429,8 +429,7 @@ def load_adapter(model, adapter):
     a = adapter if isinstance(adapter, dict) else read_adapter(adapter)
     lora, cfg = dict(a["lora"]), model.config
     for name, m in ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)):
-        sub = name.split(".", 2)[2]
-        if sub not in a["targets"]:  # not adapted: no LoRA branch at all
+        if (sub := name.split(".", 2)[2]) not in a["targets"]:  # not adapted: no LoRA branch at all
             if m.r > 0:
                 del m.lora_A, m.lora_B
             m.r, m.scaling = 0, 0.0
