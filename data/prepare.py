@@ -50,8 +50,7 @@ def read_records(path):  # (line number, object) pairs from a JSONL file, or fro
                 line, last = line + text.count("\n", last, pos), pos
                 obj, pos = dec.raw_decode(text, pos)
                 records.append((line, obj))
-            after = re.compile(r"\s*").match(text, pos + 1).end()
-            if after < len(text):  # more after the array: refused rather than dropped unread
+            if (after := re.compile(r"\s*").match(text, pos + 1).end()) < len(text):  # more after the array: refused rather than dropped unread
                 at, end = text.count("\n", 0, after) + 1, text.count("\n", 0, pos) + 1
                 raise InputError(f"{path}:{at}: more after the JSON array that ends on line {end} (one array, or one object per line)")
             shared = Counter(n for n, _ in records)  # items on one line (json.dump without indent): also named by position
@@ -167,8 +166,7 @@ def segments(obj, where):
         if not isinstance(msgs, list) or not msgs:
             raise InputError(f"{where}: field 'messages' must be a non-empty list")
         for j, m in enumerate(msgs):
-            role = m.get("role") if isinstance(m, dict) else None
-            if role not in ("system", "user", "assistant"):
+            if (role := m.get("role") if isinstance(m, dict) else None) not in ("system", "user", "assistant"):
                 raise InputError(f"{where}: messages[{j}].role must be system, user or assistant")
             c = text(m, "content", f"{where}: messages[{j}]")
             out.append(({"system": c + "\n", "user": GUANACO.format(instruction=c), "assistant": c}[role], role == "assistant"))
