@@ -418,8 +418,7 @@ class PagedAdamW(torch.optim.Optimizer):
         saved = state_dict["state"]
         steps = {i: {k: v for k, v in s.items() if k == "step"} for i, s in saved.items()}
         super().load_state_dict({**state_dict, "state": steps})
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        for i, p in zip(ids, [p for g in self.param_groups for p in g["params"]]):
+        for i, p in zip([i for g in state_dict["param_groups"] for i in g["params"]], [p for g in self.param_groups for p in g["params"]]):
             for k in ("exp_avg", "exp_avg_sq"):
                 if k in saved.get(i, {}):
                     self.state[p][k] = self._alloc(p).copy_(saved[i][k])
