@@ -157,8 +157,7 @@ def _use_triton(t):  # CUDA tensors; CPU ones under TRITON_INTERPRET=1 (slow; fo
 
 @triton.jit
 def _c2_of_block(b, mask, c2, c1, c2_mean, dyn8, DOUBLE: tl.constexpr, BLOCKSIZE2: tl.constexpr):
-    # c2^FP32 of block b; with double quantization dequant(c1, c2) = c1[b // 256] · DYN8[c2[b]] + c2_mean
-    if DOUBLE:
+    if DOUBLE:  # c2^FP32 of block b: dequant(c1, c2) = c1[b // 256] · DYN8[c2[b]] + c2_mean
         code = tl.load(c2 + b, mask=mask, other=0).to(tl.int32)
         return tl.load(dyn8 + code) * tl.load(c1 + b // BLOCKSIZE2, mask=mask, other=0.0) + tl.load(c2_mean)
     else:  # c1, c2_mean are None (a constant to Triton); `else`: code after the `if` would compile in both cases
