@@ -148,8 +148,7 @@ def convert(kind, path, lang=None, skipped=None):
 
 def segments(obj, where):
     def text(o, key, w=where):
-        v = o.get(key)  # o is a dict: checked by the callers
-        if not isinstance(v, str) or (key != "input" and not v.strip()):
+        if not isinstance(v := o.get(key), str) or (key != "input" and not v.strip()):  # o is a dict: checked by the callers
             raise InputError(f"{w}: field '{key}' must be a {'' if key == 'input' else 'non-empty '}string")  # input may be blank
         return v
 
