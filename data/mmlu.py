@@ -62,8 +62,7 @@ def read_mmlu(folder, split="val", max_per_subject=0):  # -> [{"subject", "heade
     else:
         raise InputError(f"{folder}: not an MMLU folder (expected dev/ and {split}/ with *_{split}.csv files, or five_shot_mmlu_{split}.json)")
     by_subject = groupby(sorted(out, key=lambda q: q["subject"]), key=lambda q: q["subject"])  # (sorted is stable: file order kept)
-    kept = [q for _, qs in by_subject for q in list(qs)[: max_per_subject or None]]  # the first max_per_subject of each (0: all)
-    if not kept:
+    if not (kept := [q for _, qs in by_subject for q in list(qs)[: max_per_subject or None]]):  # the first max_per_subject of each (0: all)
         raise InputError(f"{folder}: no {split} questions")
     return kept
 
