@@ -308,9 +308,8 @@ def hf_params(c, where):
 
 def _read_hf(d, context):
     params = read_params(d, context)
-    first = next((f for s in ("model.safetensors", "pytorch_model.bin") for f in (d / s, d / f"{s}.index.json")
-                  if f.is_file()), None)  # transformers' order: a single file before an index, safetensors before pickles
-    if first is None:
+    if (first := next((f for s in ("model.safetensors", "pytorch_model.bin") for f in (d / s, d / f"{s}.index.json")
+                       if f.is_file()), None)) is None:  # transformers' order: a single file before an index, safetensors before pickles
         raise InputError(f"{d}: no weights (model.safetensors, pytorch_model.bin, or their .index.json)")
     wm = read_json(first).get("weight_map") if first.suffix == ".json" else {"": first.name}  # {tensor: file}; or the one file
     if not (isinstance(wm, dict) and all(isinstance(f, str) for f in wm.values())):
