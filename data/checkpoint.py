@@ -266,8 +266,7 @@ def _read_meta(d, context):
     def take(name):
         # Meta's model parallelism: column-parallel (output rows split) wq wk wv w1 w3 output; row-parallel
         # (input columns split) wo w2; the embedding is split along its feature dim; norms are replicated
-        parts = [sd[name] for sd in sds]
-        if len(parts) == 1 or name.endswith("norm.weight"):
+        if len(parts := [sd[name] for sd in sds]) == 1 or name.endswith("norm.weight"):
             return parts[0]
         try:
             return torch.cat(parts, 1 if name == "tok_embeddings.weight" or name.endswith(("wo.weight", "w2.weight")) else 0)
