@@ -4415,6 +4415,23 @@ def test_rank_minus_one_is_one_process_in_main_and_train(tmp_path):
     assert r.returncode == 0 and "nothing to train" in r.stdout and [p.suffix for p in (tmp_path / "o").iterdir()] == [".model"], r.stderr
 
 
+def test_rank_set_by_hand_without_the_rest_of_torchruns_variables_is_one_line(tmp_path, train_here, monkeypatch, capsys):
+    # RANK alone, or without MASTER_ADDR/MASTER_PORT, or not below WORLD_SIZE: refused before out_dir is made, not
+    # torch's traceback from int() or from the rendezvous
+    run, _ = train_here
+    monkeypatch.setattr(TR.dist, "init_process_group", lambda *a, **kw: pytest.fail("a rendezvous that would wait (6 h)"))
+    for env in (dict(RANK="abc"), dict(RANK=0), dict(RANK=0, WORLD_SIZE=1), dict(RANK=0, WORLD_SIZE=1, MASTER_ADDR="h"),
+                dict(RANK=0, WORLD_SIZE=1, MASTER_PORT=1), dict(RANK=2, WORLD_SIZE=2, MASTER_ADDR="h", MASTER_PORT=1),
+                dict(RANK=0, WORLD_SIZE=1, LOCAL_RANK="q", MASTER_ADDR="h", MASTER_PORT=1)):
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            monkeypatch.setenv(k, str(env[k])) if k in env else monkeypatch.delenv(k, raising=False)
+        err = refused(run, capsys, "--out_dir", tmp_path / "o", "--max_iters", 1)
+        assert err.startswith("RANK is set, but not as torchrun sets it (unset it for one process): RANK=") and repr(str(env["RANK"])) in err
+    assert not (tmp_path / "o").exists()
+    r = run_train("--out_dir", tmp_path / "o", env={**ENV, "RANK": "0"})  # the command line: exit 2, one line
+    assert r.returncode == 2 and r.stderr.startswith("error: RANK is set") and r.stderr.count("\n") == 1 and r.stdout == ""
+
+
 def test_ctrl_c_in_a_process_other_than_rank_0_exits_130_without_a_word(tmp_path, train_here, monkeypatch, capsys):
     # under torchrun every process gets the Ctrl-C: rank 0 alone says where it stopped; the others leave with the
     # status a shell gives an interrupt, and nothing printed
@@ -4423,7 +4440,8 @@ def test_ctrl_c_in_a_process_other_than_rank_0_exits_130_without_a_word(tmp_path
     def interrupted(c):
         raise KeyboardInterrupt("interrupted at iter 3; no checkpoint yet")
 
-    monkeypatch.setenv("RANK", "1")
+    for k, v in dict(RANK=1, WORLD_SIZE=2, LOCAL_RANK=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500).items():
+        monkeypatch.setenv(k, str(v))
     monkeypatch.setattr(TR, "train", interrupted)
     with pytest.raises(SystemExit) as e:
         run("--out_dir", tmp_path / "o", "--max_iters", 1)

@@ -180,11 +180,21 @@ def read_checkpoint(path, c, world=0, ck=None):
     return ck
 
 
+def launch():  # -> (rank, world, local): torchrun's variables, checked; one process (0, 1, 0) if RANK is unset or -1, as in nanoGPT
+    env = {k: os.environ.get(k, d) for k, d in (("RANK", "-1"), ("WORLD_SIZE", ""), ("LOCAL_RANK", "0"), ("MASTER_ADDR", ""), ("MASTER_PORT", ""))}
+    if env["RANK"] == "-1":
+        return 0, 1, 0
+    if not (all(env[k].isdigit() for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")) and env["MASTER_ADDR"]
+            and int(env["RANK"]) < int(env["WORLD_SIZE"])):  # set by hand, not by torchrun
+        raise InputError("RANK is set, but not as torchrun sets it (unset it for one process): " + " ".join(f"{k}={v!r}" for k, v in env.items()))
+    return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+
+
 def train(c):
-    ddp = int(os.environ.get("RANK", -1)) != -1  # distributed (torchrun sets RANK), as in nanoGPT
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    ddp = os.environ.get("RANK", "-1") != "-1"  # distributed (torchrun sets RANK), as in nanoGPT
+    rank, world, local = launch()
     if torch.cuda.is_available():
-        if (local := int(os.environ.get("LOCAL_RANK", 0))) >= torch.cuda.device_count():  # torchrun: more processes than GPUs
+        if local >= torch.cuda.device_count():  # torchrun: more processes than GPUs
             raise InputError(f"process {local} on this machine would use cuda:{local}; it has {torch.cuda.device_count()} GPU(s)")
         device = f"cuda:{local}"
         torch.cuda.set_device(device)
@@ -394,7 +404,7 @@ def main(argv):
     defaults = {k: v for k, v in globals().items() if not k.startswith("_") and k.islower() and isinstance(v, (int, float, bool, str))}
     demo = ", ".join(f"--{k} {v}" for k, v in DEMO.items())
     help_text = f"{__doc__.strip()}\n\nflags, default, meaning (the tiny demo's own defaults: {demo}):\n{flag_help(__file__, defaults)}"
-    master = int(os.environ.get("RANK", -1)) in (-1, 0)  # under torchrun, rank 0 alone locks out_dir and speaks (-1: as train)
+    master = launch()[0] == 0  # under torchrun, rank 0 alone locks out_dir and speaks
     given = parse_flags(argv, defaults, help_text, words_ok=False)[1]
     if given.get("resume") and (ckpt := Path(given.get("out_dir", defaults["out_dir"]), "ckpt.pt")).is_file():  # the run goes on as it
         ran = {k: v for k, v in read_checkpoint(ckpt, {})["config"].items()  # ran: a flag not given takes ckpt.pt's value, not the
