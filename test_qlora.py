@@ -4700,7 +4700,7 @@ def test_init_random_sizes_the_embedding_to_at_least_the_architectures(tmp_path,
     assert C.Tokenizer(meta_ckpt[0].parent / "tokenizer.model").n_words < 512
 
 
-def test_train_on_a_checkpoint_and_use_the_exports_from_any_folder(tmp_path, meta_ckpt):
+def test_train_on_a_checkpoint_and_use_the_exports_from_any_folder(tmp_path, meta_ckpt, train_here, monkeypatch, capsys):
     # --ckpt_dir given relative to the working folder is recorded absolute (adapter.pt, the peft export), through a
     # link as the link (its tokenizer is beside the link, not beside the target); the merged export holds its
     # tokenizer; a context past 2048 is the run's to choose on Meta's layout
@@ -4729,18 +4729,17 @@ def test_train_on_a_checkpoint_and_use_the_exports_from_any_folder(tmp_path, met
     assert said["o/merged"] == said["o/merged_hf"]  # one model in two layouts
     # training on from the adapter alone takes the checkpoint it records, as model.py did above (not the tiny demo's random
     # base); --init checkpoint agrees with it; a peft folder's base_model_name_or_path counts, unless it names no folder here
+    run, _ = train_here  # (from here on in this process)
     for args in (["--adapter", out / "adapter.pt"], ["--adapter", out / "peft", "--init", "checkpoint"]):
-        r = run_train(*args, "--out_dir", tmp_path / "o2", "--max_iters", 0, "--sample_tokens", 0)
-        assert r.returncode == 0 and f"model {d} (checkpoint): " in r.stdout, r.stderr
+        assert f"model {d} (checkpoint): " in run(*args, "--out_dir", tmp_path / "o2", "--max_iters", 0, "--sample_tokens", 0)
     shutil.copytree(out / "peft", tmp_path / "hub")
     conf = json.loads((tmp_path / "hub" / "adapter_config.json").read_text())
     (tmp_path / "hub" / "adapter_config.json").write_text(json.dumps({**conf, "base_model_name_or_path": "meta-llama/Llama-2-7b-hf"}))
-    r = run_train("--adapter", tmp_path / "hub", "--out_dir", tmp_path / "o3", "--max_iters", 0)
-    assert r.returncode == 2 and r.stderr == (f"error: --adapter {tmp_path / 'hub'}: its base meta-llama/Llama-2-7b-hf is not a "
-                                              "folder here; name one with --ckpt_dir\n")
-    assert run_chat("--adapter", tmp_path / "hub", "--prompt", "x").stderr == r.stderr  # model.py reads it as train.py does
-    chat = run_chat("--adapter", tmp_path / "hub", "--ckpt_dir", d, "--prompt", "x", "--max_new_tokens", 2)
-    assert chat.returncode == 0, chat.stderr
+    err = refused(run, capsys, "--adapter", tmp_path / "hub", "--out_dir", tmp_path / "o3", "--max_iters", 0)
+    assert err == f"--adapter {tmp_path / 'hub'}: its base meta-llama/Llama-2-7b-hf is not a folder here; name one with --ckpt_dir"
+    with pytest.raises(InputError, match=re.escape(err)):  # model.py reads it as train.py does
+        chat_here(monkeypatch, capsys, "--adapter", tmp_path / "hub", "--prompt", "x")
+    assert len(chat_here(monkeypatch, capsys, "--adapter", tmp_path / "hub", "--ckpt_dir", d, "--prompt", "x")[0]) == 1
 
 
 def test_export_over_a_file_is_refused_before_training(tmp_path, train_here, capsys):
