@@ -4604,7 +4604,7 @@ def test_bench_and_prepare_help():
     assert r.returncode == 0 and "--lang" in r.stdout and "usage: python data/prepare.py" in r.stdout
 
 
-def test_mmlu_adapter_and_chat_after_the_demo(tmp_path, mmlu_dirs):
+def test_mmlu_adapter_and_chat_after_the_demo(tmp_path, mmlu_dirs, train_here, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     r = run_train(*FAST, "--max_iters", 3, "--mmlu", mmlu_dirs[0], "--out_dir", a)
     assert r.returncode == 0, r.stderr
@@ -4617,17 +4617,17 @@ def test_mmlu_adapter_and_chat_after_the_demo(tmp_path, mmlu_dirs):
     val = re.search(r"^iter 3: val loss (\S+)", r.stdout, re.M)[1]
     # a new run from the adapter starts where the first one ended: same validation loss, same MMLU answers, with the
     # tokenizer adapter.pt names (copied into its out_dir, so that its own adapter does not depend on the first folder)
-    r = run_train(*FAST, "--max_iters", 0, "--mmlu", mmlu_dirs[0], "--adapter", a / "adapter.pt", "--out_dir", b)
-    assert r.returncode == 0, r.stderr
+    run, _ = train_here  # (the runs below in this process)
+    out = run(*FAST, "--max_iters", 0, "--mmlu", mmlu_dirs[0], "--adapter", a / "adapter.pt", "--out_dir", b)
     tok, = a.glob("tokenizer-*")
-    assert f"iter 0: val loss {val}" in r.stdout and [p.name for p in b.glob("tokenizer-*")] == [tok.name]
+    assert f"iter 0: val loss {val}" in out and [p.name for p in b.glob("tokenizer-*")] == [tok.name]
     assert (b / tok.name).read_bytes() == tok.read_bytes()
     assert json.loads((b / "mmlu_val.jsonl").read_text())["subjects"] == logged[-1]["subjects"]
     # scoring again into that folder (the base, another adapter) would replace its log: refused without --overwrite
-    r = run_train(*FAST, "--max_iters", 0, "--mmlu", mmlu_dirs[0], "--out_dir", b)
-    assert r.returncode == 2 and f"{b / 'mmlu_val.jsonl'}: out_dir holds a run; --overwrite replaces it" in r.stderr, r.stderr
-    r = run_train(*FAST, "--max_iters", 4, "--out_dir", a, "--resume")  # without --mmlu: its tokenizer (with the letters) goes on
-    assert r.returncode == 0 and "resumed from" in r.stdout and [p.name for p in a.glob("tokenizer-*")] == [tok.name], r.stderr
+    err = refused(run, capsys, *FAST, "--max_iters", 0, "--mmlu", mmlu_dirs[0], "--out_dir", b)
+    assert err.startswith(f"{b / 'mmlu_val.jsonl'}: out_dir holds a run; --overwrite replaces it")
+    out = run(*FAST, "--max_iters", 4, "--out_dir", a, "--resume")  # without --mmlu: its tokenizer (with the letters) goes on
+    assert "resumed from" in out and [p.name for p in a.glob("tokenizer-*")] == [tok.name]
     ad["base"]["device"] = "cuda"  # CUDA draws other weights from one seed: not rebuilt on a CPU
     torch.save(ad, tmp_path / "cuda.pt")
     r = run_train(*FAST, "--max_iters", 0, "--adapter", tmp_path / "cuda.pt", "--out_dir", tmp_path / "c", env=CPU_ENV)
