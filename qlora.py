@@ -415,9 +415,9 @@ class PagedAdamW(torch.optim.Optimizer):
         # memory (a spike a full GPU may not have). Let it load only the steps and hyperparameters, and
         # copy the fp32 moments straight into paged memory.
         saved = state_dict["state"]
-        steps = {i: {k: v for k, v in s.items() if k == "step"} for i, s in saved.items()}
+        steps = {i: {"step": torch.tensor(float(s["step"]))} for i, s in saved.items()}  # all three, or none (no step yet)
         super().load_state_dict({**state_dict, "state": steps})
         for i, p in zip([i for g in state_dict["param_groups"] for i in g["params"]], [p for g in self.param_groups for p in g["params"]]):
             for k in ("exp_avg", "exp_avg_sq"):
-                if k in saved.get(i, {}):
-                    self.state[p][k] = self._alloc(p).copy_(saved[i][k])
+                if i in saved:  # (reshape: a moment of another size is refused, not broadcast)
+                    self.state[p][k] = self._alloc(p).copy_(saved[i][k].reshape(p.shape))

@@ -4295,6 +4295,15 @@ def test_resume_refuses_a_checkpoint_edited_by_hand(tmp_path, demo_tokenizer, tr
     cases = [({"lora": {n: t for n, t in lora.items() if n != k}}, f"its LoRA weights are not this model's ({k})"),
              ({"lora": {**lora, k: lora[k][:1]}}, f"cannot restore it (Error(s) in loading state_dict for LLaMA: size mismatch for {k}:"),
              ({"optimizer": {}}, "cannot restore it ('state')"),
+             ({"optimizer": {**ck["optimizer"], "state": []}}, "cannot restore it ('list' object has no attribute 'items')"),
+             ({"optimizer": {**ck["optimizer"], "state": {i: {k: v for k, v in st.items() if k != "step"}  # (not in the first step)
+                                                          for i, st in ck["optimizer"]["state"].items()}}}, "cannot restore it ('step')"),
+             ({"optimizer": {**ck["optimizer"], "state": {i: {**st, "step": [1]} for i, st in ck["optimizer"]["state"].items()}}},
+              "cannot restore it (float() argument must be"),
+             ({"optimizer": {**ck["optimizer"], "state": {i: {k: v for k, v in st.items() if k != "exp_avg_sq"}
+                                                          for i, st in ck["optimizer"]["state"].items()}}}, "cannot restore it ('exp_avg_sq')"),
+             ({"optimizer": {**ck["optimizer"], "state": {i: {**st, "exp_avg": torch.zeros(1)}  # not broadcast into every moment
+                                                          for i, st in ck["optimizer"]["state"].items()}}}, "cannot restore it (shape "),
              ({"rng": [5]}, "cannot restore it ("),
              ({"iter_num": "1"}, "not a checkpoint written by train.py"),
              ({"config": [1]}, "not a checkpoint written by train.py"),

@@ -281,7 +281,7 @@ def train(c):
             torch.set_rng_state(ck["rng"][rank]["torch"])  # each process continues its own dropout stream
             if ck["rng"][rank]["cuda"] is not None:
                 torch.cuda.set_rng_state(ck["rng"][rank]["cuda"])
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
             raise InputError(f"--resume: {ckpt_path}: cannot restore it ({' '.join(str(e).split())[:200]})") from None
         iter_num = saved = ck["iter_num"]
         if master:
