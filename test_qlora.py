@@ -4096,7 +4096,8 @@ def test_resume_of_a_ckpt_pt_that_is_not_a_file_is_refused_not_read(tmp_path):
         d.mkdir()
         make(d / "ckpt.pt")
         r = run_train("--resume", "--out_dir", d, timeout=60)
-        assert r.returncode == 2 and r.stderr == f"error: --resume: {d / 'ckpt.pt'} is not a file\n", r.stderr
+        assert r.returncode == 2 and r.stderr == (f"error: {d / 'ckpt.pt'}: is not a file, and this run writes its checkpoints there: "
+                                                  "remove it or choose another --out_dir\n"), r.stderr
 
 
 def losses(out):
@@ -4414,6 +4415,11 @@ def test_a_link_where_the_run_saves_is_refused_before_training(tmp_path, demo_to
         err = refused(run, capsys, *FAST, "--max_iters", 1, "--out_dir", d, *args)
         assert err == f"{d / name}: is a link, and this run writes its checkpoints there: remove it or choose another --out_dir"
         (d / name).unlink()
+        (d / name).mkdir()  # a folder: atomic_write's rename fails on it too
+        (d / name / "x").write_text("the user's")
+        err = refused(run, capsys, *FAST, "--max_iters", 1, "--out_dir", d, *args, before="model ")  # before the build
+        assert err == f"{d / name}: is not a file, and this run writes its checkpoints there: remove it or choose another --out_dir"
+        shutil.rmtree(d / name)
     assert target.read_bytes() == b"the user's file" and [p.name for p in d.iterdir()] == [demo_tokenizer.name]
 
 

@@ -202,8 +202,9 @@ def train(c):
         device = "cpu"
         torch.set_num_threads(c["threads"])  # more threads than free cores makes each step many times slower
     data, ckpt_path = c["data"], (out_dir := Path(c["out_dir"])) / "ckpt.pt"
-    if link := next((p for p in (ckpt_path, out_dir / "adapter.pt") if p.is_symlink()), None):  # refused now, not at the first save
-        raise InputError(f"{link}: is a link, and this run writes its checkpoints there: remove it or choose another --out_dir")
+    if bad := next((p for p in (ckpt_path, out_dir / "adapter.pt") if p.is_symlink() or p.exists() and not p.is_file()), None):
+        raise InputError(f"{bad}: is {'a link' if bad.is_symlink() else 'not a file'}, and this run writes its checkpoints there: "
+                         "remove it or choose another --out_dir")  # refused now, not at the first save (a folder, a pipe)
     ours = (ckpt_path, out_dir / "adapter.pt", *[out_dir / f"mmlu_{c['mmlu_split']}.jsonl"] * bool(c["mmlu"]))  # the log: a new run's replaces it
     if (held := next((p for p in ours if p.exists()), None)) and not (c["resume"] or c["overwrite"]):
         raise InputError(f"{held}: out_dir holds a run; {'--resume continues it, ' * (held == ckpt_path)}--overwrite replaces it, "
@@ -215,7 +216,7 @@ def train(c):
         if why := why or "a folder with files (--overwrite writes into it)" * full:
             raise InputError(f"{f}: is {why}; --export {c['export']} writes a folder there")
     if c["resume"] and not ckpt_path.is_file():  # before anything is written into out_dir
-        raise InputError(f"--resume: {ckpt_path} " + ("is not a file" if ckpt_path.exists() else "not found"))  # a folder, a pipe
+        raise InputError(f"--resume: {ckpt_path} not found")
     if ddp:  # rank 0 alone validates, runs MMLU and exports while the others wait in a collective: at 65B hours, not NCCL's 10 min
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=6))
     master = rank == 0
