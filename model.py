@@ -288,8 +288,8 @@ FLAGS = dict(ckpt_dir="", adapter="", prompt="", template="", max_new_tokens=256
 def chat(argv):
     help_text = __doc__.strip() + "\n\nflags (defaults): " + " ".join(f"--{k} {v!r}" for k, v in FLAGS.items())
     f = {**FLAGS, **(given := parse_flags(argv, FLAGS, help_text, words_ok=False)[1])}  # defaults, then the flags given
-    if "prompt" in given and not f["prompt"].strip():  # e.g. --prompt "$UNSET": not a chat that waits on stdin
-        raise InputError("--prompt: empty (without --prompt, one turn per line of stdin)")
+    if k := next((k for k in ("prompt", "ckpt_dir", "adapter") if k in given and not given[k].strip()), None):  # "$UNSET": not a chat
+        raise InputError(f"--{k}: empty " + ("(without --prompt, one turn per line of stdin)" if k == "prompt" else "(an unset variable?)"))
     for k, lo, hi in (("max_new_tokens", 0, 1e9), ("top_k", 0, 1e9), ("top_p", 0, 1), ("temperature", 0, 1e4), ("seed", 0, 2**63 - 1)):
         if not lo <= f[k] <= hi:  # not NaN either
             raise InputError(f"--{k} must be in [{lo}, {hi:g}], got {f[k]}")

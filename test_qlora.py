@@ -4068,11 +4068,18 @@ def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, expect):
     assert "model " not in r.stdout  # refused before anything was built
 
 
-def test_an_empty_out_dir_is_refused_not_taken_for_the_working_folder():
-    # --out_dir "$OUT" with OUT unset: Path("") is ".", where the run's files would land among the user's
-    with pytest.raises(InputError, match=re.escape("--out_dir must be a folder's name, not empty (. for the working folder), got ") + "$"):
-        TR.resolve({"out_dir": ""}, train_defaults())
-    assert TR.resolve({"out_dir": "."}, train_defaults())["out_dir"] == "."
+def test_an_empty_path_flag_is_refused_not_taken_for_the_flag_left_out(tmp_path, monkeypatch):
+    # --out_dir "$OUT" with OUT unset: Path("") is ".", where the run's files would land among the user's; an empty
+    # --ckpt_dir trained the tiny demo on the user's data, an empty --adapter ran without one, --data "" named no file
+    monkeypatch.chdir(tmp_path)
+    for k in ("out_dir", "ckpt_dir", "adapter", "data"):
+        with pytest.raises(InputError) as e:
+            TR.main([f"--{k}", " " if k == "data" else "", "--max_iters", "1"])
+        assert str(e.value) == f"--{k}: empty (an unset variable?)" + "; . is the working folder" * (k == "out_dir")
+    for k in ("ckpt_dir", "adapter"):  # and in model.py
+        with pytest.raises(InputError, match=re.escape(f"--{k}: empty (an unset variable?)") + "$"):
+            M.chat([f"--{k}=", "--prompt", "x"])
+    assert os.listdir(tmp_path) == [] and TR.resolve({"out_dir": "."}, train_defaults())["out_dir"] == "."
 
 
 def test_data_from_a_pipe_is_refused_before_it_is_read(tmp_path):

@@ -117,7 +117,6 @@ def resolve(given, defaults):  # every default, once: the demo's, then the paper
                         ("merge_base", c["merge_base"] == "nf4" or c["init"] == "checkpoint", "nf4 for a random base (no original weights)"),
                         ("overwrite", not (c["overwrite"] and c["resume"]), "off with --resume, which continues the run"),
                         ("data", os.path.isfile(c["data"]) or not os.path.exists(c["data"]), "a file (not a pipe: it is read twice)"),
-                        ("out_dir", c["out_dir"] != "", "a folder's name, not empty (. for the working folder)"),
                         ("source_max_len", c["source_max_len"] < arch.max_seq_len, f"below the context, {arch.max_seq_len} tokens"),
                         ("lora_r", c["lora_r"] <= max_r, f"at most {max_r} for this architecture (the smaller side of its narrowest adapted layer)"),
                         ("target_max_len", c["source_max_len"] + c["target_max_len"] <= arch.max_seq_len,
@@ -191,8 +190,7 @@ def launch():  # -> (rank, world, local): torchrun's variables, checked; one pro
 
 
 def train(c):
-    ddp = os.environ.get("RANK", "-1") != "-1"  # distributed (torchrun sets RANK), as in nanoGPT
-    rank, world, local = launch()
+    (rank, world, local), ddp = launch(), os.environ.get("RANK", "-1") != "-1"  # ddp: torchrun's (RANK set), as in nanoGPT
     if torch.cuda.is_available():
         if local >= torch.cuda.device_count():  # torchrun: more processes than GPUs
             raise InputError(f"process {local} on this machine would use cuda:{local}; it has {torch.cuda.device_count()} GPU(s)")
@@ -407,6 +405,8 @@ def main(argv):
     help_text = f"{__doc__.strip()}\n\nflags, default, meaning (the tiny demo's own defaults: {demo}):\n{flag_help(__file__, defaults)}"
     master = launch()[0] == 0  # under torchrun, rank 0 alone locks out_dir and speaks
     given = parse_flags(argv, defaults, help_text, words_ok=False)[1]
+    if k := next((k for k in ("data", "out_dir", "ckpt_dir", "adapter") if k in given and not given[k].strip()), None):
+        raise InputError(f"--{k}: empty (an unset variable?){'; . is the working folder' * (k == 'out_dir')}")  # not the flag left out
     if given.get("resume") and (ckpt := Path(given.get("out_dir", defaults["out_dir"]), "ckpt.pt")).is_file():  # the run goes on as it
         ran = {k: v for k, v in read_checkpoint(ckpt, {})["config"].items()  # ran: a flag not given takes ckpt.pt's value, not the
                if k in defaults and k not in {*given, "out_dir", "threads", "overwrite", "export"}}  # default; not what this command
