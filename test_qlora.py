@@ -4062,10 +4062,20 @@ def test_bad_data_gives_one_line_and_exit_2(tmp_path, lines, expect):
     (["--data", "data"], "--data must be a file (not a pipe: it is read twice), got data"),  # a folder
     (["--data", "/nonexistent/d.jsonl"], "error: /nonexistent/d.jsonl: cannot read (No such file or directory)"),  # a typo: not a pipe
 ])
-def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, expect):
-    r = run_train(*args, "--out_dir", tmp_path)
-    assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert "model " not in r.stdout  # refused before anything was built
+def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, expect, train_here, monkeypatch, capsys):
+    assert exit_status(monkeypatch, capsys, TR.main, *args, "--out_dir", tmp_path) == 2  # (train_here: its working folder, threads)
+    out, err = capsys.readouterr()
+    assert expect in err and err.count("\n") == 1 and "model " not in out  # refused before anything was built
+
+
+def exit_status(monkeypatch, capsys, main, *args):
+    # a command's main through run(), as `python X.py args` calls it, in this process -> its exit status (its output
+    # left in capsys); any other exception than run()'s exit (a traceback) fails here
+    monkeypatch.setattr(sys, "argv", ["X.py", *map(str, args)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        files_run(main)
+    return e.value.code
 
 
 def test_an_empty_path_flag_is_refused_not_taken_for_the_flag_left_out(tmp_path, monkeypatch):
@@ -4581,23 +4591,15 @@ def test_help_lists_every_flag_with_default_and_meaning():
     pytest.param(["kernels"], "needs a CUDA GPU", marks=pytest.mark.skipif(CUDA, reason="CPU only")),
 ])
 def test_bench_command_line(args, expect, monkeypatch, capsys):
-    assert bench_here(monkeypatch, capsys, *args) == 2 and expect in (err := capsys.readouterr().err) and err.count("\n") == 1
-
-
-def bench_here(monkeypatch, capsys, *args):  # bench.py's command line in this process -> its exit status (its output left in capsys)
-    monkeypatch.setattr(sys, "argv", ["bench.py", *map(str, args)])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:  # any other exception (a traceback) fails here
-        files_run(B.main)
-    return e.value.code
+    assert exit_status(monkeypatch, capsys, B.main, *args) == 2 and expect in (err := capsys.readouterr().err) and err.count("\n") == 1
 
 
 def test_bench_write_never_replaces_a_checkpoint(tmp_path, monkeypatch, capsys):
     (tmp_path / "params.json").write_text("{}")  # --ckpt_dir's default is where the README puts Meta's download
-    assert bench_here(monkeypatch, capsys, "load", "--write", "tiny", "--ckpt_dir", tmp_path) == 2
+    assert exit_status(monkeypatch, capsys, B.main, "load", "--write", "tiny", "--ckpt_dir", tmp_path) == 2
     assert capsys.readouterr().err == f"error: --ckpt_dir {tmp_path}: not empty; --write makes its random checkpoint in a new or empty folder\n"
     assert os.listdir(tmp_path) == ["params.json"]
-    assert bench_here(monkeypatch, capsys, "load", "--write", "tiny", "--ckpt_dir", tmp_path / "params.json") == 2  # before the build
+    assert exit_status(monkeypatch, capsys, B.main, "load", "--write", "tiny", "--ckpt_dir", tmp_path / "params.json") == 2  # before the build
     assert capsys.readouterr().err == f"error: --ckpt_dir {tmp_path / 'params.json'}: a file; --write makes its random checkpoint in a new or empty folder\n"
     (empty := tmp_path / "empty").mkdir()  # a new or empty folder: written, then loaded
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "load", "--write", "tiny", "--ckpt_dir", empty], cwd=ROOT,
