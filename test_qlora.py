@@ -3125,6 +3125,7 @@ def test_parse_flags_forms(capsys):
         with pytest.raises(SystemExit) as e:
             parse_flags(["--lr", "2", h], d, "the help")
         assert e.value.code == 0 and capsys.readouterr().out == "the help\n"
+    assert parse_flags(["--name", "-h", "a"], d, "the help") == (["a"], {"name": "-h"})  # a value: `--prompt -h` asks about -h
 
 
 def test_flag_help_reads_every_name_of_a_config_line(tmp_path):

@@ -116,12 +116,12 @@ def flag_help(source, defaults):
 
 def parse_flags(argv, defaults, help_text, words_ok=True):
     # -> (words, {flag: value}): --key=value or --key value, typed like its default; words_ok=False: flags only
-    if "--help" in argv or "-h" in argv:
-        print(help_text)
-        sys.exit(0)
     words, given, i = [], {}, 0
     while i < len(argv):
         arg, i = argv[i], i + 1
+        if arg in ("-h", "--help"):  # where a flag may stand: `--prompt -h` asks about -h
+            print(help_text)
+            sys.exit(0)
         key, eq, val = arg[2:].partition("=")
         if not arg.startswith("--"):
             if not words_ok:
