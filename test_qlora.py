@@ -4836,6 +4836,13 @@ def test_a_folder_with_only_tokenizer_json_says_so(tmp_path, meta_ckpt, tokenize
     assert run_chat("--ckpt_dir", hf, "--prompt", "x").stderr == f"error: {hf / 'tokenizer.model'}: tokenizer not found\n"
 
 
+def test_a_tokenizer_in_a_folder_whose_name_is_not_utf8_is_read(tmp_path, tokenizer_file):
+    # a Latin-1 name: Python holds it with a surrogate escape, which sentencepiece refused as a str (a TypeError)
+    (d := Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))).mkdir()
+    shutil.copy(tokenizer_file, d / "tokenizer.model")
+    assert C.Tokenizer(d / "tokenizer.model").encode("the lazy dog") == C.Tokenizer(tokenizer_file).encode("the lazy dog")
+
+
 @pytest.mark.parametrize("content", [b"", b"\x0agarbage" * 50])
 def test_unreadable_tokenizer_is_one_line(tmp_path, meta_ckpt, content):
     d = tmp_path / "7B"

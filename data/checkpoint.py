@@ -34,7 +34,7 @@ class Tokenizer:
             raise InputError(f"{path}: tokenizer not found" + " (only tokenizer.json, which is not read: copy the base's "
                              "tokenizer.model)" * (path.parent / "tokenizer.json").is_file())
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+            self.sp = spm.SentencePieceProcessor(model_file=bytes(path))  # bytes (os.fsencode): a path that is not UTF-8 too
         except (RuntimeError, OSError):  # empty, truncated, or some other file; Llama 3's: tiktoken's "base64 rank" lines
             with open(path, "rb") as f:
                 tiktoken = re.match(rb"[A-Za-z0-9+/]+=* 0\n", f.read(64))
