@@ -4232,7 +4232,8 @@ def test_ddp_two_gloo_processes_match_one(tmp_path, demo_tokenizer):
 @needs_cuda
 def test_more_processes_than_gpus_is_one_line(tmp_path):
     n = torch.cuda.device_count()  # this process would be the (n+1)th on a machine with n GPUs
-    r = run_train(*FAST, "--max_iters", 1, "--out_dir", tmp_path, env={**ENV, "RANK": "0", "LOCAL_RANK": str(n), "WORLD_SIZE": "1"})
+    env = {**ENV, "RANK": "0", "LOCAL_RANK": str(n), "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    r = run_train(*FAST, "--max_iters", 1, "--out_dir", tmp_path, env=env)
     assert r.returncode == 2 and r.stderr.strip() == f"error: process {n} on this machine would use cuda:{n}; it has {n} GPU(s)"
 
 
@@ -4391,7 +4392,7 @@ def test_resume_refuses_a_base_whose_tokenizer_changed(tmp_path, meta_ckpt, trai
     run, _ = train_here
     d, _, args = trained_on_a_copy(tmp_path, meta_ckpt, run)
     C.train_tokenizer([" ".join(reversed(WORDS[i : i + 9])) for i in range(len(WORDS) - 9)] * 3, d / "tokenizer.model", 100)
-    assert "was made with a tokenizer (SHA-1) " in refused(run, capsys, *args, "--max_iters", 2, "--resume", )
+    assert "was made with a tokenizer (SHA-1) " in refused(run, capsys, *args, "--max_iters", 2, "--resume")
 
 
 def test_new_run_into_an_out_dir_holding_one_is_refused(tmp_path, demo_tokenizer, train_here, capsys):
@@ -4455,12 +4456,13 @@ def test_rank_set_by_hand_without_the_rest_of_torchruns_variables_is_one_line(tm
     monkeypatch.setattr(TR.dist, "init_process_group", lambda *a, **kw: pytest.fail("a rendezvous that would wait (6 h)"))
     for env in (dict(RANK="abc"), dict(RANK=0), dict(RANK=0, WORLD_SIZE=1), dict(RANK=0, WORLD_SIZE=1, MASTER_ADDR="h"),
                 dict(RANK=0, WORLD_SIZE=1, MASTER_PORT=1), dict(RANK=2, WORLD_SIZE=2, MASTER_ADDR="h", MASTER_PORT=1),
-                dict(RANK=0, WORLD_SIZE=1, LOCAL_RANK="q", MASTER_ADDR="h", MASTER_PORT=1)):
+                dict(RANK=0, WORLD_SIZE=1, LOCAL_RANK="q", MASTER_ADDR="h", MASTER_PORT=1),
+                dict(RANK="\u00b2", WORLD_SIZE=2, MASTER_ADDR="h", MASTER_PORT=1)):  # a digit to str.isdigit, not to int()
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             monkeypatch.setenv(k, str(env[k])) if k in env else monkeypatch.delenv(k, raising=False)
         err = refused(run, capsys, "--out_dir", tmp_path / "o", "--max_iters", 1)
         assert err.startswith("RANK is set, but not as torchrun sets it (unset it for one process): RANK=") and repr(str(env["RANK"])) in err
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and exit_status(monkeypatch, capsys, TR.main, "--help") == 0  # help still helps
     r = run_train("--out_dir", tmp_path / "o", env={**ENV, "RANK": "0"})  # the command line: exit 2, one line
     assert r.returncode == 2 and r.stderr.startswith("error: RANK is set") and r.stderr.count("\n") == 1 and r.stdout == ""
 

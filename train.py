@@ -179,18 +179,16 @@ def read_checkpoint(path, c, world=0, ck=None):
     return ck
 
 
-def launch():  # -> (rank, world, local): torchrun's variables, checked; one process (0, 1, 0) if RANK is unset or -1, as in nanoGPT
+def launch():  # -> (ddp, rank, world, local): torchrun's variables, checked; RANK unset or -1 is one process, as in nanoGPT
     env = {k: os.environ.get(k, d) for k, d in (("RANK", "-1"), ("WORLD_SIZE", ""), ("LOCAL_RANK", "0"), ("MASTER_ADDR", ""), ("MASTER_PORT", ""))}
-    if env["RANK"] == "-1":
-        return 0, 1, 0
-    if not (all(env[k].isdigit() for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")) and env["MASTER_ADDR"]
-            and int(env["RANK"]) < int(env["WORLD_SIZE"])):  # set by hand, not by torchrun
+    if env["RANK"] != "-1" and not (all(env[k].isascii() and env[k].isdigit() for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"))
+                                    and env["MASTER_ADDR"] and int(env["RANK"]) < int(env["WORLD_SIZE"])):  # set by hand, not by torchrun
         raise InputError("RANK is set, but not as torchrun sets it (unset it for one process): " + " ".join(f"{k}={v!r}" for k, v in env.items()))
-    return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+    return (False, 0, 1, 0) if env["RANK"] == "-1" else (True, *(int(env[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")))
 
 
 def train(c):
-    (rank, world, local), ddp = launch(), os.environ.get("RANK", "-1") != "-1"  # ddp: torchrun's (RANK set), as in nanoGPT
+    ddp, rank, world, local = launch()
     if torch.cuda.is_available():
         if local >= torch.cuda.device_count():  # torchrun: more processes than GPUs
             raise InputError(f"process {local} on this machine would use cuda:{local}; it has {torch.cuda.device_count()} GPU(s)")
@@ -403,8 +401,8 @@ def main(argv):
     defaults = {k: v for k, v in globals().items() if not k.startswith("_") and k.islower() and isinstance(v, (int, float, bool, str))}
     demo = ", ".join(f"--{k} {v}" for k, v in DEMO.items())
     help_text = f"{__doc__.strip()}\n\nflags, default, meaning (the tiny demo's own defaults: {demo}):\n{flag_help(__file__, defaults)}"
-    master = launch()[0] == 0  # under torchrun, rank 0 alone locks out_dir and speaks
     given = parse_flags(argv, defaults, help_text, words_ok=False)[1]
+    master = launch()[1] == 0  # under torchrun, rank 0 alone locks out_dir and speaks
     if k := next((k for k in ("data", "out_dir", "ckpt_dir", "adapter") if k in given and not given[k].strip()), None):
         raise InputError(f"--{k}: empty (an unset variable?){'; . is the working folder' * (k == 'out_dir')}")  # not the flag left out
     if given.get("resume") and (ckpt := Path(given.get("out_dir", defaults["out_dir"]), "ckpt.pt")).is_file():  # the run goes on as it
