@@ -416,6 +416,8 @@ class PagedAdamW(torch.optim.Optimizer):
         # copy the fp32 moments straight into paged memory.
         saved = state_dict["state"]
         steps = {i: {"step": torch.tensor(float(s["step"]))} for i, s in saved.items()}  # all three, or none (no step yet)
+        if not all(st["step"] >= 1 for st in steps.values()):  # NaN or below 1: bias corrections 1 - β^t of 0 or NaN
+            raise ValueError("an optimizer step below 1 (or NaN)")
         super().load_state_dict({**state_dict, "state": steps})
         for i, p in zip([i for g in state_dict["param_groups"] for i in g["params"]], [p for g in self.param_groups for p in g["params"]]):
             for k in ("exp_avg", "exp_avg_sq"):

@@ -4312,18 +4312,21 @@ def test_resume_refuses_a_checkpoint_edited_by_hand(tmp_path, demo_tokenizer, tr
     run(*FAST, "--max_iters", 1, "--out_dir", src)
     ck = torch.load(src / "ckpt.pt", weights_only=True)
     lora, k = ck["lora"], "layers.0.attention.wq.lora_A"
+
+    def state(**edit):  # ckpt.pt's optimizer with every parameter's state edited (None: the entry removed)
+        return {"optimizer": {**ck["optimizer"], "state": {i: {n: v for n, v in {**st, **edit}.items() if v is not None}
+                                                           for i, st in ck["optimizer"]["state"].items()}}}
+
     cases = [({"lora": {n: t for n, t in lora.items() if n != k}}, f"its LoRA weights are not this model's ({k})"),
              ({"lora": {**lora, k: lora[k][:1]}}, f"cannot restore it (Error(s) in loading state_dict for LLaMA: size mismatch for {k}:"),
              ({"optimizer": {}}, "cannot restore it ('state')"),
              ({"optimizer": {**ck["optimizer"], "state": []}}, "cannot restore it ('list' object has no attribute 'items')"),
-             ({"optimizer": {**ck["optimizer"], "state": {i: {k: v for k, v in st.items() if k != "step"}  # (not in the first step)
-                                                          for i, st in ck["optimizer"]["state"].items()}}}, "cannot restore it ('step')"),
-             ({"optimizer": {**ck["optimizer"], "state": {i: {**st, "step": [1]} for i, st in ck["optimizer"]["state"].items()}}},
-              "cannot restore it (float() argument must be"),
-             ({"optimizer": {**ck["optimizer"], "state": {i: {k: v for k, v in st.items() if k != "exp_avg_sq"}
-                                                          for i, st in ck["optimizer"]["state"].items()}}}, "cannot restore it ('exp_avg_sq')"),
-             ({"optimizer": {**ck["optimizer"], "state": {i: {**st, "exp_avg": torch.zeros(1)}  # not broadcast into every moment
-                                                          for i, st in ck["optimizer"]["state"].items()}}}, "cannot restore it (shape "),
+             (state(step=None), "cannot restore it ('step')"),  # (not in the first step: at load)
+             (state(step=[1]), "cannot restore it (float() argument must be"),
+             (state(step=torch.tensor(0.0)), "cannot restore it (an optimizer step below 1 (or NaN))"),
+             (state(step=torch.tensor(float("nan"))), "cannot restore it (an optimizer step below 1 (or NaN))"),
+             (state(exp_avg_sq=None), "cannot restore it ('exp_avg_sq')"),
+             (state(exp_avg=torch.zeros(1)), "cannot restore it (shape "),  # not broadcast into every moment
              ({"rng": [5]}, "cannot restore it ("),
              ({"iter_num": "1"}, "not a checkpoint written by train.py"),
              ({"config": [1]}, "not a checkpoint written by train.py"),
