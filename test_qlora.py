@@ -18,6 +18,7 @@ import stat
 import struct
 import subprocess
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -4071,11 +4072,15 @@ def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, expect, train_here, 
 
 def exit_status(monkeypatch, capsys, main, *args):
     # a command's main through run(), as `python X.py args` calls it, in this process -> its exit status (its output
-    # left in capsys); any other exception than run()'s exit (a traceback) fails here
+    # left in capsys); any other exception than run()'s exit (a traceback) fails here, and so does a warning (which
+    # pytest would keep from stderr)
     monkeypatch.setattr(sys, "argv", ["X.py", *map(str, args)])
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit) as e, warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        warnings.simplefilter("ignore", ResourceWarning)  # (a file closed by the collector: never shown to a user)
         files_run(main)
+    assert not said, [str(w.message) for w in said]
     return e.value.code
 
 
@@ -4386,7 +4391,7 @@ def test_resume_refuses_a_base_whose_params_json_changed(tmp_path, meta_ckpt, tr
     with pytest.raises(InputError) as e:  # after the base's load, before training
         run(*args, "--max_iters", 2, "--resume")
     assert str(e.value) == f"--resume: {out / 'ckpt.pt'}: made for a model with norm_eps 1e-05; this one has 0.001"
-    assert "loaded 2 layers" in capsys.readouterr().err
+    assert all(line.startswith("loaded") for line in re.split("[\r\n]", capsys.readouterr().err.strip()))  # the base's progress
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 1
 
 
@@ -4767,8 +4772,9 @@ def test_train_on_a_checkpoint_and_use_the_exports_from_any_folder(tmp_path, met
     (tmp_path / "hub" / "adapter_config.json").write_text(json.dumps({**conf, "base_model_name_or_path": "meta-llama/Llama-2-7b-hf"}))
     err = refused(run, capsys, "--adapter", tmp_path / "hub", "--out_dir", tmp_path / "o3", "--max_iters", 0)
     assert err == f"--adapter {tmp_path / 'hub'}: its base meta-llama/Llama-2-7b-hf is not a folder here; name one with --ckpt_dir"
-    with pytest.raises(InputError, match=re.escape(err)):  # model.py reads it as train.py does
+    with pytest.raises(InputError) as e:  # model.py reads it as train.py does
         chat_here(monkeypatch, capsys, "--adapter", tmp_path / "hub", "--prompt", "x")
+    assert str(e.value) == err
     assert len(chat_here(monkeypatch, capsys, "--adapter", tmp_path / "hub", "--ckpt_dir", d, "--prompt", "x")[0]) == 1
 
 
