@@ -2510,6 +2510,7 @@ def test_installed_transformers_and_peft_agree(tmp_path, tokenizer_file, arch, k
     (dict(rope_parameters={"rope_type": "linear", "rope_theta": 5e5}), 'rope_parameters {"rope_type": "linear", "rope_theta": 500000.0} is not'),
     (dict(rope_parameters={"rope_theta": 5e5, "partial_rotary_factor": 0.5}), "rope_parameters {"),
     (dict(rope_parameters=[]), "rope_parameters [] is not implemented"),
+    (dict(rope_scaling={"rope_type": ["default"]}), 'rope_scaling {"rope_type": ["default"]} is not implemented'),  # not a TypeError
     (dict(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True}),  # a -bnb-4bit folder: U8 tensors
      "config.json: quantization_config: the weights are quantized already; use the 16-bit original"),
     (dict(rope_parameters={"rope_theta": "5e5"}), 'config.json: rope_parameters: rope_theta must be a positive number, got "5e5"'),

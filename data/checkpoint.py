@@ -281,8 +281,8 @@ def hf_params(c, where):
     c = {k: v for k, v in c.items() if v is not None}  # null: the field's default
     rope = c.get("rope_parameters", {})  # transformers >= 5 keeps θ there: {"rope_type": "default", "rope_theta": θ}
     for key, r in (("rope_scaling", c.get("rope_scaling", {})), ("rope_parameters", rope)):  # "type": older transformers' word
-        kinds = {r.get("rope_type", "default"), r.get("type", "default")} if isinstance(r, dict) else None
-        if kinds != {"default"} or set(r) - {"rope_type", "type", "rope_theta"}:  # default: no scaling, as transformers reads it
+        kinds = (r.get("rope_type", "default"), r.get("type", "default")) if isinstance(r, dict) else None  # (a list there: refused)
+        if kinds != ("default",) * 2 or set(r) - {"rope_type", "type", "rope_theta"}:  # default: no scaling, as transformers reads it
             raise InputError(f"{where}: {key} {json.dumps(r)} is not implemented (only rope_type default)")
     check_fields(rope, f"{where}: rope_parameters", (), floats=("rope_theta",))
     c = {**c, **rope}  # its rope_theta over a top-level one, as transformers reads them
