@@ -902,6 +902,22 @@ def test_paged_adamw_load_state_dict_copies_the_moments():
     assert fresh.memory == opt.memory
 
 
+def test_paged_adamw_load_state_dict_refuses_any_step_below_1():
+    # each parameter's step is checked, not just one of them: a step of 0 among good ones would divide by 1 - β^0 = 0
+    ps = make_params()
+    opt = qlora.PagedAdamW(ps, **HP)
+    for step in range(3):
+        set_grads([ps], step)
+        opt.step()
+    sd = opt.state_dict()
+    assert len(sd["state"]) > 1
+    for bad in (torch.tensor(0.0), torch.tensor(float("nan"))):
+        first = min(sd["state"])
+        edited = {**sd, "state": {i: {**st, "step": bad} if i == first else st for i, st in sd["state"].items()}}
+        with pytest.raises(ValueError, match=re.escape("an optimizer step below 1 (or NaN)")):
+            qlora.PagedAdamW(ps, **HP).load_state_dict(edited)
+
+
 def test_paged_adamw_resume_keeps_fp32_state_for_bf16_params():
     ps = make_params(dtype=torch.bfloat16)
     opt = qlora.PagedAdamW(ps, **HP)
@@ -1715,7 +1731,7 @@ def test_chat_checks_flag_ranges_and_words_before_loading_anything(tmp_path, mon
                          (["--temperature", "20000"], "--temperature must be in [0, 10000], got 20000.0"),
                          (["--seed", "-1"], "--seed must be in [0, 9.22337e+18], got -1"),
                          (["hello"], "unexpected argument 'hello'"),
-                         (["--prompt", " "], "--prompt: empty"), (["--prompt="], "--prompt: empty"),
+                         (["--prompt", " "], "--prompt: empty (without --prompt, one turn per line of stdin)"), (["--prompt="], "--prompt: empty"),
                          (["--ckpt_dir", str(d), "--template", "Alpaca"], "--template: expected alpaca, guanaco or none, got 'Alpaca'"),
                          (["--ckpt_dir", str(d)], f"{d / 'tokenizer.model'}: tokenizer not found"),
                          (["--ckpt_dir", str(d / "typo")], f"--ckpt_dir {d / 'typo'}: not a folder")):
@@ -4311,6 +4327,7 @@ def test_resume_refuses_damaged_or_foreign_checkpoints(tmp_path, train_here, cap
     assert r.returncode == 2 and r.stderr == f"error: {err}\n", r.stderr
 
 
+@pytest.mark.filterwarnings("ignore:Using a non-tuple sequence for multidimensional indexing")  # torch's, on the tensor rng entry
 def test_resume_refuses_a_checkpoint_edited_by_hand(tmp_path, demo_tokenizer, train_here, capsys):
     # this run's own ckpt.pt, edited: one line naming it, never a traceback, never some LoRA silently started afresh
     run, _ = train_here
@@ -4334,6 +4351,7 @@ def test_resume_refuses_a_checkpoint_edited_by_hand(tmp_path, demo_tokenizer, tr
              (state(exp_avg_sq=None), "cannot restore it ('exp_avg_sq')"),
              (state(exp_avg=torch.zeros(1)), "cannot restore it (shape "),  # not broadcast into every moment
              ({"rng": [5]}, "cannot restore it ("),
+             ({"rng": [torch.tensor(5)]}, "cannot restore it (too many indices for tensor"),  # an IndexError
              ({"iter_num": "1"}, "not a checkpoint written by train.py"),
              ({"config": [1]}, "not a checkpoint written by train.py"),
              ({"model_config": [1]}, "not a checkpoint written by train.py"),
@@ -4466,7 +4484,8 @@ def test_rank_set_by_hand_without_the_rest_of_torchruns_variables_is_one_line(tm
     for env in (dict(RANK="abc"), dict(RANK=0), dict(RANK=0, WORLD_SIZE=1), dict(RANK=0, WORLD_SIZE=1, MASTER_ADDR="h"),
                 dict(RANK=0, WORLD_SIZE=1, MASTER_PORT=1), dict(RANK=2, WORLD_SIZE=2, MASTER_ADDR="h", MASTER_PORT=1),
                 dict(RANK=0, WORLD_SIZE=1, LOCAL_RANK="q", MASTER_ADDR="h", MASTER_PORT=1),
-                dict(RANK="\u00b2", WORLD_SIZE=2, MASTER_ADDR="h", MASTER_PORT=1)):  # a digit to str.isdigit, not to int()
+                dict(RANK="\u00b2", WORLD_SIZE=2, MASTER_ADDR="h", MASTER_PORT=1),  # a digit to str.isdigit, not to int()
+                dict(RANK=0, LOCAL_RANK=0, MASTER_ADDR="h", MASTER_PORT=1), dict(RANK=0, WORLD_SIZE="x", MASTER_ADDR="h", MASTER_PORT=1)):
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             monkeypatch.setenv(k, str(env[k])) if k in env else monkeypatch.delenv(k, raising=False)
         err = refused(run, capsys, "--out_dir", tmp_path / "o", "--max_iters", 1)
@@ -4474,6 +4493,17 @@ def test_rank_set_by_hand_without_the_rest_of_torchruns_variables_is_one_line(tm
     assert not (tmp_path / "o").exists() and exit_status(monkeypatch, capsys, TR.main, "--help") == 0  # help still helps
     r = run_train("--out_dir", tmp_path / "o", env={**ENV, "RANK": "0"})  # the command line: exit 2, one line
     assert r.returncode == 2 and r.stderr.startswith("error: RANK is set") and r.stderr.count("\n") == 1 and r.stdout == ""
+
+
+def test_launch_gives_torchruns_rank_world_and_local_rank(monkeypatch):
+    # RANK unset or -1: one process; under torchrun its numbers as given, and LOCAL_RANK when unset is 0 (cuda:0)
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    for env, want in ((dict(), (False, 0, 1, 0)), (dict(RANK=-1), (False, 0, 1, 0)),
+                      (dict(RANK=1, WORLD_SIZE=4, LOCAL_RANK=3, MASTER_ADDR="h", MASTER_PORT=29500), (True, 1, 4, 3)),
+                      (dict(RANK=2, WORLD_SIZE=3, MASTER_ADDR="h", MASTER_PORT=29500), (True, 2, 3, 0))):
+        for k in names:
+            monkeypatch.setenv(k, str(env[k])) if k in env else monkeypatch.delenv(k, raising=False)
+        assert TR.launch() == want, env
 
 
 def test_ctrl_c_in_a_process_other_than_rank_0_exits_130_without_a_word(tmp_path, train_here, monkeypatch, capsys):
@@ -4490,6 +4520,10 @@ def test_ctrl_c_in_a_process_other_than_rank_0_exits_130_without_a_word(tmp_path
     with pytest.raises(SystemExit) as e:
         run("--out_dir", tmp_path / "o", "--max_iters", 1)
     assert e.value.code == 130 and capsys.readouterr() == ("", "") and not (tmp_path / "o").exists()
+    monkeypatch.setenv("RANK", "0")  # rank 0 of the same run says where it stopped
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(KeyboardInterrupt, match="^interrupted at iter 3; no checkpoint yet$"):
+        run("--out_dir", tmp_path / "o", "--max_iters", 1)
 
 
 def test_second_run_on_the_same_out_dir_names_the_holder(tmp_path):
