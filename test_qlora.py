@@ -809,6 +809,14 @@ def set_grads(groups, step):
             p.grad = gr.to(p.dtype).to(p.device)
 
 
+def stepped(ps):  # a PagedAdamW over ps after three steps on set_grads' gradients
+    opt = qlora.PagedAdamW(ps, **HP)
+    for step in range(3):
+        set_grads([ps], step)
+        opt.step()
+    return opt
+
+
 def assert_same(ps, qs):
     for p, q in zip(ps, qs):
         if DEV == "cpu":
@@ -888,10 +896,7 @@ def test_paged_adamw_state_dict_round_trip():
 def test_paged_adamw_load_state_dict_copies_the_moments():
     # the loaded state is the optimizer's own memory: stepping it must not write into the dict it came from
     ps = make_params()
-    opt = qlora.PagedAdamW(ps, **HP)
-    for step in range(3):
-        set_grads([ps], step)
-        opt.step()
+    opt = stepped(ps)
     sd = opt.state_dict()
     before = [opt.state[p]["exp_avg"].clone() for p in ps]
     fresh = qlora.PagedAdamW(ps, **HP)
@@ -905,10 +910,7 @@ def test_paged_adamw_load_state_dict_copies_the_moments():
 def test_paged_adamw_load_state_dict_refuses_any_step_below_1():
     # each parameter's step is checked, not just one of them: a step of 0 among good ones would divide by 1 - β^0 = 0
     ps = make_params()
-    opt = qlora.PagedAdamW(ps, **HP)
-    for step in range(3):
-        set_grads([ps], step)
-        opt.step()
+    opt = stepped(ps)
     sd = opt.state_dict()
     assert len(sd["state"]) > 1
     for bad in (torch.tensor(0.0), torch.tensor(float("nan"))):
@@ -920,10 +922,7 @@ def test_paged_adamw_load_state_dict_refuses_any_step_below_1():
 
 def test_paged_adamw_resume_keeps_fp32_state_for_bf16_params():
     ps = make_params(dtype=torch.bfloat16)
-    opt = qlora.PagedAdamW(ps, **HP)
-    for step in range(3):
-        set_grads([ps], step)
-        opt.step()
+    opt = stepped(ps)
     saved = {id(p): (opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone()) for p in ps}
     opt2 = _round_trip(opt, qlora.PagedAdamW(ps, **HP))
     for p in ps:
