@@ -124,7 +124,7 @@ def write_random_checkpoint(name, d):  # Meta's layout with LLaMA.from_config's 
 
 def load(ckpt_dir, quantize):  # peak host memory: private (anonymous) pages, and the whole resident set incl. the mmap'd file pages
     def status():  # {"RssAnon": bytes, "VmRSS": bytes} from lines like "VmRSS:    123456 kB"
-        return {k: int(v.split()[0]) * 1024 for k, v in (l.split(":", 1) for l in open("/proc/self/status")) if k in ("RssAnon", "VmRSS")}
+        return {k: int(v.split()[0]) * 1024 for k, v in (l.split(":", 1) for l in Path("/proc/self/status").read_text().splitlines()) if k in ("RssAnon", "VmRSS")}
 
     base, peak, done = status()["RssAnon"], {"RssAnon": 0, "VmRSS": 0}, threading.Event()  # base: torch itself
 

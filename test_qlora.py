@@ -4647,9 +4647,10 @@ def test_bench_write_never_replaces_a_checkpoint(tmp_path, monkeypatch, capsys):
     assert exit_status(monkeypatch, capsys, B.main, "load", "--write", "tiny", "--ckpt_dir", tmp_path / "params.json") == 2  # before the build
     assert capsys.readouterr().err == f"error: --ckpt_dir {tmp_path / 'params.json'}: a file; --write makes its random checkpoint in a new or empty folder\n"
     (empty := tmp_path / "empty").mkdir()  # a new or empty folder: written, then loaded
-    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "load", "--write", "tiny", "--ckpt_dir", empty], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120, env=ENV)
+    r = subprocess.run([sys.executable, "-W", "default::ResourceWarning", str(ROOT / "bench.py"), "load", "--write", "tiny", "--ckpt_dir", empty],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)  # -W: a file left to the collector is reported
     assert r.returncode == 0 and f"| {empty} |" in r.stdout and sorted(os.listdir(empty)) == ["consolidated.00.pth", "params.json"], r.stderr
+    assert "Warning" not in r.stderr, r.stderr
 
 
 def test_bench_e2e_runs_past_the_architectures_context():
