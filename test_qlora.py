@@ -3479,6 +3479,18 @@ def write(path, lines):
 def run_prepare(*args):
     return subprocess.run([sys.executable, str(DATA / "prepare.py"), *map(str, args)], capture_output=True, text=True)
 
+def test_a_folder_name_that_is_not_utf8_is_printed_not_a_traceback(tmp_path):
+    # under a UTF-8 locale (en_US.UTF-8) Python's stdout refuses the surrogates that stand for such bytes in a path: the
+    # converted file was written, then "wrote ... to" was a UnicodeEncodeError; and stdout closed (`>&-`) is None, not a stream
+    (d := Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))).mkdir()
+    write(d / "in.jsonl", ['{"instruction": "a", "output": "b"}'])
+    r = subprocess.run([sys.executable, str(DATA / "prepare.py"), "alpaca", d / "in.jsonl", d / "out.jsonl"], capture_output=True,
+                       env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})  # as stdout is under en_US.UTF-8
+    assert r.returncode == 0 and r.stdout == b"wrote 1 examples to " + bytes(d) + b"/out.jsonl, skipped 0\n", r.stderr
+    r = subprocess.run([sys.executable, str(DATA / "prepare.py"), "--lang"], stderr=subprocess.PIPE, preexec_fn=lambda: os.close(1))
+    assert (r.returncode, r.stderr) == (2, b"error: flag --lang needs a value (one that starts with -- is written --lang=VALUE)\n")
+
+
 def test_alpaca_json_array_and_jsonl(tmp_path):
     items = [{"instruction": "Add 2 and 3.", "input": "", "output": "5", "extra": 1},
              {"instruction": "Reverse the words.", "input": "a b", "output": "b a"},

@@ -170,9 +170,8 @@ def hf_permute(w, name, n_heads, n_kv_heads, back=False):
     # other names are returned as they are. For LoRA only B's rows move: W + s·B A permuted = W_perm + s·(B permuted) A.
     if (h := n_heads if "attention.wq" in name else n_kv_heads if "attention.wk" in name else None) is None:
         return w
-    rows = w.shape[0]
-    shape = (h, 2, rows // h // 2, -1) if back else (h, rows // h // 2, 2, -1)
-    return w.reshape(shape).transpose(1, 2).reshape(rows, -1)
+    shape = (h, 2, w.shape[0] // h // 2, -1) if back else (h, w.shape[0] // h // 2, 2, -1)
+    return w.reshape(shape).transpose(1, 2).reshape(w.shape[0], -1)
 
 
 # --- safetensors -------------------------------------------------------------------------------
@@ -224,8 +223,7 @@ META_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple
 def read_params(ckpt_dir, context=None):  # the architecture alone as LLaMAConfig fields: cheap, so defaults are resolved before any weight is read
     d = Path(ckpt_dir)
     if is_hf(d):
-        where = d / "config.json"
-        p = hf_params(raw := read_json(where), where)
+        p = hf_params(raw := read_json(where := d / "config.json"), where)
     else:  # Meta's params.json; Mistral's own download adds hidden_dim (an explicit FFN width), head_dim and sliding_window
         if not (where := d / "params.json").is_file():
             raise InputError(f"{where}: not found (Meta's layout: params.json + consolidated.NN.pth; Hugging Face's: config.json)")

@@ -96,6 +96,8 @@ def locked_dir(d):
 
 
 def run(main):  # every command's one exit path: one line, never a traceback
+    if sys.stdout:  # (None: closed, `>&-`) a path that is not UTF-8 (a Latin-1 folder) is printed as its bytes, not a traceback
+        sys.stdout.reconfigure(errors="surrogateescape")  # (as stdout under the C locale; stderr's own: backslashreplace)
     try:
         main(sys.argv[1:])
     except (InputError, OSError) as e:  # OSError: a folder where a file goes, no permission, ... (the OS's words)
