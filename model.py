@@ -194,7 +194,7 @@ class LLaMA(nn.Module):
         self.register_buffer("rope", cos_sin, persistent=False)  # (2, 2·max_seq_len, head_dim/2): cos, sin
 
     def forward(self, idx, targets=None, start_pos=None):
-        B, T = idx.shape  # idx (B, T) -> logits (B, T, vocab), or with targets (B, T): (None, mean cross-entropy)
+        B, T = idx.shape  # idx (B, T) -> (logits (B, T, vocab) fp32, None), or with targets (B, T): (None, mean cross-entropy)
         p0 = start_pos or 0
         cos, sin = self.rope[:, p0 : p0 + T]
         x = self.tok_embeddings(idx)  # (B, T, dim)

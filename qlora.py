@@ -3,7 +3,7 @@
   1. NF4, the 4-bit NormalFloat data type                      (paper §3, table built in nf4_table.py)
   2. blockwise 4-bit quantization, bit-compatible with bitsandbytes' NF4 format
   3. double quantization of the block constants
-  4. Triton kernels: dequantize, and a fused dequantize-matmul for few rows
+  4. Triton kernels: dequantize, and a fused dequantize-matmul for few rows (off until it wins: FUSED_MAX_M)
   5. the LoRA layer on a frozen 4-bit base
   6. paged AdamW: optimizer state in CUDA unified memory
 
@@ -13,7 +13,7 @@ transposed, flattened row-major and cut into blocks of `blocksize` (64): element
   paper     here              what                                                    shape, dtype
   W^NF4     packed            the NF4 index of each element, two per byte             (⌈numel/2⌉,) uint8
   c2^FP32   c2                first-level constant of each block: its absmax          (n_blocks,) fp32
-  c2^k-bit  c2                with double quantization: c2's 8-bit codes (into DYN8)  (n_blocks,) uint8
+  c2^k-bit  c2                with double quantization: c2^8bit, codes into DYN8      (n_blocks,) uint8
   c1^FP32   c1                second-level constant: absmax of each BLOCKSIZE2 = 256  (⌈n_blocks/256⌉,) fp32
                               consecutive centred c2
   mean      c2_mean           mean(c2^FP32), subtracted before quantizing c2          () fp32
@@ -22,8 +22,8 @@ transposed, flattened row-major and cut into blocks of `blocksize` (64): element
   s         scaling           α / r
 
   doubleDequant(c1, c2, W^NF4) = dequant(dequant(c1, c2), W^NF4) = Ŵ                     (eq. 6)
-      dequant(c1, c2)[b]    = c1[b // 256] · DYN8[c2[b]] + c2_mean     ≈ c2^FP32[b]
-      dequant(c2, W^NF4)[i] = c2^FP32[i // 64] · NF4[W^NF4[i]]         = Ŵ[i]
+      dequant(c1, c2)[b]         = c1[b // 256] · DYN8[c2[b]] + c2_mean  ≈ c2^FP32[b]
+      dequant(c2^FP32, W^NF4)[i] = c2^FP32[i // 64] · NF4[W^NF4[i]]      = Ŵ[i]
 (The paper's constant is the inverse scale, eq. 1; like bitsandbytes we store absmax and multiply.)
 
 The whole method in one equation (eq. 5 with eq. 3's scaling), for one linear layer with input X (…, in):
@@ -48,7 +48,7 @@ from nf4_table import dynamic_map, midpoints, nf4_values
 NF4 = nf4_values()  # (16,) float32
 NF4_MID = midpoints(NF4)  # (15,) decision boundaries, as in bitsandbytes' decision tree
 DYN8 = dynamic_map()  # (256,) signed 8-bit dynamic map, the code of c2^8bit
-DYN8_MID = (DYN8[:-1] + DYN8[1:]) * 0.5  # (255,) float32 midpoints, as bitsandbytes' kernel computes them
+DYN8_MID = midpoints(DYN8)  # (255,) float32, as bitsandbytes' kernel computes them: (a + b) · 0.5, one rounding
 BLOCKSIZE2 = 256  # second-level block: one c1 per 256 values of c2 (the paper's choice, and bitsandbytes')
 
 # -----------------------------------------------------------------------------------------------
@@ -145,13 +145,13 @@ def _dequantize_torch(q, out):
 # 4. Triton kernels. Training is matmul-bound at large M (rows = batch · sequence): there the cheapest route is to
 #    dequantize into a reused 16-bit buffer (one pass, ~4.13 bits read + 16 written per weight) and hand it to cuBLAS.
 #    At small M (decoding) the matmul is bound by reading the weight, so a fused kernel that reads only the 4-bit weight
-#    should win; this one does not yet (README's kernel table, H200: 15-28x slower than dequantize + cuBLAS at M = 1,
-#    slower at every M up to 256), so FUSED_MAX_M, the rows up to which nf4_matmul takes it, is 0.
+#    should win; this one does not yet (README's kernel table: slower than dequantize + cuBLAS at every M measured),
+#    so FUSED_MAX_M, the rows up to which nf4_matmul takes it, is 0.
 
 FUSED_MAX_M = 0
 
 
-def _use_triton(t):  # CUDA tensors; CPU ones under TRITON_INTERPRET=1 (slow; for tests), read per call, but not bf16 (interpreter bug)
+def _use_triton(t):  # CUDA tensors; CPU ones if TRITON_INTERPRET=1 was set before import (@triton.jit reads it then), not bf16
     return t.is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and t.dtype != torch.bfloat16)
 
 
@@ -240,7 +240,7 @@ def _matmul(x, q, transpose, buffer):
     if _use_triton(x2) and x2.shape[0] <= FUSED_MAX_M:
         y = _fused_matmul(x2, q, transpose)
     else:
-        w = dequantize_nf4(q, x.dtype) if buffer is None else buffer.dequantize(q, x.dtype)  # (N, K)
+        w = dequantize_nf4(q, x.dtype) if buffer is None else buffer.dequantize(q, x.dtype)  # Ŵ (out, in)
         y = x2 @ (w if transpose else w.t())
     return y.view(*x.shape[:-1], y.shape[-1])
 
