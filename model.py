@@ -41,8 +41,8 @@ class LLaMAConfig:
     rope_theta: float = 10000.0
     ffn_dim: int = None  # None: Meta's formula (hidden_dim); else an explicit width (HF's intermediate_size)
     tie_embeddings: bool = False  # output head = the embedding (HF's tie_word_embeddings)
-    lora_r: int = 64
-    lora_alpha: float = 16
+    lora_r: int = 64  # the paper's LoRA (§4: r 64, α 16 on every linear layer); train.py's flags default to these
+    lora_alpha: float = 16.0
     lora_dropout: float = 0.1
 
     def __post_init__(self):
