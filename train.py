@@ -261,8 +261,7 @@ def train(c):
             layer.compile()
     if ddp:  # only the LoRA weights are trained; never broadcast the 4-bit buffers
         warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")  # newer torch; its own advice
-        net = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[int(device[5:])] if device.startswith("cuda") else None,
-                                                        broadcast_buffers=False)
+        net = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[local] if device.startswith("cuda") else None, broadcast_buffers=False)
 
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = PagedAdamW(params, lr=c["learning_rate"], betas=(c["beta1"], c["beta2"]), weight_decay=c["weight_decay"])
