@@ -330,8 +330,7 @@ def _read_hf(d, context):
     return params, lambda name: tensors[names[name]], total, str(d)
 
 
-class Progress:
-    # loading a 7B takes minutes: on a terminal one line rewritten in place, else one summary line at the end
+class Progress:  # loading a 7B takes minutes: on a terminal one line rewritten in place, else one summary line at the end
     def __init__(self, verb, n_layers, total, quiet=False):
         self.verb, self.n, self.total, self.done, self.t0 = verb, n_layers, total, 0, time.time()
         self.quiet, self.tty = quiet, not quiet and sys.stderr.isatty()
