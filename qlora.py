@@ -393,8 +393,7 @@ class PagedAdamW(torch.optim.Optimizer):
                     m, v = m.to(p.device, non_blocking=True), v.to(p.device, non_blocking=True)
                 elif p.is_cuda:
                     _prefetch(m, p.device), _prefetch(v, p.device)
-                st["step"] += 1
-                t = st["step"].item()
+                t = st["step"].add_(1).item()
                 g = p.grad.float()  # the gradient itself when it is fp32 already
                 p.mul_(1 - lr * wd)
                 m.lerp_(g, 1 - beta1)
