@@ -419,6 +419,5 @@ class PagedAdamW(torch.optim.Optimizer):
             raise ValueError("an optimizer step below 1 (or NaN)")
         super().load_state_dict({**state_dict, "state": steps})
         for i, p in zip([i for g in state_dict["param_groups"] for i in g["params"]], [p for g in self.param_groups for p in g["params"]]):
-            for k in ("exp_avg", "exp_avg_sq"):
-                if i in saved:  # (reshape: a moment of another size is refused, not broadcast)
-                    self.state[p][k] = self._alloc(p).copy_(saved[i][k].reshape(p.shape))
+            if i in saved:  # (reshape: a moment of another size is refused, not broadcast)
+                self.state[p].update({k: self._alloc(p).copy_(saved[i][k].reshape(p.shape)) for k in ("exp_avg", "exp_avg_sq")})
