@@ -79,8 +79,7 @@ def is_hf(d):  # Hugging Face's layout: config.json and no Meta shards (Mistral'
 def find_tokenizer(ckpt_dir):
     # in the folder (Mistral's from v0.3 on: tokenizer.model.v3); for Meta's layout also one level up, where its download puts it
     d = Path(ckpt_dir)
-    return next((f for p in ((d,) if is_hf(d) else (d, d.parent)) for f in (p / "tokenizer.model", p / "tokenizer.model.v3")
-                 if f.is_file()), None)
+    return next((f for p in ((d,) if is_hf(d) else (d, d.parent)) for f in (p / "tokenizer.model", p / "tokenizer.model.v3") if f.is_file()), None)
 
 
 def random_base(adapter, info, device):
