@@ -116,8 +116,7 @@ def evaluate(model, tok, questions, batch_size, device, max_len, autocast_ctx=No
 
 def summary(it, split, r):
     extra = "".join(f", {r[k]} {what}" for k, what in (("dropped_shots", "shots dropped"), ("cut_prompts", "prompts cut")) if r[k])
-    return (f"iter {it}: mmlu {split} {r['accuracy']:.3f} ({len(r['subjects'])} subjects, {r['questions']} questions, "
-            f"{r['seconds']:.0f} s{extra})")
+    return f"iter {it}: mmlu {split} {r['accuracy']:.3f} ({len(r['subjects'])} subjects, {r['questions']} questions, {r['seconds']:.0f} s{extra})"
 
 
 def append_log(out_dir, split, it, r):
