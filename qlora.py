@@ -398,8 +398,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 p.mul_(1 - lr * wd)
                 m.lerp_(g, 1 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (v.sqrt() / (1 - beta2 ** t) ** 0.5).add_(eps)
-                p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+                p.addcdiv_(m, (v.sqrt() / (1 - beta2 ** t) ** 0.5).add_(eps), value=-lr / (1 - beta1 ** t))
                 if pinned:
                     st["exp_avg"].copy_(m, non_blocking=True), st["exp_avg_sq"].copy_(v, non_blocking=True)
         return loss
