@@ -111,8 +111,7 @@ def check_fields(c, where, need, ints=(), floats=(), bools=()):
     # a config edited by hand: the fields in need present, each field a positive int, positive number or true/false
     if (k := next((k for k in need if k not in c), None)) is not None:
         raise InputError(f"{where}: missing field {k!r}")
-    for keys, types, want in ((ints, (int,), "a positive integer"), (floats, (int, float), "a positive number"),
-                              (bools, (bool,), "true or false")):
+    for keys, types, want in ((ints, (int,), "a positive integer"), (floats, (int, float), "a positive number"), (bools, (bool,), "true or false")):
         for k in keys:
             if k in c and not (type(c[k]) in types and (bool in types or 0 < c[k] < math.inf)):
                 raise InputError(f"{where}: {k} must be {want}, got {json.dumps(c[k])}")
