@@ -77,7 +77,8 @@ def paper_hparams(dim):  # the paper's recipe per size (App. B.2, Guanaco), read
     return dict(learning_rate=1e-4 if big else 2e-4, lora_dropout=0.05 if big else 0.1)
 
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "4090": 165e12}  # dense bf16
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,  # dense bf16, by the
+              "A100": 312e12, "L40S": 362e12, "L40": 181e12, "4090": 165e12}  # first key in the device's name (SXM: "NVIDIA H100 80GB HBM3")
 
 
 def mfu(n_linear, tok_s, device_name):

@@ -1567,8 +1567,10 @@ def test_named_configs_are_the_released_params_and_the_lora_defaults_the_papers(
         assert (cfg.max_seq_len, cfg.vocab_size, cfg.rope_theta) == (context, 32000, 10000.0), name
     cfg = M.LLaMAConfig()  # QLoRA App. B.2: r 64, α 16, dropout 0.1 up to 13B
     assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.norm_eps, cfg.max_seq_len) == (64, 16, 0.1, 1e-5, 2048)
-    # dense bf16 peaks of the data sheets; "L40S" is looked up before "L40", of which it is a longer name
-    for device, peak in (("NVIDIA H200", 989e12), ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA GeForce RTX 4090", 165e12)):
+    assert (TR.lora_r, TR.lora_alpha, type(TR.lora_alpha)) == (64, 16.0, float)  # train.py's flags (typed by their defaults)
+    # dense bf16 peaks of the data sheets; a longer name is looked up before the shorter one it holds ("L40S", "H100 PCIe")
+    for device, peak in (("NVIDIA H200", 989e12), ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA GeForce RTX 4090", 165e12),
+                         ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200 NVL", 835e12)):
         assert M.mfu(1e9, 1e4, device) == f"{100 * 4e13 / peak:.1f}%", device
 
 
