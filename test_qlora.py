@@ -1496,6 +1496,7 @@ def test_tokenizer_without_bos_or_eos_is_refused(tmp_path):
     ("params_latin1", "params.json: invalid JSON (UnicodeDecodeError)"),
     ("not_a_dict", "consolidated.01.pth: not a state dict"),
     ("not_tensors", "consolidated.01.pth: not a state dict"),
+    ("nan_weight", "consolidated.*.pth: layers.1.feed_forward.w1.weight holds NaN or inf"),  # not NaN logits later
 ])
 def test_checkpoint_errors_name_file_and_tensor(tmp_path, meta_ckpt, tokenizer_file, damage, expect):
     src, cfg, weights = meta_ckpt
@@ -1507,7 +1508,7 @@ def test_checkpoint_errors_name_file_and_tensor(tmp_path, meta_ckpt, tokenizer_f
         (d / "consolidated.00.pth").unlink()
     elif damage == "one_shard_only":  # a checkpoint for 2-way model parallelism with a shard lost
         (d / "consolidated.01.pth").unlink()
-    elif damage in ("extra_key", "missing_key", "shards_disagree", "fp8_weights"):
+    elif damage in ("extra_key", "missing_key", "shards_disagree", "fp8_weights", "nan_weight"):
         sd = torch.load(d / "consolidated.01.pth")
         if damage == "shards_disagree":  # the second shard of another model (a smaller vocabulary)
             sd["tok_embeddings.weight"] = sd["tok_embeddings.weight"][:100].clone()
@@ -1515,6 +1516,8 @@ def test_checkpoint_errors_name_file_and_tensor(tmp_path, meta_ckpt, tokenizer_f
             sd["layers.0.attention.bias"] = torch.zeros(1)
         elif damage == "fp8_weights":  # Llama-3.1-405B-FP8's FFN, its scales in another file: never cast without them
             sd["layers.1.feed_forward.w1.weight"] = sd["layers.1.feed_forward.w1.weight"].to(torch.float8_e4m3fn)
+        elif damage == "nan_weight":  # one weight in the second shard
+            sd["layers.1.feed_forward.w1.weight"][3, 5] = float("nan")
         else:
             del sd["layers.1.ffn_norm.weight"]
         torch.save(sd, d / "consolidated.01.pth")
@@ -2593,6 +2596,14 @@ def test_hf_unsupported_is_one_line_before_any_weight_is_read(tmp_path, meta_ckp
     with pytest.raises(InputError, match=re.escape(expect)) as e:
         M.LLaMA.from_checkpoint(hf, dtype=torch.float32, context=100, progress=False)
     assert "\n" not in str(e.value)
+
+
+def test_an_inf_in_a_checkpoint_is_named_by_the_files_tensor_name(tmp_path, meta_ckpt, tokenizer_file):
+    # a damaged weight (NaN or inf), in HF's layout named as there: before, NF4 stored it as 0 and a 16-bit one gave NaN logits
+    _, cfg, weights = meta_ckpt
+    hf = write_hf(tmp_path / "hf", cfg, {**weights, "norm.weight": torch.full((cfg.dim,), float("inf"))}, tokenizer_file)
+    with pytest.raises(InputError, match=re.escape(f"{hf}: model.norm.weight holds NaN or inf")):
+        M.LLaMA.from_checkpoint(hf, dtype=torch.float32, progress=False)
 
 
 def test_config_files_saved_as_utf16_are_read(tmp_path, meta_ckpt, tokenizer_file):
