@@ -282,7 +282,7 @@ def train(c):
         iter_num = saved = ck["iter_num"]
         if master:
             print(f"resumed from {ckpt_path} at iter {iter_num}")
-        del ck  # unmaps the file
+        del ck, info  # unmaps the file (info: the same dict)
 
     orders = {}
 
