@@ -5,7 +5,7 @@
   python bench.py load --ckpt_dir DIR [--write 7B]   # load time and peak memory (--write: first a random Meta checkpoint in a new DIR)
 
 Memory is reported two ways: the caching allocator's peak (torch.cuda.max_memory_allocated) and the
-device-level peak (total minus free, from cudaMemGetInfo), which also counts the paged optimizer state
+device-level peak (free before the model minus free, from cudaMemGetInfo), which also counts the paged optimizer state
 that lives in unified memory while it is resident on the GPU.
 """
 import threading
@@ -25,7 +25,7 @@ from data.files import InputError, atomic_save, atomic_write_bytes, flag_help, p
 from model import CONFIGS, LLaMA, LLaMAConfig, mfu, paper_hparams
 
 # --- flags: python bench.py kernels|e2e|load [--name value] ------------------------------------
-ckpt_dir = "checkpoints/7B"  # load: the Meta checkpoint folder
+ckpt_dir = "checkpoints/7B"  # load: the checkpoint folder (Meta's or HF's layout)
 write = ""  # load: first write a random checkpoint of this architecture (7B, 13B, ...) into --ckpt_dir, a new or empty folder
 model = "7B"  # e2e: the architecture, random weights (on a CPU, only when named)
 batch = 2  # e2e: sequences per step
@@ -66,11 +66,11 @@ def kernels():
             dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
             x = cycle(xs).__next__  # x(): the next input in turn, so small cases are not timed out of L2
             dense, ours = ms(lambda: x() @ w.t()), ms(lambda: qlora.nf4_matmul(x(), q, buf))
-            fused = ms(lambda: qlora._fused_matmul(x().detach(), q, False)) if m <= 256 else float("nan")
+            fused = f"{ms(lambda: qlora._fused_matmul(x().detach(), q, False)):.4f}" if m <= 256 else "-"  # (too slow above)
             route = ms(lambda: x().detach() @ buf.dequantize(q, torch.bfloat16).t())
             dense_fb = ms(lambda: torch.autograd.grad(x() @ w.t(), xs, dy, allow_unused=True))
             ours_fb = ms(lambda: torch.autograd.grad(qlora.nf4_matmul(x(), q, buf), xs, dy, allow_unused=True))
-            print(f"| {n}x{k} | {m} | {dense:.4f} | {ours:.4f} | {ours / dense:.2f} | {fused:.4f} | {route:.4f} | "
+            print(f"| {n}x{k} | {m} | {dense:.4f} | {ours:.4f} | {ours / dense:.2f} | {fused} | {route:.4f} | "
                   f"{dense_fb:.4f} | {ours_fb:.4f} | {ours_fb / dense_fb:.2f} |")
 
 

@@ -34,7 +34,7 @@ from qlora import LoRALinear, PagedAdamW
 
 # -----------------------------------------------------------------------------------------------
 # config
-model = "tiny"  # checkpoints/NAME (Meta layout), or a named architecture with --init random
+model = "tiny"  # checkpoints/NAME (Meta's or HF's layout), or a named architecture with --init random
 ckpt_dir = ""  # a checkpoint folder, Meta's or Hugging Face's layout; overrides --model's folder
 adapter = ""  # start from these LoRA weights: an adapter.pt or a peft folder (their r and α replace --lora_r/--lora_alpha)
 init = ""  # "checkpoint" or "random" ("": random for the tiny demo, checkpoint otherwise)
@@ -61,7 +61,7 @@ grad_checkpoint = True  # recompute each block in backward instead of storing it
 compile = False  # torch.compile each block
 threads = 0  # CPU threads (0: 1 for the tiny demo unless OMP_NUM_THREADS is set, else torch's default)
 seed = 0  # weights of --init random, LoRA init, data order, dropout
-resume = False  # continue from out_dir/ckpt.pt exactly where it stopped, with its settings (flags given win; not --threads, --export)
+resume = False  # continue out_dir/ckpt.pt exactly where it stopped, with its settings (a flag given wins where its run allows; --threads, --export: this one's)
 export = ""  # after training, comma-separated: "merged" (16-bit, Meta's layout), "merged_hf" (Hugging Face's), "peft" (HF adapter)
 merge_base = "nf4"  # the merged exports' base: "nf4" (the dequantized 4-bit base that was trained) or "original" (16-bit)
 mmlu = ""  # an MMLU folder (dev/ val/ test/ CSVs, or five_shot_mmlu_*.json): 5-shot accuracy at every evaluation

@@ -2,7 +2,7 @@
 
 Every error a user can cause (a bad flag, a malformed line, a checkpoint that is not one, a full disk) is
 an InputError: one line naming the file, line or flag, printed by run() instead of a traceback, exit status 2.
-Every file the project writes goes through atomic_write: beside the target, fsync, rename, so a
+Every file the project writes (but out_dir/.lock) goes through atomic_write: beside the target, fsync, rename, so a
 crash or a power loss leaves either the old file or the new one under the real name, never half.
 """
 import errno
