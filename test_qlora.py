@@ -4969,7 +4969,8 @@ def train_here(monkeypatch, capsys):
 
         def step(self):
             grads = [p.grad.flatten() for g in self.param_groups for p in g["params"] if p.grad is not None]
-            rec.steps.append(dict(lr=self.param_groups[0]["lr"], gnorm=torch.cat(grads).double().norm().item()))
+            rec.steps.append(dict(lr=self.param_groups[0]["lr"], gnorm=torch.cat(grads).double().norm().item(),
+                                  mapped="/ckpt.pt" in Path("/proc/self/maps").read_text()))  # a resumed ckpt.pt, still mapped
             return super().step()
 
     def get_batch(examples, idx):  # validation reads ranges of val_set, training lists of train_set indices
@@ -5075,6 +5076,7 @@ def test_train_lr_warms_up_linearly_then_stays_and_resume_continues_it(tmp_path,
     assert [m[2] for m in LOG_LINE.findall(out)] == [f"{lr:.2e}" for lr in want]
     assert rec.opt == dict(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.01)
     assert all(s["gnorm"] == pytest.approx(1e-3, rel=1e-3) for s in rec.steps)  # clipped (the raw norms are far larger)
+    assert not any(s["mapped"] for s in rec.steps)  # restored, ckpt.pt is let go (about 2 GB of a 7B run's memory map)
     rec.steps.clear()
     run(*FAST, "--learning_rate", 1e-3, "--warmup_iters", 0, "--max_iters", 2, "--out_dir", d, "--overwrite")
     assert [s["lr"] for s in rec.steps] == [1e-3, 1e-3]
