@@ -3,6 +3,7 @@ import torch  # only to ask about CUDA
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # run the Triton kernels on the CPU
 
+import contextlib
 import csv
 import ctypes
 import datetime
@@ -3512,6 +3513,9 @@ def test_a_folder_name_that_is_not_utf8_is_printed_not_a_traceback(tmp_path):
     assert r.returncode == 0 and r.stdout == b"wrote 1 examples to " + bytes(d) + b"/out.jsonl, skipped 0\n", r.stderr
     r = subprocess.run([sys.executable, str(DATA / "prepare.py"), "--lang"], stderr=subprocess.PIPE, preexec_fn=lambda: os.close(1))
     assert (r.returncode, r.stderr) == (2, b"error: flag --lang needs a value (one that starts with -- is written --lang=VALUE)\n")
+    with contextlib.redirect_stdout(io.StringIO()) as s:  # called from Python with a stream of its own (a notebook's, IDLE's)
+        files_run(lambda argv: print("hello"))
+    assert s.getvalue() == "hello\n"
 
 
 def test_alpaca_json_array_and_jsonl(tmp_path):

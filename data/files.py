@@ -96,8 +96,8 @@ def locked_dir(d):
 
 
 def run(main):  # every command's one exit path: one line, never a traceback
-    if sys.stdout:  # (None: closed, `>&-`) a path that is not UTF-8 (a Latin-1 folder) is printed as its bytes, not a traceback
-        sys.stdout.reconfigure(errors="surrogateescape")  # (as stdout under the C locale; stderr's own: backslashreplace)
+    if hasattr(sys.stdout, "reconfigure"):  # (not None: closed, `>&-`; not a StringIO) a path that is not UTF-8 (a Latin-1 folder)
+        sys.stdout.reconfigure(errors="surrogateescape")  # is printed as its bytes, as under the C locale, not a traceback
     try:
         main(sys.argv[1:])
     except (InputError, OSError) as e:  # OSError: a folder where a file goes, no permission, ... (the OS's words)
