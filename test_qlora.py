@@ -3144,7 +3144,7 @@ def test_locked_dir_says_the_os_error_for_a_link_loop_above_the_lock(tmp_path):
 def test_run_turns_ctrl_c_into_its_own_line_and_exit_130(capsys):
     # the interrupt's own message (where it stopped, what is kept), or "interrupted" when it has none; exit status 130
     for args, err in ((("interrupted at iter 4; --resume continues",), "interrupted at iter 4; --resume continues\n"),
-                      ((), "interrupted\n")):
+                      ((), "interrupted\n"), (("last checkpoint: o\nut/ckpt.pt",), "last checkpoint: o\\nut/ckpt.pt\n")):  # still one line
         def stop(argv, args=args):
             raise KeyboardInterrupt(*args)
         with pytest.raises(SystemExit) as e:
@@ -4118,6 +4118,7 @@ def test_bad_data_gives_one_line_and_exit_2(tmp_path, lines, expect):
     (["--adapter", "/nonexistent/adapter.pt"], "/nonexistent/adapter.pt: adapter not found"),
     (["--data", "data"], "--data must be a file (not a pipe: it is read twice), got data"),  # a folder
     (["--data", "/nonexistent/d.jsonl"], "error: /nonexistent/d.jsonl: cannot read (No such file or directory)"),  # a typo: not a pipe
+    (["--data", "/nonexistent/d\n.jsonl"], "error: /nonexistent/d\\n.jsonl: cannot read (No such"),  # a newline in a name: still one line
 ])
 def test_bad_flags_give_one_line_and_exit_2(tmp_path, args, expect, train_here, monkeypatch, capsys):
     assert exit_status(monkeypatch, capsys, TR.main, *args, "--out_dir", tmp_path) == 2  # (train_here: its working folder, threads)

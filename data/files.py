@@ -101,10 +101,11 @@ def run(main):  # every command's one exit path: one line, never a traceback
     try:
         main(sys.argv[1:])
     except (InputError, OSError) as e:  # OSError: a folder where a file goes, no permission, ... (the OS's words)
-        print(f"error: {e.filename}: {e.strerror}" if getattr(e, "filename", None) else f"error: {e}", file=sys.stderr)
+        line = f"error: {e.filename}: {e.strerror}" if getattr(e, "filename", None) else f"error: {e}"
+        print(line.replace("\n", "\\n"), file=sys.stderr)  # a newline in a path (or in a file's text) shown as \n: still one line
         sys.exit(2)
     except KeyboardInterrupt as e:  # Ctrl-C: the interrupt's own message (where it stopped, what is kept)
-        print(e.args[0] if e.args else "interrupted", file=sys.stderr)
+        print(e.args[0].replace("\n", "\\n") if e.args else "interrupted", file=sys.stderr)
         sys.exit(130)
 
 
