@@ -8,6 +8,7 @@ import csv
 import ctypes
 import datetime
 import errno
+import fcntl
 import io
 import json
 import math
@@ -1433,6 +1434,16 @@ def test_tokenizer_special_ids(tokenizer_file):
     assert ids[0] == 1 and ids[-1] == 2 and tok.decode(ids) == "the lazy dog"
 
 
+def test_tokenizer_decode_drops_only_ids_past_the_vocabulary(tokenizer_file):
+    # a model's embedding may be padded past the tokenizer: ids of those rows are dropped; every id of the tokenizer,
+    # the unknown token 0 among them, is decoded as sentencepiece decodes it
+    tok = C.Tokenizer(tokenizer_file)
+    ids = tok.encode("the lazy dog")
+    assert tok.decode([0]) == tok.sp.decode([0]) != ""
+    assert tok.decode(ids + [tok.n_words, tok.n_words + 7]) == tok.decode(ids) == "the lazy dog"
+    assert tok.decode([0] + ids) == tok.sp.decode([0] + ids)
+
+
 def test_train_tokenizer_reads_texts_longer_than_sentencepieces_default(tmp_path):
     # sentencepiece skips texts over 4192 bytes unless told: whole long examples were lost (all of them: no tokenizer)
     texts = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(800)) + f" Ω{i}" for i in range(8)]
@@ -1547,6 +1558,43 @@ def test_checkpoint_errors_name_file_and_tensor(tmp_path, meta_ckpt, tokenizer_f
         torch.save([1, 2] if damage == "not_a_dict" else {"tok_embeddings.weight": 3}, d / "consolidated.01.pth")
     with pytest.raises(InputError, match=re.escape(expect.replace("(V,", f"({cfg.vocab_size},"))):
         M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, tokenizer=d / "tokenizer.model" if damage == "tokenizer_vocab" else None)
+
+
+def test_a_zip_archive_that_torch_save_did_not_write_is_refused_as_such(tmp_path):
+    # an empty zip archive (PK\x05\x06...) starts like a zip but not like torch.save's (PK\x03\x04): not its format,
+    # rather than "truncated or damaged"
+    f = tmp_path / "consolidated.00.pth"
+    with __import__("zipfile").ZipFile(f, "w"):
+        pass
+    assert f.read_bytes()[:4] == b"PK\x05\x06"
+    with pytest.raises(InputError, match=re.escape(f"{f}: not in torch.save's zip format") + "$"):
+        C.torch_load(f)
+
+
+def test_shards_of_different_models_are_named_so_with_the_tokenizer_beside_them(tmp_path, meta_ckpt, tokenizer_file):
+    # the vocabulary is the first shard's embedding: a second shard of another model (fewer rows) is the fault named,
+    # not the tokenizer that fits the first
+    src, cfg, _ = meta_ckpt
+    d = tmp_path / "ckpt"
+    shutil.copytree(src, d)
+    shutil.copy(tokenizer_file, d / "tokenizer.model")
+    sd = torch.load(d / "consolidated.01.pth")
+    torch.save({**sd, "tok_embeddings.weight": sd["tok_embeddings.weight"][:100].clone()}, d / "consolidated.01.pth")
+    with pytest.raises(InputError, match=re.escape(f"tok_embeddings.weight has shapes [({cfg.vocab_size}, 32), (100, 32)] in its "
+                                                   "shards: they do not fit")):
+        M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=0, progress=False)
+
+
+def test_a_tokenizer_one_token_larger_than_the_embedding_is_refused(tmp_path, tokenizer_file):
+    # an id past the embedding's rows would index out of it: one token too many is refused as well as many
+    n = C.Tokenizer(tokenizer_file).n_words
+    cfg = M.LLaMAConfig(**SMALL, vocab_size=n - 1)
+    d = write_meta_checkpoint(tmp_path / "m", cfg, meta_weights(cfg), n_shards=1)
+    with pytest.raises(InputError, match=re.escape(f"{tokenizer_file}: tokenizer has {n} tokens, the checkpoint's embedding has {n - 1}")):
+        C.open_checkpoint(d, tokenizer=tokenizer_file, progress=False)
+    cfg = M.LLaMAConfig(**SMALL, vocab_size=n)
+    d = write_meta_checkpoint(tmp_path / "same", cfg, meta_weights(cfg), n_shards=1)
+    assert C.open_checkpoint(d, tokenizer=tokenizer_file, progress=False)[0]["vocab_size"] == n
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -2067,6 +2115,26 @@ def test_safetensors_reader_reads_unaligned_tensors_and_names_bad_offsets(tmp_pa
         C.read_safetensors(f)
 
 
+def test_safetensors_offsets_before_the_data_are_refused(tmp_path):
+    # data_offsets count from the end of the header: a negative begin would read the header's own bytes as a tensor
+    f = tmp_path / "a.safetensors"
+    for offsets in ([-4, 0], [-8, -4]):
+        raw_safetensors(f, {"x": {"dtype": "F32", "shape": [1], "data_offsets": offsets}}, bytes(8))
+        with pytest.raises(InputError, match=re.escape("tensor 'x': data_offsets disagree with its shape or the file size")):
+            C.read_safetensors(f)
+
+
+def test_safetensors_file_whose_tensors_hold_no_bytes_is_read(tmp_path):
+    # a header that reaches the end of the file is whole: empty tensors (or none) have no data after it
+    f = tmp_path / "e.safetensors"
+    C.save_safetensors({"e": torch.zeros(0), "f": torch.zeros(2, 0, dtype=torch.float16)}, f)
+    assert struct.unpack("<Q", f.read_bytes()[:8])[0] == f.stat().st_size - 8
+    got = C.read_safetensors(f)
+    assert (got["e"].shape, got["f"].shape, got["f"].dtype) == ((0,), (2, 0), torch.float16)
+    C.save_safetensors({}, f)
+    assert C.read_safetensors(f) == {}
+
+
 def test_safetensors_writer_pads_the_header_and_keeps_the_metadata(tmp_path, meta_ckpt):
     # every header length (names of 1..8 characters): padded to 8, so tensors start aligned; peft's export says
     # format "pt", which transformers' loader asks of a safetensors file
@@ -2126,6 +2194,24 @@ def test_config_json_defaults_are_transformers_and_params_json_fields_are_checke
     # params.json: multiple_of is an integer like the other sizes (a width is rounded up to a multiple of it)
     (tmp_path / "params.json").write_text(json.dumps({**json.loads((src / "params.json").read_text()), "multiple_of": 32.5}))
     with pytest.raises(InputError, match="params.json: multiple_of must be a positive integer, got 32.5"):
+        C.read_params(tmp_path)
+
+
+def test_an_infinite_size_in_params_json_or_config_json_is_refused(tmp_path, meta_ckpt):
+    # JSON's Infinity (which Python's json reads and writes) is no positive number to compute with
+    src = meta_ckpt[0]
+    (tmp_path / "params.json").write_text(json.dumps({**json.loads((src / "params.json").read_text()), "norm_eps": math.inf}))
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'params.json'}: norm_eps must be a positive number, got Infinity")):
+        C.read_params(tmp_path)
+    need = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100, intermediate_size=172)
+    with pytest.raises(InputError, match=re.escape("config.json: rope_theta must be a positive number, got Infinity")):
+        C.hf_params({**need, "rope_theta": math.inf}, "config.json")
+
+
+def test_a_config_json_nested_too_deep_is_one_line(tmp_path):
+    # deeper than json's recursion limit: an invalid file like any other, not a RecursionError's traceback
+    (tmp_path / "config.json").write_bytes(b'{"hidden_size": ' + b"[" * 100_000)
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'config.json'}: invalid JSON (RecursionError)")):
         C.read_params(tmp_path)
 
 
@@ -2342,6 +2428,24 @@ def test_progress_line_counts_layers_from_one_and_estimates_the_rest(monkeypatch
     p = C.Progress("loaded", 2, 4e9)
     p.step("layers.0.attention.wq.weight", 1e9)  # a quarter in 10 s: 30 s to go
     assert err.getvalue() == "\rloaded: layer 1/2, 1.0/4.0 GB, 10s, eta 30s\033[K"
+
+
+def test_progress_line_puts_the_embedding_at_layer_0_and_the_final_norm_and_head_at_the_last(monkeypatch):
+    class Clock:  # checkpoint.py's time module: 10 s per call
+        t = iter(range(0, 1000, 10))
+
+        def time(self):
+            return float(next(self.t))
+
+    monkeypatch.setattr(C, "time", Clock())
+    err = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    p = C.Progress("loaded", 3, 5e9)
+    seen = []
+    for name in ("tok_embeddings.weight", "layers.2.feed_forward.w2.weight", "norm.weight", "output.weight"):
+        p.step(name, 1e9)
+        seen.append(re.findall(r"layer (\d+/\d+)", err.getvalue())[-1])
+    assert seen == ["0/3", "3/3", "3/3", "3/3"]
 
 
 ST = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -2617,6 +2721,15 @@ def test_an_inf_in_a_checkpoint_is_named_by_the_files_tensor_name(tmp_path, meta
     assert (M.LLaMA.from_checkpoint(big, quantize=False, dtype=torch.float16, progress=False).norm.weight == 2048).all()
 
 
+def test_a_weight_of_another_shape_in_hf_layout_is_named_by_the_files_tensor_name(tmp_path, meta_ckpt, tokenizer_file):
+    # a config.json that disagrees with the weights: the tensor named as the user finds it in model.safetensors
+    _, cfg, weights = meta_ckpt
+    hf = write_hf(tmp_path / "hf", cfg, weights, tokenizer_file, config=hf_config(cfg, vocab_size=cfg.vocab_size + 8))
+    with pytest.raises(InputError, match=re.escape(f"{hf}: model.embed_tokens.weight has shape ({cfg.vocab_size}, 64), config.json "
+                                                   f"implies ({cfg.vocab_size + 8}, 64) (missing shard or wrong config.json?)")):
+        M.LLaMA.from_checkpoint(hf, quantize=False, dtype=torch.float32, lora_r=0, progress=False)
+
+
 def test_config_files_saved_as_utf16_are_read(tmp_path, meta_ckpt, tokenizer_file):
     # some Windows editors save JSON as UTF-16 with a byte-order mark; json reads it from the bytes
     src, cfg, weights = meta_ckpt
@@ -2787,6 +2900,18 @@ def test_merged_export_on_the_original_16bit_base(tmp_path, meta_ckpt, tokenizer
     for out in ("merged", "merged_hf"):
         back = M.LLaMA.from_checkpoint(tmp_path / out, quantize=False, dtype=torch.float32, tokenizer=tokenizer_file, lora_r=0, progress=False)
         assert rel_err(back(idx)[0], reference_forward(ref, cfg, idx)) < 1e-4
+
+
+def test_merged_export_of_a_16bit_model_records_its_base_as_loaded(tmp_path, meta_ckpt):
+    # merge.json says which W0 the merge used: a model loaded in 16/32 bits (no NF4 rounding) merged onto its own weights
+    d, cfg, weights = meta_ckpt
+    net = with_random_adapter(M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=2, lora_alpha=4, progress=False))
+    C.export_merged(net, tmp_path / "m", dtype=torch.float32, progress=False)
+    merge = json.loads((tmp_path / "m" / "merge.json").read_text())
+    assert (merge["base"], merge["base_dir"], merge["dtype"], merge["lora_r"], merge["lora_alpha"]) == ("as-loaded", None, "float32", 2, 4)
+    sd = torch.load(tmp_path / "m" / "consolidated.00.pth", weights_only=True)
+    ref = merged_weights(weights, net)
+    assert all(torch.allclose(sd[k], ref[k].float(), atol=1e-6) for k in ref)
 
 
 class FakeTerminal(io.StringIO):
@@ -3096,6 +3221,18 @@ def test_disk_full_message_sizes_and_a_full_disk_under_another_error(tmp_path):
         assert list(tmp_path.iterdir()) == []
 
 
+def test_disk_full_message_counts_the_tensors_inside_lists_and_tuples(tmp_path, monkeypatch):
+    # a checkpoint's optimizer state and rng states keep tensors in lists and tuples: they count toward the size said
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    target, real_open = tmp_path / "ckpt.pt", os.open
+    monkeypatch.setattr(os, "open", lambda p, *a: real_open("/dev/full", os.O_WRONLY) if p == tmp_path / ".ckpt.pt.tmp" else real_open(p, *a))
+    ck = {"rng": [torch.zeros(250_000), 5], "groups": ({"w": torch.zeros(250_000)}, [(torch.zeros(250_000),)]), "iter": 3}
+    with pytest.raises(InputError) as e:
+        atomic_save(ck, target)
+    assert str(e.value) == f"no space left on device writing {target} (needs ~3 MB)"
+
+
 def test_locked_dir_pid_reuse_of_a_folder_and_cleanup(tmp_path):
     d = tmp_path / "o"
     d.mkdir()
@@ -3141,6 +3278,26 @@ def test_locked_dir_says_the_os_error_for_a_link_loop_above_the_lock(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["loop"] and (tmp_path / "loop").is_symlink()
 
 
+def test_locked_dir_refuses_a_lock_file_its_holder_removed_between_our_open_and_our_lock(tmp_path, monkeypatch):
+    # the run holding the folder ends (removing .lock) after our open and before our lock: the file we would lock is
+    # gone from the folder, and a third run may hold a new .lock there, so the folder is in use; a holder that had not
+    # written its pid yet is shown as "?"
+    d = tmp_path / "o"
+    d.mkdir()
+    (d / ".lock").write_text("")
+    real_flock = fcntl.flock
+
+    def holder_ends_first(fd, op):
+        (d / ".lock").unlink(missing_ok=True)
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", holder_ends_first)
+    with pytest.raises(InputError, match=re.escape(f"--out_dir {d}: in use by another run (pid ?); wait for it or choose another --out_dir")):
+        with locked_dir(d):
+            pass
+    assert d.is_dir() and not any(d.iterdir())
+
+
 def test_run_turns_ctrl_c_into_its_own_line_and_exit_130(capsys):
     # the interrupt's own message (where it stopped, what is kept), or "interrupted" when it has none; exit status 130
     for args, err in ((("interrupted at iter 4; --resume continues",), "interrupted at iter 4; --resume continues\n"),
@@ -3167,6 +3324,13 @@ def test_parse_flags_forms(capsys):
             parse_flags(["--lr", "2", h], d, "the help")
         assert e.value.code == 0 and capsys.readouterr().out == "the help\n"
     assert parse_flags(["--name", "-h", "a"], d, "the help") == (["a"], {"name": "-h"})  # a value: `--prompt -h` asks about -h
+
+
+def test_parse_flags_reads_true_and_false_words_in_any_case():
+    d = {"compile": False, "quantize": True}
+    for words, want in ((("True", "FALSE"), (True, False)), (("YES", "No"), (True, False)), (("tRuE", "0"), (True, False))):
+        got = parse_flags([f"--compile={words[0]}", "--quantize", words[1]], d, "")[1]
+        assert (got["compile"], got["quantize"]) == want
 
 
 def test_flag_help_reads_every_name_of_a_config_line(tmp_path):
