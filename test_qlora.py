@@ -3391,6 +3391,13 @@ def test_mmlu_json_of_another_split_and_the_first_questions_of_each_subject_wher
         "a 0\nAnswer:", "a 1\nAnswer:", "b 0\nAnswer:", "b 1\nAnswer:"]
 
 
+def test_mmlu_a_folder_named_like_the_json_file_is_passed_over_for_the_csvs(tmp_path, mmlu_dirs):
+    # five_shot_mmlu_val.json is read where it is a file; a folder of that name beside dev/ and val/ is not it
+    shutil.copytree(mmlu_dirs[0], tmp_path / "mmlu")
+    (tmp_path / "mmlu" / "five_shot_mmlu_val.json").mkdir()
+    assert MM.read_mmlu(tmp_path / "mmlu") == MM.read_mmlu(mmlu_dirs[0])
+
+
 def test_mmlu_cut_prompts_counted_and_summarized(mmlu_dirs, mmlu_tok):
     class Flat(torch.nn.Module):  # every letter equally likely: argmax picks "A"
         def forward(self, idx):
@@ -3652,6 +3659,15 @@ def test_group_by_length_and_deterministic_order():
     assert padding(grouped) < 0.2 * padding(P.batch_order(lengths, 0, 4, 0, group_by_length=False))
 
 
+def test_group_by_length_sorts_windows_of_64_micro_batches():
+    # 128 examples in micro-batches of 2 fill one window of 64 micro-batches: it is sorted by length as a whole, so each
+    # micro-batch holds two neighbours in the length order of all 128 (windows of 64 examples would pair within halves)
+    lengths = (torch.randperm(128, generator=torch.Generator().manual_seed(1)) + 100).tolist()
+    for seed in range(3):
+        mbs = P.batch_order(lengths, 0, micro_batch=2, seed=seed)
+        assert sorted(sorted(lengths[i] for i in mb) for mb in mbs) == [[100 + 2 * k, 101 + 2 * k] for k in range(64)]
+
+
 def test_batch_is_right_padded_and_shifted():
     x, y = P.get_batch([([1, 5, 6, 2], [-100, -100, 6, 2]), ([1, 7, 2], [-100, 7, 2])], [0, 1])
     assert x.tolist() == [[1, 5, 6, 2], [1, 7, 2, 0]]
@@ -3735,6 +3751,13 @@ def test_oasst_trees_follow_best_ranked_path(tmp_path):
     assert r.returncode == 0 and "wrote 1 examples" in r.stdout
     assert json.loads(out.read_text()) == GERMAN
 
+def test_oasst_lang_leaves_out_trees_that_record_no_language(tmp_path):
+    # --lang keeps the trees whose prompt says that language; one that records none is not taken for it: counted
+    unlabelled = {"prompt": msg("prompter", "Q", replies=[msg("assistant", "A")])}
+    skipped = Counter()
+    assert convert("oasst", write(tmp_path / "trees.jsonl", [json.dumps(t) for t in (DE_TREE, unlabelled)]), "de", skipped) == [GERMAN]
+    assert skipped == {"not in language 'de'": 1}
+
 def flatten(node, parent_id, rows):
     mid = f"m{len(rows)}"
     rows.append({k: v for k, v in node.items() if k != "replies"} | {"message_id": mid, "parent_id": parent_id})
@@ -3749,6 +3772,18 @@ def test_oasst_flat_message_table(tmp_path):
     src = write(tmp_path / "messages.jsonl", [json.dumps(r) for r in rows])
     assert sorted(map(json.dumps, convert("oasst", src))) == sorted(map(json.dumps, [BEST, GERMAN]))
     assert convert("oasst", src, lang="en") == [BEST]
+
+def test_oasst_flat_table_an_empty_parent_id_names_a_parent_not_a_root(tmp_path):
+    # parent_id "" is an id (of no message here), not a missing one: its message is counted with the orphans and
+    # starts no conversation; it is never both counted as skipped and written
+    rows = [{"message_id": "q", "parent_id": None, "role": "prompter", "text": "Q"},
+            {"message_id": "a", "parent_id": "q", "role": "assistant", "text": "A"},
+            {"message_id": "x", "parent_id": "", "role": "prompter", "text": "orphan Q"},
+            {"message_id": "y", "parent_id": "x", "role": "assistant", "text": "orphan A"}]
+    skipped = Counter()
+    assert convert("oasst", write(tmp_path / "messages.jsonl", [json.dumps(r) for r in rows]), skipped=skipped) == [
+        {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}]
+    assert skipped == {"messages whose parent is not in the file, and their replies": 1}
 
 def test_guanaco(tmp_path):
     texts = ["### Human: Hi?### Assistant: Hello!", "### Human: 2+2?### Assistant: 4.### Human: 3+3?### Assistant: 6."]
@@ -3863,6 +3898,14 @@ def test_bad_command_line(tmp_path):
     src = write(tmp_path / "in.jsonl", [GOOD_ALPACA, json.dumps({"instruction": "", "output": "o"})])  # one to skip
     r = run_prepare("alpaca", src, tmp_path / "." / "in.jsonl")  # the input itself: the skipped record would be lost
     assert r.returncode == 2 and f"{tmp_path / 'in.jsonl'}: is the input file" in r.stderr and len(src.read_text().splitlines()) == 2
+
+def test_prepare_refuses_the_input_file_under_another_spelling_of_its_path(tmp_path, monkeypatch):
+    # a relative name and the absolute path of one file are the same file: refused, the record it would skip kept
+    src = write(tmp_path / "in.jsonl", [GOOD_ALPACA, json.dumps({"instruction": "", "output": "o"})])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=re.escape(f"{src}: is the input file")):
+        P.main(["alpaca", "in.jsonl", str(src)])
+    assert len(src.read_text().splitlines()) == 2
 
 def test_sample_files():
     def rows(name):
@@ -4923,6 +4966,16 @@ def test_mmlu_adapter_and_chat_after_the_demo(tmp_path, mmlu_dirs, train_here, c
     assert chat.returncode == 0 and chat.stdout.strip() and not chat.stderr.strip(), chat.stderr
 
 
+def test_a_new_run_with_mmlu_trains_its_own_tokenizer_beside_the_one_without(tmp_path, demo_tokenizer, mmlu_dirs, train_here):
+    # the demo's tokenizer is cached under out_dir by what it was trained on: with --mmlu that includes MMLU's letters,
+    # so a run with --mmlu in a folder holding the tokenizer of one without trains and uses its own (the letters single tokens)
+    run, _ = train_here
+    d = fresh_out_dir(tmp_path / "o", demo_tokenizer)
+    out = run(*FAST, "--max_iters", 0, "--mmlu", mmlu_dirs[0], "--mmlu_max", 1, "--out_dir", d)
+    assert re.search(r"^iter 0: mmlu val \d\.\d{3} \(3 subjects, 3 questions, ", out, re.M), out
+    assert len(list(d.glob("tokenizer-*.model"))) == 2
+
+
 def test_the_demo_tokenizer_is_trained_on_whole_examples(tmp_path, train_here):
     # sentencepiece drops each training text's trailing whitespace: trained on the pieces of examples, a system turn's
     # closing "\n" had no token (unk in every example, " ⁇ " in the sample)
@@ -5304,6 +5357,19 @@ def test_resume_alone_goes_on_with_the_runs_own_settings(tmp_path, demo_tokenize
     assert "nothing to train (--max_iters 4, the checkpoint is at iter 4)" in run("--out_dir", d, "--resume")
 
 
+def test_train_says_where_the_optimizer_state_is_once_per_run_resumed_or_not(tmp_path, demo_tokenizer, train_here):
+    # one line, after the first step of the run (a resumed one too: its state is loaded into memory of the kind named)
+    run, _ = train_here
+    d = fresh_out_dir(tmp_path / "o", demo_tokenizer)
+    where = "managed" if CUDA else "device"
+    out = run(*FAST, "--max_iters", 2, "--out_dir", d)
+    assert re.findall(r"^optimizer state in (\w+) memory \(paging='auto'\)\niter (\d+): loss", out, re.M) == [(where, "0")]
+    assert out.count("optimizer state") == 1
+    out = run(*FAST, "--max_iters", 4, "--out_dir", d, "--resume")
+    assert re.findall(r"^optimizer state in (\w+) memory \(paging='auto'\)\niter (\d+): loss", out, re.M) == [(where, "2")]
+    assert out.count("optimizer state") == 1
+
+
 def test_train_losses_are_means_over_micro_batches_and_so_is_the_gradient(tmp_path, demo_tokenizer, train_here):
     # the logged loss of a step: the mean of its micro-batches' losses; each backward starts from loss / grad_accum;
     # the val loss: the mean over --eval_iters micro-batches of val_set (ranges, in order), in eval mode (training
@@ -5623,6 +5689,34 @@ def test_train_refuses_a_micro_batch_the_examples_left_after_validation_do_not_f
     with pytest.raises(InputError, match=rf"^{re.escape(str(data))}: 3 training examples, fewer than --micro_batch 4$"):
         run("--data", data, "--batch_size", 4, "--micro_batch", 4, "--val_fraction", 0.5, "--out_dir", tmp_path / "o", "--max_iters", 1)
     assert rec.seeds == [] and not (tmp_path / "o").exists()
+
+
+def test_train_holds_out_val_fraction_of_two_examples_and_trains_on_exactly_a_micro_batch(tmp_path, train_here):
+    # two examples, --val_fraction 0.5: one held out, one trained on; as many training examples as --micro_batch: trained
+    run, rec = train_here
+    data, d = mixed_data(tmp_path / "d.jsonl", 1, 1), tmp_path / "o"
+    out = run("--data", data, "--batch_size", 1, "--micro_batch", 1, "--val_fraction", 0.5, "--out_dir", d, "--max_iters", 1, "--sample_tokens", 0)
+    assert f"{data}: 1 examples to train on, 1 held out for validation\n" in out and "trained 1 iters" in out
+    rec.batches.clear()
+    out = run("--data", data, "--batch_size", 2, "--micro_batch", 2, "--val_fraction", 0, "--out_dir", d, "--max_iters", 1, "--sample_tokens", 0,
+              "--overwrite")
+    assert f"{data}: 2 examples to train on, 0 held out for validation\n" in out and "trained 1 iters" in out
+    assert [sorted(idx) for kind, _, idx in rec.batches] == [[0, 1]]
+
+
+def test_resume_in_a_process_other_than_rank_0_continues_its_own_dropout_stream(tmp_path, demo_tokenizer, train_here, monkeypatch):
+    # ckpt.pt holds every process's RNG state; process r of a resumed run restores the r-th (here rank 1 of 2), not rank 0's
+    run, _ = train_here
+    d = fresh_out_dir(tmp_path / "o", demo_tokenizer)
+    run(*FAST, "--max_iters", 1, "--out_dir", d)
+    ck = torch.load(d / "ckpt.pt", weights_only=True)
+    own = torch.Generator().manual_seed(12345).get_state()
+    torch.save({**ck, "rng": [ck["rng"][0], {"torch": own, "cuda": None}]}, d / "ckpt.pt")
+    states, spy = [], M.LLaMA.forward
+    monkeypatch.setattr(M.LLaMA, "forward", lambda self, *a, **kw: states.append(torch.get_rng_state()) or spy(self, *a, **kw))
+    monkeypatch.setattr(TR, "launch", lambda: (False, 1, 2, 0))  # this process: rank 1 of 2 (no process group needed here)
+    run(*FAST, "--batch_size", 4, "--max_iters", 2, "--out_dir", d, "--resume")
+    assert states and torch.equal(states[0], own) and not torch.equal(own, ck["rng"][0]["torch"])
 
 
 def test_ddp_two_processes_accumulating_log_the_one_process_losses(tmp_path):
