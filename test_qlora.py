@@ -1598,7 +1598,7 @@ def test_a_tokenizer_one_token_larger_than_the_embedding_is_refused(tmp_path, to
 
 
 # ---------------------------------------------------------------------------------------------------
-# model.py's less travelled paths: what the tests above would let change unnoticed (found by mutation testing)
+# model.py's less travelled paths: behaviour the tests above would let change unnoticed
 
 
 # the params.json of each release (Meta's downloads), and its context: 2048 tokens for LLaMA 1, 4096 for Llama 2
@@ -2088,7 +2088,7 @@ def test_folder_rules_layout_tokenizer_context_and_params(tmp_path, meta_ckpt, t
 
 
 # ---------------------------------------------------------------------------------------------------
-# checkpoint.py's less travelled paths: what the tests above would let change unnoticed (found by mutation testing)
+# checkpoint.py's less travelled paths: behaviour the tests above would let change unnoticed
 
 
 def raw_safetensors(path, header, data):  # a file as another writer might make it: header and bytes as given
@@ -3030,7 +3030,7 @@ def test_chat_bad_input_is_one_line(args, expect):
 
 
 # ---------------------------------------------------------------------------------------------------
-# edges of data/prepare.py, data/files.py and data/mmlu.py that only mutation testing showed untested: each test
+# edges of data/prepare.py, data/files.py and data/mmlu.py that the tests above leave unchecked: each test
 # names the behaviour it pins; all run in-process and fast
 
 
@@ -3898,6 +3898,7 @@ def test_bad_command_line(tmp_path):
     src = write(tmp_path / "in.jsonl", [GOOD_ALPACA, json.dumps({"instruction": "", "output": "o"})])  # one to skip
     r = run_prepare("alpaca", src, tmp_path / "." / "in.jsonl")  # the input itself: the skipped record would be lost
     assert r.returncode == 2 and f"{tmp_path / 'in.jsonl'}: is the input file" in r.stderr and len(src.read_text().splitlines()) == 2
+
 
 def test_prepare_refuses_the_input_file_under_another_spelling_of_its_path(tmp_path, monkeypatch):
     # a relative name and the absolute path of one file are the same file: refused, the record it would skip kept
@@ -5182,7 +5183,7 @@ def test_demo_tokenizer_fits_the_data(tmp_path, texts, vocab):
 
 
 # ---------------------------------------------------------------------------------------------------
-# train.py's less travelled paths: what the tests above would let change unnoticed (found by mutation testing)
+# train.py's less travelled paths: behaviour the tests above would let change unnoticed
 # Most run train.main in this process (a second or two each, no interpreter start), with its collaborators
 # watched: the learning rate and gradient norm the optimizer gets at each step, every batch it reads, the loss of
 # every forward pass and the gradient that reaches it, what it saves, samples and exports, and a fake clock.
