@@ -1202,6 +1202,16 @@ def test_16bit_load_matches_float64_reference(meta_ckpt):
     assert rel_err(logits, reference_forward(weights, cfg, idx)) < 1e-4
 
 
+def test_forward_is_causal_at_every_length_even_two_tokens(meta_ckpt):
+    # position t attends to positions 0..t only, however short the sequence: each length against the float64 reference
+    d, cfg, weights = meta_ckpt
+    net = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=0, progress=False)
+    idx = torch.randint(cfg.vocab_size, (2, 4), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        for T in (1, 2, 3, 4):
+            assert rel_err(net(idx[:, :T])[0], reference_forward(weights, cfg, idx[:, :T])) < 1e-4, T
+
+
 def test_meta_shards_in_bfloat16_are_read(tmp_path, meta_ckpt):
     # Meta's own downloads (Llama 2's consolidated.NN.pth) hold bfloat16 weights: read as the float ones are, each
     # weight its bfloat16 value (only other dtypes, FP8 or int8, are refused)
@@ -1313,6 +1323,13 @@ def test_config_defaults_and_ffn_width():
     assert M.paper_hparams(5120) == dict(learning_rate=2e-4, lora_dropout=0.1)
 
 
+def test_paper_recipe_switches_at_the_width_of_33b():
+    # App. B.2: lr 2e-4 and dropout 0.1 up to 13B, lr 1e-4 and dropout 0.05 from 33B (width 6656) up
+    small, big = dict(learning_rate=2e-4, lora_dropout=0.1), dict(learning_rate=1e-4, lora_dropout=0.05)
+    for dim, want in ((2048, small), (4096, small), (5120, small), (5121, small), (6655, small), (6656, big), (8192, big)):
+        assert M.paper_hparams(dim) == want, dim
+
+
 def test_mfu_counts_four_flops_per_parameter_and_token():
     # forward 2N, input-gradient backward 2N per token, over 989 TFLOP/s; recomputation is not model FLOPs (PaLM's MFU)
     assert M.mfu(1e9, 1e4, "NVIDIA H100 80GB HBM3") == f"{100 * 4e13 / 989e12:.1f}%" == "4.0%"
@@ -1374,6 +1391,19 @@ def test_generate_batch_with_eos_and_the_context_limit():
     assert net.generate(torch.zeros(1, 5, dtype=torch.long), 20, temperature=0).shape == (1, 12)  # prompt + new <= context
 
 
+def test_generate_stops_at_an_eos_whose_id_is_0():
+    # id 0 is an eos like any other (a vocabulary may put it first), not "no eos"
+    net = small_net()
+    prompt = torch.randint(50, (1, 4), generator=torch.Generator().manual_seed(2))
+    first = greedy(net, prompt[0].tolist(), 1, None)[0]
+    net.output[[0, first]] = net.output[[first, 0]]  # the head's rows swapped: the likeliest first token is now id 0
+    assert greedy(net, prompt[0].tolist(), 1, None) == [0]
+    out = net.generate(prompt, 8, temperature=0, eos_id=0)
+    assert out.shape == (1, 5) and out[0, -1] == 0  # stops right after it
+    two = net.generate(torch.cat([prompt, prompt]), 8, temperature=0, eos_id=0)
+    assert torch.equal(two, torch.cat([out, out]))
+
+
 def test_sample_temperature_top_k_top_p(monkeypatch):
     seen, multinomial = [], torch.multinomial
     monkeypatch.setattr(torch, "multinomial", lambda p, n: seen.append(p.clone()) or multinomial(p, n))
@@ -1393,6 +1423,33 @@ def test_sample_temperature_top_k_top_p(monkeypatch):
     M.sample(torch.tensor([[0.5, 0.25, 0.25]]).log(), 1.0, top_p=0.5)
     M.sample(torch.tensor([[0.5, 0.25, 0.25]]).log(), 1.0, top_p=0.0)  # the likeliest token is always kept
     assert [(q[0] > 0).tolist() for q in seen[5:]] == [[True, False], [True, False, False], [True, False, False]]
+
+
+def test_sample_applies_temperature_then_top_k_then_top_p(monkeypatch):
+    # as transformers' generate orders its warpers: the nucleus is cut from the tempered distribution that top-k leaves
+    seen, multinomial = [], torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda p, n: seen.append(p.clone()) or multinomial(p, n))
+    p = torch.tensor([[0.6, 0.3, 0.1]], dtype=torch.float64)
+    M.sample(p.log(), 10.0, top_p=0.55)  # at t = 10: p^(1/10) renormalised is about 0.36, 0.33, 0.31: two tokens reach 0.55
+    e = (p.log() / 10).exp()[0, :2]
+    assert torch.allclose(seen[0], torch.tensor([[e[0] / e.sum(), e[1] / e.sum(), 0]], dtype=torch.float64))
+    M.sample(p.log(), 1.0, top_p=0.55)  # untempered, 0.6 alone reaches it
+    assert torch.equal(seen[1] > 0, torch.tensor([[True, False, False]]))
+    q = torch.tensor([[0.4, 0.3, 0.2, 0.1]], dtype=torch.float64)
+    M.sample(q.log(), 1.0, top_k=2, top_p=0.5)  # top-k leaves 0.4 and 0.3, renormalised 4/7 and 3/7: 4/7 alone reaches 0.5
+    assert torch.equal(seen[2] > 0, torch.tensor([[True, False, False, False]]))
+    M.sample(q.log(), 1.0, top_k=3, top_p=0.75)  # 4/9 + 3/9 = 7/9 reaches 0.75: the third is not needed
+    assert torch.allclose(seen[3], torch.tensor([[4 / 7, 3 / 7, 0, 0]], dtype=torch.float64))
+
+
+def test_generate_samples_with_its_top_k_and_top_p():
+    # top_k 1, or a top_p below the likeliest token's probability, leaves that token alone: the greedy answer at any temperature
+    net = small_net()
+    prompt = torch.randint(50, (1, 3), generator=torch.Generator().manual_seed(3))
+    expect = prompt[0].tolist() + greedy(net, prompt[0].tolist(), 6, None)  # without the KV cache
+    torch.manual_seed(0)
+    for kw in (dict(top_k=1), dict(top_p=1e-6), dict(top_k=50, top_p=1e-6), dict(top_k=1, top_p=0.99)):
+        assert net.generate(prompt, 6, temperature=5.0, **kw)[0].tolist() == expect, kw
 
 
 def test_installed_transformers_sampling_filters_agree(monkeypatch):
@@ -1725,6 +1782,16 @@ def test_generate_steps_cache_dtype_cleanup_and_default_temperature(monkeypatch)
     assert temps == [1.0]  # plain sampling unless told
 
 
+def test_generate_on_a_16bit_model_caches_k_and_v_in_its_dtype():
+    # without autocast, k and v are computed in the weights' dtype, and the cache holds them so (not in fp32)
+    cfg = M.LLaMAConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=32, max_seq_len=64, lora_r=0)
+    net = M.LLaMA.from_config(cfg, quantize=False, dtype=torch.bfloat16).eval()
+    prompt = torch.randint(50, (2, 3), generator=torch.Generator().manual_seed(0))
+    seen = []
+    out = net.generate(prompt, 4, temperature=0, stream=lambda nxt: seen.append(net.layers[0].attention.cache[1].dtype))
+    assert out.shape == (2, 7) and torch.equal(out[:, :3], prompt) and seen == [torch.bfloat16] * 4
+
+
 def test_sample_default_is_the_plain_softmax(monkeypatch):
     seen, multinomial = [], torch.multinomial
     monkeypatch.setattr(torch, "multinomial", lambda p, n: seen.append(p.clone()) or multinomial(p, n))
@@ -1815,6 +1882,15 @@ def test_chat_hands_generate_the_flags_template_and_seed(demo_adapter, meta_ckpt
     d, _, _ = meta_ckpt
     calls, _ = chat_here(monkeypatch, capsys, "--ckpt_dir", d, "--prompt", "the lazy dog", "--quantize", "false")
     assert calls[0][0] == [tok.bos_id] + tok.encode("the lazy dog")
+
+
+def test_chat_seeds_torch_with_0_unless_told(demo_adapter, monkeypatch, capsys):
+    # --seed's default, 0: the same sampled answer from one run to the next
+    path = demo_adapter[0]
+    calls, _ = chat_here(monkeypatch, capsys, "--adapter", path, "--prompt", "the lazy dog", "--quantize", "false")
+    assert calls[0][6] == 0
+    calls, _ = chat_here(monkeypatch, capsys, "--adapter", path, "--prompt", "the lazy dog", "--quantize", "false", "--seed", 7)
+    assert calls[0][6] == 7
 
 
 def test_chat_turns_history_eos_and_blank_lines(demo_adapter, monkeypatch, capsys):
@@ -4912,6 +4988,20 @@ def test_bench_write_never_replaces_a_checkpoint(tmp_path, monkeypatch, capsys):
     assert "Warning" not in r.stderr, r.stderr
 
 
+def test_bench_load_quantizes_the_base_unless_no_quant(meta_ckpt, monkeypatch, capsys):
+    # load times the model train.py builds, NF4; --no_quant, the 16-bit base beside it for comparison
+    d, cfg, _ = meta_ckpt
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    nets, from_checkpoint = [], M.LLaMA.from_checkpoint.__func__
+    monkeypatch.setattr(M.LLaMA, "from_checkpoint", classmethod(lambda cls, *a, **kw: nets.append(from_checkpoint(cls, *a, **kw)) or nets[-1]))
+    B.main(["load", "--ckpt_dir", str(d)])
+    B.main(["load", "--ckpt_dir", str(d), "--no_quant"])
+    assert capsys.readouterr().out.count(f"| {d} |") == 2
+    nf4, plain = (n.layers[0].attention.wq.weight for n in nets)
+    assert isinstance(nf4, qlora.NF4Weight) and nf4.shape == (cfg.dim, cfg.dim)
+    assert not isinstance(plain, qlora.NF4Weight) and plain.dtype == torch.bfloat16  # the 16-bit base, as loaded
+
+
 def test_bench_e2e_runs_past_the_architectures_context():
     # tiny's context is 256 (RoPE tables for 512): a longer --seq stretches it, as a long-context benchmark needs
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "e2e", "--model", "tiny", "--batch", "1", "--seq", "600", "--steps", "2",
@@ -4922,6 +5012,31 @@ def test_bench_e2e_runs_past_the_architectures_context():
     assert r.returncode == 0 and f"| tiny {'bf16' if CUDA else 'fp32'} r=64 | 1 x 16 |" in r.stdout, r.stderr  # the base's dtype
     if not CUDA:  # no peak FLOP/s is known for a CPU: its MFU column says "-", not a share of some GPU's peak
         assert re.search(r"^\| tiny fp32 r=64 \| 1 x 16 \| \d+ \| - \| ", r.stdout, re.M), r.stdout
+
+
+def test_bench_e2e_row_from_the_step_times_and_the_block_weights(monkeypatch, capsys):
+    # on a clock that says: build 2.5 s, steps of 8 s (the warm-up, left out), 2^-21, 2^-23 and 2^-22 s. The median timed step,
+    # 2^-22 s, gives tok/s = batch · seq / 2^-22, and MFU = 4 · N · tok/s over the GPU's peak (989 TFLOP/s for an H100),
+    # N the weights of the blocks' linear layers (not the head, not the LoRA adapters). Each step runs the forward on
+    # batch x seq tokens, and with gradient checkpointing each block's forward again in backward.
+    ticks = iter([0.0, 2.5, 10.0, 18.0, 20.0, 20.0 + 2 ** -21, 30.0, 30.0 + 2 ** -23, 40.0, 40.0 + 2 ** -22])
+    monkeypatch.setattr(B, "time", type("Clock", (), {"time": staticmethod(lambda: next(ticks)), "strftime": staticmethod(lambda f: "today")}))
+    monkeypatch.setattr(B, "header", lambda: "NVIDIA H100 80GB HBM3")
+    shapes, forward, blocks, block = [], M.LLaMA.forward, [], M.FeedForward.forward
+    monkeypatch.setattr(M.LLaMA, "forward", lambda self, idx, targets=None, start_pos=None: shapes.append(tuple(idx.shape)) or forward(self, idx, targets, start_pos))
+    monkeypatch.setattr(M.FeedForward, "forward", lambda self, x: blocks.append(1) or block(self, x))
+    B.main(["e2e", "--model", "tiny", "--batch", "2", "--seq", "4", "--steps", "4", "--lora_r", "4", "--no_quant"])  # (the same linear shapes in NF4)
+    lines = capsys.readouterr().out.splitlines()
+    head = next(i for i, l in enumerate(lines) if l.startswith("| model |"))
+    row = dict(zip(*([c.strip() for c in lines[i].strip("|").split("|")] for i in (head, head + 2))))
+    cfg = M.CONFIGS["tiny"]
+    hd, kv, h = cfg["dim"] // cfg["n_heads"], cfg["n_kv_heads"], 352  # hidden: 8·128/3 = 341, rounded up to a multiple of 32
+    n = cfg["n_layers"] * (2 * cfg["dim"] ** 2 + 2 * cfg["dim"] * kv * hd + 3 * cfg["dim"] * h)
+    tok_s = 2 * 4 * 2 ** 22
+    assert (row["batch x seq"], row["tok/s"], row["build s"]) == ("2 x 4", str(tok_s), "2.5"), row
+    assert row["MFU"] == f"{100 * 4 * n * tok_s / 989e12:.1f}%" == "10.0%", row
+    assert lines[head + 3].endswith("step times ms: 8000, 0, 0, 0"), lines[head + 3]
+    assert shapes == [(2, 4)] * 4 and len(blocks) == 4 * cfg["n_layers"] * 2
 
 
 def test_bench_and_prepare_help():
