@@ -220,6 +220,8 @@ class LLaMA(nn.Module):
         # idx (B, T) prompt -> (B, T + new), at most max_seq_len in all (Meta's limit; for a sliding-window
         # model, its window). A KV cache keeps each step O(T) instead of O(T²). stream(nxt (B,)) sees each step; True ends it.
         B, T = idx.shape
+        if T > self.config.max_seq_len:  # the cache holds max_seq_len positions (chat cuts its prompts to fit)
+            raise ValueError(f"generate: the prompt has {T} tokens, more than the model's max_seq_len {self.config.max_seq_len}")
         total = min(T + max_new_tokens, self.config.max_seq_len)
         kv = (B, total, self.config.n_kv_heads, self.config.head_dim)
         dtype = self.output.dtype if not torch.is_autocast_enabled(idx.device.type) else torch.get_autocast_dtype(idx.device.type)

@@ -1389,6 +1389,10 @@ def test_generate_batch_with_eos_and_the_context_limit():
     assert out.shape[1] == alone.shape[1] and torch.equal(out[1], alone[0])  # the other row as if alone
     net.config.max_seq_len = 12
     assert net.generate(torch.zeros(1, 5, dtype=torch.long), 20, temperature=0).shape == (1, 12)  # prompt + new <= context
+    full = torch.zeros(1, 12, dtype=torch.long)
+    assert torch.equal(net.generate(full, 20, temperature=0), full)  # a prompt that fills the context is all there is
+    with pytest.raises(ValueError, match=re.escape("generate: the prompt has 13 tokens, more than the model's max_seq_len 12")):
+        net.generate(torch.zeros(1, 13, dtype=torch.long), 20, temperature=0)
 
 
 def test_generate_stops_at_an_eos_whose_id_is_0():
