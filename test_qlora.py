@@ -237,6 +237,18 @@ def test_ragged_sizes(shape):
     assert ((wh - w).abs().reshape(-1) <= half_gap * absmax.repeat_interleave(64)[:n] + 1e-9).all()
 
 
+def test_even_ragged_size_packs_without_a_pad_byte():
+    # an even number of elements that is no multiple of the block: numel / 2 bytes, two codes in each; the zeros that
+    # pad the last block are not stored
+    for shape in [(5, 26), (3, 22)]:
+        n = math.prod(shape)
+        w = weight(shape, seed=7)
+        q = qlora.quantize_nf4(w.to(DEV), blocksize=64, double_quant=False)
+        assert q.packed.shape == (n // 2,), shape
+        assert torch.equal(ref_unpack(q.packed, n), ref_codes(w, 64)[0][:n])
+        assert torch.equal(qlora.dequantize_nf4(q, torch.float32).cpu(), ref_dequant(q, torch.float32))
+
+
 # ------------------------------------------------------------------------------------------------
 # 2. Blockwise quantization: codes equal the reference (nearest value, ties, scaling, zero blocks)
 
@@ -254,6 +266,19 @@ def test_quantize_matches_reference(blocksize):
     xn = xp.double() / absmax.double()[:, None]
     nearest = (xn[..., None] - BNB_NF4.double()).abs().argmin(-1).view(-1)  # first index on a tie
     assert (nearest == codes).float().mean() > 0.9999
+
+
+def test_blocksize_two_the_smallest_allowed():
+    # blocks of two elements: each pair has its own absmax, on every dequantization path
+    w = weight((5, 7), seed=3)
+    codes, absmax = ref_codes(w, 2)
+    for dq in (False, True):
+        q = qlora.quantize_nf4(w.to(DEV), blocksize=2, double_quant=dq)
+        assert q.blocksize == 2 and q.c2.numel() == 18
+        assert torch.equal(ref_unpack(q.packed, 35), codes[:35])
+        assert dq or torch.equal(q.c2.cpu(), absmax)
+        for path in (qlora._dequantize_torch, qlora._dequantize_triton):
+            assert torch.equal(path(q, torch.empty(5, 7, device=DEV)).cpu(), ref_dequant(q, torch.float32))
 
 
 def test_ties_go_to_the_lower_code():
@@ -321,6 +346,16 @@ def test_a_nan_weight_spoils_no_other_weight():
     assert torch.isfinite(wh).all() and wh[3, 7] == 0
 
 
+def test_an_inf_weight_makes_its_blocks_absmax_inf():
+    # bitsandbytes' fmaxf keeps an infinity: a block holding +inf or -inf has absmax inf (not the largest float32);
+    # the other blocks keep their own absmax and codes
+    w = weight((3, 64), seed=5)
+    w[1, 9], w[2, 40] = math.inf, -math.inf
+    q = qlora.quantize_nf4(w.to(DEV), double_quant=False)
+    assert q.c2.cpu().tolist() == [w[0].abs().max().item(), math.inf, math.inf]
+    assert torch.equal(ref_unpack(q.packed, 192)[:64], ref_codes(w[0], 64)[0])
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. Double quantization: c2^8bit, c1, c2_mean; round-trip error; storage cost
 
@@ -352,6 +387,16 @@ def test_double_quant_constants():
     assert ((ref_c2(q) - true_absmax).abs() / true_absmax).max() < 0.01
     q0 = qlora.quantize_nf4(w.to(DEV), double_quant=False)
     assert rel_err(ref_dequant(q), w) < 1.01 * rel_err(ref_dequant(q0), w)
+
+
+def test_double_quant_mean_is_the_float32_mean_of_the_absmaxes():
+    # c2_mean is the float32 mean of c2^FP32, as bitsandbytes takes it (absmax.mean()), not a float64 mean rounded to
+    # float32; every 8-bit code is relative to it
+    w = weight((300, 64), seed=0)
+    absmax = w.abs().amax(1)
+    assert absmax.mean() != absmax.double().mean().float()  # this weight tells the two apart
+    q = qlora.quantize_nf4(w.to(DEV))
+    assert torch.equal(q.c2_mean.cpu(), absmax.to(DEV).mean().cpu())
 
 
 def bnb_dquantize8(code, x):
@@ -447,6 +492,20 @@ def test_quantize_across_its_internal_chunks():
     assert torch.equal(ref_unpack(q.packed, q.numel())[-128:], ref_codes(w[-128:], 64)[0])
 
 
+def test_quantize_chunks_hold_whole_blocks_of_any_size():
+    # the internal chunks hold whole blocks whatever the block size: blocks of 128 across the first chunk's end, and a
+    # single block larger than a chunk (2^25 elements, of which the weight fills 2^24 + 2)
+    w = weight(((1 << 24) + 256,), seed=10)
+    q = qlora.quantize_nf4(w, blocksize=128, double_quant=False)
+    assert torch.equal(q.c2, w.view(-1, 128).abs().amax(1))
+    assert torch.equal(ref_unpack(q.packed[-128:], 256), ref_codes(w[-256:], 128)[0])
+    w = w[: (1 << 24) + 2].clone()
+    w[-1] = 1.0  # the absmax of the whole weight, in its last element
+    q = qlora.quantize_nf4(w, blocksize=1 << 25, double_quant=False)
+    assert q.c2.tolist() == [1.0] and q.packed.numel() == (1 << 23) + 1
+    assert torch.equal(ref_unpack(q.packed[-64:], 128), ref_codes(w[-128:], 128)[0])  # scaled by the same absmax 1
+
+
 # ------------------------------------------------------------------------------------------------
 # 4. Triton dequantization kernel, and dequantize_nf4
 
@@ -468,6 +527,31 @@ def test_public_dequantize_uses_weight_dtype():
     wh = qlora.dequantize_nf4(q)
     assert wh.dtype == DT and wh.shape == (40, 96) and wh.device.type == DEV
     assert_dequant_equal(wh, q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_weight_dequantizes_to_its_own_dtype(dtype):
+    # the weight's dtype is the default dequantization dtype, with double quantization or without
+    for dq in (False, True):
+        q = qlora.quantize_nf4(weight((40, 96), seed=7, dtype=dtype).to(DEV), double_quant=dq)
+        assert q.dtype == dtype
+        wh = qlora.dequantize_nf4(q)
+        assert wh.dtype == dtype and wh.shape == (40, 96)
+        assert_dequant_equal(wh, q)
+
+
+def test_dequantize_into_a_view_writes_only_the_weights_elements():
+    # `out` may be a view into a larger buffer: an odd number of elements ends in the high nibble of the last byte,
+    # and nothing is written before the first element or past the last one
+    for shape in [(3, 21), (7, 65), (1, 1)]:
+        n = math.prod(shape)
+        for dq in (False, True):
+            q = qlora.quantize_nf4(weight(shape, seed=4).to(DEV), double_quant=dq)
+            for dtype in (torch.float32, torch.float16):
+                buf = torch.full((n + 4,), 7.0, dtype=dtype, device=DEV)
+                wh = qlora.dequantize_nf4(q, out=buf[1 : 1 + n])
+                assert torch.equal(wh.cpu(), ref_dequant(q, dtype))
+                assert buf[0].item() == 7.0 and (buf[1 + n :] == 7.0).all(), (shape, dtype)
 
 
 def test_bf16_dequantize_is_exact_on_every_device():
@@ -505,6 +589,29 @@ def test_fused_matmul_transposed(M, N, K, dtype):
         dx = qlora._fused_matmul(dy, q, transpose=True)
         assert dx.shape == (M, K) and dx.dtype == dtype
         assert rel_err(dx, dy.cpu().double() @ ref_dequant(q)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_matmul_with_blocks_of_128(dtype):
+    # the kernel takes the weight's own block size: with blocks of 128 one constant covers two 64-wide tiles
+    g = torch.Generator().manual_seed(21)
+    for dq in (False, True):
+        q = qlora.quantize_nf4(weight((40, 130), seed=21).to(DEV), blocksize=128, double_quant=dq)
+        W = ref_dequant(q)
+        x, dy = (torch.randn(3, n, generator=g).to(dtype).to(DEV) for n in (130, 40))
+        assert rel_err(qlora._fused_matmul(x, q, transpose=False), x.cpu().double() @ W.T) < TOL[dtype]
+        assert rel_err(qlora._fused_matmul(dy, q, transpose=True), dy.cpu().double() @ W) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_matmul_last_tile_of_a_single_column(dtype):
+    # K = 64·j + 1: the reduction ends in a tile holding one column (forward K = 129, backward K = 65)
+    g = torch.Generator().manual_seed(22)
+    q = qlora.quantize_nf4(weight((65, 129), seed=22).to(DEV))
+    W = ref_dequant(q)
+    x, dy = (torch.randn(3, n, generator=g).to(dtype).to(DEV) for n in (129, 65))
+    assert rel_err(qlora._fused_matmul(x, q, transpose=False), x.cpu().double() @ W.T) < TOL[dtype]
+    assert rel_err(qlora._fused_matmul(dy, q, transpose=True), dy.cpu().double() @ W) < TOL[dtype]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -666,6 +773,19 @@ def test_lora_forward_matches_reference(M):
     assert rel_err(y, ref_lora(layer, x, ref_dequant(layer.weight))) < TOL[DT]
 
 
+def test_lora_scaling_is_alpha_over_r_as_a_fraction():
+    # the paper's r = 64, α = 16: s = α / r = 0.25, in the forward pass and in the merge
+    torch.manual_seed(11)
+    q = qlora.quantize_nf4(weight((40, 96), seed=11).to(DEV))
+    layer = qlora.LoRALinear(q, r=64, alpha=16)
+    randomize_B(layer)
+    assert layer.scaling == 0.25
+    x = torch.randn(5, 96).to(DT).to(DEV)
+    assert rel_err(layer(x), ref_lora(layer, x, ref_dequant(q), alpha=16, r=64)) < TOL[DT]
+    A, B = layer.lora_A.detach().double().cpu(), layer.lora_B.detach().double().cpu()
+    assert rel_err(qlora.merge_lora(layer), ref_dequant(q) + 0.25 * B @ A) < 1e-6
+
+
 def test_lora_gradients_match_float64_autograd():
     layer = make_layer()
     randomize_B(layer)
@@ -703,6 +823,18 @@ def test_lora_dense_16bit_base():
     y.sum().backward()
     assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
     assert layer.weight.grad is None and not layer.weight.requires_grad
+
+
+def test_lora_dense_16bit_base_follows_a_float32_input():
+    # a 16-bit base fed float32 activations is cast to float32 for the matmul: the output is float32
+    w = weight((40, 96), seed=13, dtype=D16).to(DEV)
+    torch.manual_seed(13)
+    layer = qlora.LoRALinear(w, r=4, alpha=12)
+    randomize_B(layer)
+    x = torch.randn(7, 96, device=DEV)
+    y = layer(x)
+    assert y.dtype == torch.float32 and layer.weight.dtype == D16
+    assert rel_err(y, ref_lora(layer, x, w.double().cpu(), alpha=12, r=4)) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -788,6 +920,19 @@ def test_merge_lora_dtype_and_rank_zero():
     assert torch.equal(qlora.merge_lora(plain).cpu(), ref_dequant(layer.weight, torch.float32))
     x = torch.randn(3, 96, device=DEV)
     assert torch.equal(plain(x), qlora.nf4_matmul(x, layer.weight))
+
+
+def test_merge_lora_of_a_16bit_base_keeps_its_dtype():
+    # W0 + s · B A in float32, returned in the base's own 16-bit dtype unless another one is asked for
+    w = weight((40, 96), seed=13, dtype=D16).to(DEV)
+    torch.manual_seed(13)
+    layer = qlora.LoRALinear(w, r=4, alpha=12)
+    randomize_B(layer)
+    merged = qlora.merge_lora(layer)
+    A, B = layer.lora_A.detach().double().cpu(), layer.lora_B.detach().double().cpu()
+    assert merged.dtype == D16 and merged.shape == (40, 96)
+    assert rel_err(merged, w.double().cpu() + 12 / 4 * B @ A) < TOL[D16]
+    assert qlora.merge_lora(layer, torch.float32).dtype == torch.float32
 
 
 # ------------------------------------------------------------------------------------------------
@@ -897,6 +1042,69 @@ def test_paged_adamw_state_dict_round_trip():
         assert_same(ps, rs)
 
 
+def test_paged_adamw_resumes_from_a_state_saved_after_one_step():
+    # step 1 is the first valid step (bias corrections 1 - β): a state saved then loads and goes on as torch's AdamW
+    ps, rs = make_params(), make_params()
+    opt, ref = qlora.PagedAdamW(ps, **HP), torch.optim.AdamW(rs, foreach=False, **HP)
+    set_grads([ps, rs], 0)
+    opt.step(), ref.step()
+    opt = _round_trip(opt, qlora.PagedAdamW(ps, **HP))
+    assert all(opt.state[p]["step"].item() == 1 for p in ps)
+    for step in range(1, 4):
+        set_grads([ps, rs], step)
+        opt.step(), ref.step()
+        assert_same(ps, rs)
+
+
+def test_paged_adamw_param_groups_keep_their_own_hyperparameters():
+    # every group is stepped with its own lr, betas, eps and weight decay, as torch's AdamW does
+    def groups(params):
+        return [dict(params=params[:1]), dict(params=params[1:], lr=3e-2, betas=(0.5, 0.9), eps=1e-4, weight_decay=0.0)]
+
+    ps, rs = make_params(), make_params()
+    opt, ref = qlora.PagedAdamW(groups(ps), **HP), torch.optim.AdamW(groups(rs), foreach=False, **HP)
+    for step in range(4):
+        set_grads([ps, rs], step)
+        opt.step(), ref.step()
+        assert_same(ps, rs)
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 2] and all(p in opt.state for p in ps)
+
+
+def test_paged_adamw_step_runs_the_closure_with_gradients_and_returns_its_loss():
+    # step(closure): the closure computes the loss and its gradients (autograd on, though step itself runs without)
+    # and step returns that loss; loss = Σ p², so the gradient is 2p
+    ps, rs = make_params(), make_params()
+    opt, ref = qlora.PagedAdamW(ps, **HP), torch.optim.AdamW(rs, foreach=False, **HP)
+
+    def closure(params, optimizer):
+        def f():
+            optimizer.zero_grad()
+            loss = sum((p * p).sum() for p in params)
+            loss.backward()
+            return loss
+        return f
+
+    for _ in range(3):
+        before = [p.detach().clone() for p in ps]
+        loss = opt.step(closure(ps, opt))
+        ref.step(closure(rs, ref))
+        assert torch.is_tensor(loss) and loss.item() == pytest.approx(sum((b.double() ** 2).sum() for b in before).item(), rel=1e-6)
+        assert all(torch.equal(p.grad, 2 * b) for p, b in zip(ps, before))
+        assert_same(ps, rs)
+
+
+def test_paged_adamw_load_state_dict_refuses_a_moment_of_another_size():
+    # a moment that would broadcast into its parameter (one row of the (5, 7) one, or a single value) is refused
+    ps = make_params()
+    sd = stepped(ps).state_dict()
+    first = min(sd["state"])  # the (5, 7) parameter
+    assert sd["state"][first]["exp_avg"].shape == (5, 7)
+    for bad in (torch.zeros(7), torch.zeros(1)):
+        edited = {**sd, "state": {i: {**st, "exp_avg": bad} if i == first else st for i, st in sd["state"].items()}}
+        with pytest.raises(RuntimeError, match="invalid for input of size"):
+            qlora.PagedAdamW(ps, **HP).load_state_dict(edited)
+
+
 def test_paged_adamw_load_state_dict_copies_the_moments():
     # the loaded state is the optimizer's own memory: stepping it must not write into the dict it came from
     ps = make_params()
@@ -944,6 +1152,20 @@ def test_paged_adamw_invalid_hyperparameters(kw, bad):
     with pytest.raises(ValueError) as e:
         qlora.PagedAdamW([torch.nn.Parameter(torch.zeros(2))], **{"lr": 1e-3, **kw})
     assert bad in str(e.value), str(e.value)
+
+
+def test_paged_adamw_hyperparameter_bounds():
+    # each beta lies in [0, 1); lr, eps and weight_decay may be 0, as torch's AdamW allows
+    for betas in [(-0.1, 0.999), (0.9, 1.0)]:
+        with pytest.raises(ValueError, match=re.escape(f"betas={betas}")):
+            qlora.PagedAdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, betas=betas)
+    for hp in (dict(lr=0.0, betas=(0.0, 0.0), eps=0.0, weight_decay=0.0), dict(lr=1e-2, betas=(0.0, 0.0), eps=0.0, weight_decay=0.1)):
+        ps, rs = make_params(), make_params()
+        opt, ref = qlora.PagedAdamW(ps, **hp), torch.optim.AdamW(rs, foreach=False, **hp)
+        for step in range(3):
+            set_grads([ps, rs], step)
+            opt.step(), ref.step()
+            assert_same(ps, rs)
 
 
 # ------------------------------------------------------------------------------------------------
