@@ -126,8 +126,9 @@ def _blockwise(x, blocksize, mids, even_ties=False):  # x (n,) fp32 -> nearest c
     return idx.to(torch.uint8).view(-1), absmax
 
 
-def dequantize_nf4(q, dtype=None, out=None):  # Ŵ = doubleDequant(c1, c2, W^NF4) in `dtype` (default: the weight's), into `out` if given
-    out = torch.empty(q.shape, dtype=dtype or q.dtype, device=q.device) if out is None else out.view(q.shape)
+def dequantize_nf4(q, dtype=None, out=None):  # Ŵ = doubleDequant(c1, c2, W^NF4) in `dtype` (default: the weight's)
+    # into `out` if given: it must be contiguous, as Ŵ is written in row-major order (view(-1) refuses another)
+    out = torch.empty(q.shape, dtype=dtype or q.dtype, device=q.device) if out is None else out.view(-1).view(q.shape)
     return _dequantize_triton(q, out) if _use_triton(out) else _dequantize_torch(q, out)
 
 

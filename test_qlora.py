@@ -552,6 +552,10 @@ def test_dequantize_into_a_view_writes_only_the_weights_elements():
                 wh = qlora.dequantize_nf4(q, out=buf[1 : 1 + n])
                 assert torch.equal(wh.cpu(), ref_dequant(q, dtype))
                 assert buf[0].item() == 7.0 and (buf[1 + n :] == 7.0).all(), (shape, dtype)
+    q = qlora.quantize_nf4(weight((40, 96), seed=4).to(DEV))  # a transposed out is refused on every path, never filled wrongly
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        with pytest.raises(RuntimeError, match="view size is not compatible"):
+            qlora.dequantize_nf4(q, out=torch.empty(96, 40, dtype=dtype, device=DEV).t())
 
 
 def test_bf16_dequantize_is_exact_on_every_device():
