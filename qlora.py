@@ -310,7 +310,7 @@ def merge_lora(layer, dtype=None, base=None):
 #    dies with out-of-memory. Here the Adam state lives in CUDA unified memory: the driver pages it to host RAM when the
 #    GPU runs short and back on access, and we prefetch it to the GPU right before each update. Without managed memory
 #    the state lives in pinned host RAM and is copied in and out around each update; on a CPU it is plain tensors.
-#    The update is torch.optim.AdamW's exactly (decoupled weight decay, bias correction):
+#    The update and the defaults are torch.optim.AdamW's (decoupled weight decay λ = 0.01; train.py passes the paper's 0):
 #       p ← p (1 − lr·λ);  m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²
 #       p ← p − lr/(1−β1ᵗ) · m / (√v / √(1−β2ᵗ) + ε)
 
@@ -346,7 +346,7 @@ def _prefetch(t, device):  # a hint: move the pages to the GPU on the current st
 
 
 class PagedAdamW(torch.optim.Optimizer):
-    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, paging="auto"):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, paging="auto"):
         if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"PagedAdamW: need lr, eps, weight_decay >= 0 and 0 <= betas < 1, got lr={lr} betas={betas} eps={eps} weight_decay={weight_decay}")
         if paging not in ("auto", "managed", "pinned"):

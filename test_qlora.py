@@ -9,6 +9,7 @@ import ctypes
 import datetime
 import errno
 import fcntl
+import inspect
 import io
 import json
 import math
@@ -1156,6 +1157,19 @@ def test_paged_adamw_invalid_hyperparameters(kw, bad):
     with pytest.raises(ValueError) as e:
         qlora.PagedAdamW([torch.nn.Parameter(torch.zeros(2))], **{"lr": 1e-3, **kw})
     assert bad in str(e.value), str(e.value)
+
+
+def test_paged_adamw_defaults_are_torch_adamws():
+    # a drop-in for torch.optim.AdamW(params): the same lr, betas, eps and weight decay (0.01) when none is given
+    want = {k: v.default for k, v in inspect.signature(torch.optim.AdamW).parameters.items() if k in ("lr", "betas", "eps", "weight_decay")}
+    got = {k: v.default for k, v in inspect.signature(qlora.PagedAdamW).parameters.items() if k in want}
+    assert got == want and want["weight_decay"] == 0.01
+    ps, rs = make_params(), make_params()
+    opt, ref = qlora.PagedAdamW(ps), torch.optim.AdamW(rs, foreach=False)
+    for step in range(3):
+        set_grads([ps, rs], step)
+        opt.step(), ref.step()
+        assert_same(ps, rs)
 
 
 def test_paged_adamw_hyperparameter_bounds():
