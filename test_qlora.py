@@ -2246,6 +2246,13 @@ def test_chat_finds_the_base_the_tokenizer_and_the_device_as_recorded(demo_adapt
             chat_here(monkeypatch, capsys, "--adapter", tmp_path / f"{i}.pt", "--prompt", "x")
 
 
+def test_random_base_is_rebuilt_at_the_vocabulary_it_records_not_its_tokenizers(tmp_path, tokenizer_file):
+    # --init random may size the embedding past the tokenizer (tiny's 512 rows): the rebuilt base has the rows it recorded
+    n = C.Tokenizer(tokenizer_file).n_words
+    info = {"base": {"seed": 5, "tokenizer": str(tokenizer_file), "device": "cpu"}, "model_config": {"vocab_size": n + 392}}
+    assert C.random_base(tmp_path / "adapter.pt", info, "cpu") == (tokenizer_file, 5, n + 392)
+
+
 def byte_tokenizer(path):  # as LLaMA's, characters it has no token for fall back to byte tokens (<0xC3> <0xA9> for "é")
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(WORDS * 10), model_writer=buf, vocab_size=300, unk_id=0, bos_id=1,
@@ -2696,6 +2703,16 @@ def test_peft_tensor_of_no_llama_linear_layer_is_refused(tmp_path, meta_ckpt):
     assert C.read_adapter(tmp_path / "a")["lora"].keys() == lora.keys()
 
 
+def test_peft_folder_with_both_weight_files_reads_the_safetensors(tmp_path, meta_ckpt):
+    # peft saves adapter_model.safetensors by default; an older adapter_model.bin left beside it is not the one read
+    d, _, _ = meta_ckpt
+    C.export_peft(with_random_adapter(M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=4, progress=False)), tmp_path / "a")
+    lora = read_safetensors(tmp_path / "a" / "adapter_model.safetensors")
+    torch.save({k: torch.zeros_like(v) for k, v in lora.items()}, tmp_path / "a" / "adapter_model.bin")
+    got = C.read_adapter(tmp_path / "a")["lora"]
+    assert got.keys() == lora.keys() and all(torch.equal(got[k], lora[k]) for k in lora)
+
+
 def test_peft_adapter_on_some_layers_loads_and_exports_again(tmp_path, meta_ckpt, tokenizer_file):
     # an adapter of q_proj and v_proj only (peft's default): the other layers lose their LoRA branch (no parameters
     # left to train), the model takes the adapter's r and α, and both exports skip the layers without LoRA
@@ -2833,6 +2850,18 @@ def test_export_peft_permutes_q_k_for_hf_rotary(tmp_path, meta_ckpt):
     scores = torch.einsum("thd,shd->hts", q, k.repeat_interleave(rep, 1))
     scores_hf = torch.einsum("thd,shd->hts", q_hf, k_hf.repeat_interleave(rep, 1))
     assert torch.allclose(scores, scores_hf, atol=1e-5)  # rope_tables are fp32
+
+
+def test_export_peft_writes_the_adapter_config_peft_reads(tmp_path, meta_ckpt):
+    # every field as peft's LoraConfig takes it: a causal LM's task (the class PeftModel builds), the run's rank, alpha and
+    # dropout, the HF names of the adapted layers, and inference_mode (the adapter loads frozen unless told to train)
+    d, _, _ = meta_ckpt
+    net = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=4, lora_alpha=16, lora_dropout=0.05, progress=False)
+    C.export_peft(net, tmp_path / "a", base=d)
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text()) == {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 16, "lora_dropout": 0.05,
+        "target_modules": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"], "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "base_model_name_or_path": str(d)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -3136,6 +3165,20 @@ def test_peft_export_loads_back_through_load_adapter(tmp_path, meta_ckpt, tokeni
         assert C.read_adapter(tmp_path / "peft")["info"] == {}
 
 
+def test_a_16bit_peft_adapter_loads_as_float32_parameters(tmp_path, meta_ckpt):
+    # another trainer's adapter saved in float16: its A and B become float32 parameters to train, as the model's own
+    d, cfg, _ = meta_ckpt
+    C.export_peft(with_random_adapter(M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=4, progress=False)), tmp_path / "a")
+    st = tmp_path / "a" / "adapter_model.safetensors"
+    half = {k: v.half() for k, v in read_safetensors(st).items()}
+    write_safetensors(st, half)
+    fresh = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=4, progress=False)
+    C.load_adapter(fresh, tmp_path / "a")
+    lora = {n: p for n, p in fresh.named_parameters() if "lora_" in n}
+    assert len(lora) == 2 * 7 * cfg.n_layers and all(p.dtype == torch.float32 and p.requires_grad for p in lora.values())
+    assert torch.equal(lora["layers.1.feed_forward.w2.lora_A"], half["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].float())
+
+
 def test_own_adapter_pt_loads_and_returns_its_record(tmp_path, meta_ckpt):
     d, cfg, weights = meta_ckpt
     net = with_random_adapter(M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=2, lora_alpha=6, progress=False))
@@ -3146,6 +3189,51 @@ def test_own_adapter_pt_loads_and_returns_its_record(tmp_path, meta_ckpt):
     assert info["template"] == "guanaco" and info["config"] == {"data": "x.jsonl"}
     idx = torch.randint(cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(9))
     assert rel_err(fresh(idx)[0], reference_forward(merged_weights(weights, net), cfg, idx)) < 1e-4
+
+
+def test_a_lora_factor_stored_transposed_is_refused_by_its_shape(tmp_path, meta_ckpt):
+    # a B of shape (r, out) where (out, r) is due (another writer's transposed layout): the same number of values, still
+    # refused by its shape, never taken as if laid out as ours
+    d, _, _ = meta_ckpt
+    net = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=2, progress=False)
+    C.export_peft(net, tmp_path / "a")
+    st, k = tmp_path / "a" / "adapter_model.safetensors", "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
+    sd = read_safetensors(st)
+    write_safetensors(st, {**sd, k: sd[k].T.contiguous()})
+    with pytest.raises(InputError) as e:
+        C.load_adapter(net, tmp_path / "a")
+    assert str(e.value) == f"{tmp_path / 'a'}: tensor {k!r} has shape (2, 32), the model's layers.0.attention.wv needs (32, 2)"
+
+
+def test_own_adapter_pt_of_some_layers_adapts_only_those(tmp_path, meta_ckpt):
+    # an adapter.pt holding the q and v layers' A and B (a run resumed from a peft adapter of those): the other layers
+    # get no LoRA branch, rather than being reported as missing tensors
+    d, cfg, weights = meta_ckpt
+    net = with_random_adapter(M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=2, lora_alpha=6, progress=False))
+    lora = {k: v for k, v in net.lora_state_dict().items() if ".attention.wq." in k or ".attention.wv." in k}
+    torch.save({"lora": lora, "model_config": vars(net.config)}, tmp_path / "adapter.pt")
+    assert C.read_adapter(tmp_path / "adapter.pt")["targets"] == {"attention.wq", "attention.wv"}
+    fresh = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=8, progress=False).eval()
+    C.load_adapter(fresh, tmp_path / "adapter.pt")
+    assert {n for n, _ in fresh.named_parameters() if "lora_" in n} == set(lora)
+    ref = dict(weights)
+    for k in lora:
+        if k.endswith("lora_A"):
+            w = k.removesuffix(".lora_A")
+            ref[w + ".weight"] = weights[w + ".weight"].double() + 3.0 * lora[w + ".lora_B"].double() @ lora[k].double()  # α/r = 6/2
+    idx = torch.randint(cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(9))
+    assert rel_err(fresh(idx)[0], reference_forward(ref, cfg, idx)) < 1e-4
+
+
+def test_own_adapter_pt_record_leaves_out_the_weights_optimizer_and_rng(tmp_path, meta_ckpt):
+    # train.py's ckpt.pt read as an adapter: what it returns is the run's record, not the tensors of its optimizer state
+    # and generators; a base edited into something not a dict is left out too
+    d, _, _ = meta_ckpt
+    net = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=2, progress=False)
+    ck = {"lora": net.lora_state_dict(), "model_config": vars(net.config), "config": {"data": "x.jsonl"}, "iter": 5,
+          "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}}, "rng": [torch.zeros(4, dtype=torch.uint8)], "base": "somewhere"}
+    torch.save(ck, tmp_path / "ckpt.pt")
+    assert C.read_adapter(tmp_path / "ckpt.pt")["info"] == {"model_config": vars(net.config), "config": {"data": "x.jsonl"}, "iter": 5}
 
 
 @pytest.mark.parametrize("damage, expect", [
@@ -3232,6 +3320,15 @@ def test_merged_export_of_a_16bit_model_records_its_base_as_loaded(tmp_path, met
     sd = torch.load(tmp_path / "m" / "consolidated.00.pth", weights_only=True)
     ref = merged_weights(weights, net)
     assert all(torch.allclose(sd[k], ref[k].float(), atol=1e-6) for k in ref)
+
+
+def test_merged_export_in_metas_layout_writes_only_metas_files(tmp_path, meta_ckpt, tokenizer_file):
+    # Meta's layout: the shard, params.json, the tokenizer and merge.json; transformers' tokenizer_config.json belongs
+    # to the Hugging Face export only
+    d, _, _ = meta_ckpt
+    net = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=2, progress=False)
+    C.export_merged(net, tmp_path / "m", dtype=torch.float32, tokenizer=tokenizer_file, progress=False)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["consolidated.00.pth", "merge.json", "params.json", "tokenizer.model"]
 
 
 class FakeTerminal(io.StringIO):
@@ -3618,6 +3715,19 @@ def test_locked_dir_refuses_a_lock_file_its_holder_removed_between_our_open_and_
     assert d.is_dir() and not any(d.iterdir())
 
 
+def test_locked_dir_in_use_names_the_folder_as_given(tmp_path):
+    # --out_dir through a link: the message names what the user typed, not the folder the link resolves to
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with locked_dir(tmp_path / "link"):
+        with pytest.raises(InputError) as e:
+            with locked_dir(tmp_path / "link"):
+                pass
+    assert str(e.value) == (f"--out_dir {tmp_path / 'link'}: in use by another run (pid {os.getpid()}); wait for it or choose "
+                            "another --out_dir")
+    assert (tmp_path / "link").is_symlink() and not any((tmp_path / "real").iterdir())
+
+
 def test_run_turns_ctrl_c_into_its_own_line_and_exit_130(capsys):
     # the interrupt's own message (where it stopped, what is kept), or "interrupted" when it has none; exit status 130
     for args, err in ((("interrupted at iter 4; --resume continues",), "interrupted at iter 4; --resume continues\n"),
@@ -3651,6 +3761,27 @@ def test_parse_flags_reads_true_and_false_words_in_any_case():
     for words, want in ((("True", "FALSE"), (True, False)), (("YES", "No"), (True, False)), (("tRuE", "0"), (True, False))):
         got = parse_flags([f"--compile={words[0]}", "--quantize", words[1]], d, "")[1]
         assert (got["compile"], got["quantize"]) == want
+
+
+def test_parse_flags_names_an_unknown_flag_as_written():
+    d = {"lr": 1.0, "compile": False}
+    for arg in ("--colour", "--colour=red", "--lr2=3"):
+        with pytest.raises(InputError) as e:
+            parse_flags(["--lr", "2", arg, "x"], d, "")
+        assert str(e.value) == f"unknown flag {arg} (flags: --lr, --compile)"
+    with pytest.raises(InputError) as e:
+        parse_flags(["--lr", "2", "x"], d, "", words_ok=False)
+    assert str(e.value) == "unexpected argument 'x': flags are --name value (see --help)"
+
+
+def test_parse_flags_a_number_flag_left_without_its_value_is_refused_not_read_as_true():
+    # only a bool flag alone means true: a number flag last, or followed by another flag, lacks its value
+    d = {"lr": 1.0, "n": 3, "compile": False}
+    for argv, key in ((["--n"], "n"), (["--compile", "--lr"], "lr"), (["--lr", "--compile"], "lr")):
+        with pytest.raises(InputError) as e:
+            parse_flags(argv, d, "")
+        assert str(e.value) == f"flag --{key} needs a value (one that starts with -- is written --{key}=VALUE)"
+    assert parse_flags(["--n=4", "--compile"], d, "")[1] == {"n": 4, "compile": True}
 
 
 def test_flag_help_reads_every_name_of_a_config_line(tmp_path):
@@ -3836,6 +3967,15 @@ def test_run_turns_an_os_error_into_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         files_run(lambda argv: open(tmp_path))  # e.g. a folder where the output file goes
     assert e.value.code == 2 and capsys.readouterr().err == f"error: {tmp_path}: Is a directory\n"
+
+
+def test_run_shows_an_os_error_that_names_no_file_in_its_own_words(capsys):
+    # an OSError that carries no file name (a failing disk read, a socket): the OS's message as it is, not "None: ..."
+    def fail(argv):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    with pytest.raises(SystemExit) as e:
+        files_run(fail)
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: [Errno {errno.EIO}] {os.strerror(errno.EIO)}\n"
 
 
 def enospc(f):
