@@ -24,6 +24,7 @@ import sys
 import warnings
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -2751,15 +2752,13 @@ def test_meta_params_give_back_the_ffn_width_and_rope_theta():
     assert json.loads(C.meta_params(M.LLaMAConfig(dim=64, n_heads=4, rope_theta=1e6)))["rope_theta"] == 1e6
 
 
+def fake_clock(times, **more):  # stands for a module's `time`: each time() is the next of times
+    return SimpleNamespace(time=iter(times).__next__, **more)
+
+
 def test_progress_line_counts_layers_from_one_and_estimates_the_rest(monkeypatch):
     # on a terminal: layer i/N for the i-th block (the embedding is 0), GB done/total, eta from the rate so far
-    class Clock:  # checkpoint.py's time module: 100 s at the start, 110 s at the first step
-        t = iter([100.0, 110.0])
-
-        def time(self):
-            return next(self.t)
-
-    monkeypatch.setattr(C, "time", Clock())
+    monkeypatch.setattr(C, "time", fake_clock([100.0, 110.0]))  # 100 s at the start, 110 s at the first step
     err = FakeTerminal()
     monkeypatch.setattr(sys, "stderr", err)
     p = C.Progress("loaded", 2, 4e9)
@@ -2768,13 +2767,7 @@ def test_progress_line_counts_layers_from_one_and_estimates_the_rest(monkeypatch
 
 
 def test_progress_line_puts_the_embedding_at_layer_0_and_the_final_norm_and_head_at_the_last(monkeypatch):
-    class Clock:  # checkpoint.py's time module: 10 s per call
-        t = iter(range(0, 1000, 10))
-
-        def time(self):
-            return float(next(self.t))
-
-    monkeypatch.setattr(C, "time", Clock())
+    monkeypatch.setattr(C, "time", fake_clock(map(float, range(0, 1000, 10))))  # 10 s per call
     err = FakeTerminal()
     monkeypatch.setattr(sys, "stderr", err)
     p = C.Progress("loaded", 3, 5e9)
@@ -5404,7 +5397,7 @@ def test_bench_e2e_row_from_the_step_times_and_the_block_weights(monkeypatch, ca
     # N the weights of the blocks' linear layers (not the head, not the LoRA adapters). Each step runs the forward on
     # batch x seq tokens, and with gradient checkpointing each block's forward again in backward.
     ticks = iter([0.0, 2.5, 10.0, 18.0, 20.0, 20.0 + 2 ** -21, 30.0, 30.0 + 2 ** -23, 40.0, 40.0 + 2 ** -22])
-    monkeypatch.setattr(B, "time", type("Clock", (), {"time": staticmethod(lambda: next(ticks)), "strftime": staticmethod(lambda f: "today")}))
+    monkeypatch.setattr(B, "time", fake_clock(ticks, strftime=lambda f: "today"))
     monkeypatch.setattr(B, "header", lambda: "NVIDIA H100 80GB HBM3")
     shapes, forward, blocks, block = [], M.LLaMA.forward, [], M.FeedForward.forward
     monkeypatch.setattr(M.LLaMA, "forward", lambda self, idx, targets=None, start_pos=None: shapes.append(tuple(idx.shape)) or forward(self, idx, targets, start_pos))
@@ -5689,7 +5682,6 @@ def test_demo_tokenizer_fits_the_data(tmp_path, texts, vocab):
 
 import itertools  # noqa: E402
 import random  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
 
 import train as TR  # noqa: E402
 
