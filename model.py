@@ -1,5 +1,5 @@
-"""LLaMA 1 and 2 (and models of the same shape: Mistral, TinyLlama, CodeLlama), quantized to NF4 block by block
-while loading, with LoRA on every linear layer of every block. The file formats (Meta's raw checkpoints,
+"""LLaMA 1 and 2 (and models of the same shape: Mistral, TinyLlama, CodeLlama), quantized to NF4 one linear weight at a
+time while loading, with LoRA on every linear layer of every block. The file formats (Meta's raw checkpoints,
 Hugging Face folders, adapters, exports, the tokenizer) live in data/checkpoint.py.
 
 References: Touvron et al. 2023 (LLaMA, Llama 2); Meta's llama/model.py for the layout of the weights.
@@ -41,7 +41,7 @@ class LLaMAConfig:
     rope_theta: float = 10000.0
     ffn_dim: int = None  # None: Meta's formula (hidden_dim); else an explicit width (HF's intermediate_size)
     tie_embeddings: bool = False  # output head = the embedding (HF's tie_word_embeddings)
-    lora_r: int = 64  # the paper's LoRA (§4: r 64, α 16 on every linear layer); train.py's flags default to these
+    lora_r: int = 64  # the paper's LoRA (App. B.2: r 64, α 16 on every linear layer); train.py's flags default to these
     lora_alpha: float = 16.0
     lora_dropout: float = 0.1
 
@@ -123,7 +123,7 @@ class Attention(nn.Module):
         self.wk = linear(prefix + "wk.weight", (cfg.n_kv_heads * cfg.head_dim, cfg.dim))
         self.wv = linear(prefix + "wv.weight", (cfg.n_kv_heads * cfg.head_dim, cfg.dim))
         self.wo = linear(prefix + "wo.weight", (cfg.dim, cfg.n_heads * cfg.head_dim))
-        self.cache = None  # (k, v) each (B, max_len, n_kv_heads, head_dim) while generating
+        self.cache = None  # (k, v) each (B, prompt + new tokens, n_kv_heads, head_dim) while generating
 
     def forward(self, x, cos, sin, start_pos=None):
         B, T, _ = x.shape
@@ -136,7 +136,7 @@ class Attention(nn.Module):
             ck, cv = self.cache
             ck[:B, start_pos : start_pos + T], cv[:B, start_pos : start_pos + T] = k, v
             k, v = ck[:B, : start_pos + T], cv[:B, : start_pos + T]
-            if start_pos > 0 and T > 1:  # query i sees keys up to start_pos + i
+            if start_pos > 0 and T > 1:  # query i sees keys up to start_pos + i (is_causal would align the mask top-left)
                 mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         # flash attention on the GPU; grouped-query attention shares each k/v head among n_head/n_kv_head queries

@@ -26,6 +26,13 @@ def nf4_values(offset=NF4_OFFSET):
     return v / v.max()  # (16,) float32, v[0] = -1, v[7] = 0, v[15] = 1
 
 
+def midpoints(code):
+    # Decision boundaries for "nearest value" (and dynamic_map's bin centres): halfway between neighbours, computed in
+    # float64 and rounded once to float32 (these are exactly the constants in bitsandbytes' NF4 decision tree).
+    c = code.double()
+    return ((c[:-1] + c[1:]) / 2).float()  # (len(code) - 1,)
+
+
 def dynamic_map(max_exponent_bits=7):
     # The signed 8-bit "dynamic tree" map: the leading zeros of a byte act as a decimal exponent
     # (10^-6 .. 10^0) and the remaining bits as a linear fraction in [0.1, 1]. 127 positive values,
@@ -36,13 +43,6 @@ def dynamic_map(max_exponent_bits=7):
         scale = 10 ** (-(max_exponent_bits - 1) + i)
         data += (scale * means).tolist() + (-scale * means).tolist()
     return torch.tensor(sorted(data), dtype=torch.float32)  # (256,)
-
-
-def midpoints(code):
-    # Decision boundaries for "nearest value": halfway between neighbours, computed in float64 and
-    # rounded once to float32 (these are exactly the constants in bitsandbytes' NF4 decision tree).
-    c = code.double()
-    return ((c[:-1] + c[1:]) / 2).float()  # (len(code) - 1,)
 
 
 if __name__ == "__main__":
@@ -56,7 +56,7 @@ if __name__ == "__main__":
     x = torch.randn(1 << 16, 64)
     x = x / x.abs().amax(dim=1, keepdim=True)
     int4 = torch.arange(-7, 8, dtype=torch.float32) / 7  # symmetric uniform int4
-    e2m1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6]) / 6  # FP4 E2M1 magnitudes
+    e2m1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6]) / 6  # FP4 E2M1 magnitudes (bitsandbytes' FP4: 1/192 in place of 1/12)
     fp4 = torch.cat([-e2m1.flip(0)[:-1], e2m1])
     print("\nN(0,1) blocks of 64 scaled by absmax: share of elements per code value (ideal 1/16 = 6.25%)")
     print("  code  " + " ".join(f"{i:5d}" for i in range(16)))

@@ -7,7 +7,7 @@
   5. the LoRA layer on a frozen 4-bit base
   6. paged AdamW: optimizer state in CUDA unified memory
 
-Notation (paper §3), used throughout. W is a frozen base weight, PyTorch's (out, in) = the paper's (h × o)
+Notation (paper §2-3), used throughout. W is a frozen base weight, PyTorch's (out, in) = the paper's (h × o)
 transposed, flattened row-major and cut into blocks of `blocksize` (64): element i is in block b = i // 64.
 
   paper     here              what                                                    shape, dtype
@@ -48,7 +48,7 @@ from nf4_table import dynamic_map, midpoints, nf4_values
 NF4 = nf4_values()  # (16,) float32
 NF4_MID = midpoints(NF4)  # (15,) decision boundaries, as in bitsandbytes' decision tree
 DYN8 = dynamic_map()  # (256,) signed 8-bit dynamic map, the code of c2^8bit
-DYN8_MID = midpoints(DYN8)  # (255,) float32, as bitsandbytes' kernel computes them: (a + b) · 0.5, one rounding
+DYN8_MID = midpoints(DYN8)  # (255,) float32, the values bitsandbytes' kernel computes as (a + b) · 0.5 (one rounding either way)
 BLOCKSIZE2 = 256  # second-level block: one c1 per 256 values of c2 (the paper's choice, and bitsandbytes')
 
 # -----------------------------------------------------------------------------------------------
@@ -95,14 +95,14 @@ def quantize_nf4(w, blocksize=64, double_quant=True):
         raise ValueError(f"quantize_nf4: expected a non-empty weight, got shape {tuple(w.shape)}")
     if not isinstance(blocksize, int) or blocksize < 2 or blocksize & (blocksize - 1):
         raise ValueError(f"quantize_nf4: blocksize must be a power of two >= 2, got {blocksize}")
-    # in chunks of 2^24 elements (whole blocks), so the fp32 temporaries stay ~0.3 GB even for a 65B layer:
-    # quantizing while loading must not need more memory than the 16-bit weight itself
+    # in chunks of 2^24 elements (whole blocks): the fp32 temporaries stay under ~0.3 GB whatever the layer's size
+    # (a 65B MLP weight alone is 0.36 GB in bf16): quantizing while loading costs a bounded extra, not a multiple of a layer
     flat, chunk, packed, c2 = w.detach().reshape(-1), max(1 << 24, blocksize), [], []
     for i in range(0, flat.numel(), chunk):
         idx, c = _blockwise(flat[i : i + chunk].float(), blocksize, NF4_MID)
         packed.append((idx[0::2] << 4) | idx[1::2])
         c2.append(c)
-    packed, c2 = torch.cat(packed)[: (flat.numel() + 1) // 2].contiguous(), torch.cat(c2)  # W^NF4, c2^FP32
+    packed, c2 = torch.cat(packed)[: (flat.numel() + 1) // 2].contiguous(), torch.cat(c2)  # W^NF4 (⌈numel/2⌉ bytes), c2^FP32
     if not double_quant:
         return NF4Weight(w.shape, w.dtype, blocksize, packed, c2)
     c2_mean = c2.mean()
@@ -127,17 +127,18 @@ def _blockwise(x, blocksize, mids, even_ties=False):  # x (n,) fp32 -> nearest c
 
 
 def dequantize_nf4(q, dtype=None, out=None):  # Ŵ = doubleDequant(c1, c2, W^NF4) in `dtype` (default: the weight's)
-    # into `out` if given: it must be contiguous, as Ŵ is written in row-major order (view(-1) refuses another)
-    out = torch.empty(q.shape, dtype=dtype or q.dtype, device=q.device) if out is None else out.view(-1).view(q.shape)
+    if out is not None and not out.is_contiguous():  # into `out` if given: Ŵ is written in row-major order
+        raise ValueError(f"dequantize_nf4: out must be contiguous, got shape {tuple(out.shape)} with strides {out.stride()}")
+    out = torch.empty(q.shape, dtype=dtype or q.dtype, device=q.device) if out is None else out.view(q.shape)
     return _dequantize_triton(q, out) if _use_triton(out) else _dequantize_torch(q, out)
 
 
 def _dequantize_torch(q, out):
     # reference path (and the CPU path): Ŵ[i] = c2^FP32[i // blocksize] · NF4[W^NF4[i]], c2^FP32 = dequant(c1, c2) with double quantization
     idx = torch.stack([q.packed >> 4, q.packed & 15], dim=1).view(-1)  # high nibble first
-    c2 = q.dyn8[q.c2.long()] * q.c1.repeat_interleave(BLOCKSIZE2)[: q.c2.numel()] + q.c2_mean if q.double_quant else q.c2
-    idx = F.pad(idx, (0, c2.numel() * q.blocksize - idx.numel()))
-    w = q.nf4[idx.long()].view(-1, q.blocksize) * c2[:, None]
+    c2_fp32 = (q.dyn8[q.c2.long()] * q.c1.repeat_interleave(BLOCKSIZE2)[: q.c2.numel()] + q.c2_mean) if q.double_quant else q.c2
+    idx = F.pad(idx, (0, c2_fp32.numel() * q.blocksize - idx.numel()))  # to whole blocks: an odd or ragged tail padded
+    w = q.nf4[idx.long()].view(-1, q.blocksize) * c2_fp32[:, None]
     out.view(-1).copy_(w.view(-1)[: q.numel()])
     return out
 
@@ -152,7 +153,7 @@ def _dequantize_torch(q, out):
 FUSED_MAX_M = 0
 
 
-def _use_triton(t):  # CUDA tensors; CPU ones if TRITON_INTERPRET=1 was set before import (@triton.jit reads it then), not bf16
+def _use_triton(t):  # CUDA; CPU while TRITON_INTERPRET=1 (set before import too), but not bf16: the interpreter truncates it
     return t.is_cuda or (os.environ.get("TRITON_INTERPRET") == "1" and t.dtype != torch.bfloat16)
 
 
@@ -191,7 +192,7 @@ def _dequantize_triton(q, out):
 def _fused_matmul_kernel(x, packed, c2, c1, c2_mean, nf4, dyn8, y, M, N, K,
                          sxm, sxk, sym, syn, swn, swk, blocksize, DOUBLE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
-    # y[m, n] = Σ_k x[m, k] · W'[n, k]  with  W'[n, k] = Ŵ.flat[n·swn + k·swk]
+    # y[m, n] = Σ_k x[m, k] · V[n, k]  with  V[n, k] = Ŵ.flat[n·swn + k·swk]
     # forward  y = x Ŵᵀ : (swn, swk) = (K, 1);   backward dx = dy Ŵ : (swn, swk) = (1, in_features)
     rm, rn = tl.program_id(0) * BM + tl.arange(0, BM), tl.program_id(1) * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -267,8 +268,8 @@ def nf4_matmul(x, q, buffer=None):  # x (..., in) -> x Ŵᵀ (..., out); a Dequa
 
 
 # -----------------------------------------------------------------------------------------------
-# 5. LoRA:  Y = X Ŵᵀ + s · dropout(X) L1 L2. L2 (lora_B) starts at zero, so training starts exactly from the pretrained
-#    model; lora_A is kaiming-uniform. Only lora_A, lora_B are parameters: the 4-bit base sits in buffers, no gradient.
+# 5. LoRA:  Y = X Ŵᵀ + s · dropout(X) L1 L2. L2 (lora_B) starts at zero, so training starts exactly from the quantized
+#    base model Ŵ; lora_A is kaiming-uniform. Only lora_A, lora_B are parameters: the 4-bit base sits in buffers, no gradient.
 
 class LoRALinear(nn.Module):
     def __init__(self, weight, r, alpha, dropout=0.0, dequant_buffer=None):
@@ -279,12 +280,12 @@ class LoRALinear(nn.Module):
             self.weight = weight
         else:  # a 16-bit base (quantize=False): frozen, so a buffer
             self.register_buffer("weight", weight.detach())
-        self.dequant_buffer = dequant_buffer or DequantBuffer()  # a model passes one for all its layers
+        self.dequant_buffer = dequant_buffer  # a model passes one for all its layers; None: a fresh Ŵ per call, freed after it
         self.r, self.scaling = r, (alpha / r if r > 0 else 0.0)
         if r > 0:
             self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=weight.device))  # (r, in) fp32
             self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=weight.device))  # (out, r) fp32
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's default init, as peft's
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):  # x (..., in) -> (..., out)
@@ -296,8 +297,8 @@ class LoRALinear(nn.Module):
 
 
 def merge_lora(layer, dtype=None, base=None):
-    # W' = W0 + s · (L1 L2)ᵀ = W0 + s · lora_B lora_A as a dense (out, in) weight, for export or adapter-free
-    # inference; W0 = Ŵ, or `base` (an export's original weight, fp32, any device). Explicit on purpose: merging
+    # Ŵ + s · (L1 L2)ᵀ = Ŵ + s · lora_B lora_A as a dense (out, in) weight, for export or adapter-free inference;
+    # `base` (an export's original W, fp32, any device) in place of Ŵ if given. Explicit on purpose: merging
     # never happens behind the user's back (e.g. on eval()).
     w = base if base is not None else dequantize_nf4(layer.weight, torch.float32) if layer.quantized else layer.weight.float()
     if layer.r > 0:
@@ -340,7 +341,7 @@ def _prefetch(t, device):  # a hint: move the pages to the GPU on the current st
     stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
     ptr, nbytes = ctypes.c_uint64(t.data_ptr()), ctypes.c_size_t(t.numel() * 4)
     if hasattr(lib := _cuda(), "cuMemPrefetchAsync_v2"):
-        lib.cuMemPrefetchAsync_v2(ptr, nbytes, _CUmemLocation(1, device.index or 0), ctypes.c_uint(0), stream)
+        lib.cuMemPrefetchAsync_v2(ptr, nbytes, _CUmemLocation(1, device.index or 0), ctypes.c_uint(0), stream)  # type 1: a device
     else:
         lib.cuMemPrefetchAsync(ptr, nbytes, ctypes.c_int(device.index or 0), stream)
 

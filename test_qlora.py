@@ -554,10 +554,12 @@ def test_dequantize_into_a_view_writes_only_the_weights_elements():
                 wh = qlora.dequantize_nf4(q, out=buf[1 : 1 + n])
                 assert torch.equal(wh.cpu(), ref_dequant(q, dtype))
                 assert buf[0].item() == 7.0 and (buf[1 + n :] == 7.0).all(), (shape, dtype)
-    q = qlora.quantize_nf4(weight((40, 96), seed=4).to(DEV))  # a transposed out is refused on every path, never filled wrongly
+    # an out that is not contiguous (transposed; a column of a wider buffer) is refused on every path, never filled wrongly
+    q, column = qlora.quantize_nf4(weight((40, 96), seed=4).to(DEV)), qlora.quantize_nf4(weight((128, 1), seed=4).to(DEV))
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        with pytest.raises(RuntimeError, match="view size is not compatible"):
-            qlora.dequantize_nf4(q, out=torch.empty(96, 40, dtype=dtype, device=DEV).t())
+        for q, out in ((q, torch.empty(96, 40, dtype=dtype, device=DEV).t()), (column, torch.zeros(128, 2, dtype=dtype, device=DEV)[:, :1])):
+            with pytest.raises(ValueError, match=r"out must be contiguous, got shape \(\d+, \d+\) with strides"):
+                qlora.dequantize_nf4(q, out=out)
 
 
 def test_bf16_dequantize_is_exact_on_every_device():
@@ -677,7 +679,7 @@ def test_nf4_matmul_3d_input(T, monkeypatch):
 
 def test_nf4_matmul_under_autocast(monkeypatch):
     # custom kernels do not autocast by themselves: nf4_matmul casts x to the autocast dtype
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # bf16 cannot run in the Triton CPU interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the Triton CPU interpreter truncates bf16 (the GPU rounds)
     q = qlora.quantize_nf4(weight((40, 96), seed=10).to(DEV))
     x = torch.randn(20, 96, device=DEV)
     with torch.autocast(DEV, dtype=D16):
@@ -696,7 +698,7 @@ def test_autocast_dequantizes_in_the_autocast_dtype():
 
 def test_dequant_buffer_is_shared_and_reused():
     # one buffer per (device, dtype) for all the layers given it, sized by the largest weight; a layer
-    # built alone gets its own
+    # built alone keeps no 16-bit Ŵ between calls (a buffer of its own would hold one per layer)
     buf, M = qlora.DequantBuffer(), qlora.FUSED_MAX_M + 3  # above FUSED_MAX_M: the dequantizing route
     big, small = (qlora.quantize_nf4(weight(s, seed=14).to(DEV)) for s in [(40, 130), (24, 96)])
     w = buf.dequantize(big, DT)
@@ -708,7 +710,9 @@ def test_dequant_buffer_is_shared_and_reused():
         x = torch.randn(M, q.shape[1]).to(DT).to(DEV)
         assert rel_err(layer(x), x.cpu().double() @ ref_dequant(q).T) < TOL[DT]  # B = 0: the base
     assert len(buf.buffers) == 1 and buf.buffers[(big.device, DT)].data_ptr() == ptr
-    assert make_layer().dequant_buffer is not make_layer().dequant_buffer
+    alone = make_layer()
+    x = torch.randn(M, 96).to(DT).to(DEV)
+    assert rel_err(alone(x), x.cpu().double() @ ref_dequant(alone.weight).T) < TOL[DT] and alone.dequant_buffer is None
 
 
 # ------------------------------------------------------------------------------------------------
