@@ -128,17 +128,18 @@ def load(ckpt_dir, quantize):  # peak host memory: private (anonymous) pages, an
 
     base, peak, done = status()["RssAnon"], {"RssAnon": 0, "VmRSS": 0}, threading.Event()  # base: torch itself
 
-    def watch():
-        while not done.wait(0.02):
+    def watch():  # every 20 ms while loading, and once when it is done (a load under 20 ms gets that one)
+        while not done.is_set():
+            done.wait(0.02)
             peak.update({k: max(peak[k], v) for k, v in status().items()})
 
-    threading.Thread(target=watch, daemon=True).start()
+    (watcher := threading.Thread(target=watch, daemon=True)).start()
     cuda, t0 = torch.cuda.is_available(), time.time()
     net = LLaMA.from_checkpoint(ckpt_dir, quantize=quantize, device="cuda" if cuda else "cpu", dtype=torch.bfloat16)
     if cuda:
         torch.cuda.synchronize()
     dt = time.time() - t0
-    done.set()
+    done.set(), watcher.join()
     model_gb = sum(b.numel() * b.element_size() for b in net.buffers()) / 1e9
     gpu = f"{torch.cuda.max_memory_allocated() / 1e9:.2f}" if cuda else "-"
     header()
