@@ -5891,7 +5891,7 @@ def test_train_losses_are_means_over_micro_batches_and_so_is_the_gradient(tmp_pa
     vals = [sum(f["loss"] for f in val[i : i + 3]) / 3 for i in range(0, 12, 3)]
     lines = re.findall(r"^iter (\d+): val loss (.*)$", out, re.M)
     assert [int(i) for i, _ in lines] == [0, 2, 4, 5]
-    assert [l for _, l in lines] == [f"{v:.4f}" for v in vals[:3]] + [f"{vals[3]:.4f} ({round(100 * (vals[3] / vals[0] - 1)):+d}% since iter 0)"]
+    assert [l for _, l in lines] == [f"{v:.4f}" for v in vals[:3]] + [f"{vals[3]:.4f} ({100 * (vals[3] / vals[0] - 1):+.0f}% since iter 0)"]
     assert round(100 * (vals[3] / vals[0] - 1)) != round(100 * (vals[3] / vals[2] - 1))  # (so the line tells which one)
     # a run resumed at iter 7 (eval_interval 3) first validates at iter 9: the change is since then, and says so
     run(*FAST, "--max_iters", 7, "--out_dir", d, "--overwrite")
@@ -5899,7 +5899,10 @@ def test_train_losses_are_means_over_micro_batches_and_so_is_the_gradient(tmp_pa
     out = run(*FAST, "--max_iters", 12, "--out_dir", d, "--resume")
     val = [f["loss"] for f in rec.forwards if not f["grad"]]
     lines = re.findall(r"^iter (\d+): val loss (.*)$", out, re.M)
-    assert [(int(i), l) for i, l in lines] == [(9, f"{val[0]:.4f}"), (12, f"{val[1]:.4f} ({round(100 * (val[1] / val[0] - 1)):+d}% since iter 9)")]
+    assert [(int(i), l) for i, l in lines] == [(9, f"{val[0]:.4f}"), (12, f"{val[1]:.4f} ({100 * (val[1] / val[0] - 1):+.0f}% since iter 9)")]
+    # a fall of less than half a percent keeps its sign: -0%, not +0%
+    out = run(*FAST, "--learning_rate", 3e-4, "--max_iters", 4, "--eval_interval", 4, "--out_dir", fresh_out_dir(tmp_path / "s", demo_tokenizer))
+    assert re.search(r"^iter 4: val loss [\d.]+ \(-0% since iter 0\)$", out, re.M), out
 
 
 def test_installed_paper_stack_trains_the_same_steps(tmp_path, meta_ckpt, tokenizer_file, train_here, monkeypatch):

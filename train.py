@@ -243,8 +243,7 @@ def train(c):
     if master:
         print(f"{data}: {len(train_set)} examples to train on, {n_val} held out for validation" + (
               f", {truncated} cut to --source_max_len={c['source_max_len']} / --target_max_len={c['target_max_len']}" if truncated else ""))
-    micro_batch = c["micro_batch"]
-    t0 = time.time()
+    micro_batch, t0 = c["micro_batch"], time.time()  # t0: the model's build time is logged
     raw, base = build_model(c, tok, device, dtype, master, seed, vocab)
     # the prompt template a chat with the result should use: the one most training examples had
     template = "alpaca" if 2 * sum(segs[0][0].startswith(ALPACA[False][:45]) for _, segs in items) >= len(items) else "guanaco"
@@ -303,7 +302,7 @@ def train(c):
                 losses = [raw(x.to(device), y.to(device))[1].item() for x, y in batches]
             raw.train()
             val = sum(losses) / max(len(losses), 1)
-            change = f" ({round(100 * (val / val0[0] - 1)):+d}% since iter {val0[1]})" if val0 and it >= max_iters else ""
+            change = f" ({100 * (val / val0[0] - 1):+.0f}% since iter {val0[1]})" if val0 and it >= max_iters else ""
             val0 = val0 or (val, it)  # (loss, iter) of this run's first validation
             print(f"iter {it}: val loss {val:.4f}{change}")
         if questions:
