@@ -64,7 +64,7 @@ def kernels():
         for m in (1, 16, 64, 256, 4096, 8192):
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(4)]
             dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-            x = cycle(xs).__next__  # x(): the next input in turn, so small cases are not timed out of L2
+            x = cycle(xs).__next__  # x(): the next input in turn (do_bench itself also clears L2 before each call)
             dense, ours = ms(lambda: x() @ w.t()), ms(lambda: qlora.nf4_matmul(x(), q, buf))
             fused = f"{ms(lambda: qlora._fused_matmul(x().detach(), q, False)):.4f}" if m <= 256 else "-"  # (too slow above)
             route = ms(lambda: x().detach() @ buf.dequantize(q, torch.bfloat16).t())
@@ -101,7 +101,7 @@ def e2e(model, batch, seq, steps, r, quantize):
             torch.cuda.synchronize()
             device_peak = max(device_peak, free0 - torch.cuda.mem_get_info()[0])
         times.append(time.time() - t)
-    dt = sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median, first step (warm-up) excluded
+    dt = torch.tensor(times[1:] or times, dtype=torch.float64).quantile(0.5).item()  # median, first step (warm-up) excluded
     n_lin = sum(m.in_features * m.out_features for m in net.modules() if isinstance(m, qlora.LoRALinear))
     tok_s, alloc = batch * seq / dt, torch.cuda.max_memory_allocated() / 1e9 if cuda else 0
     print("| model | batch x seq | tok/s | MFU | peak allocated GB | device-level peak GB | build s | build peak GB |\n|---|---|---|---|---|---|---|---|")

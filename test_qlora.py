@@ -5399,6 +5399,14 @@ def test_bench_e2e_runs_past_the_architectures_context():
         assert re.search(r"^\| tiny fp32 r=64 \| 1 x 16 \| \d+ \| - \| ", r.stdout, re.M), r.stdout
 
 
+def test_bench_e2e_median_of_an_even_number_of_steps(monkeypatch, capsys):
+    # --steps 3: the warm-up (8 s) left out, the median of 2^-21 and 2^-23 s is their mean, 5 · 2^-24 s
+    ticks = iter([0.0, 2.5, 10.0, 18.0, 20.0, 20.0 + 2 ** -21, 30.0, 30.0 + 2 ** -23])
+    monkeypatch.setattr(B, "time", fake_clock(ticks, strftime=lambda f: "today"))
+    B.main(["e2e", "--model", "tiny", "--batch", "2", "--seq", "4", "--steps", "3", "--lora_r", "4", "--no_quant"])
+    assert re.search(rf"^\| tiny \w+ r=4 \| 2 x 4 \| {2 * 4 / (5 * 2 ** -24):.0f} \| ", capsys.readouterr().out, re.M)
+
+
 def test_bench_e2e_row_from_the_step_times_and_the_block_weights(monkeypatch, capsys):
     # on a clock that says: build 2.5 s, steps of 8 s (the warm-up, left out), 2^-21, 2^-23 and 2^-22 s. The median timed step,
     # 2^-22 s, gives tok/s = batch · seq / 2^-22, and MFU = 4 · N · tok/s over the GPU's peak (989 TFLOP/s for an H100),
