@@ -4908,14 +4908,14 @@ def test_resume_compares_the_data_by_content_and_every_setting_of_the_model_and_
     assert r.returncode == 2 and r.stderr == f"error: {d / 'ckpt.pt'}: its random base was made on cuda; rebuilding it needs the same here\n"
 
 
-def torchrun_train(*args):
+def torchrun_train(*args, env=CPU_ENV):
     # train.py under torchrun, two gloo processes on the CPU -> (process, stdout, stderr)
     with socket.socket() as s:  # a port the kernel says is free, for this run's rendezvous alone
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                           f"--master_port={port}", str(ROOT / "train.py"), *map(str, args)],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**CPU_ENV, "OMP_NUM_THREADS": "1"},
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env, "OMP_NUM_THREADS": "1"},
                          start_new_session=True)
     try:
         out, err = p.communicate(timeout=300)
@@ -4952,11 +4952,21 @@ def test_ddp_two_gloo_processes_match_one(tmp_path, demo_tokenizer):
     for sub in ("one", "two"):
         (tmp_path / sub).mkdir()
         shutil.copy(demo_tokenizer, tmp_path / sub / demo_tokenizer.name)
+    # a peak of 1 GFLOP/s for the CPU (device name ""), so that the log has an MFU: tok/s counts every process's
+    # tokens, MFU is per GPU: 4 · N · tok/s / processes / peak, N the block linears' weights
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text("import model\nmodel.PEAK_FLOPS[''] = 1e9\n")
+    env = {**CPU_ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)])}
     args = [*FAST, "--max_iters", 2, "--lora_dropout", 0.0]
-    one = run_train(*args, "--out_dir", tmp_path / "one", env=CPU_ENV)  # gloo on CPUs: any machine has two
-    p, out, err = torchrun_train(*args, "--out_dir", tmp_path / "two")
+    one = run_train(*args, "--out_dir", tmp_path / "one", env=env)  # gloo on CPUs: any machine has two
+    p, out, err = torchrun_train(*args, "--out_dir", tmp_path / "two", env=env)
     assert one.returncode == 0 and p.returncode == 0, one.stderr + err
     assert len(losses(out)) == 2  # only rank 0 logs
+    cfg = M.LLaMAConfig(**M.CONFIGS["tiny"])
+    n = cfg.n_layers * (2 * cfg.dim ** 2 + 2 * cfg.dim * cfg.n_kv_heads * cfg.head_dim + 3 * cfg.dim * cfg.hidden_dim)
+    for log, world in ((one.stdout, 1), (out, 2)):
+        for m in LOG_LINE.finditer(log):
+            assert float(m[6].rstrip("%")) == pytest.approx(100 * 4 * n * float(m[5]) / world / 1e9, abs=0.06), m[0]
     a = torch.load(tmp_path / "one" / "adapter.pt", weights_only=False)["lora"]
     b = torch.load(tmp_path / "two" / "adapter.pt", weights_only=False)["lora"]
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

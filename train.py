@@ -339,7 +339,7 @@ def train(c):
             t, loss_sum, n_tok = time.time(), 0.0, 0
             for micro in range(grad_accum):
                 idx = micro_batch_indices((it * grad_accum + micro) * world + rank)
-                x, y = (t.to(device, non_blocking=True) for t in get_batch(train_set, idx))
+                x, y = (b.to(device, non_blocking=True) for b in get_batch(train_set, idx))
                 if ddp:
                     net.require_backward_grad_sync = micro == grad_accum - 1  # all-reduce once per step
                 with ctx:
@@ -361,11 +361,11 @@ def train(c):
             dt = time.time() - t
             dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
             if master and (it % c["log_interval"] == 0 or it == max_iters - 1):
-                tok_s = n_tok / dt  # tokens (padding not counted) per second, all processes
+                tok_s = n_tok / dt  # tokens (padding not counted) per second, all processes (MFU: per GPU, so / world)
                 mem = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else resource.getrusage(0).ru_maxrss / 1e6
                 eta = dt_avg * (max_iters - it - 1)
                 print(f"iter {it}: loss {loss_sum:.4f}, lr {lr:.2e}, {dt * 1000:.0f}ms, {tok_s:.1f} tok/s, "
-                      f"mfu {mfu(n_base, tok_s, name)}, mem {mem:.2f}GB, eta {eta // 60:.0f}m{eta % 60:02.0f}s")
+                      f"mfu {mfu(n_base, tok_s / world, name)}, mem {mem:.2f}GB, eta {eta // 60:.0f}m{eta % 60:02.0f}s")
             if (it + 1) % c["eval_interval"] == 0 or it == max_iters - 1:
                 save_checkpoint(it + 1)
         it = max(max_iters, iter_num)
