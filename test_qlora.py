@@ -3319,6 +3319,19 @@ def test_merged_export_of_a_16bit_model_records_its_base_as_loaded(tmp_path, met
     assert all(torch.allclose(sd[k], ref[k].float(), atol=1e-6) for k in ref)
 
 
+def test_merged_export_saves_copies_not_views_of_a_mapped_file(tmp_path, meta_ckpt):
+    # a weight loaded from safetensors in the export's own dtype is a view into the file's memory map: saved as it is,
+    # torch.save would write the whole mapped file with it (the view's storage)
+    d, _, weights = meta_ckpt
+    (src := tmp_path / "src").mkdir()
+    shutil.copy(d / "params.json", src / "params.json")
+    C.save_safetensors({k: t.float() for k, t in weights.items()}, src / "consolidated.safetensors")
+    net = M.LLaMA.from_checkpoint(src, quantize=False, dtype=torch.float32, lora_r=2, progress=False)
+    C.export_merged(net, tmp_path / "m", dtype=torch.float32, progress=False)
+    sd = torch.load(tmp_path / "m" / "consolidated.00.pth", weights_only=True)
+    assert all(t.untyped_storage().nbytes() == t.nbytes for t in sd.values())
+
+
 def test_merged_export_in_metas_layout_writes_only_metas_files(tmp_path, meta_ckpt, tokenizer_file):
     # Meta's layout: the shard, params.json, the tokenizer and merge.json; transformers' tokenizer_config.json belongs
     # to the Hugging Face export only

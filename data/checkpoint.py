@@ -177,7 +177,7 @@ def hf_permute(w, name, n_heads, n_kv_heads, back=False):
 ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 
 
-def read_safetensors(path):  # -> {name: tensor}, each checked against the file size, over a private memory map: none read until used
+def read_safetensors(path):  # -> {name: tensor} over a private memory map (read when used; a misaligned one copied), checked against the file size
     size, out = path.stat().st_size, {}
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8).ljust(8, b"\xff"))[0]
@@ -481,7 +481,7 @@ def export_merged(model, out_dir, dtype=torch.float16, base=None, tokenizer=None
     for n in names:  # to host memory one weight at a time: the GPU holds one weight's fp32 merge at most
         w0 = load(n, shapes[n]) if load is not None else None  # the original weight; None: the model's own
         w = merge_lora(linear[n], torch.float32, w0) if n in linear else w0 if w0 is not None else tensors[n]
-        sd[n] = w.detach().to("cpu", dtype).contiguous()
+        sd[n] = w.detach().to("cpu", dtype, copy=True).contiguous()  # a copy: a view would save its whole source file
         prog.step(n, sd[n].nbytes)
     if hf:
         sd = {hf_name(n): hf_permute(w, n, cfg.n_heads, cfg.n_kv_heads) for n, w in sd.items()}
