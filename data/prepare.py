@@ -213,18 +213,18 @@ def tokenize(items, tok, source_max_len, target_max_len, train_on_source=False):
 
 
 def batch_order(lengths, epoch, micro_batch, seed, group_by_length=True):
-    # the micro-batches of one epoch, a function of (seed, epoch) only: exact resume. The last
-    # len % micro_batch examples of the shuffle sit this epoch out.
-    g, order = random.Random(seed * 1000003 + epoch), list(range(len(lengths)))
+    # the micro-batches of one epoch, a function of (seed, epoch) only: exact resume; the last len % micro_batch examples
+    # sit it out. The longest first (as the paper's LengthGroupedSampler): a run that does not fit fails at its first step.
+    g, order, w = random.Random(seed * 1000003 + epoch), list(range(len(lengths))), 64 * micro_batch
     g.shuffle(order)
     order = order[: len(order) - len(order) % micro_batch]
-    if group_by_length:  # sort within windows of 64 micro-batches (less padding), then shuffle the micro-batches
-        w = 64 * micro_batch
+    if group_by_length:  # sort within windows of w = 64 micro-batches (less padding), then shuffle the micro-batches
         order = [i for s in range(0, len(order), w) for i in sorted(order[s : s + w], key=lambda i: lengths[i])]
     mbs = [order[i : i + micro_batch] for i in range(0, len(order), micro_batch)]
     if group_by_length:
         g.shuffle(mbs)
-    return mbs
+    longest = max(mbs, key=lambda mb: max(lengths[i] for i in mb))  # (the first of equals)
+    return [longest] + [mb for mb in mbs if mb is not longest]
 
 
 def get_batch(examples, indices):  # right-padded (B, T) inputs and (B, T) targets; position t predicts token t + 1
