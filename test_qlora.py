@@ -2957,7 +2957,8 @@ def test_installed_transformers_and_peft_agree(tmp_path, tokenizer_file, arch, k
         base = hf(idx).logits
         assert rel_err(M.LLaMA.from_checkpoint(tmp_path / "hf", quantize=False, dtype=torch.float32, lora_r=0,
                                                progress=False)(idx)[0], base) < 2e-6
-        names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # Mistral: "all-linear", which peft
+        names = "all-linear" if arch == "Mistral" else names  # writes out as every module's full name (model.layers.0.mlp.up_proj)
         lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=names, init_lora_weights=False, task_type="CAUSAL_LM")
         theirs = peft.get_peft_model(hf, lora).eval()  # random A and B
         theirs.save_pretrained(tmp_path / "peft")
@@ -3220,6 +3221,20 @@ def test_own_adapter_pt_of_some_layers_adapts_only_those(tmp_path, meta_ckpt):
             ref[w + ".weight"] = weights[w + ".weight"].double() + 3.0 * lora[w + ".lora_B"].double() @ lora[k].double()  # α/r = 6/2
     idx = torch.randint(cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(9))
     assert rel_err(fresh(idx)[0], reference_forward(ref, cfg, idx)) < 1e-4
+
+
+def test_peft_adapter_naming_its_modules_in_full_loads(tmp_path, meta_ckpt):
+    # peft writes target_modules="all-linear" out as every module's full name (model.layers.0.mlp.gate_proj, ...)
+    d, cfg, _ = meta_ckpt
+    net = with_random_adapter(M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=4, lora_alpha=8, progress=False))
+    C.export_peft(net, tmp_path / "a")
+    cj = tmp_path / "a" / "adapter_config.json"
+    full = [f"model.layers.{i}.{hf}" for i in range(cfg.n_layers) for hf in C.LINEARS.values()]
+    cj.write_text(json.dumps({**json.loads(cj.read_text()), "target_modules": full}))
+    fresh = M.LLaMA.from_checkpoint(d, quantize=False, dtype=torch.float32, lora_r=2, progress=False).eval()
+    C.load_adapter(fresh, tmp_path / "a")
+    idx = torch.randint(cfg.vocab_size, (1, 7), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(fresh(idx)[0], net.eval()(idx)[0]) and (fresh.config.lora_r, fresh.config.lora_alpha) == (4, 8)
 
 
 def test_own_adapter_pt_record_leaves_out_the_weights_optimizer_and_rng(tmp_path, meta_ckpt):

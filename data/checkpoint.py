@@ -387,8 +387,8 @@ def read_adapter(path):  # -> {"lora": {name in the file: tensor}, "r", "scaling
         for key, values in ok.items():
             if (conf.get(key) or None) not in (None, *values):  # None: false, null, {} or [], each field's default
                 raise InputError(f"{where}: {key} {json.dumps(conf[key])} is not supported")
-        targets = conf.get("target_modules")
-        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t in short for t in targets):
+        targets = conf.get("target_modules")  # short names, or full ones (peft's "all-linear": model.layers.0.mlp.gate_proj, ...)
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t.split(".")[-1] in short for t in targets):
             raise InputError(f"{where}: target_modules {json.dumps(targets)} is not supported (only {', '.join(short)})")
         st, pt = path / "adapter_model.safetensors", path / "adapter_model.bin"
         if not st.is_file() and not pt.is_file():
@@ -397,7 +397,7 @@ def read_adapter(path):  # -> {"lora": {name in the file: tensor}, "r", "scaling
         for k in lora:
             if not (m := re.fullmatch(r"base_model\.model\.model\.layers\.\d+\.\w+\.(\w+)\.lora_[AB]\.weight", k)) or m[1] not in short:
                 raise InputError(f"{path}: tensor {k!r} is not a LoRA weight of a LLaMA linear layer")
-        r, alpha, rslora, targets = conf.get("r"), conf.get("lora_alpha"), conf.get("use_rslora"), {short[t] for t in targets}
+        r, alpha, rslora, targets = conf.get("r"), conf.get("lora_alpha"), conf.get("use_rslora"), {short[t.split(".")[-1]] for t in targets}
         base = conf.get("base_model_name_or_path")  # a folder (ours), a hub name, or null
         info = {"base": {"ckpt_dir": base}} if isinstance(base, str) and base else {}
     elif path.is_file():  # ours: train.py's adapter.pt (or ckpt.pt)
