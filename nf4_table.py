@@ -9,9 +9,9 @@ Run as a script to see *why* NF4: `python nf4_table.py`.
 import torch
 from scipy.stats import norm
 
-# The outermost quantile: ppf(1) is infinite, so the top code sits at the middle of the last of n
-# equal-probability bins, probability 1 − 1/(2n), averaged over n = 15 and n = 16 (bitsandbytes' choice):
-#   ½·((1 − 1/30) + (1 − 1/32)) = 1 − ½·(1/30 + 1/32) = 0.96770833…, written with bitsandbytes' 7 decimals
+# The outermost quantile: ppf(1) is infinite, so bitsandbytes takes ppf(0.9677083) instead (a constant it does not derive).
+# It is ½·((1 − 1/30) + (1 − 1/32)) = 0.96770833…: the middle 1 − 1/(2n) of the last of n equal-probability bins, averaged
+# over n = 15 and n = 16 (our reading of it), written with bitsandbytes' 7 decimals
 NF4_OFFSET = 0.9677083
 
 

@@ -1,4 +1,4 @@
-"""QLoRA instruction finetuning of LLaMA, with the paper's recipe (Dettmers et al. 2023, §4-5, Guanaco).
+"""QLoRA instruction finetuning of LLaMA, with the paper's recipe (Dettmers et al. 2023, §5 and App. B.2, Guanaco).
 
   python train.py                                  # tiny random LLaMA on data/sample.jsonl, CPU, ~1 min
   python train.py --model 7B --data my.jsonl --out_dir out-7b # Meta weights in checkpoints/7B (or --ckpt_dir DIR)
