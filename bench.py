@@ -126,7 +126,7 @@ def load(ckpt_dir, quantize):  # peak host memory: private (anonymous) pages, an
     def status():  # {"RssAnon": bytes, "VmRSS": bytes} from lines like "VmRSS:    123456 kB"
         return {k: int(v.split()[0]) * 1024 for k, v in (l.split(":", 1) for l in Path("/proc/self/status").read_text().splitlines()) if k in ("RssAnon", "VmRSS")}
 
-    base, peak, done = status()["RssAnon"], {"RssAnon": 0, "VmRSS": 0}, threading.Event()  # base: torch itself
+    base, peak, done = (now := status())["RssAnon"], now, threading.Event()  # base: torch itself; the peak starts there
 
     def watch():  # every 20 ms while loading, and once when it is done (a load under 20 ms gets that one)
         while not done.is_set():

@@ -123,7 +123,7 @@ class Attention(nn.Module):
         self.wk = linear(prefix + "wk.weight", (cfg.n_kv_heads * cfg.head_dim, cfg.dim))
         self.wv = linear(prefix + "wv.weight", (cfg.n_kv_heads * cfg.head_dim, cfg.dim))
         self.wo = linear(prefix + "wo.weight", (cfg.dim, cfg.n_heads * cfg.head_dim))
-        self.cache = None  # (k, v) each (B, prompt + new tokens, n_kv_heads, head_dim) while generating
+        self.cache = None  # (k, v) each (B, prompt + new tokens (at most max_seq_len), n_kv_heads, head_dim) while generating
 
     def forward(self, x, cos, sin, start_pos=None):
         B, T, _ = x.shape
@@ -220,7 +220,7 @@ class LLaMA(nn.Module):
         # idx (B, T) prompt -> (B, T + new), at most max_seq_len in all (Meta's limit; for a sliding-window
         # model, its window). A KV cache keeps each step O(T) instead of O(T²). stream(nxt (B,)) sees each step; True ends it.
         B, T = idx.shape
-        if T > self.config.max_seq_len:  # the cache holds max_seq_len positions (chat cuts its prompts to fit)
+        if T > self.config.max_seq_len:  # the cache holds at most max_seq_len positions (chat cuts its prompts to fit)
             raise ValueError(f"generate: the prompt has {T} tokens, more than the model's max_seq_len {self.config.max_seq_len}")
         total = min(T + max_new_tokens, self.config.max_seq_len)
         kv = (B, total, self.config.n_kv_heads, self.config.head_dim)

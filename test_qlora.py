@@ -5037,7 +5037,7 @@ def test_ddp_two_gloo_processes_match_one(tmp_path, demo_tokenizer):
     # tokens, MFU is per GPU: 4 · N · tok/s / processes / peak, N the block linears' weights
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text("import model\nmodel.PEAK_FLOPS[''] = 1e9\n")
-    env = {**CPU_ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)])}
+    env = {**CPU_ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     args = [*FAST, "--max_iters", 2, "--lora_dropout", 0.0]
     one = run_train(*args, "--out_dir", tmp_path / "one", env=env)  # gloo on CPUs: any machine has two
     p, out, err = torchrun_train(*args, "--out_dir", tmp_path / "two", env=env)
@@ -5047,7 +5047,8 @@ def test_ddp_two_gloo_processes_match_one(tmp_path, demo_tokenizer):
     n = cfg.n_layers * (2 * cfg.dim ** 2 + 2 * cfg.dim * cfg.n_kv_heads * cfg.head_dim + 3 * cfg.dim * cfg.hidden_dim)
     for log, world in ((one.stdout, 1), (out, 2)):
         for m in LOG_LINE.finditer(log):
-            assert float(m[6].rstrip("%")) == pytest.approx(100 * 4 * n * float(m[5]) / world / 1e9, abs=0.06), m[0]
+            # (both figures are printed to 0.1: MFU off by up to 0.05, plus what tok/s's 0.05 makes of it)
+            assert float(m[6].rstrip("%")) == pytest.approx(100 * 4 * n * float(m[5]) / world / 1e9, abs=0.05 + 100 * 4 * n * 0.05 / world / 1e9 + 1e-9), m[0]
     a = torch.load(tmp_path / "one" / "adapter.pt", weights_only=False)["lora"]
     b = torch.load(tmp_path / "two" / "adapter.pt", weights_only=False)["lora"]
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
@@ -5999,9 +6000,9 @@ def test_train_losses_are_means_over_micro_batches_and_so_is_the_gradient(tmp_pa
     val = [f["loss"] for f in rec.forwards if not f["grad"]]
     lines = re.findall(r"^iter (\d+): val loss (.*)$", out, re.M)
     assert [(int(i), l) for i, l in lines] == [(9, f"{val[0]:.4f}"), (12, f"{val[1]:.4f} ({100 * (val[1] / val[0] - 1):+.0f}% since iter 9)")]
-    # a fall of less than half a percent keeps its sign: -0%, not +0%
-    out = run(*FAST, "--learning_rate", 3e-4, "--max_iters", 4, "--eval_interval", 4, "--out_dir", fresh_out_dir(tmp_path / "s", demo_tokenizer))
-    assert re.search(r"^iter 4: val loss [\d.]+ \(-0% since iter 0\)$", out, re.M), out
+    # a fall of less than half a percent keeps its sign: -0%, not +0% (on the CPU: CUDA draws another random base)
+    r = run_train(*FAST, "--learning_rate", 3e-4, "--max_iters", 4, "--eval_interval", 4, "--out_dir", fresh_out_dir(tmp_path / "s", demo_tokenizer), env=CPU_ENV)
+    assert re.search(r"^iter 4: val loss [\d.]+ \(-0% since iter 0\)$", r.stdout, re.M), r.stdout + r.stderr
 
 
 def test_installed_paper_stack_trains_the_same_steps(tmp_path, meta_ckpt, tokenizer_file, train_here, monkeypatch):

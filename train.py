@@ -2,7 +2,7 @@
 
   python train.py                                  # tiny random LLaMA on data/sample.jsonl, CPU, ~1 min
   python train.py --model 7B --data my.jsonl --out_dir out-7b # Meta weights in checkpoints/7B (or --ckpt_dir DIR)
-  python train.py --model 65B --init random --max_iters 1 --out_dir /tmp/fit   # does it fit? (no download; with --data, its longest examples)
+  python train.py --model 65B --init random --max_iters 1 --out_dir /tmp/fit   # does it fit? (no download; with --data, its longest example first)
   torchrun --standalone --nproc_per_node=2 train.py --model 13B --out_dir out-13b  # data parallel over 2 GPUs
 
 Every name in the config block below is a flag (--name=value or --name value; --resume alone means True;
