@@ -49,13 +49,13 @@ warmup_iters = -1  # -1: 3% of max_iters; then constant
 weight_decay = 0.0  # AdamW's decoupled weight decay
 beta1, beta2 = 0.9, 0.999  # AdamW's moment decay rates, in [0, 1)
 max_grad_norm = 0.3  # gradient clipping: the norm of all LoRA gradients together is at most this
-lora_r, lora_alpha = LLaMAConfig.lora_r, LLaMAConfig.lora_alpha  # LoRA rank and scale α, the paper's (the update L1 L2 is scaled by α/r)
+lora_r, lora_alpha = LLaMAConfig.lora_r, LLaMAConfig.lora_alpha  # LoRA rank r and α, the paper's (64, 16): the update L1 L2 is scaled by s = α/r
 lora_dropout = -1.0  # -1: the paper's, 0.1 up to 13B, 0.05 for 33B and larger
-source_max_len, target_max_len = 1024, 256  # tokens of prompt and of response kept per example
+source_max_len, target_max_len = 1024, 256  # tokens kept per example, all turns together: of prompt (bos included), of response (eos included)
 train_on_source = False  # False: loss on response tokens only
 group_by_length = True  # batch similar lengths together: less padding
 val_fraction = 0.05  # share of the examples held out for validation, in [0, 1)
-eval_interval, eval_iters = 200, 20  # validate and save a checkpoint every N iters; M micro-batches per validation
+eval_interval, eval_iters = 200, 20  # iters between validations (each also saves a checkpoint); micro-batches per validation
 log_interval = 1  # iters between log lines
 grad_checkpoint = True  # recompute each block in backward instead of storing its activations
 compile = False  # torch.compile each block
@@ -63,7 +63,7 @@ threads = 0  # CPU threads (0: 1 for the tiny demo unless OMP_NUM_THREADS is set
 seed = 0  # weights of --init random, LoRA init, data order, dropout
 resume = False  # continue out_dir/ckpt.pt exactly where it stopped, with its settings (a flag given wins where its run allows; --threads, --export: this one's)
 export = ""  # after training, comma-separated: "merged" (16-bit, Meta's layout), "merged_hf" (Hugging Face's), "peft" (HF adapter)
-merge_base = "nf4"  # the merged exports' base: "nf4" (the dequantized 4-bit base that was trained) or "original" (16-bit)
+merge_base = "nf4"  # the merged exports' base: "nf4" (Ŵ, the dequantized 4-bit base the adapter was trained on) or "original" (16-bit W)
 mmlu = ""  # an MMLU folder (dev/ val/ test/ CSVs, or five_shot_mmlu_*.json): 5-shot accuracy at every evaluation
 mmlu_split, mmlu_max = "val", 0  # the MMLU split, val or test; questions per subject (0: all)
 sample_tokens, temperature = 64, 0.8  # the sample printed at the end (0 tokens: none; temperature 0: greedy)
@@ -127,7 +127,7 @@ def resolve(given, defaults):  # every default, once: the demo's, then the paper
 
 
 def load_tokenizer(c, items, master, ddp, given=None):
-    # the checkpoint's (beside it or one level up: Meta's download layout); given (the tokenizer of an adapter's random base),
+    # the checkpoint's (beside it or one level up: Meta's download layout); given (the tokenizer a resumed run's or an adapter's random base recorded),
     # copied into out_dir; for the demo, or a random model with none, a small BPE trained on the data and cached under out_dir
     folder = Path(c["ckpt_dir"] or f"checkpoints/{c['model']}")
     tok_path = None if c["demo"] or given else find_tokenizer(folder) or (folder / "tokenizer.model" if c["init"] == "checkpoint" else None)
@@ -146,7 +146,7 @@ def load_tokenizer(c, items, master, ddp, given=None):
 
 
 def build_model(c, tok, device, dtype, master, seed, vocab=None):
-    # -> the model, and how to rebuild its base (recorded in adapter.pt for `python model.py --adapter`)
+    # -> the model (block linears NF4 as they load, in LoRALinears: Ŵ frozen, L1 L2 trained), how to rebuild its base (for adapter.pt)
     lora = dict(lora_r=c["lora_r"], lora_alpha=c["lora_alpha"], lora_dropout=c["lora_dropout"])
     if c["init"] == "checkpoint":
         net = LLaMA.from_checkpoint(c["ckpt_dir"], device=device, dtype=dtype, tokenizer=tok.path,
@@ -245,7 +245,7 @@ def train(c):
               f", {truncated} cut to --source_max_len={c['source_max_len']} / --target_max_len={c['target_max_len']}" if truncated else ""))
     micro_batch, t0 = c["micro_batch"], time.time()  # t0: the model's build time is logged
     raw, base = build_model(c, tok, device, dtype, master, seed, vocab)
-    # the prompt template a chat with the result should use: the one most training examples had
+    # the prompt template a chat with the result should use: the one most examples of --data had (ALPACA[False][:45]: both Alpaca templates' start)
     template = "alpaca" if 2 * sum(segs[0][0].startswith(ALPACA[False][:45]) for _, segs in items) >= len(items) else "guanaco"
     raw.grad_checkpoint = c["grad_checkpoint"]
     n_base = sum(m.in_features * m.out_features for m in raw.modules() if isinstance(m, LoRALinear))  # block linears
@@ -262,7 +262,7 @@ def train(c):
         warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")  # newer torch; its own advice
         net = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[local] if device.startswith("cuda") else None, broadcast_buffers=False)
 
-    params = [p for p in raw.parameters() if p.requires_grad]
+    params = [p for p in raw.parameters() if p.requires_grad]  # the LoRA factors L1, L2 (lora_A, lora_B) alone: all else is frozen
     optimizer = PagedAdamW(params, lr=c["learning_rate"], betas=(c["beta1"], c["beta2"]), weight_decay=c["weight_decay"])
     iter_num, saved = 0, None  # saved: the iteration of the last checkpoint
     if ck:  # the settings read_checkpoint compares can still build another model: an edited params.json, another random base

@@ -20,7 +20,7 @@ if __name__ == "__main__":  # run as a script: the project folder, not data/, is
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 from data.files import InputError, atomic_write_bytes, parse_flags, run
 
-ALPACA = {  # the Alpaca template, as in the paper's code
+ALPACA = {  # the Alpaca templates, as in the paper's code; the key: has the example a non-blank input?
     True: "Below is an instruction that describes a task, paired with an input that provides further context. "
           "Write a response that appropriately completes the request.\n\n"
           "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response: ",
@@ -92,7 +92,7 @@ def best_path(path, line, node):  # follow the best-ranked reply at each level (
         # a rank that is no number, or NaN (how pandas writes a missing one): last
         node = min(replies, key=lambda r: r["rank"] if isinstance(r.get("rank"), (int, float)) and r["rank"] < 1e9 else 1e9, default=None)
     while messages and messages[-1]["role"] == "user":
-        messages.pop()  # a conversation must end with an answer to learn from
+        messages.pop()  # a conversation must end with a response to learn from
     return messages
 
 
@@ -169,7 +169,7 @@ def segments(obj, where):
                 raise InputError(f"{where}: messages[{j}].role must be system, user or assistant")
             c = text(m, "content", f"{where}: messages[{j}]")
             out.append(({"system": c + "\n", "user": GUANACO.format(instruction=c), "assistant": c}[role], role == "assistant"))
-    else:  # OASST/Guanaco: "### Human: ...### Assistant: ..." turns, as the messages they are (tokenized the same)
+    else:  # OASST/Guanaco: "### Human: ...### Assistant: ..." turns, as the messages they are (tokenized the same, bodies stripped)
         parts = re.split(r"(### Human:|### Assistant:)", text(obj, "text"))
         if len(parts) < 3 or any(m != ("### Human:", "### Assistant:")[i % 2] for i, m in enumerate(parts[1::2])):  # not rewritten
             raise InputError(f"{where}: field 'text' must alternate '### Human:' and '### Assistant:' turns, a human's first")
@@ -190,8 +190,8 @@ def read_data(path):  # -> [(file:line, segments)]: read_records' checks, then e
 
 
 def tokenize(items, tok, source_max_len, target_max_len, train_on_source=False):
-    # (bos + prompt)[:source_max_len] + (response + eos)[:target_max_len], as the paper's collator; -100 labels off responses.
-    # -> (examples, how many were cut). None is dropped: every example ends with a response, of which target_max_len >= 1 tokens fit
+    # (bos + prompt)[:source_max_len] + (response + eos)[:target_max_len], budgets shared by the turns, as the paper's collator;
+    # labels the ids, -100 off responses, unshifted (get_batch shifts). -> (examples, how many cut); none dropped: each keeps >= 1 response token
     examples, truncated = [], 0
     for _, segs in items:
         ids, labels, budget, cut, end = [tok.bos_id], [-100], {False: source_max_len - 1, True: target_max_len}, False, 1
@@ -199,7 +199,7 @@ def tokenize(items, tok, source_max_len, target_max_len, train_on_source=False):
             t = tok.encode(text) + [tok.eos_id] * is_resp  # eos ends every response: the model learns to stop
             keep = min(len(t), budget[is_resp])
             cut |= keep < len(t)
-            if not keep and end > 1:  # no room left for a later turn's prompt or answer: the example ends after the last answer
+            if not keep and end > 1:  # no room left for a later turn's prompt or response: the example ends after the last response
                 break
             budget[is_resp] -= keep
             ids += t[:keep]
@@ -213,8 +213,8 @@ def tokenize(items, tok, source_max_len, target_max_len, train_on_source=False):
 
 
 def batch_order(lengths, epoch, micro_batch, seed, group_by_length=True):
-    # the micro-batches of one epoch, a function of (seed, epoch) only: exact resume; the last len % micro_batch examples
-    # sit it out. The longest first (as the paper's LengthGroupedSampler): a run that does not fit fails at its first step.
+    # the micro-batches of one epoch, a function of (seed, epoch) only: exact resume; the len % micro_batch examples the shuffle
+    # puts last sit it out (others, another epoch). The longest first (as the paper's sampler): a run that does not fit fails at once.
     g, order, w = random.Random(seed * 1000003 + epoch), list(range(len(lengths))), 64 * micro_batch
     g.shuffle(order)
     order = order[: len(order) - len(order) % micro_batch]
