@@ -1086,13 +1086,14 @@ def test_paged_adamw_resumes_from_a_state_saved_after_one_step():
         assert_same(ps, rs)
 
 
+def two_groups(params):  # the first parameter with the optimizer's defaults, the others with hyperparameters of their own
+    return [dict(params=params[:1]), dict(params=params[1:], lr=3e-2, betas=(0.5, 0.9), eps=1e-4, weight_decay=0.0)]
+
+
 def test_paged_adamw_param_groups_keep_their_own_hyperparameters():
     # every group is stepped with its own lr, betas, eps and weight decay, as torch's AdamW does
-    def groups(params):
-        return [dict(params=params[:1]), dict(params=params[1:], lr=3e-2, betas=(0.5, 0.9), eps=1e-4, weight_decay=0.0)]
-
     ps, rs = make_params(), make_params()
-    opt, ref = qlora.PagedAdamW(groups(ps), **HP), torch.optim.AdamW(groups(rs), foreach=False, **HP)
+    opt, ref = qlora.PagedAdamW(two_groups(ps), **HP), torch.optim.AdamW(two_groups(rs), foreach=False, **HP)
     for step in range(4):
         set_grads([ps, rs], step)
         opt.step(), ref.step()
@@ -1102,15 +1103,12 @@ def test_paged_adamw_param_groups_keep_their_own_hyperparameters():
 
 def test_paged_adamw_state_dict_round_trip_with_param_groups():
     # saved and loaded with two groups, each parameter gets its own moments back: steps then go on as torch's AdamW
-    def groups(params):
-        return [dict(params=params[:1]), dict(params=params[1:], lr=3e-2, betas=(0.5, 0.9), eps=1e-4, weight_decay=0.0)]
-
     ps, rs = make_params(), make_params()
-    opt, ref = qlora.PagedAdamW(groups(ps), **HP), torch.optim.AdamW(groups(rs), foreach=False, **HP)
+    opt, ref = qlora.PagedAdamW(two_groups(ps), **HP), torch.optim.AdamW(two_groups(rs), foreach=False, **HP)
     for step in range(3):
         set_grads([ps, rs], step)
         opt.step(), ref.step()
-    opt = _round_trip(opt, qlora.PagedAdamW(groups(ps), **HP))
+    opt = _round_trip(opt, qlora.PagedAdamW(two_groups(ps), **HP))
     for step in range(3, 6):
         set_grads([ps, rs], step)
         opt.step(), ref.step()
@@ -4931,6 +4929,9 @@ def losses(out):
 
 FAST = ["--batch_size", 4, "--micro_batch", 2, "--eval_interval", 3, "--eval_iters", 1, "--warmup_iters", 2,
         "--sample_tokens", 0, "--log_interval", 1, "--source_max_len", 48, "--target_max_len", 24]
+# the tiny model's block linear weights (MFU's N), counted by hand: per layer wq, wo (dim²), wk, wv (dim · n_kv_heads · head_dim),
+# w1, w2, w3 (dim · hidden, hidden 352: 8·128/3 = 341, rounded up to a multiple of 32)
+TINY_N = 4 * (2 * 128 ** 2 + 2 * 128 * 2 * 32 + 3 * 128 * 352)  # 4 layers, dim 128, 2 kv heads of head_dim 32
 
 
 @pytest.fixture(scope="session")
@@ -5043,8 +5044,7 @@ def test_ddp_two_gloo_processes_match_one(tmp_path, demo_tokenizer):
     p, out, err = torchrun_train(*args, "--out_dir", tmp_path / "two", env=env)
     assert one.returncode == 0 and p.returncode == 0, one.stderr + err
     assert len(losses(out)) == 2  # only rank 0 logs
-    cfg = M.LLaMAConfig(**M.CONFIGS["tiny"])
-    n = cfg.n_layers * (2 * cfg.dim ** 2 + 2 * cfg.dim * cfg.n_kv_heads * cfg.head_dim + 3 * cfg.dim * cfg.hidden_dim)
+    n = TINY_N
     for log, world in ((one.stdout, 1), (out, 2)):
         for m in LOG_LINE.finditer(log):
             # (both figures are printed to 0.1: MFU off by up to 0.05, plus what tok/s's 0.05 makes of it)
@@ -5514,9 +5514,7 @@ def test_bench_e2e_row_from_the_step_times_and_the_block_weights(monkeypatch, ca
     lines = capsys.readouterr().out.splitlines()
     head = next(i for i, l in enumerate(lines) if l.startswith("| model |"))
     row = dict(zip(*([c.strip() for c in lines[i].strip("|").split("|")] for i in (head, head + 2))))
-    cfg = M.CONFIGS["tiny"]
-    hd, kv, h = cfg["dim"] // cfg["n_heads"], cfg["n_kv_heads"], 352  # hidden: 8·128/3 = 341, rounded up to a multiple of 32
-    n = cfg["n_layers"] * (2 * cfg["dim"] ** 2 + 2 * cfg["dim"] * kv * hd + 3 * cfg["dim"] * h)
+    cfg, n = M.CONFIGS["tiny"], TINY_N
     tok_s = 2 * 4 * 2 ** 22
     assert (row["batch x seq"], row["tok/s"], row["build s"]) == ("2 x 4", str(tok_s), "2.5"), row
     assert row["MFU"] == f"{100 * 4 * n * tok_s / 989e12:.1f}%" == "10.0%", row
