@@ -6199,6 +6199,9 @@ def test_resolve_paper_defaults_per_size_and_flags_over_demo(monkeypatch):
     small = TR.resolve({"model": "7B", "init": "random", "max_iters": 100, "lora_dropout": 0.0, "learning_rate": 5e-5}, defaults)
     assert (small["learning_rate"], small["lora_dropout"], small["warmup_iters"]) == (5e-5, 0.0, 3)
     assert TR.resolve({"model": "13B", "init": "random", "max_iters": 99}, defaults)["warmup_iters"] == 2  # 2.97, rounded down
+    # validation: 1000 examples (the paper's code evaluated max_eval_samples 1000), in whole micro-batches; the demo's own 4
+    assert [TR.resolve({"model": "7B", "init": "random", "micro_batch": m}, defaults)["eval_iters"] for m in (1, 4, 3)] == [1000, 250, 334]
+    assert TR.resolve({}, defaults)["eval_iters"] == 4 and TR.resolve({"model": "7B", "init": "random", "eval_iters": 7}, defaults)["eval_iters"] == 7
     demo = TR.resolve({"max_iters": 5}, defaults)
     assert demo["demo"] and (demo["max_iters"], demo["batch_size"], demo["learning_rate"]) == (5, 8, 2e-3)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the demo's one thread only where the user said nothing

@@ -55,7 +55,7 @@ source_max_len, target_max_len = 1024, 256  # tokens kept per example, all turns
 train_on_source = False  # False: loss on response tokens only
 group_by_length = True  # batch similar lengths together: less padding
 val_fraction = 0.05  # share of the examples held out for validation, in [0, 1)
-eval_interval, eval_iters = 200, 20  # iters between validations (each also saves a checkpoint); micro-batches per validation
+eval_interval, eval_iters = 200, -1  # iters between validations (each also saves a checkpoint); micro-batches per validation (-1: 1000 examples)
 log_interval = 1  # iters between log lines
 grad_checkpoint = True  # recompute each block in backward instead of storing its activations
 compile = False  # torch.compile each block
@@ -82,6 +82,7 @@ def resolve(given, defaults):  # every default, once: the demo's, then the paper
         given = {**given, **use, "lora_r": a["r"], "lora_alpha": a["scaling"] * a["r"]}
     demo = given.get("model", defaults["model"]) == "tiny" and not given.get("ckpt_dir") and given.get("init", "random") in ("", "random")
     c = {**defaults, **(DEMO if demo else {}), **given, "demo": demo}  # the later wins: flags > demo > defaults
+    c["eval_iters"] = c["eval_iters"] if c["eval_iters"] != -1 else math.ceil(1000 / max(c["micro_batch"], 1))  # the paper's code: max_eval_samples 1000
     for k in ("batch_size", "micro_batch", "eval_interval", "eval_iters", "log_interval", "lora_r", "source_max_len", "target_max_len"):
         if not 1 <= c[k] < 2**31:  # a batch of 2^31 examples overflows before it is built
             raise InputError(f"--{k} must be at least 1 (below 2^31), got {c[k]}")
@@ -326,14 +327,13 @@ def train(c):
             atomic_save({**adapter, "optimizer": optimizer.state_dict(), "iter_num": it, "rng": rngs}, ckpt_path)
             saved = it
 
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else ""
-    max_iters, warmup = c["max_iters"], c["warmup_iters"]
+    max_iters, gpu = c["max_iters"], torch.cuda.get_device_name() if device.startswith("cuda") else ""  # gpu: its peak FLOP/s, for MFU
     t_start, dt_avg, val0, it = time.time(), None, None, iter_num  # it: for the Ctrl-C line, also before the loop starts
     try:
         for it in range(iter_num, max_iters):
             if it % c["eval_interval"] == 0 and master:
                 validate(it)
-            lr = c["learning_rate"] * min(1.0, (it + 1) / (warmup + 1))  # linear warmup, then constant
+            lr = c["learning_rate"] * min(1.0, (it + 1) / (c["warmup_iters"] + 1))  # linear warmup, then constant
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t, loss_sum, n_tok = time.time(), 0.0, 0
@@ -365,7 +365,7 @@ def train(c):
                 mem = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else resource.getrusage(0).ru_maxrss / 1e6
                 eta = dt_avg * (max_iters - it - 1)
                 print(f"iter {it}: loss {loss_sum:.4f}, lr {lr:.2e}, {dt * 1000:.0f}ms, {tok_s:.1f} tok/s, "
-                      f"mfu {mfu(n_base, tok_s / world, name)}, mem {mem:.2f}GB, eta {eta // 60:.0f}m{eta % 60:02.0f}s")
+                      f"mfu {mfu(n_base, tok_s / world, gpu)}, mem {mem:.2f}GB, eta {eta // 60:.0f}m{eta % 60:02.0f}s")
             if (it + 1) % c["eval_interval"] == 0 or it == max_iters - 1:
                 save_checkpoint(it + 1)
         it = max(max_iters, iter_num)
