@@ -255,13 +255,12 @@ def train(c):
               f"{n_base / 1e6:.1f}M params in {'NF4' if raw.quantize else dtype} linears, "
               f"{sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6:.2f}M LoRA params, "
               f"loaded in {time.time() - t0:.1f}s on {device}" + (f", {c['threads']} thread{'s' * (c['threads'] > 1)}" if device == "cpu" else ""))
-    net = raw
     if c["compile"]:
         for layer in raw.layers:
             layer.compile()
-    if ddp:  # only the LoRA weights are trained; never broadcast the 4-bit buffers
-        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")  # newer torch; its own advice
-        net = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[local] if device.startswith("cuda") else None, broadcast_buffers=False)
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")  # DDP's, in newer torch; its own advice
+    net = torch.nn.parallel.DistributedDataParallel(  # only the LoRA weights are trained; never broadcast the 4-bit buffers
+        raw, device_ids=[local] if device.startswith("cuda") else None, broadcast_buffers=False) if ddp else raw
 
     params = [p for p in raw.parameters() if p.requires_grad]  # the LoRA factors L1, L2 (lora_A, lora_B) alone: all else is frozen
     optimizer = PagedAdamW(params, lr=c["learning_rate"], betas=(c["beta1"], c["beta2"]), weight_decay=c["weight_decay"])
@@ -328,15 +327,16 @@ def train(c):
             saved = it
 
     max_iters, gpu = c["max_iters"], torch.cuda.get_device_name() if device.startswith("cuda") else ""  # gpu: its peak FLOP/s, for MFU
-    t_start, dt_avg, val0, it = time.time(), None, None, iter_num  # it: for the Ctrl-C line, also before the loop starts
+    t_start, dt_avg, val0, it, t_val = time.time(), None, None, iter_num, 0.0  # it: for the Ctrl-C line, also before the loop starts
     try:
         for it in range(iter_num, max_iters):
+            t, loss_sum, n_tok = time.time(), 0.0, 0
             if it % c["eval_interval"] == 0 and master:
                 validate(it)
+                t_val, t = time.time() - t, time.time()  # the ETA counts each validation still to come as long as this one
             lr = c["learning_rate"] * min(1.0, (it + 1) / (c["warmup_iters"] + 1))  # linear warmup, then constant
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            t, loss_sum, n_tok = time.time(), 0.0, 0
             for micro in range(grad_accum):
                 idx = micro_batch_indices((it * grad_accum + micro) * world + rank)
                 x, y = (b.to(device, non_blocking=True) for b in get_batch(train_set, idx))
@@ -363,7 +363,7 @@ def train(c):
             if master and (it % c["log_interval"] == 0 or it == max_iters - 1):
                 tok_s = n_tok / dt  # tokens (padding not counted) per second, all processes (MFU: per GPU, so / world)
                 mem = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else resource.getrusage(0).ru_maxrss / 1e6
-                eta = dt_avg * (max_iters - it - 1)
+                eta = dt_avg * (max_iters - it - 1) + t_val * ((max_iters - 1) // c["eval_interval"] - it // c["eval_interval"] + 1)
                 print(f"iter {it}: loss {loss_sum:.4f}, lr {lr:.2e}, {dt * 1000:.0f}ms, {tok_s:.1f} tok/s, "
                       f"mfu {mfu(n_base, tok_s / world, gpu)}, mem {mem:.2f}GB, eta {eta // 60:.0f}m{eta % 60:02.0f}s")
             if (it + 1) % c["eval_interval"] == 0 or it == max_iters - 1:
