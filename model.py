@@ -182,7 +182,7 @@ class LLaMA(nn.Module):
         self.grad_checkpoint, self.ce_chunk = False, 2048
         buffer = DequantBuffer()  # the layers run one at a time: one dequantization buffer serves them all
 
-        def linear(name, shape):
+        def linear(name, shape):  # quantize_nf4's defaults are the paper's: NF4, blocks of 64, double quantization
             w = load(name, shape)
             return LoRALinear(quantize_nf4(w) if quantize else w, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, buffer)
 

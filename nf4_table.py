@@ -55,7 +55,7 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     x = torch.randn(1 << 16, 64)
     x = x / x.abs().amax(dim=1, keepdim=True)
-    int4 = torch.arange(-7, 8, dtype=torch.float32) / 7  # symmetric uniform int4
+    int4 = torch.arange(-7, 8, dtype=torch.float32) / 7  # symmetric uniform int4: 15 levels, so that 0 is one as in NF4
     e2m1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6]) / 6  # FP4 E2M1 magnitudes (bitsandbytes' FP4: 1/192 in place of 1/12)
     fp4 = torch.cat([-e2m1.flip(0)[:-1], e2m1])
     print("\nN(0,1) blocks of 64 scaled by absmax: share of elements per code value (ideal 1/16 = 6.25%)")

@@ -8,7 +8,7 @@
   6. paged AdamW: optimizer state in CUDA unified memory
 
 Notation (paper §2-3), used throughout. W is a frozen base weight, PyTorch's (out, in) = the paper's (h × o)
-transposed, flattened row-major and cut into blocks of `blocksize` (64): element i is in block b = i // 64.
+transposed, flattened row-major and cut into blocks of `blocksize` (64 below): element i is in block b = i // blocksize.
 
   paper     here              what                                                    shape, dtype
   W^NF4     packed            the NF4 index of each element, two per byte             (⌈numel/2⌉,) uint8
@@ -114,7 +114,7 @@ def _blockwise(x, blocksize, mids, even_ties=False):  # x (n,) fp32 -> nearest c
     x = F.pad(x, (0, -x.numel() % blocksize)).view(-1, blocksize)  # (n_blocks, blocksize), ragged tail: zeros
     absmax = x.abs().nan_to_num(nan=0.0, posinf=math.inf).amax(dim=1)  # NaN skipped (fmaxf in bitsandbytes), inf kept
     # multiply by the fp32 reciprocal, as bitsandbytes does (x / c can round differently). An all-zero block gives
-    # 0 * inf = NaN, and a NaN weight stays NaN: both go to the code of 0, so a zero block dequantizes to exact zeros
+    # 0 * inf = NaN, and a NaN weight stays NaN: both go to the code of 0 (NF4 has an exact 0), so a zero block dequantizes to exact zeros
     # whatever its (double-quantized, only approximately 0) c2 (bitsandbytes writes index 0 there, decoding to -c2).
     xn = (x * (1.0 / absmax)[:, None]).nan_to_num(nan=0.0)
     # nearest value; right=False puts a value exactly on a midpoint in the lower bin, like `x > mid` in NF4's decision
@@ -281,7 +281,7 @@ class LoRALinear(nn.Module):
         else:  # a 16-bit base (quantize=False): frozen, so a buffer
             self.register_buffer("weight", weight.detach())
         self.dequant_buffer = dequant_buffer  # a model passes one for all its layers; None: a fresh Ŵ per call, freed after it
-        self.r, self.scaling = r, (alpha / r if r > 0 else 0.0)
+        self.r, self.scaling = r, (alpha / r if r > 0 else 0.0)  # r = 0: no LoRA branch, the frozen base alone
         if r > 0:
             self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=weight.device))  # (r, in) fp32
             self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=weight.device))  # (out, r) fp32
